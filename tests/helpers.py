@@ -1,0 +1,42 @@
+"""Shared test utilities: weight randomization and a scaled error bound."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+@torch.no_grad()
+def randomize_(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Give every parameter fresh random values at a sensible scale.
+
+    Freshly initialized models have zero biases, zero relative-position tables, unit norms and tiny heads, under which
+    a wrong bias layout or a mis-indexed table would go unnoticed; random values make every parameter matter.
+    """
+    generators: dict[torch.device, torch.Generator] = {}
+    for name, param in model.named_parameters():
+        if param.device not in generators:
+            generators[param.device] = torch.Generator(device=param.device).manual_seed(seed)
+        noise = torch.randn(param.shape, generator=generators[param.device], device=param.device)
+        if param.ndim == 1 and "norm" in name and name.endswith(".weight"):
+            value = 1.0 + 0.1 * noise
+        elif "gamma" in name:
+            value = 0.5 + 0.1 * noise
+        elif "relative_position_bias_table" in name:
+            value = 0.5 * noise
+        else:
+            value = 0.05 * noise
+        param.copy_(value.to(param.dtype))
+    return model
+
+
+def scaled_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """Max absolute error relative to the output scale (max |expected|)."""
+    actual, expected = actual.double(), expected.double()
+    return ((actual - expected).abs().max() / expected.abs().max().clamp_min(1e-30)).item()
+
+
+def assert_close_scaled(actual: torch.Tensor, expected: torch.Tensor, tol: float = 1e-5, what: str = "") -> None:
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    error = scaled_error(actual, expected)
+    assert error <= tol, f"{what}: max abs error {error:.3e} of the output scale exceeds {tol:.0e}"

@@ -1,0 +1,129 @@
+"""Which implementation runs each vitfast op.
+
+The backend is looked up every time an op is called, so switching it never requires rebuilding a model:
+
+- ``"reference"``: plain PyTorch, runs on any device;
+- ``"triton"``: the Triton kernels (CUDA GPU and the ``triton`` package required);
+- ``"cuda"``: the compiled CUDA C++ extension (``vitfast._C``);
+- ``"auto"`` (default): the fastest implementation available for the tensor's device, else the reference.
+
+Set it with :func:`set_backend`, the :func:`use_backend` context manager, or the ``VITFAST_BACKEND`` environment
+variable (read once, at the first op call).
+
+Ops register implementations with :func:`register_impl`; layers call ``dispatch(op_name, device)`` through the
+functional op in ``vitfast/ops``. An op without an implementation for the chosen backend runs its reference with a
+one-time debug log, never an error.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import torch
+
+__all__ = ["BACKENDS", "dispatch", "get_backend", "register_impl", "set_backend", "use_backend"]
+
+BACKENDS = ("reference", "triton", "cuda", "auto")
+ENV_VAR = "VITFAST_BACKEND"
+
+logger = logging.getLogger("vitfast")
+
+_current: str | None = None  # None until set or read from the environment
+_impls: dict[str, dict[str, Callable]] = {}
+_logged_fallbacks: set[tuple[str, str]] = set()
+
+
+def _validate(name: str, origin: str) -> str:
+    if name not in BACKENDS:
+        raise ValueError(f"Unknown vitfast backend {name!r} (from {origin}); choose one of {', '.join(BACKENDS)}.")
+    return name
+
+
+def _check_available(name: str) -> None:
+    """Raise a RuntimeError that says what is missing when an explicitly requested backend cannot run."""
+    if name == "triton":
+        try:
+            import triton  # noqa: F401
+        except ImportError as exc:
+            raise RuntimeError(
+                f"The 'triton' backend needs the triton package ({exc}). Install it (pip install triton) or use "
+                "set_backend('reference') / set_backend('auto')."
+            ) from exc
+        if not torch.cuda.is_available():
+            raise RuntimeError(
+                "The 'triton' backend needs a CUDA GPU, and torch.cuda.is_available() is False on this machine. "
+                "Use set_backend('reference') or set_backend('auto'), which falls back to the reference path."
+            )
+    elif name == "cuda":
+        from vitfast import _ext
+
+        if not _ext.HAS_EXT:
+            raise RuntimeError(
+                f"The 'cuda' backend needs vitfast's compiled extension, and {_ext.reason}. Reinstall vitfast from "
+                "source with a CUDA toolkit present, or use set_backend('auto')."
+            )
+
+
+def set_backend(name: str) -> None:
+    """Choose the backend for all vitfast ops from now on (``"reference"``, ``"triton"``, ``"cuda"`` or ``"auto"``).
+
+    Raises ``ValueError`` for an unknown name and ``RuntimeError`` when the backend cannot run here.
+    """
+    global _current
+    _check_available(_validate(name, "set_backend"))
+    _current = name
+
+
+def get_backend() -> str:
+    """The backend in force: the last :func:`set_backend`, else ``$VITFAST_BACKEND``, else ``"auto"``."""
+    global _current
+    if _current is None:
+        name = _validate(os.environ.get(ENV_VAR, "auto").strip().lower(), f"${ENV_VAR}")
+        _check_available(name)
+        _current = name
+    return _current
+
+
+@contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Run a block of code with another backend, restoring the previous one afterwards."""
+    previous = get_backend()
+    set_backend(name)
+    try:
+        yield
+    finally:
+        set_backend(previous)
+
+
+def register_impl(op: str, backend: str, fn: Callable | None = None):
+    """Register ``fn`` as the ``backend`` implementation of ``op`` (usable as a decorator)."""
+    _validate(backend, f"register_impl({op!r})")
+
+    def _register(impl: Callable) -> Callable:
+        _impls.setdefault(op, {})[backend] = impl
+        return impl
+
+    return _register(fn) if fn is not None else _register
+
+
+def _auto_candidates(device: torch.device) -> tuple[str, ...]:
+    return ("cuda", "triton") if device.type == "cuda" else ()
+
+
+def dispatch(op: str, device: torch.device) -> Callable:
+    """The implementation of ``op`` that should run for tensors on ``device`` under the current backend."""
+    impls = _impls[op]
+    chosen = get_backend()
+    if chosen == "reference":
+        return impls["reference"]
+    candidates = _auto_candidates(device) if chosen == "auto" else (chosen,)
+    for name in candidates:
+        if name in impls:
+            return impls[name]
+    if chosen != "auto" and (op, chosen) not in _logged_fallbacks:
+        _logged_fallbacks.add((op, chosen))
+        logger.debug("vitfast op %r has no %r implementation; running the reference.", op, chosen)
+    return impls["reference"]

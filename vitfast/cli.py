@@ -1,0 +1,111 @@
+"""The ``vitfast`` command: ``vitfast list [PATTERN]`` and ``vitfast info MODEL``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from vitfast.models import UnknownModelError, list_models
+from vitfast.models._info import alias_table, markdown_table, model_info
+
+__all__ = ["main"]
+
+
+def _cmd_list(args: argparse.Namespace) -> int:
+    if args.markdown:
+        print(markdown_table())
+        print()
+        print(alias_table())
+        return 0
+    names = list_models(args.pattern, family=args.family, pretrained=args.pretrained, include_aliases=args.aliases)
+    if not names:
+        print(f"no model matches {args.pattern!r}", file=sys.stderr)
+        return 1
+    print("\n".join(names))
+    return 0
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    overrides = {"img_size": args.img_size} if args.img_size else {}
+    info = model_info(args.model, flops=True, **overrides)
+    cfg, pre, entry = info.config, info.pretrained_cfg, info.entry
+    record = {
+        "name": args.model,
+        "architecture": entry.name,
+        "family": entry.family,
+        "description": entry.description,
+        "params": info.num_params,
+        "params_without_pos_embed": info.num_params_without_pos,
+        "gflops": info.gflops,
+        "input_size": list(pre["input_size"]),
+        "layout": info.architecture,
+        "num_classes": cfg.num_classes,
+        "mean": pre["mean"],
+        "std": pre["std"],
+        "crop_pct": pre["crop_pct"],
+        "interpolation": pre["interpolation"],
+        "pretrained": info.weights.source if info.weights else None,
+        "pretrained_tag": info.weights.tag if info.weights else None,
+        "tags": [w.tag for w in entry.weights],
+        "timm": entry.timm_name,
+    }
+    if args.json:
+        print(json.dumps(record, indent=2))
+        return 0
+    print(f"{args.model}" + (f"  (alias of {entry.name})" if entry.name != args.model.split(".")[0] else ""))
+    print(f"  {entry.description}")
+    print(f"  family:       {entry.family}")
+    print(f"  params:       {info.num_params / 1e6:.2f}M ({info.num_params_without_pos / 1e6:.2f}M without pos embed)")
+    print(
+        f"  GFLOPs:       {info.gflops:.2f} per image at {pre['input_size'][1]}x{pre['input_size'][2]} "
+        "(multiply and add counted separately)"
+    )
+    print(
+        f"  input:        {'x'.join(map(str, pre['input_size']))}, mean {pre['mean']}, std {pre['std']}, "
+        f"crop_pct {pre['crop_pct']}, {pre['interpolation']}"
+    )
+    print(f"  layout:       {info.architecture}")
+    print(f"  classes:      {cfg.num_classes or 'none (features)'}")
+    if info.weights:
+        print(f"  pretrained:   {info.weights.source} (tag {info.weights.tag!r})")
+        if len(entry.weights) > 1:
+            print(f"  other tags:   {', '.join(w.tag for w in entry.weights if w.tag != info.weights.tag)}")
+    else:
+        print("  pretrained:   none registered; load a file with vitfast.load_checkpoint(model, path)")
+    print(f"  timm:         {entry.timm_name or '-'}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vitfast", description="Fast, timm-compatible Vision Transformers.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    listing = commands.add_parser("list", help="list registered models")
+    listing.add_argument("pattern", nargs="?", default="*", help="shell-style pattern, e.g. 'eva02*'")
+    listing.add_argument("--family", help="only this family (vit, clip, mae, mocov3, beit, cae, eva, eva02)")
+    listing.add_argument("--pretrained", action="store_true", help="list name.tag for every set of weights")
+    listing.add_argument("--aliases", action="store_true", help="include aliases (seed names and short names)")
+    listing.add_argument("--markdown", action="store_true", help="print the README model and alias tables")
+    listing.set_defaults(func=_cmd_list)
+
+    info = commands.add_parser("info", help="parameters, GFLOPs, input size and pretrained source of a model")
+    info.add_argument("model", help="model name, name.tag or alias")
+    info.add_argument("--img-size", type=int, help="count FLOPs at this input size")
+    info.add_argument("--json", action="store_true", help="print a JSON record")
+    info.set_defaults(func=_cmd_info)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (UnknownModelError, ValueError, TypeError) as exc:
+        print(f"vitfast: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,85 @@
+"""Image to patch tokens, with input checks that say what is wrong and what to do."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from vitfast import ops
+
+__all__ = ["PatchEmbed", "to_2tuple"]
+
+
+def to_2tuple(value: int | tuple[int, int] | list[int]) -> tuple[int, int]:
+    if isinstance(value, int):
+        return (value, value)
+    value = tuple(int(v) for v in value)
+    if len(value) != 2:
+        raise ValueError(f"expected an int or a pair of ints, got {value!r}.")
+    return value
+
+
+class PatchEmbed(nn.Module):
+    """Conv with kernel = stride = patch size, flattened to tokens ``[B, N, D]`` (parameters ``proj.weight/bias``).
+
+    With ``dynamic_img_size=False`` the input must be exactly ``img_size``; otherwise any size divisible by the
+    patch size is accepted and :meth:`grid_size_for` gives its token grid.
+    """
+
+    def __init__(
+        self,
+        img_size: int | tuple[int, int] = 224,
+        patch_size: int | tuple[int, int] = 16,
+        in_chans: int = 3,
+        embed_dim: int = 768,
+        bias: bool = True,
+        dynamic_img_size: bool = False,
+    ) -> None:
+        super().__init__()
+        self.patch_size = to_2tuple(patch_size)
+        self.in_chans = in_chans
+        self.dynamic_img_size = dynamic_img_size
+        self.set_img_size(img_size)
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=self.patch_size, stride=self.patch_size, bias=bias)
+
+    def grid_size_for(self, x: torch.Tensor) -> tuple[int, int]:
+        """Validate an input batch and return its token grid ``(H / p, W / p)``."""
+        if x.ndim != 4:
+            raise ValueError(f"expected an image batch [B, C, H, W], got a tensor of shape {tuple(x.shape)}.")
+        if not x.is_floating_point():
+            raise TypeError(
+                f"expected a floating-point image, got {x.dtype}; convert and normalize it first "
+                "(mean/std are in model.pretrained_cfg)."
+            )
+        batch, channels, height, width = x.shape
+        if channels != self.in_chans:
+            raise ValueError(
+                f"expected {self.in_chans} input channels, got {channels} (input shape {tuple(x.shape)}); "
+                "images must be [B, C, H, W] with C channels first."
+            )
+        if height % self.patch_size[0] or width % self.patch_size[1]:
+            raise ValueError(
+                f"input size {height}x{width} is not divisible by the patch size "
+                f"{self.patch_size[0]}x{self.patch_size[1]}; resize or crop to a multiple of it."
+            )
+        if not self.dynamic_img_size and (height, width) != self.img_size:
+            raise ValueError(
+                f"input size {height}x{width} does not match the model's {self.img_size[0]}x{self.img_size[1]}; "
+                "resize the input, build the model with img_size=..., or pass dynamic_img_size=True."
+            )
+        return height // self.patch_size[0], width // self.patch_size[1]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ops.patch_embed(x, self.proj.weight, self.proj.bias)
+
+    def set_img_size(self, img_size: int | tuple[int, int]) -> None:
+        """Set the nominal input size (the size the position embeddings are stored for)."""
+        img_size = to_2tuple(img_size)
+        if img_size[0] % self.patch_size[0] or img_size[1] % self.patch_size[1]:
+            raise ValueError(
+                f"img_size {img_size[0]}x{img_size[1]} is not divisible by the patch size "
+                f"{self.patch_size[0]}x{self.patch_size[1]}; choose a multiple of the patch size."
+            )
+        self.img_size = img_size
+        self.grid_size = (img_size[0] // self.patch_size[0], img_size[1] // self.patch_size[1])
+        self.num_patches = self.grid_size[0] * self.grid_size[1]

@@ -1,0 +1,344 @@
+"""One Vision Transformer class, configured per family (ViT, CLIP, MAE, MoCo v3, BEiT v2, CAE, EVA, EVA-02).
+
+All families share the pre-norm block; they differ in projection layout, MLP, position encoding (learned or
+sin-cos absolute table, BEiT relative bias, EVA-02 RoPE), layer scale, pooling and head. Module and parameter
+names match timm's ``VisionTransformer`` / ``Beit`` / ``Eva`` so their state_dicts load with ``strict=True``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from vitfast.layers import (
+    Attention,
+    Block,
+    LayerNorm,
+    Mlp,
+    PatchEmbed,
+    Rope2D,
+    SwiGLU,
+    SwiGLUPacked,
+    drop_path_rates,
+    resample_abs_pos_embed,
+    resize_rel_pos_bias_table,
+    sincos_2d_pos_embed,
+    to_2tuple,
+)
+from vitfast.layers.rel_pos import relative_position_index
+
+__all__ = ["ViTConfig", "VisionTransformer"]
+
+MLP_KINDS = ("gelu", "quick_gelu", "swiglu", "swiglu_packed")
+POS_EMBED_KINDS = ("learn", "sincos", "none")
+GLOBAL_POOLS = ("token", "avg", "")
+
+
+@dataclass
+class ViTConfig:
+    """Architecture of a :class:`VisionTransformer`. Every field can be overridden in ``create_model``."""
+
+    img_size: int | tuple[int, int] = 224
+    patch_size: int = 16
+    in_chans: int = 3
+    num_classes: int = 1000
+    global_pool: str = "token"  # "token" (class token), "avg" (mean of patch tokens) or "" (no pooling)
+    embed_dim: int = 768
+    depth: int = 12
+    num_heads: int = 12
+    mlp_ratio: float = 4.0
+    mlp: str = "gelu"  # "gelu", "quick_gelu", "swiglu" (fc1_g/fc1_x) or "swiglu_packed" (fc1 = [gate | up])
+    mlp_norm: bool = False  # EVA-02 B/L sub-LN over the hidden width (swiglu only)
+    qkv_layout: str = "fused"  # "fused", "fused_qv_bias" or "split", see vitfast.layers.attention
+    qkv_bias: bool = True
+    qk_scale: float | None = None
+    attn_norm: bool = False  # LayerNorm on the attention output before proj (EVA-CLIP)
+    norm_eps: float = 1e-6
+    layer_scale_init: float | None = None
+    pos_embed: str = "learn"  # "learn", "sincos" (fixed, not trained) or "none"
+    rel_pos_bias: bool = False  # per-block BEiT relative position bias
+    rope: bool = False  # EVA-02 2D RoPE
+    rope_ref_grid: tuple[int, int] = (16, 16)
+    rope_temperature: float = 10000.0
+    pre_norm: bool = False  # LayerNorm before the blocks (CLIP's ln_pre)
+    patch_bias: bool | None = None  # default: no bias when pre_norm
+    fc_norm: bool | None = None  # norm after pooling instead of before; default: global_pool == "avg"
+    mask_token: bool = False  # learned token for masked image modeling
+    mim_head_dim: int = 0  # width of the MIM regression head (lm_head); 0: none
+    drop_rate: float = 0.0
+    pos_drop_rate: float = 0.0
+    proj_drop_rate: float = 0.0
+    attn_drop_rate: float = 0.0
+    drop_path_rate: float = 0.0
+    dynamic_img_size: bool = False
+    head_init_scale: float | None = None
+    fix_init: bool = False  # BEiT init: divide attn.proj and mlp.fc2 weights by sqrt(2 * layer)
+
+    def __post_init__(self) -> None:
+        self.img_size = to_2tuple(self.img_size)
+        self.rope_ref_grid = to_2tuple(self.rope_ref_grid)
+        checks = [
+            (self.mlp in MLP_KINDS, f"mlp must be one of {MLP_KINDS}, got {self.mlp!r}"),
+            (self.pos_embed in POS_EMBED_KINDS, f"pos_embed must be one of {POS_EMBED_KINDS}, got {self.pos_embed!r}"),
+            (self.global_pool in GLOBAL_POOLS, f"global_pool must be one of {GLOBAL_POOLS}, got {self.global_pool!r}"),
+            (
+                self.embed_dim % self.num_heads == 0,
+                f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}",
+            ),
+            (self.depth >= 0 and self.num_classes >= 0, "depth and num_classes must be non-negative"),
+            (not self.mlp_norm or self.mlp == "swiglu", "mlp_norm (sub-LN) needs mlp='swiglu'"),
+            (not self.rope or (self.embed_dim // self.num_heads) % 4 == 0, "RoPE needs a head dim divisible by 4"),
+            (not self.mim_head_dim or self.mask_token, "a MIM head (mim_head_dim) needs mask_token=True"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(f"invalid ViTConfig: {message}.")
+
+    @property
+    def mlp_hidden_dim(self) -> int:
+        return int(self.embed_dim * self.mlp_ratio)
+
+    @classmethod
+    def from_kwargs(cls, base: dict[str, Any], overrides: dict[str, Any]) -> ViTConfig:
+        """Merge ``overrides`` into ``base``; an unknown field name raises ``TypeError`` listing the valid ones."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(overrides) - names)
+        if unknown:
+            raise TypeError(
+                f"unknown model argument(s) {', '.join(unknown)}; valid architecture arguments are: "
+                f"{', '.join(sorted(names))}."
+            )
+        return cls(**{**base, **overrides})
+
+
+def _build_mlp(cfg: ViTConfig) -> nn.Module:
+    hidden = cfg.mlp_hidden_dim
+    if cfg.mlp == "swiglu":
+        return SwiGLU(cfg.embed_dim, hidden, sub_norm=cfg.mlp_norm, eps=cfg.norm_eps, drop=cfg.proj_drop_rate)
+    if cfg.mlp == "swiglu_packed":
+        return SwiGLUPacked(cfg.embed_dim, hidden, drop=cfg.proj_drop_rate)
+    return Mlp(cfg.embed_dim, hidden, act=cfg.mlp, drop=cfg.proj_drop_rate)
+
+
+class VisionTransformer(nn.Module):
+    """A Vision Transformer with timm's model API.
+
+    - ``forward_features(x, mask=None)`` -> tokens ``[B, 1 + N, C]`` after the final norm;
+    - ``forward_head(tokens, pre_logits=False)`` -> pooled features or logits; ``forward(x)`` does both;
+    - ``forward_mim(x, mask)`` -> MIM head predictions for the masked patches (models with ``mim_head_dim``).
+
+    ``mask`` is a bool ``[B, N]`` over patches (row-major grid order); ``True`` replaces that patch embedding by the
+    learned ``mask_token`` before position embeddings are added, as BEiT / CAE / EVA-02 pretraining does.
+    """
+
+    def __init__(self, config: ViTConfig | None = None, **overrides: Any) -> None:
+        super().__init__()
+        cfg = ViTConfig.from_kwargs(dataclasses.asdict(config) if config else {}, overrides)
+        self.config = cfg
+        self.family = "vit"
+        self.pretrained_cfg: dict[str, Any] = {}
+        self.num_classes = cfg.num_classes
+        self.global_pool = cfg.global_pool
+        self.num_features = self.head_hidden_size = self.embed_dim = cfg.embed_dim
+        self.num_prefix_tokens = 1
+        self.dynamic_img_size = cfg.dynamic_img_size
+
+        self.patch_embed = PatchEmbed(
+            cfg.img_size,
+            cfg.patch_size,
+            cfg.in_chans,
+            cfg.embed_dim,
+            bias=(not cfg.pre_norm) if cfg.patch_bias is None else cfg.patch_bias,
+            dynamic_img_size=cfg.dynamic_img_size,
+        )
+        grid = self.patch_embed.grid_size
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.embed_dim))
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, cfg.embed_dim)) if cfg.mask_token else None
+        if cfg.pos_embed == "none":
+            self.pos_embed = None
+        else:
+            num_pos = self.patch_embed.num_patches + self.num_prefix_tokens
+            self.pos_embed = nn.Parameter(
+                torch.zeros(1, num_pos, cfg.embed_dim), requires_grad=cfg.pos_embed == "learn"
+            )
+        self.pos_drop = nn.Dropout(cfg.pos_drop_rate)
+        self.rope = (
+            Rope2D(cfg.embed_dim // cfg.num_heads, cfg.rope_ref_grid, cfg.rope_temperature) if cfg.rope else None
+        )
+        self.norm_pre = LayerNorm(cfg.embed_dim, eps=cfg.norm_eps) if cfg.pre_norm else nn.Identity()
+
+        self.blocks = nn.ModuleList()
+        for rate in drop_path_rates(cfg.drop_path_rate, cfg.depth):
+            attn = Attention(
+                cfg.embed_dim,
+                cfg.num_heads,
+                qkv_layout=cfg.qkv_layout,
+                qkv_bias=cfg.qkv_bias,
+                qk_scale=cfg.qk_scale,
+                inner_norm=cfg.attn_norm,
+                norm_eps=cfg.norm_eps,
+                rel_pos_window=grid if cfg.rel_pos_bias else None,
+                rope=self.rope,
+                num_prefix_tokens=self.num_prefix_tokens,
+                default_grid=grid,
+                attn_drop=cfg.attn_drop_rate,
+                proj_drop=cfg.proj_drop_rate,
+            )
+            block = Block(cfg.embed_dim, attn, _build_mlp(cfg), cfg.norm_eps, cfg.layer_scale_init, rate)
+            self.blocks.append(block)
+
+        use_fc_norm = cfg.global_pool == "avg" if cfg.fc_norm is None else cfg.fc_norm
+        self.norm = nn.Identity() if use_fc_norm else LayerNorm(cfg.embed_dim, eps=cfg.norm_eps)
+        self.fc_norm = LayerNorm(cfg.embed_dim, eps=cfg.norm_eps) if use_fc_norm else nn.Identity()
+        self.head_drop = nn.Dropout(cfg.drop_rate)
+        self.head = nn.Linear(cfg.embed_dim, cfg.num_classes) if cfg.num_classes > 0 else nn.Identity()
+        self.lm_head = nn.Linear(cfg.embed_dim, cfg.mim_head_dim) if cfg.mim_head_dim else None
+        self.init_weights()
+
+    # ------------------------------------------------------------------ initialization
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Random init in the style of timm / BEiT: truncated normal (std 0.02) linears and embeddings."""
+        cfg = self.config
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.trunc_normal_(module.weight, std=0.02)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+        nn.init.trunc_normal_(self.cls_token, std=0.02)
+        if self.mask_token is not None:
+            nn.init.trunc_normal_(self.mask_token, std=0.02)
+        if cfg.pos_embed == "learn":
+            nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        elif cfg.pos_embed == "sincos":
+            self.pos_embed.copy_(
+                sincos_2d_pos_embed(self.patch_embed.grid_size, cfg.embed_dim, device=self.pos_embed.device)
+            )
+        if cfg.fix_init:
+            for layer, block in enumerate(self.blocks, start=1):
+                block.attn.proj.weight.div_(math.sqrt(2.0 * layer))
+                block.mlp.fc2.weight.div_(math.sqrt(2.0 * layer))
+        if cfg.head_init_scale is not None and isinstance(self.head, nn.Linear):
+            self.head.weight.mul_(cfg.head_init_scale)
+
+    # ------------------------------------------------------------------ timm-style API
+
+    @property
+    def default_cfg(self) -> dict[str, Any]:
+        return self.pretrained_cfg
+
+    def no_weight_decay(self) -> set[str]:
+        """Parameters that optimizers conventionally exclude from weight decay."""
+        names = {"cls_token", "pos_embed", "mask_token"}
+        names |= {n for n, _ in self.named_parameters() if n.endswith("relative_position_bias_table")}
+        return {n for n, _ in self.named_parameters() if n in names}
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute block activations in backward (saves memory); applies also when blocks are called directly."""
+        for block in self.blocks:
+            block.grad_checkpointing = enable
+
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """Replace the head with a fresh ``num_classes``-way linear (``0``: identity, returns pooled features)."""
+        if global_pool is not None:
+            if global_pool not in GLOBAL_POOLS:
+                raise ValueError(f"global_pool must be one of {GLOBAL_POOLS}, got {global_pool!r}.")
+            self.global_pool = global_pool
+        self.num_classes = num_classes
+        ref = self.cls_token
+        self.head = (
+            nn.Linear(self.embed_dim, num_classes, device=ref.device, dtype=ref.dtype)
+            if num_classes > 0
+            else nn.Identity()
+        )
+        self.pretrained_cfg = {**self.pretrained_cfg, "num_classes": num_classes}
+
+    @torch.no_grad()
+    def set_input_size(self, img_size: int | tuple[int, int]) -> None:
+        """Change the nominal input size, resampling the position embedding and relative position tables."""
+        old_grid = self.patch_embed.grid_size
+        self.patch_embed.set_img_size(img_size)
+        new_grid = self.patch_embed.grid_size
+        self.config.img_size = self.patch_embed.img_size
+        if new_grid == old_grid:
+            return
+        if self.pos_embed is not None:
+            resampled = resample_abs_pos_embed(self.pos_embed, new_grid, old_grid, self.num_prefix_tokens)
+            self.pos_embed = nn.Parameter(resampled, requires_grad=self.pos_embed.requires_grad)
+        for block in self.blocks:
+            attn = block.attn
+            attn.default_grid = new_grid
+            if attn.relative_position_bias_table is not None:
+                table = resize_rel_pos_bias_table(attn.relative_position_bias_table, attn.window_size, new_grid)
+                attn.relative_position_bias_table = nn.Parameter(table)
+                attn.window_size = new_grid
+                attn.relative_position_index = relative_position_index(new_grid, device=table.device)
+        self.pretrained_cfg = {**self.pretrained_cfg, "input_size": (self.config.in_chans, *self.patch_embed.img_size)}
+
+    # ------------------------------------------------------------------ forward
+
+    def _embed(self, x: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, tuple[int, int]]:
+        grid = self.patch_embed.grid_size_for(x)
+        x = self.patch_embed(x)
+        if mask is not None:
+            x = self._apply_mask(x, mask)
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
+        if self.pos_embed is not None:
+            pos_embed = self.pos_embed
+            if grid != self.patch_embed.grid_size:
+                pos_embed = resample_abs_pos_embed(pos_embed, grid, self.patch_embed.grid_size, self.num_prefix_tokens)
+            x = x + pos_embed
+        return self.pos_drop(x), grid
+
+    def _apply_mask(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        if self.mask_token is None:
+            raise ValueError(
+                "this model has no mask token; build it with mask_token=True (or use a *_mim model) for "
+                "masked-image forward passes."
+            )
+        if mask.dtype != torch.bool or mask.shape != x.shape[:2]:
+            raise ValueError(
+                f"mask must be a bool tensor of shape [batch, num_patches] = {list(x.shape[:2])}, got "
+                f"{mask.dtype} {list(mask.shape)}."
+            )
+        return torch.where(mask.unsqueeze(-1), self.mask_token, x)
+
+    def forward_features(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Image ``[B, C, H, W]`` -> normalized tokens ``[B, 1 + N, C]`` (class token first)."""
+        x, grid = self._embed(x, mask)
+        x = self.norm_pre(x)
+        rope = self.rope.table(grid, device=x.device) if self.rope is not None else None
+        for block in self.blocks:
+            x = block(x, grid=grid, rope=rope)
+        return self.norm(x)
+
+    def pool(self, x: torch.Tensor) -> torch.Tensor:
+        if self.global_pool == "avg":
+            return x[:, self.num_prefix_tokens :].mean(dim=1)
+        if self.global_pool == "token":
+            return x[:, 0]
+        return x
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Tokens -> pooled, normalized features (``pre_logits=True``) or logits."""
+        x = self.head_drop(self.fc_norm(self.pool(x)))
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    def forward_mim(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """EVA-02 MIM pretraining forward: ``lm_head`` of the normalized masked patch tokens ``[num_masked, D_t]``."""
+        if self.lm_head is None:
+            raise ValueError("this model has no MIM head; build it with mim_head_dim > 0 (e.g. an eva02_*_mim model).")
+        tokens = self.forward_features(x, mask=mask)[:, self.num_prefix_tokens :]
+        return self.lm_head(tokens[mask])

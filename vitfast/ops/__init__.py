@@ -1,0 +1,24 @@
+"""Functional ops. Each file holds one op: its reference, its kernels (when present) and its public function."""
+
+from vitfast.ops.attention import attention, attention_ref, gather_rel_pos_bias
+from vitfast.ops.layer_norm import layer_norm, layer_norm_ref
+from vitfast.ops.patch_embed import patch_embed, patch_embed_ref
+from vitfast.ops.rope import rope_2d, rope_2d_ref, rope_2d_table
+from vitfast.ops.swiglu import swiglu, swiglu_packed, swiglu_packed_ref, swiglu_ref
+
+__all__ = [
+    "attention",
+    "attention_ref",
+    "gather_rel_pos_bias",
+    "layer_norm",
+    "layer_norm_ref",
+    "patch_embed",
+    "patch_embed_ref",
+    "rope_2d",
+    "rope_2d_ref",
+    "rope_2d_table",
+    "swiglu",
+    "swiglu_packed",
+    "swiglu_packed_ref",
+    "swiglu_ref",
+]
