@@ -24,7 +24,7 @@ from contextlib import contextmanager
 
 import torch
 
-__all__ = ["BACKENDS", "dispatch", "get_backend", "register_impl", "set_backend", "use_backend"]
+__all__ = ["BACKENDS", "dispatch", "get_backend", "override_impl", "register_impl", "set_backend", "use_backend"]
 
 BACKENDS = ("reference", "triton", "cuda", "auto")
 ENV_VAR = "VITFAST_BACKEND"
@@ -33,6 +33,7 @@ logger = logging.getLogger("vitfast")
 
 _current: str | None = None  # None until set or read from the environment
 _impls: dict[str, dict[str, Callable]] = {}
+_overrides: dict[str, Callable] = {}
 _logged_fallbacks: set[tuple[str, str]] = set()
 
 
@@ -109,12 +110,30 @@ def register_impl(op: str, backend: str, fn: Callable | None = None):
     return _register(fn) if fn is not None else _register
 
 
+@contextmanager
+def override_impl(op: str, fn: Callable) -> Iterator[None]:
+    """Run ``fn`` for ``op`` whatever the backend, inside the block (how benchmarks plug in peer libraries)."""
+    if op not in _impls:
+        raise KeyError(f"unknown vitfast op {op!r}; known ops: {sorted(_impls)}")
+    previous = _overrides.get(op)
+    _overrides[op] = fn
+    try:
+        yield
+    finally:
+        if previous is None:
+            del _overrides[op]
+        else:
+            _overrides[op] = previous
+
+
 def _auto_candidates(device: torch.device) -> tuple[str, ...]:
     return ("cuda", "triton") if device.type == "cuda" else ()
 
 
 def dispatch(op: str, device: torch.device) -> Callable:
     """The implementation of ``op`` that should run for tensors on ``device`` under the current backend."""
+    if op in _overrides:
+        return _overrides[op]
     impls = _impls[op]
     chosen = get_backend()
     if chosen == "reference":

@@ -1,4 +1,4 @@
-"""The ``vitfast`` command: ``vitfast list [PATTERN]`` and ``vitfast info MODEL``."""
+"""The ``vitfast`` command: ``vitfast bench`` (the main command), ``vitfast list [PATTERN]``, ``vitfast info MODEL``."""
 
 from __future__ import annotations
 
@@ -77,9 +77,69 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _csv(kind):
+    def parse(text: str) -> list:
+        return [kind(item) for item in text.split(",") if item]
+
+    return parse
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from vitfast import bench
+
+    if args.from_json:
+        results, env = bench.read_json(args.from_json)
+        print(bench.format_tables(results, env))
+        if args.plot:
+            bench.plot(results, args.plot)
+        return 0
+
+    config = bench.BenchConfig(
+        models=args.models or ["vit_base_patch16_224"],
+        batch_sizes=args.batch_sizes,
+        dtype=args.dtype,
+        providers=args.providers,
+        device=args.device,
+        warmup=args.warmup,
+        reps=args.reps,
+        train=args.train,
+        overrides={"img_size": args.img_size} if args.img_size else {},
+    )
+    env = bench.environment()
+    on_result = (lambda row: bench.append_json(args.json, row, env)) if args.json else None
+    results = bench.run(config, on_result=on_result)
+    print(bench.format_tables(results, env))
+    if args.plot:
+        bench.plot(results, args.plot)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vitfast", description="Fast, timm-compatible Vision Transformers.")
     commands = parser.add_subparsers(dest="command", required=True)
+
+    bench = commands.add_parser(
+        "bench",
+        help="latency table: vitfast against timm eager / torch.compile / CUDA graphs",
+        description="Measure every provider side by side on the same weights and inputs. Defaults: "
+        "vit_base_patch16_224, batch sizes 1,4,8, bf16 on a GPU (fp32 on the CPU), every provider that can run here "
+        "(on the CPU: timm eager and the vitfast reference).",
+    )
+    bench.add_argument("models", nargs="*", help="model names or aliases (default: vit_base_patch16_224)")
+    bench.add_argument("--batch-sizes", type=_csv(int), default=[1, 4, 8], help="comma-separated (default 1,4,8)")
+    bench.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], help="default: bf16 on GPU, fp32 on CPU")
+    bench.add_argument("--providers", type=_csv(str), help="comma-separated subset of: " + ", ".join(_provider_names()))
+    bench.add_argument("--device", help="cuda or cpu (default: cuda when available)")
+    bench.add_argument("--warmup", type=int, help="untimed calls after the first (default 10 on GPU, 0 on CPU)")
+    bench.add_argument("--reps", type=int, help="timed calls (default 50 on GPU, 2 on CPU)")
+    bench.add_argument("--img-size", type=int, help="input size for every model (default: each model's own)")
+    bench.add_argument("--train", action="store_true", help="time one optimizer step (fwd + bwd + AdamW) instead")
+    bench.add_argument("--json", metavar="PATH", help="append one JSON line per measurement (with versions, date)")
+    bench.add_argument("--plot", metavar="PATH", help="write a PNG of latency against batch size (needs matplotlib)")
+    bench.add_argument(
+        "--from-json", metavar="PATH", help="print the tables of rows saved with --json; measure nothing"
+    )
+    bench.set_defaults(func=_cmd_bench)
 
     listing = commands.add_parser("list", help="list registered models")
     listing.add_argument("pattern", nargs="?", default="*", help="shell-style pattern, e.g. 'eva02*'")
@@ -97,12 +157,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _provider_names() -> list[str]:
+    from vitfast.bench import PROVIDERS
+
+    return list(PROVIDERS)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (UnknownModelError, ValueError, TypeError) as exc:
+    except (UnknownModelError, ValueError, TypeError, RuntimeError) as exc:
         print(f"vitfast: error: {exc}", file=sys.stderr)
         return 2
 

@@ -1,0 +1,625 @@
+"""End-to-end benchmarks: vitfast against timm eager, ``torch.compile`` and CUDA graphs, side by side in one run.
+
+Method (the same for every provider):
+
+- one set of weights (vitfast's random init, copied into timm with ``strict=True``) and one random input per batch
+  size, shared by all providers; inference runs under ``torch.inference_mode()`` with the weights cast to the dtype;
+- the first call is timed on its own and reported as "first-call time" (it includes compilation, CUDA-graph capture
+  and autotuning); then ``warmup`` untimed calls; then ``reps`` timed calls, each started from an idle device
+  (synchronize, record a CUDA event, call, record an event), so a number is the latency of one isolated call;
+- medians with the interquartile range; img/s and achieved TF/s from the forward FLOPs counted by
+  ``torch.utils.flop_counter`` (multiply and add counted separately);
+- every provider's output is compared with the reference provider's (timm eager when present): the scaled max error
+  is reported and a provider beyond the dtype's tolerance is marked as disagreeing and never counted as faster.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import datetime
+import json
+import math
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import vitfast
+from vitfast.backend import override_impl, use_backend
+from vitfast.models import get_entry, resolve
+from vitfast.models._info import model_info
+
+__all__ = [
+    "PROVIDERS",
+    "BenchConfig",
+    "Measurement",
+    "check_agreement",
+    "format_tables",
+    "make_call",
+    "read_json",
+    "run",
+]
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+# scaled max error a provider may show against the reference provider before it counts as a wrong answer
+AGREEMENT_TOLERANCE = {"bf16": 5e-2, "fp16": 1e-2, "fp32": 1e-3}
+
+
+@dataclass(frozen=True)
+class Provider:
+    name: str
+    description: str
+    library: str  # "timm" (a peer) or "vitfast"
+    compile_mode: str | None = None  # None: eager; else torch.compile mode
+    backend: str = "auto"  # vitfast backend for vitfast providers
+    requires: str | None = None  # importable module the provider needs
+    cuda_only: bool = False
+    default: bool = True  # part of the default provider set
+
+
+PROVIDERS = {
+    p.name: p
+    for p in (
+        Provider("timm-eager", "timm, eager", "timm"),
+        Provider("timm-compile", "timm, torch.compile(dynamic=False)", "timm", compile_mode="default"),
+        Provider(
+            "timm-graphs", "timm, torch.compile(mode='reduce-overhead')", "timm", "reduce-overhead", cuda_only=True
+        ),
+        Provider("vitfast", "vitfast, best available backend", "vitfast"),
+        Provider("vitfast-reference", "vitfast, reference backend", "vitfast", backend="reference"),
+        Provider("vitfast-compile", "vitfast, torch.compile(dynamic=False)", "vitfast", "default", default=False),
+        Provider("xformers", "vitfast layers, xformers attention", "peer", requires="xformers", cuda_only=True),
+        Provider(
+            "liger", "vitfast layers, Liger-Kernel LayerNorm + SwiGLU", "peer", requires="liger_kernel", cuda_only=True
+        ),
+    )
+}
+PEER_LIBRARIES = ("timm", "peer")
+
+
+@dataclass
+class BenchConfig:
+    models: list[str] = field(default_factory=lambda: ["vit_base_patch16_224"])
+    batch_sizes: list[int] = field(default_factory=lambda: [1, 4, 8])
+    dtype: str | None = None  # default: bf16 on GPU, fp32 on CPU
+    providers: list[str] | None = None  # default: every default provider that can run here
+    device: str | None = None  # default: cuda when available
+    warmup: int | None = None
+    reps: int | None = None
+    train: bool = False
+    seed: int = 0
+    overrides: dict[str, Any] = field(default_factory=dict)  # architecture overrides for every model (img_size, ...)
+
+    def resolved(self) -> BenchConfig:
+        device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise RuntimeError("--device cuda was requested but no CUDA GPU is visible; use --device cpu.")
+        on_gpu = device.startswith("cuda")
+        dtype = self.dtype or ("bf16" if on_gpu else "fp32")
+        if dtype not in DTYPES:
+            raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}.")
+        unknown = [p for p in self.providers or [] if p not in PROVIDERS]
+        if unknown:
+            raise ValueError(f"unknown provider(s) {', '.join(unknown)}; choose from {', '.join(PROVIDERS)}.")
+        if any(b < 1 for b in self.batch_sizes):
+            raise ValueError(f"batch sizes must be positive, got {self.batch_sizes}.")
+        return BenchConfig(
+            models=list(self.models),
+            batch_sizes=list(self.batch_sizes),
+            dtype=dtype,
+            providers=self.providers or default_providers(device),
+            device=device,
+            warmup=self.warmup if self.warmup is not None else (10 if on_gpu else 0),
+            reps=self.reps if self.reps is not None else (50 if on_gpu else 2),
+            train=self.train,
+            seed=self.seed,
+            overrides=dict(self.overrides),
+        )
+
+
+def default_providers(device: str) -> list[str]:
+    """Every default provider that can run on ``device``.
+
+    On the CPU: timm eager and the vitfast reference only, so that a run takes seconds, not minutes (compiling takes
+    long there, and vitfast's automatic backend is the reference path on the CPU, so ``vitfast`` would repeat it).
+    """
+    if not device.startswith("cuda"):
+        return ["timm-eager", "vitfast-reference"]
+    return [p.name for p in PROVIDERS.values() if p.default and unavailable_reason(p, device) is None]
+
+
+def unavailable_reason(provider: Provider, device: str) -> str | None:
+    if provider.cuda_only and not device.startswith("cuda"):
+        return "needs a CUDA GPU"
+    if provider.requires is not None:
+        try:
+            __import__(provider.requires)
+        except Exception as exc:  # a broken install (e.g. an extension built for another torch) counts as missing
+            return f"{provider.requires} is not usable here ({type(exc).__name__}: {exc})"
+    return None
+
+
+@dataclass
+class Measurement:
+    """One (model, provider, batch size) result; the JSON row."""
+
+    model: str
+    provider: str
+    batch_size: int
+    dtype: str
+    mode: str  # "infer" or "train"
+    img_size: list[int]
+    median_ms: float | None = None
+    p25_ms: float | None = None
+    p75_ms: float | None = None
+    min_ms: float | None = None
+    reps: int = 0
+    first_call_s: float | None = None
+    img_per_s: float | None = None
+    tflops: float | None = None
+    max_error: float | None = None
+    agrees: bool | None = None
+    peak_mem_gb: float | None = None
+    skipped: str | None = None  # reason, when the provider could not run
+
+
+# ---------------------------------------------------------------------------------------------- timing
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_call(fn: Callable[[], Any], device: torch.device, warmup: int, reps: int) -> tuple[float, list[float], Any]:
+    """Time ``fn``: (first-call seconds, per-call milliseconds, the output of the first call)."""
+    _sync(device)
+    start = time.perf_counter()
+    first_output = fn()
+    _sync(device)
+    first_call = time.perf_counter() - start
+    if isinstance(first_output, torch.Tensor):
+        first_output = first_output.clone()  # CUDA-graph outputs are overwritten by the next replay
+    for _ in range(warmup):
+        fn()
+    times = []
+    if device.type == "cuda":
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
+        for begin, end in events:
+            torch.cuda.synchronize(device)
+            begin.record()
+            fn()
+            end.record()
+        torch.cuda.synchronize(device)
+        times = [begin.elapsed_time(end) for begin, end in events]
+    else:
+        for _ in range(reps):
+            start = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - start) * 1e3)
+    return first_call, times, first_output
+
+
+def summarize(times: list[float]) -> dict[str, float]:
+    ordered = sorted(times)
+    if len(ordered) >= 2:
+        p25, _, p75 = statistics.quantiles(ordered, n=4, method="inclusive")
+    else:
+        p25 = p75 = ordered[0]
+    return {"median_ms": statistics.median(ordered), "p25_ms": p25, "p75_ms": p75, "min_ms": ordered[0]}
+
+
+# ---------------------------------------------------------------------------------------------- agreement
+
+
+def scaled_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    actual, expected = actual.detach().double(), expected.detach().double()
+    return ((actual - expected).abs().max() / expected.abs().max().clamp_min(1e-30)).item()
+
+
+def check_agreement(
+    outputs: dict[str, torch.Tensor], reference: str, tolerance: float
+) -> dict[str, tuple[float, bool]]:
+    """Scaled max error of every output against ``outputs[reference]``, and whether it is within ``tolerance``.
+
+    A non-finite output never agrees.
+    """
+    expected = outputs[reference]
+    result = {}
+    for name, output in outputs.items():
+        if output.shape != expected.shape or not torch.isfinite(output).all():
+            result[name] = (math.inf, False)
+            continue
+        error = scaled_error(output, expected)
+        result[name] = (error, error <= tolerance)
+    return result
+
+
+# ---------------------------------------------------------------------------------------------- providers
+
+
+def _xformers_attention(q, k, v, scale=None, rope=None, num_prefix_tokens=0, table=None, index=None, dropout_p=0.0):
+    import xformers.ops as xops
+
+    from vitfast.ops.attention import gather_rel_pos_bias
+    from vitfast.ops.rope import rope_2d_ref
+
+    if rope is not None:
+        q, k = rope_2d_ref(q, *rope, num_prefix_tokens), rope_2d_ref(k, *rope, num_prefix_tokens)
+    bias = None
+    if table is not None:
+        batch, heads, tokens, _ = q.shape
+        padded = -(-tokens // 8) * 8  # xformers wants the bias' last dimension aligned to 8
+        storage = q.new_zeros(batch, heads, tokens, padded)
+        storage[..., :tokens] = gather_rel_pos_bias(table, index).to(q.dtype)
+        bias = storage[..., :tokens]
+    out = xops.memory_efficient_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_bias=bias, p=dropout_p, scale=scale
+    )
+    return out.transpose(1, 2)
+
+
+def _liger_layer_norm(x, weight, bias, eps):
+    from liger_kernel.ops.layer_norm import LigerLayerNormFunction
+
+    return LigerLayerNormFunction.apply(x, weight, bias, eps)
+
+
+def _liger_swiglu(gate, up):
+    from liger_kernel.ops.swiglu import LigerSiLUMulFunction
+
+    return LigerSiLUMulFunction.apply(gate, up)
+
+
+def _liger_swiglu_packed(x):
+    return _liger_swiglu(*x.chunk(2, dim=-1))
+
+
+_PEER_OVERRIDES = {
+    "xformers": {"attention": _xformers_attention},
+    "liger": {"layer_norm": _liger_layer_norm, "swiglu": _liger_swiglu, "swiglu_packed": _liger_swiglu_packed},
+}
+
+
+@contextlib.contextmanager
+def provider_context(provider: Provider) -> Iterator[None]:
+    """The backend / op overrides a provider's calls run under."""
+    with contextlib.ExitStack() as stack:
+        if provider.library != "timm":
+            stack.enter_context(use_backend(provider.backend))
+        for op, fn in _PEER_OVERRIDES.get(provider.name, {}).items():
+            stack.enter_context(override_impl(op, fn))
+        yield
+
+
+def build_models(
+    name: str, device: torch.device | str, seed: int = 0, **overrides: Any
+) -> tuple[nn.Module, nn.Module | None]:
+    """The vitfast model (random init, seeded) and its timm counterpart holding the same weights (or None)."""
+    torch.manual_seed(seed)
+    with torch.device(device):
+        ours = vitfast.create_model(name, **overrides).eval()
+    entry = get_entry(resolve(name)[0].name)
+    if entry.timm_name is None:
+        return ours, None
+    import timm
+
+    with torch.device(device):
+        reference = timm.create_model(entry.timm_name, **{**entry.timm_kwargs, **_timm_overrides(ours)}).eval()
+    extra = {"mask_token", "lm_head.weight", "lm_head.bias"}
+    reference.load_state_dict({k: v for k, v in ours.state_dict().items() if k not in extra}, strict=True)
+    return ours, reference
+
+
+def _timm_overrides(model: nn.Module) -> dict[str, Any]:
+    cfg = model.config
+    return {
+        "num_classes": cfg.num_classes,
+        "img_size": cfg.img_size,
+        "global_pool": cfg.global_pool,
+        "depth": cfg.depth,
+    }
+
+
+def prepare(provider: Provider, ours: nn.Module, reference: nn.Module | None, dtype: torch.dtype, train: bool):
+    """The module a provider runs: the shared weights in the right dtype, compiled when the provider compiles."""
+    if provider.library == "timm":
+        if reference is None:
+            raise LookupError("no timm counterpart")
+        module = reference
+    else:
+        module = ours
+    module = copy.deepcopy(module) if train else module.to(dtype)
+    if provider.compile_mode is not None:
+        # a fresh dynamo cache per compiled provider: each (batch size, mode) recompiles the same model class, and past
+        # dynamo's recompile limit (8) it would silently run eager
+        torch._dynamo.reset()
+        module = torch.compile(
+            module, mode=None if provider.compile_mode == "default" else provider.compile_mode, dynamic=False
+        )
+    return module
+
+
+# ---------------------------------------------------------------------------------------------- run
+
+
+def environment() -> dict[str, Any]:
+    info = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "host": platform.node(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "vitfast": vitfast.__version__,
+        "device_name": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu",
+    }
+    for package in ("triton", "timm"):
+        try:
+            info[package] = __import__(package).__version__
+        except Exception:
+            info[package] = None
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True)
+        info["git_commit"] = commit.stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        info["git_commit"] = None
+    return info
+
+
+def _progress(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def run(config: BenchConfig, on_result: Callable[[Measurement], None] | None = None) -> list[Measurement]:
+    """Measure every (model, batch size, provider) of ``config``; ``on_result`` sees each row as it completes."""
+    config = config.resolved()
+    device = torch.device(config.device)
+    dtype = DTYPES[config.dtype]
+    results: list[Measurement] = []
+    providers = [PROVIDERS[name] for name in config.providers]
+    total = len(config.models) * len(config.batch_sizes) * len(providers)
+    step = 0
+    for model_name in config.models:
+        ours, reference = build_models(model_name, device, config.seed, **config.overrides)
+        img_size = list(ours.config.img_size)
+        flops = model_info(model_name, flops=True, **config.overrides).gflops * 1e9
+        for batch_size in config.batch_sizes:
+            generator = torch.Generator(device=device).manual_seed(config.seed + batch_size)
+            image = torch.randn(batch_size, 3, *img_size, device=device, generator=generator)
+            labels = torch.randint(0, max(ours.num_classes, 1), (batch_size,), device=device, generator=generator)
+            outputs: dict[str, torch.Tensor] = {}
+            rows: dict[str, Measurement] = {}
+            for provider in providers:
+                step += 1
+                row = Measurement(
+                    model_name, provider.name, batch_size, config.dtype, "train" if config.train else "infer", img_size
+                )
+                rows[provider.name] = row
+                reason = unavailable_reason(provider, config.device)
+                if reason is None and provider.library == "timm" and reference is None:
+                    reason = "no timm counterpart"
+                if reason is not None:
+                    row.skipped = reason
+                    continue
+                _progress(
+                    f"[{step}/{total}] {model_name} bs={batch_size} {provider.name}: first call (compile/capture) ..."
+                )
+                outputs[provider.name] = _measure(row, provider, ours, reference, image, labels, dtype, config)
+                row.img_per_s = batch_size / (row.median_ms / 1e3)
+                # a training step is counted as 3x the forward FLOPs (forward + two backward matmuls per forward matmul)
+                row.tflops = (3 if config.train else 1) * flops * batch_size / (row.median_ms / 1e3) / 1e12
+                _progress(f"    median {row.median_ms:.3f} ms (first call {row.first_call_s:.1f} s)")
+            if outputs:
+                reference_name = next(
+                    (n for n in ("timm-eager", "vitfast-reference") if n in outputs), next(iter(outputs))
+                )
+                agreement = check_agreement(outputs, reference_name, AGREEMENT_TOLERANCE[config.dtype])
+                for name, (error, agrees) in agreement.items():
+                    rows[name].max_error, rows[name].agrees = error, agrees
+            for row in rows.values():
+                results.append(row)
+                if on_result is not None:
+                    on_result(row)
+        del ours, reference
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return results
+
+
+def make_call(
+    provider: Provider,
+    ours: nn.Module,
+    reference: nn.Module | None,
+    image: torch.Tensor,
+    labels: torch.Tensor | None = None,
+    dtype: torch.dtype = torch.float32,
+    train: bool = False,
+) -> tuple[Callable[[], Any], Callable[[], torch.Tensor] | None]:
+    """What one timed call of ``provider`` runs (shared by ``vitfast bench`` and ``pytest benchmarks/``).
+
+    Returns the call and, in training mode, a function giving the first step's loss (for the agreement check).
+    """
+    module = prepare(provider, ours, reference, dtype, train)
+    if train:
+        step, first_loss = _train_step(module, image, labels, image.device)
+    else:
+        x = image.to(dtype)
+
+        def step():
+            with torch.inference_mode():
+                return module(x)
+
+        first_loss = None
+
+    def call():
+        with provider_context(provider):
+            return step()
+
+    return call, first_loss
+
+
+def _measure(row, provider, ours, reference, image, labels, dtype, config) -> torch.Tensor:
+    device = image.device
+    fn, output_of = make_call(provider, ours, reference, image, labels, dtype, config.train)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    first_call, times, output = time_call(fn, device, config.warmup, config.reps)
+    row.first_call_s = first_call
+    row.reps = len(times)
+    for key, value in summarize(times).items():
+        setattr(row, key, value)
+    if device.type == "cuda":
+        row.peak_mem_gb = torch.cuda.max_memory_allocated(device) / 1e9
+    return output_of() if output_of is not None else output.float()
+
+
+def _train_step(module: nn.Module, image: torch.Tensor, labels: torch.Tensor, device: torch.device):
+    """One optimizer step: forward + backward + AdamW, autocast bf16 on the GPU. Returns (step, first loss)."""
+    module.train()
+    optimizer = torch.optim.AdamW(module.parameters(), lr=1e-5, fused=device.type == "cuda")
+    losses = []
+
+    def step():
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            loss = F.cross_entropy(module(image).float(), labels)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.detach())
+        return loss
+
+    return step, lambda: losses[0].reshape(1).float()
+
+
+# ---------------------------------------------------------------------------------------------- output
+
+
+def _fmt(value: float | None, digits: int = 2) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def format_tables(results: list[Measurement], env: dict[str, Any] | None = None) -> str:
+    """Markdown: per model, latency (median ms) per batch size for each provider in the seed documents' shape,
+    with vitfast's speed-up over the best agreeing peer, img/s and TF/s at the largest batch; then the details."""
+    if not results:
+        return "no results"
+    lines = []
+    if env:
+        lines.append(
+            f"Device: {env.get('device_name')} | torch {env.get('torch')} | triton {env.get('triton')} | "
+            f"timm {env.get('timm')} | vitfast {env.get('vitfast')} ({env.get('git_commit')}) | {env.get('date')}"
+        )
+        lines.append("")
+    batch_sizes = sorted({r.batch_size for r in results})
+    largest = batch_sizes[-1]
+    mode = results[0].mode
+    lines.append(
+        "| model | size | dtype | provider | "
+        + " | ".join(f"bs={b} ({'step' if mode == 'train' else 'ms'})" for b in batch_sizes)
+        + f" | speed-up vs best peer | img/s @{largest} | TF/s @{largest} |"
+    )
+    lines.append("|---|---|---|---|" + "---:|" * len(batch_sizes) + "---|---:|---:|")
+    for model in dict.fromkeys(r.model for r in results):
+        model_rows = [r for r in results if r.model == model]
+        best_peer = {}
+        for b in batch_sizes:
+            peers = [
+                r.median_ms
+                for r in model_rows
+                if r.batch_size == b and r.median_ms and r.agrees and PROVIDERS[r.provider].library in PEER_LIBRARIES
+            ]
+            best_peer[b] = min(peers) if peers else None
+        for provider in dict.fromkeys(r.provider for r in model_rows):
+            by_bs = {r.batch_size: r for r in model_rows if r.provider == provider}
+            cells = []
+            for b in batch_sizes:
+                r = by_bs.get(b)
+                if r is None or r.median_ms is None:
+                    cells.append("n/a")
+                else:
+                    cells.append(_fmt(r.median_ms) + ("" if r.agrees is not False else " (wrong)"))
+            speedups = "-"
+            if PROVIDERS[provider].library == "vitfast":
+                parts = []
+                for b in batch_sizes:
+                    r = by_bs.get(b)
+                    ok = r is not None and r.median_ms and r.agrees and best_peer[b]
+                    parts.append(f"{best_peer[b] / r.median_ms:.2f}x" if ok else "-")
+                speedups = " / ".join(parts)
+            top = by_bs.get(largest)
+            size = "x".join(map(str, model_rows[0].img_size))
+            throughput = f"{_fmt(top.img_per_s if top else None, 0)} | {_fmt(top.tflops if top else None, 1)}"
+            lines.append(
+                f"| {model} | {size} | {model_rows[0].dtype} | {provider} | "
+                + " | ".join(cells)
+                + f" | {speedups} | {throughput} |"
+            )
+    lines += [
+        "",
+        "| model | bs | provider | median ms | p25-p75 ms | first call s | max err | agrees | peak GB | note |",
+    ]
+    lines.append("|---|---:|---|---:|---|---:|---:|---|---:|---|")
+    for r in results:
+        spread = f"{_fmt(r.p25_ms, 3)}-{_fmt(r.p75_ms, 3)}" if r.median_ms is not None else "-"
+        error = "-" if r.max_error is None else f"{r.max_error:.1e}"
+        agrees = "-" if r.agrees is None else ("yes" if r.agrees else "NO")
+        timing = f"{_fmt(r.median_ms, 3)} | {spread} | {_fmt(r.first_call_s, 1)}"
+        lines.append(
+            f"| {r.model} | {r.batch_size} | {r.provider} | {timing} | {error} | {agrees} | "
+            f"{_fmt(r.peak_mem_gb, 2)} | {r.skipped or ''} |"
+        )
+    return "\n".join(lines)
+
+
+def append_json(path: str | Path, row: Measurement, env: dict[str, Any]) -> None:
+    """Append one JSON line: the environment (device, versions, date, commit) and the measurement."""
+    with open(path, "a") as f:
+        f.write(json.dumps({**env, **asdict(row)}) + "\n")
+
+
+def read_json(path: str | Path) -> tuple[list[Measurement], dict[str, Any]]:
+    """Rows appended by ``--json``: the measurements and the environment of the last one."""
+    fields = set(Measurement.__dataclass_fields__)
+    results, env = [], {}
+    for line in Path(path).read_text().splitlines():
+        if line.strip():
+            record = json.loads(line)
+            results.append(Measurement(**{k: v for k, v in record.items() if k in fields}))
+            env = {k: v for k, v in record.items() if k not in fields}
+    return results, env
+
+
+def plot(results: list[Measurement], path: str | Path) -> None:
+    """Latency against batch size, one line per provider, one panel per model (needs matplotlib)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as exc:
+        raise RuntimeError("--plot needs matplotlib: pip install 'vitfast[plot]' (or pip install matplotlib).") from exc
+    models = list(dict.fromkeys(r.model for r in results))
+    figure, axes = plt.subplots(1, len(models), figsize=(5 * len(models), 4), squeeze=False)
+    for axis, model in zip(axes[0], models, strict=True):
+        for provider in dict.fromkeys(r.provider for r in results if r.model == model):
+            points = sorted(
+                (r.batch_size, r.median_ms)
+                for r in results
+                if r.model == model and r.provider == provider and r.median_ms
+            )
+            if points:
+                axis.plot(*zip(*points, strict=True), marker="o", label=provider)
+        axis.set(title=model, xlabel="batch size", ylabel="latency (ms)", xscale="log", yscale="log")
+        axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
