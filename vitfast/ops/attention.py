@@ -25,7 +25,8 @@ __all__ = ["attention", "attention_ref", "gather_rel_pos_bias"]
 def gather_rel_pos_bias(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """Materialize the BEiT bias ``[H, N, N]`` from ``table`` ``[num_rel, H]`` and ``index`` ``[N, N]``."""
     num_tokens = index.shape[0]
-    return table[index.reshape(-1)].reshape(num_tokens, num_tokens, -1).permute(2, 0, 1)
+    # contiguous: SDPA's efficient kernels take a dense mask; a strided one sends it to a much slower path
+    return table[index.reshape(-1)].reshape(num_tokens, num_tokens, -1).permute(2, 0, 1).contiguous()
 
 
 def attention_ref(
