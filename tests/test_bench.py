@@ -263,3 +263,25 @@ def test_benchmark_suite_runs_its_cpu_cases() -> None:
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "12 passed" in result.stdout
+
+
+def test_rows_reach_the_callback_as_each_provider_finishes() -> None:
+    """A run cut short (e.g. by a time limit) keeps every row measured so far; the reference is measured first."""
+    seen = []
+
+    def on_result(row):
+        seen.append(row.provider)
+        if row.provider == "vitfast":
+            raise KeyboardInterrupt
+
+    config = BenchConfig(
+        models=["vit_small_patch16_224"],
+        batch_sizes=[1],
+        reps=1,
+        warmup=0,
+        overrides=TINY,
+        providers=["vitfast", "vitfast-reference", "timm-eager"],
+    )
+    with pytest.raises(KeyboardInterrupt):
+        bench.run(config, on_result=on_result)
+    assert seen == ["timm-eager", "vitfast"]

@@ -396,36 +396,30 @@ def run(config: BenchConfig, on_result: Callable[[Measurement], None] | None = N
             generator = torch.Generator(device=device).manual_seed(config.seed + batch_size)
             image = torch.randn(batch_size, 3, *img_size, device=device, generator=generator)
             labels = torch.randint(0, max(ours.num_classes, 1), (batch_size,), device=device, generator=generator)
-            outputs: dict[str, torch.Tensor] = {}
-            rows: dict[str, Measurement] = {}
-            for provider in providers:
+            reasons = {p.name: _skip_reason(p, config.device, reference) for p in providers}
+            runnable = [p for p in providers if reasons[p.name] is None]
+            # the reference provider runs first, so every later row is checked (and written) as soon as it is measured
+            preferred = [p for name in ("timm-eager", "vitfast-reference") for p in runnable if p.name == name]
+            ordered = preferred[:1] + [p for p in providers if p not in preferred[:1]]
+            expected = None
+            for provider in ordered:
                 step += 1
                 row = Measurement(
                     model_name, provider.name, batch_size, config.dtype, "train" if config.train else "infer", img_size
                 )
-                rows[provider.name] = row
-                reason = unavailable_reason(provider, config.device)
-                if reason is None and provider.library == "timm" and reference is None:
-                    reason = "no timm counterpart"
-                if reason is not None:
-                    row.skipped = reason
-                    continue
-                _progress(
-                    f"[{step}/{total}] {model_name} bs={batch_size} {provider.name}: first call (compile/capture) ..."
-                )
-                outputs[provider.name] = _measure(row, provider, ours, reference, image, labels, dtype, config)
-                row.img_per_s = batch_size / (row.median_ms / 1e3)
-                # a training step is counted as 3x the forward FLOPs (forward + two backward matmuls per forward matmul)
-                row.tflops = (3 if config.train else 1) * flops * batch_size / (row.median_ms / 1e3) / 1e12
-                _progress(f"    median {row.median_ms:.3f} ms (first call {row.first_call_s:.1f} s)")
-            if outputs:
-                reference_name = next(
-                    (n for n in ("timm-eager", "vitfast-reference") if n in outputs), next(iter(outputs))
-                )
-                agreement = check_agreement(outputs, reference_name, AGREEMENT_TOLERANCE[config.dtype])
-                for name, (error, agrees) in agreement.items():
-                    rows[name].max_error, rows[name].agrees = error, agrees
-            for row in rows.values():
+                row.skipped = reasons[provider.name]
+                if row.skipped is None:
+                    _progress(f"[{step}/{total}] {model_name} bs={batch_size} {provider.name}: first call ...")
+                    output = _measure(row, provider, ours, reference, image, labels, dtype, config)
+                    row.img_per_s = batch_size / (row.median_ms / 1e3)
+                    # a training step counts as 3x the forward FLOPs (forward + two backward matmuls per forward matmul)
+                    row.tflops = (3 if config.train else 1) * flops * batch_size / (row.median_ms / 1e3) / 1e12
+                    expected = output if expected is None else expected
+                    tolerance = AGREEMENT_TOLERANCE[config.dtype]
+                    row.max_error, row.agrees = check_agreement({"ref": expected, "row": output}, "ref", tolerance)[
+                        "row"
+                    ]
+                    _progress(f"    median {row.median_ms:.3f} ms (first call {row.first_call_s:.1f} s)")
                 results.append(row)
                 if on_result is not None:
                     on_result(row)
@@ -465,6 +459,13 @@ def make_call(
             return step()
 
     return call, first_loss
+
+
+def _skip_reason(provider: Provider, device: str, reference: nn.Module | None) -> str | None:
+    reason = unavailable_reason(provider, device)
+    if reason is None and provider.library == "timm" and reference is None:
+        reason = "no timm counterpart"
+    return reason
 
 
 def _measure(row, provider, ours, reference, image, labels, dtype, config) -> torch.Tensor:
