@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from vitfast.bench import scaled_error  # max |actual - expected| / max |expected|
+
 
 @torch.no_grad()
 def randomize_(model: nn.Module, seed: int = 0) -> nn.Module:
@@ -28,12 +30,6 @@ def randomize_(model: nn.Module, seed: int = 0) -> nn.Module:
             value = 0.05 * noise
         param.copy_(value.to(param.dtype))
     return model
-
-
-def scaled_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    """Max absolute error relative to the output scale (max |expected|)."""
-    actual, expected = actual.double(), expected.double()
-    return ((actual - expected).abs().max() / expected.abs().max().clamp_min(1e-30)).item()
 
 
 def assert_close_scaled(actual: torch.Tensor, expected: torch.Tensor, tol: float = 1e-5, what: str = "") -> None:

@@ -493,10 +493,6 @@ def _download(weights: Any) -> str:
     destination = cache_dir / weights.url.rsplit("/", 1)[-1]
     if destination.is_file():
         return str(destination)
-    if weights.url.rsplit("/", 1)[-1] == "model_state.pdparams":  # PaddleMIX names every file the same
-        destination = cache_dir / (weights.url.split("/")[-2] + ".pdparams")
-        if destination.is_file():
-            return str(destination)
     cache_dir.mkdir(parents=True, exist_ok=True)
     try:
         torch.hub.download_url_to_file(weights.url, str(destination), progress=True)

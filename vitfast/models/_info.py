@@ -92,10 +92,10 @@ def alias_table() -> str:
     """The README's alias table (seed-document names and short names), generated from the registry."""
     from vitfast.models._registry import list_aliases
 
-    rows = ["| alias | model | weights | overrides | importable |", "|---|---|---|---|---|"]
+    rows = ["| alias | model | weights | overrides | importable | note |", "|---|---|---|---|---|---|"]
     for name, alias in sorted(list_aliases().items(), key=lambda item: (not item[1].short, item[0].lower())):
         weights = alias.weights.source if isinstance(alias.weights, Weights) else (alias.weights or "default")
         overrides = ", ".join(f"{k}={v}" for k, v in alias.kwargs.items()) or "-"
         importable = "`from vitfast import " + name + "`" if alias.short else "create_model only"
-        rows.append(f"| `{name}` | `{alias.target}` | {weights} | {overrides} | {importable} |")
+        rows.append(f"| `{name}` | `{alias.target}` | {weights} | {overrides} | {importable} | {alias.note} |")
     return "\n".join(rows)
