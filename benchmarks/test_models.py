@@ -27,12 +27,10 @@ def _models(name: str, device: str):
 
 def _latency(benchmark, model: str, batch_size: int, provider_name: str, device: str, dtype, rounds: int, warmup: int):
     provider = bench.PROVIDERS[provider_name]
-    reason = bench.unavailable_reason(provider, device)
-    if reason is not None:
-        pytest.skip(f"{provider_name}: {reason}")
     ours, reference = _models(model, device)
-    if provider.library == "timm" and reference is None:
-        pytest.skip(f"{model} has no timm counterpart")
+    reason = bench.skip_reason(provider, device, reference)
+    if reason is not None:
+        pytest.skip(f"{provider_name} on {model}: {reason}")
     image = torch.randn(batch_size, 3, *ours.config.img_size, device=device)
     call, _ = bench.make_call(provider, ours, reference, image, dtype=dtype)
     benchmark.group = f"{model} bs={batch_size}"

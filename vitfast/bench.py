@@ -36,18 +36,21 @@ from torch import nn
 
 import vitfast
 from vitfast.backend import override_impl, use_backend
-from vitfast.models import get_entry, resolve
+from vitfast.checkpoint import PRETRAINING_ONLY_KEYS
+from vitfast.models import resolve
 from vitfast.models._info import model_info
 
 __all__ = [
     "PROVIDERS",
     "BenchConfig",
     "Measurement",
+    "agreement",
     "check_agreement",
     "format_tables",
     "make_call",
     "read_json",
     "run",
+    "skip_reason",
 ]
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -234,15 +237,15 @@ def check_agreement(
 
     A non-finite output never agrees.
     """
-    expected = outputs[reference]
-    result = {}
-    for name, output in outputs.items():
-        if output.shape != expected.shape or not torch.isfinite(output).all():
-            result[name] = (math.inf, False)
-            continue
-        error = scaled_error(output, expected)
-        result[name] = (error, error <= tolerance)
-    return result
+    return {name: agreement(output, outputs[reference], tolerance) for name, output in outputs.items()}
+
+
+def agreement(output: torch.Tensor, expected: torch.Tensor, tolerance: float) -> tuple[float, bool]:
+    """(scaled max error, within tolerance) of one output; a misshaped or non-finite output never agrees."""
+    if output.shape != expected.shape or not torch.isfinite(output).all():
+        return math.inf, False
+    error = scaled_error(output, expected)
+    return error, error <= tolerance
 
 
 # ---------------------------------------------------------------------------------------------- providers
@@ -309,15 +312,15 @@ def build_models(
     torch.manual_seed(seed)
     with torch.device(device):
         ours = vitfast.create_model(name, **overrides).eval()
-    entry = get_entry(resolve(name)[0].name)
+    entry = resolve(name)[0]
     if entry.timm_name is None:
         return ours, None
     import timm
 
     with torch.device(device):
         reference = timm.create_model(entry.timm_name, **{**entry.timm_kwargs, **_timm_overrides(ours)}).eval()
-    extra = {"mask_token", "lm_head.weight", "lm_head.bias"}
-    reference.load_state_dict({k: v for k, v in ours.state_dict().items() if k not in extra}, strict=True)
+    state = {k: v for k, v in ours.state_dict().items() if k not in PRETRAINING_ONLY_KEYS}
+    reference.load_state_dict(state, strict=True)
     return ours, reference
 
 
@@ -392,15 +395,22 @@ def run(config: BenchConfig, on_result: Callable[[Measurement], None] | None = N
         ours, reference = build_models(model_name, device, config.seed, **config.overrides)
         img_size = list(ours.config.img_size)
         flops = model_info(model_name, flops=True, **config.overrides).gflops * 1e9
+        reasons = {p.name: skip_reason(p, config.device, reference) for p in providers}
+        # the reference provider runs first, so every later row is checked (and written) as soon as it is measured
+        first = next(
+            (
+                p
+                for name in ("timm-eager", "vitfast-reference")
+                for p in providers
+                if p.name == name and reasons[name] is None
+            ),
+            None,
+        )
+        ordered = ([first] if first else []) + [p for p in providers if p is not first]
         for batch_size in config.batch_sizes:
             generator = torch.Generator(device=device).manual_seed(config.seed + batch_size)
             image = torch.randn(batch_size, 3, *img_size, device=device, generator=generator)
             labels = torch.randint(0, max(ours.num_classes, 1), (batch_size,), device=device, generator=generator)
-            reasons = {p.name: _skip_reason(p, config.device, reference) for p in providers}
-            runnable = [p for p in providers if reasons[p.name] is None]
-            # the reference provider runs first, so every later row is checked (and written) as soon as it is measured
-            preferred = [p for name in ("timm-eager", "vitfast-reference") for p in runnable if p.name == name]
-            ordered = preferred[:1] + [p for p in providers if p not in preferred[:1]]
             expected = None
             for provider in ordered:
                 step += 1
@@ -415,10 +425,7 @@ def run(config: BenchConfig, on_result: Callable[[Measurement], None] | None = N
                     # a training step counts as 3x the forward FLOPs (forward + two backward matmuls per forward matmul)
                     row.tflops = (3 if config.train else 1) * flops * batch_size / (row.median_ms / 1e3) / 1e12
                     expected = output if expected is None else expected
-                    tolerance = AGREEMENT_TOLERANCE[config.dtype]
-                    row.max_error, row.agrees = check_agreement({"ref": expected, "row": output}, "ref", tolerance)[
-                        "row"
-                    ]
+                    row.max_error, row.agrees = agreement(output, expected, AGREEMENT_TOLERANCE[config.dtype])
                     _progress(f"    median {row.median_ms:.3f} ms (first call {row.first_call_s:.1f} s)")
                 results.append(row)
                 if on_result is not None:
@@ -461,7 +468,8 @@ def make_call(
     return call, first_loss
 
 
-def _skip_reason(provider: Provider, device: str, reference: nn.Module | None) -> str | None:
+def skip_reason(provider: Provider, device: str, reference: nn.Module | None) -> str | None:
+    """Why ``provider`` cannot run here for this model (its needs, or no timm counterpart), or None."""
     reason = unavailable_reason(provider, device)
     if reason is None and provider.library == "timm" and reference is None:
         reason = "no timm counterpart"

@@ -32,6 +32,7 @@ from vitfast.layers.pos_embed import resample_abs_pos_embed, resample_patch_embe
 from vitfast.layers.rel_pos import NUM_EXTRA, resize_rel_pos_bias_table
 
 __all__ = [
+    "PRETRAINING_ONLY_KEYS",
     "CheckpointError",
     "LoadReport",
     "PretrainedDownloadError",
@@ -406,7 +407,7 @@ def convert_state_dict(
 # ---------------------------------------------------------------------------------------------- loading
 
 # parameters a checkpoint may lack without making it unusable: pretraining heads a fine-tuned release drops
-_OPTIONAL_MODEL_KEYS = {
+PRETRAINING_ONLY_KEYS = {
     "mask_token": "MIM mask token",
     "lm_head.weight": "MIM regression head",
     "lm_head.bias": "MIM regression head",
@@ -443,8 +444,8 @@ def load_checkpoint(
 
     target = model.state_dict()
     for key in sorted(set(target) - set(sd)):
-        if key in _OPTIONAL_MODEL_KEYS:
-            report.initialized[key] = _OPTIONAL_MODEL_KEYS[key]
+        if key in PRETRAINING_ONLY_KEYS:
+            report.initialized[key] = PRETRAINING_ONLY_KEYS[key]
         elif reset_head and key.startswith("head."):
             continue
         else:

@@ -12,10 +12,11 @@ import torch
 
 import vitfast
 from tests.helpers import assert_close_scaled, randomize_
+from vitfast.checkpoint import PRETRAINING_ONLY_KEYS
 from vitfast.layers import resize_rel_pos_bias_table
 from vitfast.models import get_entry
 
-MIM_ONLY_KEYS = {"mask_token", "lm_head.weight", "lm_head.bias"}
+MIM_ONLY_KEYS = set(PRETRAINING_ONLY_KEYS)
 TIMM_MODELS = [name for name in vitfast.list_models() if get_entry(name).timm_name]
 NUM_CLASSES = 7
 
