@@ -36,3 +36,26 @@ def assert_close_scaled(actual: torch.Tensor, expected: torch.Tensor, tol: float
     assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
     error = scaled_error(actual, expected)
     assert error <= tol, f"{what}: max abs error {error:.3e} of the output scale exceeds {tol:.0e}"
+
+
+def assert_kernel_close(
+    actual: torch.Tensor,
+    expected: torch.Tensor,
+    baseline: torch.Tensor,
+    floor: float | None = None,
+    what: str = "",
+) -> None:
+    """STYLE rule 5: the kernel's error is at most twice PyTorch's own error in the same dtype, plus a small floor.
+
+    ``expected`` is the fp64 (or fp32) reference; ``baseline`` the plain-PyTorch result computed in the kernel's input
+    dtype. Errors are scaled by ``max |expected|``; the floor defaults to the machine epsilon of ``actual``'s dtype.
+    """
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    assert torch.isfinite(actual).all(), f"{what}: non-finite values in the kernel output"
+    if floor is None:
+        floor = torch.finfo(actual.dtype).eps
+    bound = 2 * scaled_error(baseline, expected) + floor
+    error = scaled_error(actual, expected)
+    assert error <= bound, (
+        f"{what}: scaled error {error:.3e} exceeds 2 x PyTorch's {bound - floor:.3e} / 2 + {floor:.0e}"
+    )

@@ -1,0 +1,107 @@
+"""What every Triton kernel file shares: optional import, launching, CPU twins and fallbacks.
+
+Triton is optional (STYLE rule 6). Without it ``triton.jit`` is a stand-in that keeps the kernel definitions
+importable and raises a clear error if a kernel is ever launched; no ``"triton"`` implementation is registered
+with :mod:`vitfast.backend`, so the reference runs.
+
+Tests run the kernels on the CPU through Triton's interpreter (``TRITON_INTERPRET=1``, set before triton is
+imported). Then, and only then, the ``torch.library`` ops launch their kernels on CPU tensors. Otherwise the body of
+each op runs its PyTorch reference for tensors the kernels cannot take (:func:`kernel_can_run`), so
+``torch.ops.vitfast.*`` runs on any device, also under ``torch.compile`` (which traces the op body). Under the
+interpreter, ``torch.compile`` of the ops cannot work (``wrap_triton`` cannot trace an interpreted kernel): compile
+tests run on a GPU, and opcheck on the CPU skips its AOT-dispatch checks.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+__all__ = [
+    "HAS_TRITON",
+    "INTERPRETER",
+    "kernel_can_run",
+    "launch",
+    "log_fallback",
+    "next_power_of_2",
+    "tl",
+    "triton",
+]
+
+logger = logging.getLogger("vitfast")
+
+INTERPRETER = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+try:
+    import triton
+    import triton.language as tl
+
+    HAS_TRITON = True
+except ImportError:  # the package still imports and runs the reference path
+    HAS_TRITON = False
+
+    class _MissingKernel:
+        def __init__(self, fn: Callable) -> None:
+            self.fn = fn
+
+        def __getitem__(self, grid: Any) -> Callable:
+            raise RuntimeError(f"Triton kernel {self.fn.__name__} needs the triton package; pip install triton.")
+
+    class _TritonStandIn:
+        @staticmethod
+        def jit(fn: Callable | None = None, **_: Any) -> Any:
+            return _MissingKernel(fn) if fn is not None else _MissingKernel
+
+        @staticmethod
+        def cdiv(a: int, b: int) -> int:
+            return -(-a // b)
+
+    class _LanguageStandIn:
+        constexpr = int  # only ever used in annotations
+
+    triton = _TritonStandIn()
+    tl = _LanguageStandIn()
+
+_logged: set[tuple[str, str]] = set()
+
+
+def next_power_of_2(n: int) -> int:
+    return 1 << max(int(n) - 1, 0).bit_length()
+
+
+def _is_fake(value: Any) -> bool:
+    from torch._subclasses.fake_tensor import is_fake
+
+    return isinstance(value, torch.Tensor) and is_fake(value)
+
+
+def launch(kernel: Any, grid: tuple[int, ...], *args: Any, **kwargs: Any) -> None:
+    """Launch ``kernel`` over ``grid`` through ``torch.library.wrap_triton`` (visible to torch.compile).
+
+    Under the interpreter, ``wrap_triton`` hands back the plain kernel, which cannot run on the fake tensors that
+    shape propagation (opcheck, make_fx) passes in; the outputs are already allocated, so the launch is skipped.
+    """
+    if not HAS_TRITON:
+        raise RuntimeError("vitfast's Triton kernels need the triton package; pip install triton.")
+    if INTERPRETER and any(_is_fake(a) for a in (*args, *kwargs.values())):
+        return
+    torch.library.wrap_triton(kernel)[grid](*args, **kwargs)
+
+
+def kernel_can_run(*tensors: torch.Tensor | None) -> bool:
+    """Whether the Triton kernels can take these tensors: all on a CUDA GPU, or all on the CPU under the interpreter."""
+    if not HAS_TRITON:
+        return False
+    devices = {t.device.type for t in tensors if t is not None}
+    return devices == {"cuda"} or (INTERPRETER and devices == {"cpu"})
+
+
+def log_fallback(op: str, reason: str) -> None:
+    """Say once per (op, reason), at debug level, that a call outside a kernel's coverage ran the reference."""
+    if (op, reason) not in _logged:
+        _logged.add((op, reason))
+        logger.debug("vitfast %s: %s; running the reference implementation.", op, reason)
