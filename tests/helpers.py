@@ -54,8 +54,8 @@ def assert_kernel_close(
     assert torch.isfinite(actual).all(), f"{what}: non-finite values in the kernel output"
     if floor is None:
         floor = torch.finfo(actual.dtype).eps
-    bound = 2 * scaled_error(baseline, expected) + floor
+    baseline_error = scaled_error(baseline, expected)
     error = scaled_error(actual, expected)
-    assert error <= bound, (
-        f"{what}: scaled error {error:.3e} exceeds 2 x PyTorch's {bound - floor:.3e} / 2 + {floor:.0e}"
+    assert error <= 2 * baseline_error + floor, (
+        f"{what}: scaled error {error:.3e} exceeds 2 x PyTorch's {baseline_error:.3e} + {floor:.0e}"
     )
