@@ -3,7 +3,8 @@
 The backend is looked up every time an op is called, so switching it never requires rebuilding a model:
 
 - ``"reference"``: plain PyTorch, runs on any device;
-- ``"triton"``: the Triton kernels (CUDA GPU and the ``triton`` package required);
+- ``"triton"``: the Triton kernels (CUDA GPU and the ``triton`` package required; on the CPU only under Triton's
+  interpreter, ``TRITON_INTERPRET=1``, which is how the kernels are tested without a GPU);
 - ``"cuda"``: the compiled CUDA C++ extension (``vitfast._C``);
 - ``"auto"`` (default): the fastest implementation available for the tensor's device, else the reference.
 
@@ -53,7 +54,10 @@ def _check_available(name: str) -> None:
                 f"The 'triton' backend needs the triton package ({exc}). Install it (pip install triton) or use "
                 "set_backend('reference') / set_backend('auto')."
             ) from exc
-        if not torch.cuda.is_available():
+        from vitfast.ops import _triton
+
+        # Under Triton's interpreter (TRITON_INTERPRET=1) the kernels run on CPU tensors: how they are tested.
+        if not torch.cuda.is_available() and not _triton.INTERPRETER:
             raise RuntimeError(
                 "The 'triton' backend needs a CUDA GPU, and torch.cuda.is_available() is False on this machine. "
                 "Use set_backend('reference') or set_backend('auto'), which falls back to the reference path."

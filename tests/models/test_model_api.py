@@ -150,7 +150,10 @@ def test_missing_implementation_falls_back_to_reference_with_one_debug_log(monke
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error raised on a machine without a GPU")
-def test_gpu_backends_without_a_gpu_raise_errors_that_say_why() -> None:
+def test_gpu_backends_without_a_gpu_raise_errors_that_say_why(monkeypatch) -> None:
+    from vitfast.ops import _triton
+
+    monkeypatch.setattr(_triton, "INTERPRETER", False)  # the test suite runs under Triton's interpreter
     with pytest.raises(RuntimeError, match="needs a CUDA GPU|needs the triton package"):
         vitfast.set_backend("triton")
     with pytest.raises(RuntimeError, match="compiled extension"):
@@ -158,6 +161,9 @@ def test_gpu_backends_without_a_gpu_raise_errors_that_say_why() -> None:
     with pytest.raises(ValueError, match="Unknown vitfast backend 'fast'"):
         vitfast.set_backend("fast")
     assert vitfast.get_backend() == "auto"
+    monkeypatch.setattr(_triton, "INTERPRETER", True)
+    vitfast.set_backend("triton")  # the interpreter runs the kernels on CPU tensors
+    assert vitfast.get_backend() == "triton"
 
 
 def test_backend_environment_variable(monkeypatch) -> None:
