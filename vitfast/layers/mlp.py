@@ -70,5 +70,10 @@ class SwiGLU(nn.Module):
         self.drop = nn.Dropout(drop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.drop(ops.swiglu(self.fc1_g(x), self.fc1_x(x)))
-        return self.drop(self.fc2(self.norm(x)))
+        gate, up = self.fc1_g(x), self.fc1_x(x)
+        # The sub-LN fuses with the gating unless an active dropout sits between them.
+        if isinstance(self.norm, nn.LayerNorm) and not (self.training and self.drop.p > 0):
+            x = ops.swiglu_layer_norm(gate, up, self.norm.weight, self.norm.bias, self.norm.eps)
+        else:
+            x = self.norm(self.drop(ops.swiglu(gate, up)))
+        return self.drop(self.fc2(x))

@@ -1,17 +1,53 @@
-"""SwiGLU gating, ``silu(gate) * up``, in the two weight layouts EVA-02 checkpoints use.
+"""SwiGLU gating, ``silu(gate) * up``, in the two weight layouts EVA-02 checkpoints use, and fused with its sub-LN.
 
 - split: separate ``gate`` and ``up`` tensors (EVA-02 B/L: ``fc1_g`` and ``fc1_x``);
-- packed: one tensor ``[..., 2 * hidden]`` whose first half is the gate (EVA-02 Ti/S: ``fc1``).
+- packed: one tensor ``[..., 2 * hidden]`` whose first half is the gate (EVA-02 Ti/S: ``fc1``);
+- ``swiglu_layer_norm``: ``LayerNorm(silu(gate) * up)`` over the hidden width (EVA-02 B/L sub-LN before ``fc2``).
+
+EVA-02 hidden widths are ``int(dim * 8 / 3)``: 512 (Ti), 1024 (S), 2048 (B), 2730 (L).
+
+The Triton kernels compute ``silu`` and the LayerNorm statistics in fp32 and write outputs in the input dtype. The
+split and packed forms share one kernel per direction: it takes row strides, and the packed form reads (and, in the
+backward, writes) the two halves of one buffer at a column offset, so packed inputs are never copied and ``d_x`` is
+written in place, without a concatenation.
+
+Rounding point of the fused op: the unfused PyTorch path materializes ``silu(gate) * up`` as a tensor of the input
+dtype and normalizes that tensor. The fused kernels round the product to the input dtype before the statistics and
+the normalization too (silu and the product themselves in fp32, as in the ``swiglu`` kernel), so the fused op is the
+LayerNorm of exactly what the ``swiglu`` kernel returns; the backward recomputes the product the same way instead of
+saving it. For fp32 inputs the rounding is a no-op.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn.functional as F
 
 from vitfast.backend import dispatch, register_impl
+from vitfast.ops._triton import (
+    HAS_TRITON,
+    INTERPRETER,
+    kernel_can_run,
+    launch,
+    log_fallback,
+    next_power_of_2,
+    tl,
+    triton,
+)
 
-__all__ = ["swiglu", "swiglu_packed", "swiglu_packed_ref", "swiglu_ref"]
+__all__ = [
+    "swiglu",
+    "swiglu_layer_norm",
+    "swiglu_layer_norm_ref",
+    "swiglu_packed",
+    "swiglu_packed_ref",
+    "swiglu_ref",
+]
+
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_LAYER_NORM_WIDTH = 8192  # one row in registers; wider rows run the reference
 
 
 def swiglu_ref(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
@@ -25,8 +61,709 @@ def swiglu_packed_ref(x: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
+def swiglu_layer_norm_ref(
+    gate: torch.Tensor, up: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float
+) -> torch.Tensor:
+    """``LayerNorm(silu(gate) * up)`` over the last dimension: exactly the unfused ``norm(swiglu(gate, up))``."""
+    return F.layer_norm(F.silu(gate) * up, (gate.shape[-1],), weight, bias, eps)
+
+
+# Bodies of the torch.library ops for tensors the kernels cannot take (CPU without the interpreter): the same maths
+# as the kernels, in PyTorch, at fp32 or better.
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _silu_and_grad(gate: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``silu(gate)`` and its derivative ``sigmoid(gate) * (1 + gate * (1 - sigmoid(gate)))``."""
+    sigmoid = torch.sigmoid(gate)
+    return gate * sigmoid, sigmoid * (1 + gate * (1 - sigmoid))
+
+
+def _swiglu_bwd_reference(
+    grad: torch.Tensor, gate: torch.Tensor, up: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    compute = _compute_dtype(gate.dtype)
+    silu, silu_grad = _silu_and_grad(gate.to(compute))
+    grad = grad.to(compute)
+    return (grad * up.to(compute) * silu_grad).to(gate.dtype), (grad * silu).to(up.dtype)
+
+
+def _swiglu_layer_norm_fwd_reference(
+    gate: torch.Tensor, up: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    compute = _compute_dtype(gate.dtype)
+    stats = F.silu(gate.to(compute)) * up.to(compute)
+    product = stats.to(gate.dtype)  # the kernels' rounding point
+    stats = product.to(compute)
+    mean = stats.mean(-1)
+    rstd = torch.rsqrt(stats.var(-1, unbiased=False) + eps)
+    out = F.layer_norm(product, (gate.shape[-1],), weight, bias, eps)
+    return out, mean.float(), rstd.float()
+
+
+def _swiglu_layer_norm_bwd_reference(
+    grad: torch.Tensor,
+    gate: torch.Tensor,
+    up: torch.Tensor,
+    weight: torch.Tensor,
+    mean: torch.Tensor,
+    rstd: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    width = gate.shape[-1]
+    compute = _compute_dtype(gate.dtype)
+    gate_c, up_c, grad_c = gate.to(compute), up.to(compute), grad.to(compute)
+    silu, silu_grad = _silu_and_grad(gate_c)
+    product = (silu * up_c).to(gate.dtype).to(compute)  # the kernels' rounding point
+    mean, rstd = mean.to(compute).unsqueeze(-1), rstd.to(compute).unsqueeze(-1)
+    normalized = (product - mean) * rstd
+    weighted_grad = grad_c * weight.to(compute)
+    d_product = rstd * (
+        weighted_grad
+        - normalized * (normalized * weighted_grad).mean(-1, keepdim=True)
+        - weighted_grad.mean(-1, keepdim=True)
+    )
+    d_weight = (grad_c * normalized).reshape(-1, width).sum(0).float()
+    d_bias = grad_c.reshape(-1, width).sum(0).float()
+    return (d_product * up_c * silu_grad).to(gate.dtype), (d_product * silu).to(up.dtype), d_weight, d_bias
+
+
+@triton.jit
+def _swiglu_fwd_kernel(
+    gate_ptr,
+    up_ptr,  # None when PACKED: the up half is read from gate_ptr at column offset n_cols
+    out_ptr,
+    n_rows,
+    n_cols,
+    gate_row_stride,
+    up_row_stride,
+    out_row_stride,
+    PACKED: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = (rows < n_rows)[:, None] & (cols < n_cols)[None, :]
+    rows = rows.to(tl.int64)[:, None]  # rows * stride overflows int32 for large batches
+    cols = cols[None, :]
+    gate_offsets = rows * gate_row_stride + cols
+    gate = tl.load(gate_ptr + gate_offsets, mask=mask, other=0.0).to(tl.float32)
+    if PACKED:
+        up = tl.load(gate_ptr + gate_offsets + n_cols, mask=mask, other=0.0).to(tl.float32)
+    else:
+        up = tl.load(up_ptr + rows * up_row_stride + cols, mask=mask, other=0.0).to(tl.float32)
+    out = gate * tl.sigmoid(gate) * up
+    tl.store(out_ptr + rows * out_row_stride + cols, out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _swiglu_bwd_kernel(
+    grad_ptr,
+    gate_ptr,
+    up_ptr,  # None when PACKED (read from gate_ptr + n_cols)
+    d_gate_ptr,
+    d_up_ptr,  # None when PACKED (written to d_gate_ptr + n_cols: one buffer, one mutated kernel argument)
+    n_rows,
+    n_cols,
+    grad_row_stride,
+    gate_row_stride,
+    up_row_stride,
+    d_gate_row_stride,
+    d_up_row_stride,
+    PACKED: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = (rows < n_rows)[:, None] & (cols < n_cols)[None, :]
+    rows = rows.to(tl.int64)[:, None]
+    cols = cols[None, :]
+    grad = tl.load(grad_ptr + rows * grad_row_stride + cols, mask=mask, other=0.0).to(tl.float32)
+    gate_offsets = rows * gate_row_stride + cols
+    gate = tl.load(gate_ptr + gate_offsets, mask=mask, other=0.0).to(tl.float32)
+    if PACKED:
+        up = tl.load(gate_ptr + gate_offsets + n_cols, mask=mask, other=0.0).to(tl.float32)
+    else:
+        up = tl.load(up_ptr + rows * up_row_stride + cols, mask=mask, other=0.0).to(tl.float32)
+    sigmoid = tl.sigmoid(gate)
+    d_up = grad * gate * sigmoid
+    d_gate = grad * up * sigmoid * (1.0 + gate * (1.0 - sigmoid))
+    d_gate_offsets = rows * d_gate_row_stride + cols
+    tl.store(d_gate_ptr + d_gate_offsets, d_gate.to(d_gate_ptr.dtype.element_ty), mask=mask)
+    if PACKED:
+        tl.store(d_gate_ptr + d_gate_offsets + n_cols, d_up.to(d_gate_ptr.dtype.element_ty), mask=mask)
+    else:
+        tl.store(d_up_ptr + rows * d_up_row_stride + cols, d_up.to(d_up_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _swiglu_layer_norm_fwd_kernel(
+    gate_ptr,
+    up_ptr,
+    weight_ptr,
+    bias_ptr,
+    out_ptr,
+    mean_ptr,
+    rstd_ptr,
+    n_rows,
+    n_cols,
+    gate_row_stride,
+    up_row_stride,
+    out_row_stride,
+    eps,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_N)
+    row_mask = rows < n_rows
+    col_mask = cols < n_cols
+    mask = row_mask[:, None] & col_mask[None, :]
+    rows = rows.to(tl.int64)  # rows * stride overflows int32 for large batches
+    offsets = rows[:, None] * gate_row_stride + cols[None, :]
+    gate = tl.load(gate_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    offsets = rows[:, None] * up_row_stride + cols[None, :]
+    up = tl.load(up_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    # The unfused path normalizes a tensor of the input dtype: round the product there (module docstring).
+    product = (gate * tl.sigmoid(gate) * up).to(gate_ptr.dtype.element_ty).to(tl.float32)
+    mean = tl.sum(product, axis=1) / n_cols
+    centered = tl.where(mask, product - mean[:, None], 0.0)
+    rstd = tl.rsqrt(tl.sum(centered * centered, axis=1) / n_cols + eps)
+    weight = tl.load(weight_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+    bias = tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+    out = centered * rstd[:, None] * weight[None, :] + bias[None, :]
+    offsets = rows[:, None] * out_row_stride + cols[None, :]
+    tl.store(out_ptr + offsets, out.to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(mean_ptr + rows, mean, mask=row_mask)
+    tl.store(rstd_ptr + rows, rstd, mask=row_mask)
+
+
+@triton.jit
+def _swiglu_layer_norm_bwd_kernel(
+    grad_ptr,
+    gate_ptr,
+    up_ptr,
+    weight_ptr,
+    mean_ptr,
+    rstd_ptr,
+    d_gate_ptr,
+    d_up_ptr,
+    partial_d_weight_ptr,  # fp32 [n_programs, n_cols]: one row of partial sums per program, summed by the launcher
+    partial_d_bias_ptr,
+    n_rows,
+    n_cols,
+    rows_per_program,  # a multiple of BLOCK_M
+    grad_row_stride,
+    gate_row_stride,
+    up_row_stride,
+    d_gate_row_stride,
+    d_up_row_stride,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    program = tl.program_id(0)
+    cols = tl.arange(0, BLOCK_N)
+    col_mask = cols < n_cols
+    weight = tl.load(weight_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+    d_weight = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    d_bias = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    # int64 row bounds make the row indices int64 too: row * stride overflows int32 for large batches.
+    row_start = program.to(tl.int64) * rows_per_program
+    row_end = tl.minimum(row_start + rows_per_program, n_rows)
+    for tile_start in range(row_start, row_end, BLOCK_M):
+        rows = tile_start + tl.arange(0, BLOCK_M)
+        row_mask = rows < row_end
+        mask = row_mask[:, None] & col_mask[None, :]
+        offsets = rows[:, None] * grad_row_stride + cols[None, :]
+        grad = tl.load(grad_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+        offsets = rows[:, None] * gate_row_stride + cols[None, :]
+        gate = tl.load(gate_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+        offsets = rows[:, None] * up_row_stride + cols[None, :]
+        up = tl.load(up_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+        sigmoid = tl.sigmoid(gate)
+        silu = gate * sigmoid
+        # Recomputed exactly as in the forward, rounding included, so that it matches the saved statistics.
+        product = (silu * up).to(gate_ptr.dtype.element_ty).to(tl.float32)
+        mean = tl.load(mean_ptr + rows, mask=row_mask, other=0.0)
+        rstd = tl.load(rstd_ptr + rows, mask=row_mask, other=0.0)
+        normalized = tl.where(mask, (product - mean[:, None]) * rstd[:, None], 0.0)
+        d_weight += tl.sum(grad * normalized, axis=0)
+        d_bias += tl.sum(grad, axis=0)
+        weighted_grad = grad * weight[None, :]
+        mean_weighted_grad = tl.sum(weighted_grad, axis=1) / n_cols
+        mean_projection = tl.sum(normalized * weighted_grad, axis=1) / n_cols
+        d_product = (weighted_grad - normalized * mean_projection[:, None] - mean_weighted_grad[:, None]) * rstd[
+            :, None
+        ]
+        d_up = d_product * silu
+        d_gate = d_product * up * sigmoid * (1.0 + gate * (1.0 - sigmoid))
+        offsets = rows[:, None] * d_gate_row_stride + cols[None, :]
+        tl.store(d_gate_ptr + offsets, d_gate.to(d_gate_ptr.dtype.element_ty), mask=mask)
+        offsets = rows[:, None] * d_up_row_stride + cols[None, :]
+        tl.store(d_up_ptr + offsets, d_up.to(d_up_ptr.dtype.element_ty), mask=mask)
+    tl.store(partial_d_weight_ptr + program * n_cols + cols, d_weight, mask=col_mask)
+    tl.store(partial_d_bias_ptr + program * n_cols + cols, d_bias, mask=col_mask)
+
+
+def _rows(t: torch.Tensor, width: int) -> torch.Tensor:
+    """``t`` as a ``[rows, width]`` matrix with unit column stride: a view when one exists, else a copy."""
+    t = t.reshape(-1, width)
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _check_dtype(what: str, t: torch.Tensor) -> None:
+    if t.dtype not in KERNEL_DTYPES:
+        raise ValueError(f"{what} must be float16, bfloat16 or float32 for the Triton kernel, got {t.dtype}.")
+
+
+def _check_pair(gate: torch.Tensor, up: torch.Tensor) -> None:
+    if gate.ndim == 0 or gate.shape[-1] == 0:
+        raise ValueError(f"gate needs a non-empty last dimension, got shape {tuple(gate.shape)}.")
+    if gate.shape != up.shape:
+        raise ValueError(f"gate and up must have the same shape, got {tuple(gate.shape)} and {tuple(up.shape)}.")
+    if gate.dtype != up.dtype:
+        raise ValueError(f"gate and up must have the same dtype, got {gate.dtype} and {up.dtype}.")
+    _check_dtype("gate", gate)
+
+
+def _check_packed(x: torch.Tensor) -> None:
+    if x.ndim == 0 or x.shape[-1] == 0 or x.shape[-1] % 2:
+        raise ValueError(f"packed SwiGLU needs an even, non-zero last dimension, got shape {tuple(x.shape)}.")
+    _check_dtype("x", x)
+
+
+# Longest run of rows whose parameter gradients a backward program adds in sequence: fp32 rounding error grows with
+# the run (the interpreter's numpy also adds a tile's rows in sequence). Programs' partial sums then meet in a
+# pairwise torch.sum.
+_MAX_CHAIN = 64
+
+
+def _rows_per_tile(block_n: int) -> int:
+    # About 4096 elements per program: narrow rows (EVA-02 Ti: 512) are stacked so that a program's index arithmetic
+    # and launch are amortized; a 4096-wide row block is one row. The interpreter pays per program and per loop
+    # iteration rather than per element, so there tiles are 16 times taller to keep CPU tests fast: the same code
+    # path, with row tails still masked (tests/ops/test_swiglu.py also runs the GPU tile heights). Never over
+    # _MAX_CHAIN rows, which a backward program may add in sequence.
+    block_m = max(1, 4096 // block_n)
+    return min(block_m * 16 if INTERPRETER else block_m, _MAX_CHAIN)
+
+
+def _elementwise_blocks(n_cols: int) -> tuple[int, int]:
+    # BLOCK_N: up to 1024 columns of a row per program (a 2-D grid over row and column blocks), so that wide rows
+    # (2730) take three column blocks with one masked tail instead of a 4096-wide block a third empty.
+    block_n = min(next_power_of_2(n_cols), 1024)
+    return _rows_per_tile(block_n), block_n
+
+
+# 256 threads for a ~4096-element tile: 16 elements per thread and tensor (two 16-byte loads in 16-bit dtypes), which
+# leaves the backward's fp32 operands in registers; the kernels are memory-bound, more warps buy nothing.
+_ELEMENTWISE_NUM_WARPS = 8
+
+
+def _launch_swiglu_fwd(gate: torch.Tensor, up: torch.Tensor | None, out: torch.Tensor, n_cols: int) -> None:
+    """``gate``/``up``/``out`` are ``[rows, ...]`` matrices with unit column stride; ``up`` None means packed."""
+    n_rows = gate.shape[0]
+    if n_rows == 0:
+        return
+    block_m, block_n = _elementwise_blocks(n_cols)
+    grid = (triton.cdiv(n_rows, block_m), triton.cdiv(n_cols, block_n))
+    up_row_stride = 0 if up is None else up.stride(0)
+    launch(
+        _swiglu_fwd_kernel,
+        grid,
+        gate,
+        up,
+        out,
+        n_rows,
+        n_cols,
+        gate.stride(0),
+        up_row_stride,
+        out.stride(0),
+        PACKED=up is None,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        num_warps=_ELEMENTWISE_NUM_WARPS,
+    )
+
+
+def _launch_swiglu_bwd(
+    grad: torch.Tensor,
+    gate: torch.Tensor,
+    up: torch.Tensor | None,
+    d_gate: torch.Tensor,
+    d_up: torch.Tensor | None,
+    n_cols: int,
+) -> None:
+    """Matrices as in :func:`_launch_swiglu_fwd`; ``up`` and ``d_up`` None means packed ``gate`` and ``d_gate``."""
+    n_rows = gate.shape[0]
+    if n_rows == 0:
+        return
+    block_m, block_n = _elementwise_blocks(n_cols)
+    grid = (triton.cdiv(n_rows, block_m), triton.cdiv(n_cols, block_n))
+    launch(
+        _swiglu_bwd_kernel,
+        grid,
+        grad,
+        gate,
+        up,
+        d_gate,
+        d_up,
+        n_rows,
+        n_cols,
+        grad.stride(0),
+        gate.stride(0),
+        0 if up is None else up.stride(0),
+        d_gate.stride(0),
+        0 if d_up is None else d_up.stride(0),
+        PACKED=up is None,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        num_warps=_ELEMENTWISE_NUM_WARPS,
+    )
+
+
+def swiglu_fwd(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """``silu(gate) * up`` with the Triton kernel.
+
+    ``gate``, ``up``: ``[..., h]``, same shape and dtype (float16 / bfloat16 / float32), any row strides (a tensor
+    whose rows cannot be viewed with unit column stride is copied). Returns a contiguous ``[..., h]`` tensor of the
+    input dtype; silu is computed in fp32.
+    """
+    _check_pair(gate, up)
+    width = gate.shape[-1]
+    out = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
+    _launch_swiglu_fwd(_rows(gate, width), _rows(up, width), out.view(-1, width), width)
+    return out
+
+
+def swiglu_bwd(grad: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradients ``(d_gate, d_up)`` of :func:`swiglu_fwd` for the output gradient ``grad`` (same shape)."""
+    _check_pair(gate, up)
+    if grad.shape != gate.shape:
+        raise ValueError(f"grad must have the shape of gate {tuple(gate.shape)}, got {tuple(grad.shape)}.")
+    width = gate.shape[-1]
+    d_gate = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
+    d_up = torch.empty(up.shape, dtype=up.dtype, device=up.device)
+    _launch_swiglu_bwd(
+        _rows(grad, width), _rows(gate, width), _rows(up, width), d_gate.view(-1, width), d_up.view(-1, width), width
+    )
+    return d_gate, d_up
+
+
+def swiglu_packed_fwd(x: torch.Tensor) -> torch.Tensor:
+    """``silu(x[..., :h]) * x[..., h:]`` with the Triton kernel, reading both halves of ``x`` in place.
+
+    ``x``: ``[..., 2h]`` float16 / bfloat16 / float32, any row stride. Returns a contiguous ``[..., h]`` tensor of
+    ``x``'s dtype.
+    """
+    _check_packed(x)
+    width = x.shape[-1] // 2
+    out = torch.empty((*x.shape[:-1], width), dtype=x.dtype, device=x.device)
+    _launch_swiglu_fwd(_rows(x, 2 * width), None, out.view(-1, width), width)
+    return out
+
+
+def swiglu_packed_bwd(grad: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Gradient ``d_x`` of :func:`swiglu_packed_fwd`: contiguous ``[..., 2h]``, ``[d_gate | d_up]`` written in place."""
+    _check_packed(x)
+    width = x.shape[-1] // 2
+    if grad.shape != (*x.shape[:-1], width):
+        raise ValueError(
+            f"grad must have shape {(*x.shape[:-1], width)} for x {tuple(x.shape)}, got {tuple(grad.shape)}."
+        )
+    d_x = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    _launch_swiglu_bwd(_rows(grad, width), _rows(x, 2 * width), None, d_x.view(-1, 2 * width), None, width)
+    return d_x
+
+
+def _check_layer_norm(gate: torch.Tensor, up: torch.Tensor, **params: torch.Tensor) -> int:
+    _check_pair(gate, up)
+    width = gate.shape[-1]
+    if width > MAX_LAYER_NORM_WIDTH:
+        raise ValueError(f"the fused SwiGLU + LayerNorm kernel takes widths up to {MAX_LAYER_NORM_WIDTH}, got {width}.")
+    for name, param in params.items():
+        if param.shape != (width,):
+            raise ValueError(f"{name} must have shape ({width},), got {tuple(param.shape)}.")
+        _check_dtype(name, param)
+    return width
+
+
+def _row_num_warps(block_m: int, block_n: int) -> int:
+    # About 16 fp32 elements per thread and live tile (gate, up, product, normalized row, weight; the d_weight /
+    # d_bias accumulators in the backward) keeps clear of register spills: 8 warps for a 4096-element tile, 16 for
+    # an 8192-wide row.
+    return min(max(block_m * block_n // 512, 4), 16)
+
+
+@functools.cache
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _layer_norm_bwd_programs(n_rows: int, block_m: int, device: torch.device) -> int:
+    # Each program walks a contiguous range of rows and keeps fp32 partial d_weight / d_bias in registers. On a GPU,
+    # 4 programs per SM fill it while the [programs, width] partial-sum buffer stays small, and more when a program
+    # would otherwise add over _MAX_CHAIN rows in sequence. The interpreter runs programs one after the other: the
+    # fewest that respect _MAX_CHAIN.
+    wanted = triton.cdiv(n_rows, _MAX_CHAIN)
+    if device.type == "cuda":
+        wanted = max(wanted, 4 * _num_sms(device.index if device.index is not None else torch.cuda.current_device()))
+    return max(1, min(triton.cdiv(n_rows, block_m), wanted))
+
+
+def swiglu_layer_norm_fwd(
+    gate: torch.Tensor, up: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``LayerNorm(silu(gate) * up)`` over the last dimension with the Triton kernel, whole rows per program.
+
+    ``gate``, ``up``: ``[..., h]``, same shape and dtype (float16 / bfloat16 / float32), ``h <= 8192``, any row
+    strides. ``weight``, ``bias``: ``[h]``, any of those dtypes. Returns ``(out, mean, rstd)``: ``out`` contiguous
+    ``[..., h]`` of the input dtype, ``mean`` and ``rstd`` fp32 ``[...]`` (the statistics of the product, rounded
+    to the input dtype, that the backward reuses).
+    """
+    width = _check_layer_norm(gate, up, weight=weight, bias=bias)
+    out = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
+    mean = torch.empty(gate.shape[:-1], dtype=torch.float32, device=gate.device)
+    rstd = torch.empty(gate.shape[:-1], dtype=torch.float32, device=gate.device)
+    gate_rows, up_rows = _rows(gate, width), _rows(up, width)
+    n_rows = gate_rows.shape[0]
+    if n_rows == 0:
+        return out, mean, rstd
+    block_n = next_power_of_2(width)  # the whole row in one block: the statistics need all of it
+    block_m = _rows_per_tile(block_n)
+    launch(
+        _swiglu_layer_norm_fwd_kernel,
+        (triton.cdiv(n_rows, block_m),),
+        gate_rows,
+        up_rows,
+        weight,
+        bias,
+        out,
+        mean,
+        rstd,
+        n_rows,
+        width,
+        gate_rows.stride(0),
+        up_rows.stride(0),
+        width,
+        eps,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        num_warps=_row_num_warps(block_m, block_n),
+    )
+    return out, mean, rstd
+
+
+def swiglu_layer_norm_bwd(
+    grad: torch.Tensor,
+    gate: torch.Tensor,
+    up: torch.Tensor,
+    weight: torch.Tensor,
+    mean: torch.Tensor,
+    rstd: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of :func:`swiglu_layer_norm_fwd`: ``(d_gate, d_up, d_weight, d_bias)``.
+
+    ``grad``: ``[..., h]`` like ``gate``; ``mean``, ``rstd``: the fp32 ``[...]`` statistics the forward returned.
+    ``d_gate``, ``d_up`` are contiguous in the input dtype; ``d_weight``, ``d_bias`` are fp32 ``[h]`` (summed over
+    rows in fp32; the autograd glue casts them to the parameters' dtypes). The product is recomputed, not saved.
+    """
+    width = _check_layer_norm(gate, up, weight=weight)
+    if grad.shape != gate.shape:
+        raise ValueError(f"grad must have the shape of gate {tuple(gate.shape)}, got {tuple(grad.shape)}.")
+    if mean.shape != gate.shape[:-1] or rstd.shape != gate.shape[:-1]:
+        raise ValueError(
+            f"mean and rstd must have shape {tuple(gate.shape[:-1])}, got {tuple(mean.shape)} and {tuple(rstd.shape)}."
+        )
+    if mean.dtype != torch.float32 or rstd.dtype != torch.float32:
+        raise ValueError(f"mean and rstd must be float32, got {mean.dtype} and {rstd.dtype}.")
+    d_gate = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
+    d_up = torch.empty(up.shape, dtype=up.dtype, device=up.device)
+    grad_rows, gate_rows, up_rows = _rows(grad, width), _rows(gate, width), _rows(up, width)
+    n_rows = gate_rows.shape[0]
+    if n_rows == 0:
+        zeros = torch.zeros(width, dtype=torch.float32, device=gate.device)
+        return d_gate, d_up, zeros, zeros.clone()
+    block_n = next_power_of_2(width)  # the whole row in one block: the reductions over it need all of it
+    block_m = _rows_per_tile(block_n)
+    rows_per_program = triton.cdiv(n_rows, _layer_norm_bwd_programs(n_rows, block_m, gate.device))
+    rows_per_program = triton.cdiv(rows_per_program, block_m) * block_m  # <= _MAX_CHAIN: block_m is a power of 2
+    n_programs = triton.cdiv(n_rows, rows_per_program)
+    partial_d_weight = torch.empty((n_programs, width), dtype=torch.float32, device=gate.device)
+    partial_d_bias = torch.empty((n_programs, width), dtype=torch.float32, device=gate.device)
+    launch(
+        _swiglu_layer_norm_bwd_kernel,
+        (n_programs,),
+        grad_rows,
+        gate_rows,
+        up_rows,
+        weight,
+        mean.reshape(-1),
+        rstd.reshape(-1),
+        d_gate,
+        d_up,
+        partial_d_weight,
+        partial_d_bias,
+        n_rows,
+        width,
+        rows_per_program,
+        grad_rows.stride(0),
+        gate_rows.stride(0),
+        up_rows.stride(0),
+        width,
+        width,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        num_warps=_row_num_warps(block_m, block_n),
+    )
+    return d_gate, d_up, partial_d_weight.sum(0), partial_d_bias.sum(0)
+
+
+@torch.library.triton_op("vitfast::swiglu_fwd", mutates_args=())
+def _swiglu_fwd_op(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    if not kernel_can_run(gate, up):
+        return swiglu_ref(gate, up)
+    return swiglu_fwd(gate, up)
+
+
+@torch.library.triton_op("vitfast::swiglu_bwd", mutates_args=())
+def _swiglu_bwd_op(grad: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    if not kernel_can_run(grad, gate, up):
+        return _swiglu_bwd_reference(grad, gate, up)
+    return swiglu_bwd(grad, gate, up)
+
+
+@torch.library.triton_op("vitfast::swiglu_packed_fwd", mutates_args=())
+def _swiglu_packed_fwd_op(x: torch.Tensor) -> torch.Tensor:
+    if not kernel_can_run(x):
+        return swiglu_packed_ref(x)
+    return swiglu_packed_fwd(x)
+
+
+@torch.library.triton_op("vitfast::swiglu_packed_bwd", mutates_args=())
+def _swiglu_packed_bwd_op(grad: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    if not kernel_can_run(grad, x):
+        return torch.cat(_swiglu_bwd_reference(grad, *x.chunk(2, dim=-1)), dim=-1)
+    return swiglu_packed_bwd(grad, x)
+
+
+@torch.library.triton_op("vitfast::swiglu_layer_norm_fwd", mutates_args=())
+def _swiglu_layer_norm_fwd_op(
+    gate: torch.Tensor, up: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if not kernel_can_run(gate, up, weight, bias):
+        return _swiglu_layer_norm_fwd_reference(gate, up, weight, bias, eps)
+    return swiglu_layer_norm_fwd(gate, up, weight, bias, eps)
+
+
+@torch.library.triton_op("vitfast::swiglu_layer_norm_bwd", mutates_args=())
+def _swiglu_layer_norm_bwd_op(
+    grad: torch.Tensor,
+    gate: torch.Tensor,
+    up: torch.Tensor,
+    weight: torch.Tensor,
+    mean: torch.Tensor,
+    rstd: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    if not kernel_can_run(grad, gate, up, weight, mean, rstd):
+        return _swiglu_layer_norm_bwd_reference(grad, gate, up, weight, mean, rstd)
+    return swiglu_layer_norm_bwd(grad, gate, up, weight, mean, rstd)
+
+
+def _swiglu_setup_context(ctx, inputs, output) -> None:
+    ctx.save_for_backward(*inputs)
+
+
+def _swiglu_backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    gate, up = ctx.saved_tensors
+    return torch.ops.vitfast.swiglu_bwd(grad, gate, up)
+
+
+def _swiglu_packed_backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+    (x,) = ctx.saved_tensors
+    return torch.ops.vitfast.swiglu_packed_bwd(grad, x)
+
+
+def _swiglu_layer_norm_setup_context(ctx, inputs, output) -> None:
+    gate, up, weight, bias, _ = inputs
+    _, mean, rstd = output
+    ctx.mark_non_differentiable(mean, rstd)
+    ctx.bias_dtype = bias.dtype
+    ctx.save_for_backward(gate, up, weight, mean, rstd)
+
+
+def _swiglu_layer_norm_backward(ctx, grad: torch.Tensor, _grad_mean: torch.Tensor, _grad_rstd: torch.Tensor):
+    gate, up, weight, mean, rstd = ctx.saved_tensors
+    d_gate, d_up, d_weight, d_bias = torch.ops.vitfast.swiglu_layer_norm_bwd(grad, gate, up, weight, mean, rstd)
+    return d_gate, d_up, d_weight.to(weight.dtype), d_bias.to(ctx.bias_dtype), None
+
+
+_swiglu_fwd_op.register_autograd(_swiglu_backward, setup_context=_swiglu_setup_context)
+_swiglu_packed_fwd_op.register_autograd(_swiglu_packed_backward, setup_context=_swiglu_setup_context)
+_swiglu_layer_norm_fwd_op.register_autograd(_swiglu_layer_norm_backward, setup_context=_swiglu_layer_norm_setup_context)
+
+
+def _swiglu_unsupported(gate: torch.Tensor, up: torch.Tensor) -> str | None:
+    """Why the Triton kernels cannot take these tensors, or None when they can."""
+    if not kernel_can_run(gate, up):
+        return "tensors not on a CUDA device (nor on the CPU under the Triton interpreter)"
+    if gate.dtype not in KERNEL_DTYPES or up.dtype != gate.dtype:
+        return f"dtypes {gate.dtype} / {up.dtype} (the kernels take one of float16, bfloat16, float32)"
+    if gate.shape != up.shape:
+        return "gate and up of different shapes (broadcasting)"
+    if gate.ndim == 0 or gate.shape[-1] == 0:
+        return "empty last dimension"
+    return None
+
+
+def _swiglu_triton(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    reason = _swiglu_unsupported(gate, up)
+    if reason is not None:
+        log_fallback("swiglu", reason)
+        return swiglu_ref(gate, up)
+    return torch.ops.vitfast.swiglu_fwd(gate, up)
+
+
+def _swiglu_packed_triton(x: torch.Tensor) -> torch.Tensor:
+    reason = _swiglu_unsupported(x, x)
+    if reason is not None:
+        log_fallback("swiglu_packed", reason)
+        return swiglu_packed_ref(x)
+    return torch.ops.vitfast.swiglu_packed_fwd(x)
+
+
+def _swiglu_layer_norm_triton(
+    gate: torch.Tensor, up: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float
+) -> torch.Tensor:
+    reason = _swiglu_unsupported(gate, up)
+    if reason is None:
+        if weight is None or bias is None:
+            reason = "LayerNorm without weight or bias"
+        elif not kernel_can_run(gate, weight, bias):
+            reason = "weight / bias on another device"
+        elif weight.dtype not in KERNEL_DTYPES or bias.dtype not in KERNEL_DTYPES:
+            reason = f"weight / bias dtypes {weight.dtype} / {bias.dtype}"
+        elif gate.shape[-1] > MAX_LAYER_NORM_WIDTH:
+            reason = f"width over {MAX_LAYER_NORM_WIDTH}"
+        elif weight.shape != gate.shape[-1:] or bias.shape != gate.shape[-1:]:
+            reason = "weight / bias shape not [width]"
+    if reason is not None:
+        log_fallback("swiglu_layer_norm", reason)
+        return swiglu_layer_norm_ref(gate, up, weight, bias, eps)
+    return torch.ops.vitfast.swiglu_layer_norm_fwd(gate, up, weight, bias, eps)[0]
+
+
 register_impl("swiglu", "reference", swiglu_ref)
 register_impl("swiglu_packed", "reference", swiglu_packed_ref)
+register_impl("swiglu_layer_norm", "reference", swiglu_layer_norm_ref)
+if HAS_TRITON:
+    register_impl("swiglu", "triton", _swiglu_triton)
+    register_impl("swiglu_packed", "triton", _swiglu_packed_triton)
+    register_impl("swiglu_layer_norm", "triton", _swiglu_layer_norm_triton)
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
@@ -39,3 +776,14 @@ def swiglu_packed(x: torch.Tensor) -> torch.Tensor:
     if x.shape[-1] % 2:
         raise ValueError(f"packed SwiGLU needs an even last dimension, got {x.shape[-1]}.")
     return dispatch("swiglu_packed", x.device)(x)
+
+
+def swiglu_layer_norm(
+    gate: torch.Tensor,
+    up: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float = 1e-6,
+) -> torch.Tensor:
+    """``LayerNorm(silu(gate) * up)`` over the last dimension (the EVA-02 B/L sub-LN) through the current backend."""
+    return dispatch("swiglu_layer_norm", gate.device)(gate, up, weight, bias, eps)
