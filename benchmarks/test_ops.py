@@ -1,11 +1,21 @@
-"""Per-op micro-benchmarks at the shapes the model zoo meets (REFERENCE.md section 4).
+"""Per-op micro-benchmarks at the shapes the model zoo meets (REFERENCE.md section 4), forward and forward+backward.
 
-Providers in each group: ``vitfast`` (the op through vitfast's dispatcher: today the reference, later the kernels),
-``torch`` (what a user runs instead: F.layer_norm, SDPA, RoPE as timm applies it before SDPA, silu * up, the conv) and
-``torch-compile`` (torch.compile of the reference). GPU shapes in bf16; one small fp32 case per op on the CPU.
+Providers, side by side in one pytest-benchmark group per (op, shape, pass):
+
+- ``vitfast``: the op with ``set_backend("triton")`` (our kernels; a shape they do not cover runs the reference);
+- ``torch``: what a user runs instead (F.layer_norm, silu * up, the conv + cat + add, timm-style RoPE ops + SDPA with
+  its default backend choice and a materialized bias);
+- ``sdpa-flash`` / ``sdpa-efficient`` / ``sdpa-cudnn`` (attention only): SDPA pinned to one backend, without RoPE (the
+  bar the fused-RoPE kernel has to clear) or with the materialized float bias where the backend takes one;
+- ``torch-compile``: ``torch.compile`` of the reference.
+
+GPU shapes run in bf16; one small fp32 forward case per op runs on the CPU. For the memory-bound ops the GPU rows
+carry ``GB/s`` (bytes that must cross HBM at least once, over the median time) in ``extra_info``.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -13,115 +23,224 @@ import torch.nn.functional as F
 
 from benchmarks.conftest import CUDA, NO_GPU, synchronized
 from vitfast import ops
-from vitfast.layers import relative_position_index
+from vitfast.backend import use_backend
+from vitfast.layers import num_relative_positions, relative_position_index
 
-PROVIDERS = ("vitfast", "torch", "torch-compile")
+PROVIDERS = ("vitfast", "torch", "sdpa-flash", "sdpa-efficient", "sdpa-cudnn", "torch-compile")
+PASSES = ("fwd", "fwd+bwd")
 
 
-def _layer_norm(shape, device, dtype):
-    x = torch.randn(*shape, device=device, dtype=dtype)
-    w, b = torch.randn(shape[-1], device=device, dtype=dtype), torch.randn(shape[-1], device=device, dtype=dtype)
-    return {
-        "vitfast": lambda: ops.layer_norm(x, w, b, 1e-6),
+def _randn(*shape, device, dtype, grad):
+    return torch.randn(*shape, device=device, dtype=dtype).requires_grad_(grad)
+
+
+def _vitfast(fn: Callable, device: str) -> Callable:
+    """The op through vitfast: the Triton kernels on a GPU, the default backend (the reference) on the CPU."""
+    if device != "cuda":
+        return fn
+
+    def run():
+        with use_backend("triton"):
+            return fn()
+
+    return run
+
+
+def _layer_norm(shape, device, dtype, grad):
+    x = _randn(*shape, device=device, dtype=dtype, grad=grad)
+    w, b = (_randn(shape[-1], device=device, dtype=dtype, grad=grad) for _ in range(2))
+    compiled = torch.compile(ops.layer_norm_ref)
+    providers = {
+        "vitfast": _vitfast(lambda: ops.layer_norm(x, w, b, 1e-6), device),
         "torch": lambda: F.layer_norm(x, (shape[-1],), w, b, 1e-6),
-        "torch-compile": (torch.compile(ops.layer_norm_ref), (x, w, b, 1e-6)),
+        "torch-compile": lambda: compiled(x, w, b, 1e-6),
     }
+    return providers, 2 * x.numel() * x.element_size()  # read x, write the output
 
 
-def _attention(shape, device, dtype):
+def _layer_norm_residual(shape, device, dtype, grad):
+    x, branch = (_randn(*shape, device=device, dtype=dtype, grad=grad) for _ in range(2))
+    gamma, w, b = (_randn(shape[-1], device=device, dtype=dtype, grad=grad) for _ in range(3))
+
+    def unfused():
+        residual = x + gamma * branch
+        return F.layer_norm(residual, (shape[-1],), w, b, 1e-6), residual
+
+    compiled = torch.compile(unfused)
+    providers = {
+        "vitfast": _vitfast(lambda: ops.layer_norm_residual(x, branch, gamma, w, b, 1e-6), device),
+        "torch": unfused,
+        "torch-compile": compiled,
+    }
+    return providers, 4 * x.numel() * x.element_size()  # read x and branch, write normed and the residual
+
+
+def _sides(tokens: int) -> tuple[int, int]:
+    side = int(round((tokens - 1) ** 0.5))
+    return side, side
+
+
+def _attention(shape, device, dtype, grad):
     batch, heads, tokens, head_dim, extra = shape
-    q, k, v = (torch.randn(batch, heads, tokens, head_dim, device=device, dtype=dtype) for _ in range(3))
+    q, k, v = (_randn(batch, heads, tokens, head_dim, device=device, dtype=dtype, grad=grad) for _ in range(3))
     kwargs = {}
     if extra == "rope":
-        side = int(round((tokens - 1) ** 0.5))
-        kwargs = {"rope": ops.rope_2d_table((side, side), head_dim, device=device), "num_prefix_tokens": 1}
+        kwargs = {"rope": ops.rope_2d_table(_sides(tokens), head_dim, device=device), "num_prefix_tokens": 1}
     elif extra == "relbias":
-        side = int(round((tokens - 1) ** 0.5))
-        index = relative_position_index((side, side), device=device)
-        table = torch.randn((2 * side - 1) ** 2 + 3, heads, device=device, dtype=dtype)
-        kwargs = {"rel_pos_bias_table": table, "rel_pos_index": index}
-    return {
-        "vitfast": lambda: ops.attention(q, k, v, **kwargs),
+        grid = _sides(tokens)
+        table = _randn(num_relative_positions(grid), heads, device=device, dtype=dtype, grad=grad)
+        kwargs = {"rel_pos_bias_table": table, "rel_pos_index": relative_position_index(grid, device=device)}
+    compiled = torch.compile(ops.attention_ref)
+    providers = {
+        "vitfast": _vitfast(lambda: ops.attention(q, k, v, **kwargs), device),
         "torch": lambda: ops.attention_ref(q, k, v, **kwargs),  # RoPE as elementwise ops, bias materialized, SDPA
-        "torch-compile": (torch.compile(ops.attention_ref), (q, k, v), kwargs),
+        "torch-compile": lambda: compiled(q, k, v, **kwargs),
     }
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    bias = None
+    if extra == "relbias":
+        bias = ops.gather_rel_pos_bias(kwargs["rel_pos_bias_table"], kwargs["rel_pos_index"]).unsqueeze(0)
+    backends = {
+        "sdpa-flash": SDPBackend.FLASH_ATTENTION,
+        "sdpa-efficient": SDPBackend.EFFICIENT_ATTENTION,
+        "sdpa-cudnn": SDPBackend.CUDNN_ATTENTION,
+    }
+    for name, backend in backends.items():
+        if bias is not None and backend == SDPBackend.FLASH_ATTENTION:
+            continue  # the flash backend takes no additive mask
+
+        def pinned(backend=backend):
+            with sdpa_kernel(backend):
+                return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+
+        providers[name] = pinned
+    return providers, None
 
 
-def _swiglu(shape, device, dtype):
-    gate, up = torch.randn(*shape, device=device, dtype=dtype), torch.randn(*shape, device=device, dtype=dtype)
-    return {
-        "vitfast": lambda: ops.swiglu(gate, up),
+def _swiglu(shape, device, dtype, grad):
+    gate, up = (_randn(*shape, device=device, dtype=dtype, grad=grad) for _ in range(2))
+    compiled = torch.compile(ops.swiglu_ref)
+    providers = {
+        "vitfast": _vitfast(lambda: ops.swiglu(gate, up), device),
         "torch": lambda: F.silu(gate) * up,
-        "torch-compile": (torch.compile(ops.swiglu_ref), (gate, up)),
+        "torch-compile": lambda: compiled(gate, up),
     }
+    return providers, 3 * gate.numel() * gate.element_size()  # read gate and up, write the product
 
 
-def _rope(shape, device, dtype):
-    x = torch.randn(*shape, device=device, dtype=dtype)
-    side = int(round((shape[-2] - 1) ** 0.5))
-    cos, sin = ops.rope_2d_table((side, side), shape[-1], device=device)
-    return {
-        "vitfast": lambda: ops.rope_2d(x, cos, sin, 1),
+def _swiglu_layer_norm(shape, device, dtype, grad):
+    gate, up = (_randn(*shape, device=device, dtype=dtype, grad=grad) for _ in range(2))
+    w, b = (_randn(shape[-1], device=device, dtype=dtype, grad=grad) for _ in range(2))
+    compiled = torch.compile(ops.swiglu_layer_norm_ref)
+    providers = {
+        "vitfast": _vitfast(lambda: ops.swiglu_layer_norm(gate, up, w, b, 1e-6), device),
+        "torch": lambda: F.layer_norm(F.silu(gate) * up, (shape[-1],), w, b, 1e-6),
+        "torch-compile": lambda: compiled(gate, up, w, b, 1e-6),
+    }
+    return providers, 3 * gate.numel() * gate.element_size()
+
+
+def _rope(shape, device, dtype, grad):
+    x = _randn(*shape, device=device, dtype=dtype, grad=grad)
+    cos, sin = ops.rope_2d_table(_sides(shape[-2]), shape[-1], device=device)
+    compiled = torch.compile(ops.rope_2d_ref)
+    providers = {
+        "vitfast": _vitfast(lambda: ops.rope_2d(x, cos, sin, 1), device),
         "torch": lambda: ops.rope_2d_ref(x, cos, sin, 1),
-        "torch-compile": (torch.compile(ops.rope_2d_ref), (x, cos, sin, 1)),
+        "torch-compile": lambda: compiled(x, cos, sin, 1),
     }
+    return providers, 2 * x.numel() * x.element_size()
 
 
-def _patch_embed(shape, device, dtype):
+def _patch_embed(shape, device, dtype, grad):
     batch, size, patch, dim = shape
-    x = torch.randn(batch, 3, size, size, device=device, dtype=dtype)
-    weight, bias = (
-        torch.randn(dim, 3, patch, patch, device=device, dtype=dtype),
-        torch.randn(dim, device=device, dtype=dtype),
-    )
-    return {
-        "vitfast": lambda: ops.patch_embed(x, weight, bias),
-        "torch": lambda: F.conv2d(x, weight, bias, stride=patch).flatten(2).transpose(1, 2),
-        "torch-compile": (torch.compile(ops.patch_embed_ref), (x, weight, bias)),
+    x = _randn(batch, 3, size, size, device=device, dtype=dtype, grad=False)
+    weight = _randn(dim, 3, patch, patch, device=device, dtype=dtype, grad=grad)
+    bias, cls_token = _randn(dim, device=device, dtype=dtype, grad=grad), _randn(1, 1, dim, device=device, dtype=dtype)
+    pos_embed = _randn(1, 1 + (size // patch) ** 2, dim, device=device, dtype=dtype, grad=grad)
+
+    def unfused():
+        tokens = F.conv2d(x, weight, bias, stride=patch).flatten(2).transpose(1, 2)
+        return torch.cat([cls_token.expand(batch, -1, -1), tokens], dim=1) + pos_embed
+
+    compiled = torch.compile(unfused)
+    providers = {
+        "vitfast": _vitfast(lambda: ops.patch_embed_tokens(x, weight, bias, pos_embed, cls_token), device),
+        "torch": unfused,
+        "torch-compile": compiled,
     }
+    return providers, None
 
 
+# op -> (setup, GPU shapes, CPU shape)
 CASES = {
-    "layer_norm": (_layer_norm, [(8 * 1025, 1024), (12608, 768), (8200, 2730)], (7, 384)),
+    "layer_norm": (_layer_norm, [(8 * 1025, 1024), (64 * 197, 768), (8 * 1025, 2730)], (7, 384)),
+    "layer_norm_residual": (_layer_norm_residual, [(8 * 1025, 1024), (64 * 197, 768)], (7, 384)),
     "attention": (
         _attention,
-        [(8, 16, 1025, 64, "rope"), (8, 16, 1025, 64, None), (64, 12, 197, 64, None), (64, 12, 197, 64, "relbias")],
+        [
+            (8, 16, 1025, 64, "rope"),
+            (8, 16, 1025, 64, None),
+            (64, 12, 197, 64, None),
+            (64, 12, 197, 64, "relbias"),
+            (64, 16, 257, 64, "rope"),
+            (8, 16, 257, 80, None),
+            (8, 16, 257, 88, None),
+        ],
         (1, 2, 50, 32, "rope"),
     ),
     "swiglu": (_swiglu, [(8 * 1025, 2730)], (7, 64)),
+    "swiglu_layer_norm": (_swiglu_layer_norm, [(8 * 1025, 2730)], (7, 64)),
     "rope": (_rope, [(8, 16, 1025, 64)], (1, 2, 50, 32)),
-    "patch_embed": (_patch_embed, [(8, 448, 14, 1024)], (1, 56, 14, 32)),
+    "patch_embed": (_patch_embed, [(8, 448, 14, 1024), (64, 224, 16, 768)], (1, 56, 14, 32)),
 }
 
 
-def _bench(benchmark, op: str, shape, provider: str, device: str, dtype, rounds: int) -> None:
-    make, _, _ = CASES[op]
-    candidate = make(shape, device, dtype)[provider]
-    if isinstance(candidate, tuple):
-        compiled, args, *maybe_kwargs = candidate
-        kwargs = maybe_kwargs[0] if maybe_kwargs else {}
+def _outputs(result) -> list[torch.Tensor]:
+    return [result] if isinstance(result, torch.Tensor) else [t for t in result if isinstance(t, torch.Tensor)]
+
+
+def _bench(benchmark, op: str, shape, provider: str, device: str, dtype, passes: str, rounds: int) -> None:
+    make = CASES[op][0]
+    providers, bytes_moved = make(shape, device, dtype, passes == "fwd+bwd")
+    if provider not in providers:
+        pytest.skip(f"{provider} does not apply to {op} {shape}")
+    forward = providers[provider]
+    if passes == "fwd+bwd":
+        grads = [torch.randn_like(t) for t in _outputs(forward())]
 
         def candidate():
-            return compiled(*args, **kwargs)
+            torch.autograd.backward(_outputs(forward()), grads)
 
-    benchmark.group = f"{op} {shape} {str(dtype).removeprefix('torch.')}"
+    else:
+
+        def candidate():
+            with torch.no_grad():
+                return forward()
+
+    benchmark.group = f"{op} {shape} {str(dtype).removeprefix('torch.')} {passes}"
     timed = synchronized(candidate, device)
-    timed()  # compile outside the timed rounds
+    timed()  # compile and autotune outside the timed rounds
     benchmark.pedantic(timed, rounds=rounds, warmup_rounds=5, iterations=1)
+    if bytes_moved and passes == "fwd" and benchmark.stats is not None:
+        benchmark.extra_info["GB/s"] = round(bytes_moved / benchmark.stats.stats.median / 1e9, 1)
 
 
 GPU_CASES = [(op, shape) for op, (_, shapes, _) in CASES.items() for shape in shapes]
 
 
+@pytest.mark.parametrize("passes", PASSES)
 @pytest.mark.parametrize("provider", PROVIDERS)
 @pytest.mark.parametrize(("op", "shape"), GPU_CASES, ids=[f"{op}-{shape}" for op, shape in GPU_CASES])
-def test_gpu_op(benchmark, op, shape, provider):
+def test_gpu_op(benchmark, op, shape, provider, passes):
     if not CUDA:
         pytest.skip(NO_GPU)
-    _bench(benchmark, op, shape, provider, "cuda", torch.bfloat16, rounds=100)
+    _bench(benchmark, op, shape, provider, "cuda", torch.bfloat16, passes, rounds=100)
 
 
 @pytest.mark.parametrize("provider", ["vitfast", "torch"])
 @pytest.mark.parametrize("op", list(CASES))
 def test_cpu_op(benchmark, op, provider):
-    _bench(benchmark, op, CASES[op][2], provider, "cpu", torch.float32, rounds=5)
+    """The CPU case: the reference path (``vitfast`` falls back to it, or runs the kernels under the interpreter)."""
+    _bench(benchmark, op, CASES[op][2], provider, "cpu", torch.float32, "fwd", rounds=5)

@@ -186,9 +186,14 @@ def test_peer_providers_route_ops_to_the_peer_library(monkeypatch) -> None:
             ops.layer_norm(x, torch.ones(8), torch.zeros(8), 1e-6), F.layer_norm(x, (8,), eps=1e-6)
         )
         torch.testing.assert_close(ops.swiglu_packed(x), F.silu(x[:, :4]) * x[:, 4:])
-    assert called == ["layer_norm", "swiglu"]
+        normed, residual = ops.layer_norm_residual(x, x, None, None, None, 1e-6)
+        torch.testing.assert_close(residual, 2 * x)
+        torch.testing.assert_close(normed, F.layer_norm(2 * x, (8,), eps=1e-6))
+        ops.swiglu_layer_norm(x, x, torch.ones(8), torch.zeros(8), 1e-6)
+    expected = ["layer_norm", "swiglu", "layer_norm", "swiglu", "layer_norm"]
+    assert called == expected
     ops.layer_norm(x, None, None)
-    assert called == ["layer_norm", "swiglu"], "the override ends with the block"
+    assert called == expected, "the override ends with the block"
 
 
 def test_cli_bench(capsys, tmp_path) -> None:

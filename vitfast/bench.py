@@ -81,9 +81,22 @@ PROVIDERS = {
         Provider("vitfast", "vitfast, best available backend", "vitfast"),
         Provider("vitfast-reference", "vitfast, reference backend", "vitfast", backend="reference"),
         Provider("vitfast-compile", "vitfast, torch.compile(dynamic=False)", "vitfast", "default", default=False),
-        Provider("xformers", "vitfast layers, xformers attention", "peer", requires="xformers", cuda_only=True),
+        # peers: vitfast's layers on the PyTorch reference, with one library's kernels swapped in
         Provider(
-            "liger", "vitfast layers, Liger-Kernel LayerNorm + SwiGLU", "peer", requires="liger_kernel", cuda_only=True
+            "xformers",
+            "vitfast layers, xformers attention",
+            "peer",
+            backend="reference",
+            requires="xformers",
+            cuda_only=True,
+        ),
+        Provider(
+            "liger",
+            "vitfast layers, Liger-Kernel LayerNorm + SwiGLU",
+            "peer",
+            backend="reference",
+            requires="liger_kernel",
+            cuda_only=True,
         ),
     )
 }
@@ -288,9 +301,24 @@ def _liger_swiglu_packed(x):
     return _liger_swiglu(*x.chunk(2, dim=-1))
 
 
+def _liger_layer_norm_residual(x, branch, gamma, weight, bias, eps):
+    residual = x + (branch if gamma is None else gamma * branch)
+    return _liger_layer_norm(residual, weight, bias, eps), residual
+
+
+def _liger_swiglu_layer_norm(gate, up, weight, bias, eps):
+    return _liger_layer_norm(_liger_swiglu(gate, up), weight, bias, eps)
+
+
 _PEER_OVERRIDES = {
     "xformers": {"attention": _xformers_attention},
-    "liger": {"layer_norm": _liger_layer_norm, "swiglu": _liger_swiglu, "swiglu_packed": _liger_swiglu_packed},
+    "liger": {
+        "layer_norm": _liger_layer_norm,
+        "layer_norm_residual": _liger_layer_norm_residual,
+        "swiglu": _liger_swiglu,
+        "swiglu_packed": _liger_swiglu_packed,
+        "swiglu_layer_norm": _liger_swiglu_layer_norm,
+    },
 }
 
 

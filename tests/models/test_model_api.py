@@ -40,13 +40,31 @@ def test_forward_head_and_reset_classifier(eva02) -> None:
         ((1, 1, 224, 224), torch.float32, ValueError, "expected 3 input channels, got 1"),
         ((1, 3, 225, 224), torch.float32, ValueError, "not divisible by the patch size"),
         ((3, 224, 224), torch.float32, ValueError, r"expected an image batch \[B, C, H, W\]"),
-        ((1, 3, 224, 224), torch.uint8, TypeError, "floating-point image.*mean/std"),
+        ((1, 3, 224, 224), torch.int32, TypeError, "floating-point image.*uint8.*mean/std"),
     ],
 )
 def test_bad_inputs_raise_clear_errors(shape, dtype, error, message) -> None:
     model = vitfast.create_model("vit_small_patch16_224", depth=1)
     with pytest.raises(error, match=message):
         model(torch.zeros(shape, dtype=dtype))
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_uint8_images_are_normalized_with_the_pretrained_mean_and_std(backend) -> None:
+    pytest.importorskip("triton")
+    model = vitfast.create_model("eva02_tiny_patch14_224", depth=1, img_size=56, num_classes=4, mask_token=True).eval()
+    assert model.pretrained_cfg["mean"] != (0.5, 0.5, 0.5)  # CLIP statistics: a per-channel normalization
+    image = torch.randint(0, 256, (2, 3, 56, 56), dtype=torch.uint8)
+    mean, std = (
+        torch.tensor(model.pretrained_cfg[k], dtype=torch.float64).reshape(1, 3, 1, 1) for k in ("mean", "std")
+    )
+    normalized = ((image.double() / 255 - mean) / std).float()
+    mask = torch.rand(2, 16) < 0.5
+    with torch.no_grad(), vitfast.use_backend(backend):
+        assert_close_scaled(model(image), model(normalized), tol=1e-5, what="uint8 logits")
+        assert_close_scaled(
+            model.forward_features(image, mask=mask), model.forward_features(normalized, mask=mask), tol=1e-5
+        )
 
 
 def test_dynamic_img_size_accepts_other_sizes() -> None:
@@ -122,19 +140,27 @@ def test_backend_is_looked_up_at_call_time(monkeypatch, eva02) -> None:
         expected = eva02(image)
     calls = []
 
-    def spy_layer_norm(x, weight, bias, eps):
-        calls.append(x.shape)
-        return backend._impls["layer_norm"]["reference"](x, weight, bias, eps)
+    def spy(op):
+        def run(*args):
+            calls.append(op)
+            return backend._impls[op]["reference"](*args)
+
+        return run
 
     monkeypatch.setattr(backend, "_check_available", lambda name: None)  # pretend a GPU backend can run here
-    monkeypatch.setitem(backend._impls["layer_norm"], "triton", spy_layer_norm)
+    for op in backend._impls:
+        monkeypatch.setitem(backend._impls[op], "triton", spy(op))
     with torch.no_grad():
         backend.set_backend("triton")
         out = eva02(image)
-        assert len(calls) == 2 * 2 + 1  # norm1, norm2 per block, then the final fc_norm
+        # norm1 and the fused residual + norm2 per block, then the final fc_norm
+        norms = [op for op in calls if op.startswith("layer_norm")]
+        assert norms == ["layer_norm", "layer_norm_residual"] * 2 + ["layer_norm"]
+        assert "attention" in calls and "patch_embed_tokens" in calls
+        num_calls = len(calls)
         backend.set_backend("reference")
         eva02(image)
-    assert len(calls) == 5, "switching back takes effect without rebuilding the model"
+    assert len(calls) == num_calls, "switching back takes effect without rebuilding the model"
     torch.testing.assert_close(out, expected, rtol=0, atol=0)
 
 

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from vitfast import ops
 from vitfast.layers.attention import Attention
 from vitfast.layers.drop import DropPath
 from vitfast.layers.norm import LayerNorm
@@ -15,6 +16,8 @@ __all__ = ["Block"]
 
 class Block(nn.Module):
     """``x + drop_path(gamma_1 * attn(norm1(x)))`` then ``x + drop_path(gamma_2 * mlp(norm2(x)))``.
+
+    The first residual add and ``norm2`` run as one fused op (:func:`vitfast.ops.layer_norm_residual`).
 
     ``gamma_1``/``gamma_2`` (layer scale, timm's BEiT/EVA names) exist only when ``layer_scale_init`` is set.
     With ``grad_checkpointing`` on, the block recomputes its activations in backward, also when called directly.
@@ -46,11 +49,10 @@ class Block(nn.Module):
     def _forward(
         self, x: torch.Tensor, grid: tuple[int, int] | None, rope: tuple[torch.Tensor, torch.Tensor] | None
     ) -> torch.Tensor:
-        branch = self.attn(self.norm1(x), grid=grid, rope=rope)
-        if self.gamma_1 is not None:
-            branch = self.gamma_1 * branch
-        x = x + self.drop_path1(branch)
-        branch = self.mlp(self.norm2(x))
+        branch = self.drop_path1(self.attn(self.norm1(x), grid=grid, rope=rope))
+        # residual add, layer scale and norm2 in one pass; drop path scales whole samples, so it commutes with gamma
+        normed, x = ops.layer_norm_residual(x, branch, self.gamma_1, self.norm2.weight, self.norm2.bias, self.norm2.eps)
+        branch = self.mlp(normed)
         if self.gamma_2 is not None:
             branch = self.gamma_2 * branch
         return x + self.drop_path2(branch)

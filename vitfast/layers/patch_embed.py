@@ -46,10 +46,10 @@ class PatchEmbed(nn.Module):
         """Validate an input batch and return its token grid ``(H / p, W / p)``."""
         if x.ndim != 4:
             raise ValueError(f"expected an image batch [B, C, H, W], got a tensor of shape {tuple(x.shape)}.")
-        if not x.is_floating_point():
+        if not x.is_floating_point() and x.dtype != torch.uint8:
             raise TypeError(
-                f"expected a floating-point image, got {x.dtype}; convert and normalize it first "
-                "(mean/std are in model.pretrained_cfg)."
+                f"expected a floating-point image (normalized) or a uint8 one (0-255, normalized by the model with "
+                f"the mean/std in model.pretrained_cfg), got {x.dtype}."
             )
         batch, channels, height, width = x.shape
         if channels != self.in_chans:

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from vitfast import ops
 from vitfast.layers import (
     Attention,
     Block,
@@ -288,14 +289,21 @@ class VisionTransformer(nn.Module):
 
     def _embed(self, x: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, tuple[int, int]]:
         grid = self.patch_embed.grid_size_for(x)
-        x = self.patch_embed(x)
-        if mask is not None:
-            x = self._apply_mask(x, mask)
+        pos_embed = self.pos_embed
+        if pos_embed is not None and grid != self.patch_embed.grid_size:
+            pos_embed = resample_abs_pos_embed(pos_embed, grid, self.patch_embed.grid_size, self.num_prefix_tokens)
+        # uint8 images (0-255) are normalized with the weights' mean/std as the patch embedding reads them
+        mean, std = (
+            (self.pretrained_cfg["mean"], self.pretrained_cfg["std"]) if x.dtype == torch.uint8 else (None, None)
+        )
+        proj = self.patch_embed.proj
+        if mask is None:  # patch GEMM, bias, class token and position embedding in one op
+            return self.pos_drop(
+                ops.patch_embed_tokens(x, proj.weight, proj.bias, pos_embed, self.cls_token, mean, std)
+            ), grid
+        x = self._apply_mask(ops.patch_embed_tokens(x, proj.weight, proj.bias, None, None, mean, std), mask)
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
-        if self.pos_embed is not None:
-            pos_embed = self.pos_embed
-            if grid != self.patch_embed.grid_size:
-                pos_embed = resample_abs_pos_embed(pos_embed, grid, self.patch_embed.grid_size, self.num_prefix_tokens)
+        if pos_embed is not None:
             x = x + pos_embed
         return self.pos_drop(x), grid
 

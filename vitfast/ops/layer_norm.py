@@ -1,7 +1,14 @@
-"""LayerNorm over the last dimension.
+"""LayerNorm over the last dimension, alone or fused with the pre-norm residual add.
 
-The reference is ``F.layer_norm``, which keeps its statistics in fp32 for half-precision inputs on CUDA. Fused
-kernels (and the residual-add variant) register themselves against the ``layer_norm`` op name.
+- ``layer_norm(x, weight, bias, eps)``: ``F.layer_norm`` over the last dimension.
+- ``layer_norm_residual(x, branch, gamma, weight, bias, eps)``: the pre-norm block pattern in one pass,
+  ``residual_out = x + gamma * branch`` (``gamma`` an optional layer-scale vector) and
+  ``normed = LayerNorm(residual_out)``; both are returned.
+
+One pair of Triton kernels serves both: constexpr flags switch the residual add, the layer scale and the affine
+parameters on and off. Statistics (mean, rstd) are always fp32; outputs take the input's dtype. The kernels hold a
+whole row in registers, so widths up to :data:`MAX_WIDTH` run there; anything else (wider rows, fp64, tensors the
+kernels cannot take) runs the reference through the dispatch.
 """
 
 from __future__ import annotations
@@ -10,16 +17,606 @@ import torch
 import torch.nn.functional as F
 
 from vitfast.backend import dispatch, register_impl
+from vitfast.ops._triton import (
+    HAS_TRITON,
+    INTERPRETER,
+    kernel_can_run,
+    launch,
+    log_fallback,
+    next_power_of_2,
+    tl,
+    triton,
+)
 
-__all__ = ["layer_norm", "layer_norm_ref"]
+__all__ = [
+    "MAX_WIDTH",
+    "layer_norm",
+    "layer_norm_bwd",
+    "layer_norm_fwd",
+    "layer_norm_ref",
+    "layer_norm_residual",
+    "layer_norm_residual_ref",
+]
+
+# Widest row one program normalizes in registers (ViT widths <= 1408, sub-LN MLP widths 2048 / 2730 / 6144).
+MAX_WIDTH = 8192
+_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# Elements one program moves per row block: ~4096 on a GPU (see _block_sizes). The interpreter spends ~10 ms of
+# Python per program whatever its size, so there a program takes up to 16x more rows; the kernel code is the same.
+_TILE = 65536 if INTERPRETER else 4096
+# Narrow rows per program at most (only widths <= 64 on a GPU reach it).
+_MAX_BLOCK_ROWS = 64
+# Longest run of fp32 additions in sequence in a parameter-gradient sum, whose rounding error grows with the run (at
+# 64, dgamma over a few hundred rows came out above 2x PyTorch's cascade-summed error in ~1 of 200 random shapes);
+# the backward's per-program partial sums then meet in a pairwise torch.sum.
+_MAX_CHAIN = 16
 
 
 def layer_norm_ref(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float) -> torch.Tensor:
-    """LayerNorm of ``x`` (any shape ``[..., C]``) with affine ``weight``/``bias`` of shape ``[C]``."""
+    """LayerNorm of ``x`` (any shape ``[..., C]``) with affine ``weight``/``bias`` of shape ``[C]``.
+
+    ``F.layer_norm`` keeps its statistics in fp32 for half-precision inputs (on CUDA and on the CPU) and rounds the
+    output once.
+    """
     return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
 
 
+def _residual_ref(x: torch.Tensor, branch: torch.Tensor, gamma: torch.Tensor | None) -> torch.Tensor:
+    compute_dtype = torch.promote_types(x.dtype, torch.float32)
+    scaled = branch.to(compute_dtype) if gamma is None else gamma.to(compute_dtype) * branch.to(compute_dtype)
+    return (x.to(compute_dtype) + scaled).to(x.dtype)
+
+
+def layer_norm_residual_ref(
+    x: torch.Tensor,
+    branch: torch.Tensor,
+    gamma: torch.Tensor | None,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float = 1e-6,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(LayerNorm(residual_out), residual_out)``, ``residual_out = x + gamma * branch`` (``gamma``: ``[C]`` or None).
+
+    The sum is computed in fp32 (fp64 for fp64 inputs) and rounded once to ``x``'s dtype, as PyTorch's eager
+    elementwise ops compute in fp32 and round their result; eager ``x + gamma * branch`` in half precision also
+    rounds the product on its own, which this reference (and the kernel) does not. The LayerNorm then normalizes the
+    rounded ``residual_out``, the tensor the next block receives, so ``normed`` is exactly its LayerNorm.
+    """
+    residual_out = _residual_ref(x, branch, gamma)
+    return layer_norm_ref(residual_out, weight, bias, eps), residual_out
+
+
+@triton.jit
+def _center_rows(x, mask, cols):
+    """``(x - mean, mean)`` per row of the ``[BLOCK_ROWS, BLOCK_C]`` tile, zero where masked.
+
+    Two passes with a correction: rstd multiplies any error in ``x - mean``, and the mean rounded to fp32 is off by
+    up to an ulp, which matters in rows of small spread; the correction takes that error out.
+    """
+    mean = tl.sum(x, axis=1) / cols
+    centered = tl.where(mask, x - mean[:, None], 0.0)
+    correction = tl.sum(centered, axis=1) / cols
+    return tl.where(mask, centered - correction[:, None], 0.0), mean + correction
+
+
+@triton.jit
+def _layer_norm_fwd_kernel(
+    x_ptr,
+    branch_ptr,
+    gamma_ptr,
+    weight_ptr,
+    bias_ptr,
+    out_ptr,
+    residual_out_ptr,
+    mean_ptr,
+    rstd_ptr,
+    rows,
+    cols,
+    x_row_stride,
+    branch_row_stride,
+    eps,
+    HAS_BRANCH: tl.constexpr,
+    HAS_GAMMA: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_ROWS: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    row = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    col = tl.arange(0, BLOCK_C)
+    row_mask = row < rows
+    col_mask = col < cols
+    mask = row_mask[:, None] & col_mask[None, :]
+    # int64 offsets: rows * cols passes 2**31 at large batch sizes (e.g. 256 x 1025 tokens x 8192)
+    row_offset = row.to(tl.int64)[:, None]
+    x = tl.load(x_ptr + row_offset * x_row_stride + col[None, :], mask=mask, other=0.0).to(tl.float32)
+    if HAS_BRANCH:
+        branch = tl.load(branch_ptr + row_offset * branch_row_stride + col[None, :], mask=mask, other=0.0)
+        branch = branch.to(tl.float32)
+        if HAS_GAMMA:
+            gamma = tl.load(gamma_ptr + col, mask=col_mask, other=0.0).to(tl.float32)
+            branch = branch * gamma[None, :]
+        residual = (x + branch).to(residual_out_ptr.dtype.element_ty)
+        tl.store(residual_out_ptr + row_offset * cols + col[None, :], residual, mask=mask)
+        # normalize the rounded sum, the tensor handed on, so that normed is exactly LayerNorm(residual_out)
+        x = residual.to(tl.float32)
+    centered, mean = _center_rows(x, mask, cols)
+    rstd = tl.rsqrt(tl.sum(centered * centered, axis=1) / cols + eps)
+    out = centered * rstd[:, None]
+    if HAS_WEIGHT:
+        out = out * tl.load(weight_ptr + col, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    if HAS_BIAS:
+        out = out + tl.load(bias_ptr + col, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    tl.store(out_ptr + row_offset * cols + col[None, :], out.to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(mean_ptr + row, mean, mask=row_mask)
+    tl.store(rstd_ptr + row, rstd, mask=row_mask)
+
+
+@triton.jit
+def _layer_norm_bwd_kernel(
+    d_out_ptr,
+    d_residual_ptr,
+    x_ptr,
+    branch_ptr,
+    gamma_ptr,
+    weight_ptr,
+    rstd_ptr,
+    dx_ptr,
+    dbranch_ptr,
+    dgamma_partial_ptr,
+    dweight_partial_ptr,
+    dbias_partial_ptr,
+    rows,
+    cols,
+    rows_per_program,
+    d_out_row_stride,
+    d_residual_row_stride,
+    x_row_stride,
+    branch_row_stride,
+    HAS_D_OUT: tl.constexpr,
+    HAS_D_RESIDUAL: tl.constexpr,
+    HAS_BRANCH: tl.constexpr,
+    HAS_GAMMA: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_ROWS: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    # Each program walks rows_per_program consecutive rows (a multiple of BLOCK_ROWS) and keeps its share of the
+    # parameter gradients in fp32 registers; it writes one row of partial sums that the launcher adds up.
+    pid = tl.program_id(0)
+    col = tl.arange(0, BLOCK_C)
+    col_mask = col < cols
+    if HAS_WEIGHT:
+        weight = tl.load(weight_ptr + col, mask=col_mask, other=0.0).to(tl.float32)
+    if HAS_GAMMA:
+        gamma = tl.load(gamma_ptr + col, mask=col_mask, other=0.0).to(tl.float32)
+    dweight_acc = tl.zeros([BLOCK_ROWS, BLOCK_C], dtype=tl.float32)
+    dbias_acc = tl.zeros([BLOCK_ROWS, BLOCK_C], dtype=tl.float32)
+    dgamma_acc = tl.zeros([BLOCK_ROWS, BLOCK_C], dtype=tl.float32)
+    first_row = pid * rows_per_program
+    for block_start in range(first_row, first_row + rows_per_program, BLOCK_ROWS):
+        row = block_start + tl.arange(0, BLOCK_ROWS)
+        row_mask = row < rows
+        mask = row_mask[:, None] & col_mask[None, :]
+        row_offset = row.to(tl.int64)[:, None]
+        dx = tl.zeros([BLOCK_ROWS, BLOCK_C], dtype=tl.float32)
+        if HAS_D_OUT:
+            x = tl.load(x_ptr + row_offset * x_row_stride + col[None, :], mask=mask, other=0.0).to(tl.float32)
+            # the mean is recomputed (the row is loaded anyway) exactly as the forward computed it
+            centered, _mean = _center_rows(x, mask, cols)
+            rstd = tl.load(rstd_ptr + row, mask=row_mask, other=0.0)
+            x_hat = centered * rstd[:, None]
+            d_out = tl.load(d_out_ptr + row_offset * d_out_row_stride + col[None, :], mask=mask, other=0.0)
+            d_out = d_out.to(tl.float32)
+            if HAS_WEIGHT:
+                d_x_hat = d_out * weight[None, :]
+                dweight_acc += d_out * x_hat
+            else:
+                d_x_hat = d_out
+            if HAS_BIAS:
+                dbias_acc += d_out
+            # dx = rstd * (d_x_hat - mean(d_x_hat) - x_hat * mean(d_x_hat * x_hat)), means over the row
+            mean_d_x_hat = tl.sum(d_x_hat, axis=1) / cols
+            mean_d_x_hat_x_hat = tl.sum(d_x_hat * x_hat, axis=1) / cols
+            dx = (d_x_hat - mean_d_x_hat[:, None] - x_hat * mean_d_x_hat_x_hat[:, None]) * rstd[:, None]
+        if HAS_D_RESIDUAL:
+            d_residual = tl.load(
+                d_residual_ptr + row_offset * d_residual_row_stride + col[None, :], mask=mask, other=0.0
+            )
+            dx += d_residual.to(tl.float32)
+        tl.store(dx_ptr + row_offset * cols + col[None, :], dx.to(dx_ptr.dtype.element_ty), mask=mask)
+        if HAS_BRANCH:
+            if HAS_GAMMA:
+                branch = tl.load(branch_ptr + row_offset * branch_row_stride + col[None, :], mask=mask, other=0.0)
+                dgamma_acc += dx * branch.to(tl.float32)
+                dbranch = dx * gamma[None, :]
+            else:
+                dbranch = dx
+            tl.store(
+                dbranch_ptr + row_offset * cols + col[None, :], dbranch.to(dbranch_ptr.dtype.element_ty), mask=mask
+            )
+    if HAS_WEIGHT:
+        tl.store(dweight_partial_ptr + pid * cols + col, tl.sum(dweight_acc, axis=0), mask=col_mask)
+    if HAS_BIAS:
+        tl.store(dbias_partial_ptr + pid * cols + col, tl.sum(dbias_acc, axis=0), mask=col_mask)
+    if HAS_GAMMA:
+        tl.store(dgamma_partial_ptr + pid * cols + col, tl.sum(dgamma_acc, axis=0), mask=col_mask)
+
+
+def _block_sizes(cols: int) -> tuple[int, int, int]:
+    """``(BLOCK_ROWS, BLOCK_C, num_warps)`` for rows of width ``cols``.
+
+    BLOCK_C: the whole row, so the mean and variance are one in-register reduction. BLOCK_ROWS: narrow rows are
+    packed several to a program so that each program still moves a tile of ~``_TILE`` elements (a 768-wide row alone
+    would leave the launch dominated by many tiny programs). num_warps: ~16 elements per thread and tensor, which
+    keeps the backward's three fp32 accumulators and its operands in registers (up to 16 warps for 8192 wide rows).
+    """
+    block_c = next_power_of_2(cols)
+    block_rows = max(1, min(_MAX_BLOCK_ROWS, _TILE // block_c))
+    num_warps = min(16, max(1, block_rows * block_c // 512))
+    return block_rows, block_c, num_warps
+
+
+def _bwd_grid(rows: int, block_rows: int, sm_count: int | None) -> tuple[int, int, int]:
+    """``(programs, rows_per_program, BLOCK_ROWS)`` of the backward; each program writes one row of partial sums.
+
+    On a GPU (``sm_count`` given), at least two programs per SM (a ~4096-element tile at ~16 elements per thread
+    leaves registers for two), so the grid fills the machine in one wave and the partial sums amortize over many
+    rows; more when a program would otherwise add more than ``_MAX_CHAIN`` row blocks in sequence (a tile's rows add
+    up as a tree). The interpreter (``sm_count`` None) adds a tile's rows in sequence too (numpy), so there a program
+    takes at most ``_MAX_CHAIN`` rows.
+    """
+    if sm_count is not None:
+        programs = max(2 * sm_count, triton.cdiv(triton.cdiv(rows, block_rows), _MAX_CHAIN))
+    else:
+        block_rows = min(block_rows, _MAX_CHAIN)
+        programs = triton.cdiv(rows, _MAX_CHAIN)
+    row_blocks = triton.cdiv(rows, block_rows)
+    rows_per_program = triton.cdiv(row_blocks, max(1, min(row_blocks, programs))) * block_rows
+    return triton.cdiv(rows, rows_per_program), rows_per_program, block_rows
+
+
+def _as_rows(t: torch.Tensor, cols: int) -> torch.Tensor:
+    """``t`` as ``[rows, cols]`` with unit column stride (copied only when a view cannot have one)."""
+    rows = t.reshape(-1, cols)
+    return rows if rows.stride(-1) == 1 or cols == 1 else rows.contiguous()
+
+
+def _check_param(name: str, param: torch.Tensor | None, cols: int, device: torch.device) -> None:
+    if param is None:
+        return
+    if param.shape != (cols,):
+        raise ValueError(f"layer_norm: {name} must have shape ({cols},), got {tuple(param.shape)}.")
+    if param.dtype not in _KERNEL_DTYPES:
+        raise ValueError(f"layer_norm: {name} must be float16, bfloat16 or float32, got {param.dtype}.")
+    if param.device != device:
+        raise ValueError(f"layer_norm: {name} is on {param.device}, x on {device}.")
+
+
+def _check_activation(name: str, t: torch.Tensor | None, shape: torch.Size, device: torch.device) -> None:
+    if t is None:
+        return
+    if t.shape != shape:
+        raise ValueError(f"layer_norm: {name} must have x's shape {tuple(shape)}, got {tuple(t.shape)}.")
+    if t.dtype not in _KERNEL_DTYPES:
+        raise ValueError(f"layer_norm: {name} must be float16, bfloat16 or float32, got {t.dtype}.")
+    if t.device != device:
+        raise ValueError(f"layer_norm: {name} is on {t.device}, x on {device}.")
+
+
+def _check_x(x: torch.Tensor) -> int:
+    if x.ndim == 0:
+        raise ValueError("layer_norm: x must have at least one dimension (the normalized one).")
+    cols = x.shape[-1]
+    if not 1 <= cols <= MAX_WIDTH:
+        raise ValueError(f"layer_norm: the kernels take widths 1..{MAX_WIDTH}, got {cols}.")
+    _check_activation("x", x, x.shape, x.device)
+    return cols
+
+
+def layer_norm_fwd(
+    x: torch.Tensor,
+    branch: torch.Tensor | None,
+    gamma: torch.Tensor | None,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Launch the forward kernel: ``(out, residual_out, mean, rstd)``.
+
+    - ``x``: ``[..., C]`` fp16/bf16/fp32, ``1 <= C <= MAX_WIDTH``, any strides.
+    - ``branch``: None (plain LayerNorm of ``x``) or ``x``'s shape, fp16/bf16/fp32: LayerNorm of
+      ``residual_out = x + gamma * branch`` (computed in fp32, rounded once to ``x``'s dtype).
+    - ``gamma`` (only with ``branch``), ``weight``, ``bias``: ``[C]`` fp16/bf16/fp32 or None.
+    - ``out``: ``x``'s shape and dtype. ``residual_out``: ``x``'s shape and dtype, or empty ``[0]`` without
+      ``branch``. ``mean``, ``rstd``: ``x.shape[:-1]`` fp32, statistics of the normalized tensor.
+    """
+    cols = _check_x(x)
+    if gamma is not None and branch is None:
+        raise ValueError("layer_norm: gamma (the layer scale of the branch) needs a branch.")
+    _check_activation("branch", branch, x.shape, x.device)
+    for name, param in (("gamma", gamma), ("weight", weight), ("bias", bias)):
+        _check_param(name, param, cols, x.device)
+
+    x_rows = _as_rows(x, cols)
+    rows = x_rows.shape[0]
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    residual_out = torch.empty(x.shape if branch is not None else (0,), dtype=x.dtype, device=x.device)
+    mean = torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device)
+    rstd = torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device)
+    if rows == 0:
+        return out, residual_out, mean, rstd
+    branch_rows = _as_rows(branch, cols) if branch is not None else x_rows
+    block_rows, block_c, num_warps = _block_sizes(cols)
+    launch(
+        _layer_norm_fwd_kernel,
+        (triton.cdiv(rows, block_rows),),
+        x_rows,
+        branch_rows,
+        gamma if gamma is not None else x_rows,  # stand-ins for absent tensors are never read (constexpr flags)
+        weight if weight is not None else x_rows,
+        bias if bias is not None else x_rows,
+        out,
+        residual_out if branch is not None else out,
+        mean,
+        rstd,
+        rows,
+        cols,
+        x_rows.stride(0),
+        branch_rows.stride(0),
+        eps,
+        HAS_BRANCH=branch is not None,
+        HAS_GAMMA=gamma is not None,
+        HAS_WEIGHT=weight is not None,
+        HAS_BIAS=bias is not None,
+        BLOCK_ROWS=block_rows,
+        BLOCK_C=block_c,
+        num_warps=num_warps,
+    )
+    return out, residual_out, mean, rstd
+
+
+def layer_norm_bwd(
+    d_out: torch.Tensor | None,
+    d_residual: torch.Tensor | None,
+    x: torch.Tensor,
+    branch: torch.Tensor | None,
+    gamma: torch.Tensor | None,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    rstd: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Launch the backward kernel: ``(dx, dbranch, dgamma, dweight, dbias)``.
+
+    - ``x``: the tensor that was normalized, ``[..., C]`` (``residual_out`` in the residual variant); ``rstd``: its
+      fp32 ``x.shape[:-1]`` statistic from :func:`layer_norm_fwd` (the mean is recomputed from ``x``).
+    - ``d_out``: gradient of ``out``, ``d_residual``: of ``residual_out`` (residual variant only); ``x``'s shape,
+      either may be None (no gradient).
+    - ``branch``, ``gamma``, ``weight``, ``bias``: the forward's inputs (``bias`` is only looked at for its presence
+      and dtype).
+    - ``dx``: ``x``'s shape and dtype, the gradient of the forward's ``x``. ``dbranch`` (``branch``'s dtype),
+      ``dgamma``, ``dweight``, ``dbias`` (their parameter's dtype): empty ``[0]`` when that input is None.
+      Parameter gradients are reduced over the rows in fp32.
+    """
+    cols = _check_x(x)
+    if gamma is not None and branch is None:
+        raise ValueError("layer_norm: gamma (the layer scale of the branch) needs a branch.")
+    if d_residual is not None and branch is None:
+        raise ValueError("layer_norm: d_residual (the gradient of residual_out) needs a branch.")
+    for name, t in (("d_out", d_out), ("d_residual", d_residual), ("branch", branch)):
+        _check_activation(name, t, x.shape, x.device)
+    for name, param in (("gamma", gamma), ("weight", weight), ("bias", bias)):
+        _check_param(name, param, cols, x.device)
+    if rstd.shape != x.shape[:-1] or rstd.dtype != torch.float32 or rstd.device != x.device:
+        raise ValueError(
+            f"layer_norm: rstd must be float32 of shape {tuple(x.shape[:-1])} on {x.device}, got "
+            f"{rstd.dtype} {tuple(rstd.shape)} on {rstd.device}."
+        )
+
+    x_rows = _as_rows(x, cols)
+    rows = x_rows.shape[0]
+    block_rows, block_c, num_warps = _block_sizes(cols)
+    sm_count = torch.cuda.get_device_properties(x.device).multi_processor_count if x.device.type == "cuda" else None
+    programs, rows_per_program, block_rows = _bwd_grid(rows, block_rows, sm_count) if rows else (0, 1, block_rows)
+
+    def partial_sums(param: torch.Tensor | None) -> torch.Tensor:
+        return torch.empty((programs if param is not None else 0, cols), dtype=torch.float32, device=x.device)
+
+    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    dbranch = torch.empty(
+        x.shape if branch is not None else (0,), dtype=branch.dtype if branch is not None else x.dtype, device=x.device
+    )
+    dgamma_partial, dweight_partial, dbias_partial = partial_sums(gamma), partial_sums(weight), partial_sums(bias)
+    if programs:
+        d_out_rows = _as_rows(d_out, cols) if d_out is not None else x_rows
+        d_residual_rows = _as_rows(d_residual, cols) if d_residual is not None else x_rows
+        branch_rows = _as_rows(branch, cols) if branch is not None else x_rows
+        launch(
+            _layer_norm_bwd_kernel,
+            (programs,),
+            d_out_rows,
+            d_residual_rows,
+            x_rows,
+            branch_rows,
+            gamma if gamma is not None else x_rows,  # stand-ins for absent tensors are never read (constexpr flags)
+            weight if weight is not None else x_rows,
+            rstd,
+            dx,
+            dbranch if branch is not None else dx,
+            dgamma_partial if gamma is not None else rstd,
+            dweight_partial if weight is not None else rstd,
+            dbias_partial if bias is not None else rstd,
+            rows,
+            cols,
+            rows_per_program,
+            d_out_rows.stride(0),
+            d_residual_rows.stride(0),
+            x_rows.stride(0),
+            branch_rows.stride(0),
+            HAS_D_OUT=d_out is not None,
+            HAS_D_RESIDUAL=d_residual is not None,
+            HAS_BRANCH=branch is not None,
+            HAS_GAMMA=gamma is not None,
+            HAS_WEIGHT=weight is not None,
+            HAS_BIAS=bias is not None,
+            BLOCK_ROWS=block_rows,
+            BLOCK_C=block_c,
+            num_warps=num_warps,
+        )
+
+    def reduce(partial: torch.Tensor, param: torch.Tensor | None) -> torch.Tensor:
+        if param is None:
+            return torch.empty((0,), dtype=x.dtype, device=x.device)
+        return partial.sum(dim=0).to(param.dtype)
+
+    return dx, dbranch, reduce(dgamma_partial, gamma), reduce(dweight_partial, weight), reduce(dbias_partial, bias)
+
+
+def _layer_norm_fwd_reference(
+    x: torch.Tensor,
+    branch: torch.Tensor | None,
+    gamma: torch.Tensor | None,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`layer_norm_fwd` in PyTorch, for tensors the kernels cannot take (same outputs)."""
+    normalized = x if branch is None else _residual_ref(x, branch, gamma)
+    var, mean = torch.var_mean(normalized.float(), dim=-1, correction=0)
+    out = layer_norm_ref(normalized, weight, bias, eps)
+    residual_out = normalized if branch is not None else x.new_empty(0)
+    return out, residual_out, mean, torch.rsqrt(var + eps)
+
+
+def _layer_norm_bwd_reference(
+    d_out: torch.Tensor | None,
+    d_residual: torch.Tensor | None,
+    x: torch.Tensor,
+    branch: torch.Tensor | None,
+    gamma: torch.Tensor | None,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    rstd: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`layer_norm_bwd` in PyTorch (fp32 math), for tensors the kernels cannot take (same outputs)."""
+    x_hat = (x.float() - x.float().mean(-1, keepdim=True)) * rstd.unsqueeze(-1)
+    d_out = d_out.float() if d_out is not None else torch.zeros_like(x_hat)
+    d_x_hat = d_out * weight.float() if weight is not None else d_out
+    dx = d_x_hat - d_x_hat.mean(-1, keepdim=True) - x_hat * (d_x_hat * x_hat).mean(-1, keepdim=True)
+    dx = dx * rstd.unsqueeze(-1)
+    if d_residual is not None:
+        dx = dx + d_residual.float()
+    rows = tuple(range(x.ndim - 1))
+    # outputs of an op may not alias each other: separate empties, and a copy of dx as dbranch without gamma
+    dbranch = x.new_empty(0) if branch is None else (dx.clone() if gamma is None else dx * gamma.float())
+    dgamma = x.new_empty(0) if gamma is None else (dx * branch.float()).sum(rows).to(gamma.dtype)
+    dweight = x.new_empty(0) if weight is None else (d_out * x_hat).sum(rows).to(weight.dtype)
+    dbias = x.new_empty(0) if bias is None else d_out.sum(rows).to(bias.dtype)
+    return dx.to(x.dtype), dbranch.to(branch.dtype if branch is not None else x.dtype), dgamma, dweight, dbias
+
+
+@torch.library.triton_op("vitfast::layer_norm_fwd", mutates_args=())
+def _layer_norm_fwd_op(
+    x: torch.Tensor,
+    branch: torch.Tensor | None,
+    gamma: torch.Tensor | None,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    if not kernel_can_run(x, branch, gamma, weight, bias):
+        return _layer_norm_fwd_reference(x, branch, gamma, weight, bias, eps)
+    return layer_norm_fwd(x, branch, gamma, weight, bias, eps)
+
+
+@torch.library.triton_op("vitfast::layer_norm_bwd", mutates_args=())
+def _layer_norm_bwd_op(
+    d_out: torch.Tensor | None,
+    d_residual: torch.Tensor | None,
+    x: torch.Tensor,
+    branch: torch.Tensor | None,
+    gamma: torch.Tensor | None,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    rstd: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    if not kernel_can_run(d_out, d_residual, x, branch, gamma, weight, bias, rstd):
+        return _layer_norm_bwd_reference(d_out, d_residual, x, branch, gamma, weight, bias, rstd)
+    return layer_norm_bwd(d_out, d_residual, x, branch, gamma, weight, bias, rstd)
+
+
+def _layer_norm_setup_context(ctx, inputs, output) -> None:
+    x, branch, gamma, weight, bias, _eps = inputs
+    _out, residual_out, _mean, rstd = output
+    # the backward needs the tensor that was normalized: residual_out in the residual variant
+    ctx.save_for_backward(x if branch is None else residual_out, branch, gamma, weight, bias, rstd)
+
+
+def _layer_norm_backward(ctx, d_out, d_residual, _d_mean, _d_rstd):
+    normalized, branch, gamma, weight, bias, rstd = ctx.saved_tensors
+    if branch is None:
+        d_residual = None  # the empty residual_out placeholder of the plain variant carries no gradient
+    dx, dbranch, dgamma, dweight, dbias = torch.ops.vitfast.layer_norm_bwd(
+        d_out, d_residual, normalized, branch, gamma, weight, bias, rstd
+    )
+
+    def present(grad: torch.Tensor, tensor: torch.Tensor | None) -> torch.Tensor | None:
+        return grad if tensor is not None else None
+
+    return dx, present(dbranch, branch), present(dgamma, gamma), present(dweight, weight), present(dbias, bias), None
+
+
+_layer_norm_fwd_op.register_autograd(_layer_norm_backward, setup_context=_layer_norm_setup_context)
+
+
+def _uncovered(x: torch.Tensor, *others: torch.Tensor | None) -> str | None:
+    """Why the kernels cannot take this call (None when they can)."""
+    if not kernel_can_run(x, *others):
+        return "tensors on a device the kernels cannot run on"
+    for t in (x, *others):
+        if t is not None and t.dtype not in _KERNEL_DTYPES:
+            return f"dtype {t.dtype} (kernels: float16, bfloat16, float32)"
+    if x.ndim == 0 or x.numel() == 0:
+        return "empty or 0-d input"
+    if x.shape[-1] > MAX_WIDTH:
+        return f"width {x.shape[-1]} > {MAX_WIDTH}"
+    return None
+
+
 register_impl("layer_norm", "reference", layer_norm_ref)
+register_impl("layer_norm_residual", "reference", layer_norm_residual_ref)
+
+if HAS_TRITON:
+
+    def _layer_norm_triton(
+        x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float
+    ) -> torch.Tensor:
+        reason = _uncovered(x, weight, bias)
+        if reason is not None:
+            log_fallback("layer_norm", reason)
+            return layer_norm_ref(x, weight, bias, eps)
+        return torch.ops.vitfast.layer_norm_fwd(x, None, None, weight, bias, eps)[0]
+
+    def _layer_norm_residual_triton(
+        x: torch.Tensor,
+        branch: torch.Tensor,
+        gamma: torch.Tensor | None,
+        weight: torch.Tensor | None,
+        bias: torch.Tensor | None,
+        eps: float,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        reason = _uncovered(x, branch, gamma, weight, bias)
+        if reason is None and branch.shape != x.shape:
+            reason = "branch broadcast to x's shape"
+        if reason is not None:
+            log_fallback("layer_norm_residual", reason)
+            return layer_norm_residual_ref(x, branch, gamma, weight, bias, eps)
+        out, residual_out, _mean, _rstd = torch.ops.vitfast.layer_norm_fwd(x, branch, gamma, weight, bias, eps)
+        return out, residual_out
+
+    register_impl("layer_norm", "triton", _layer_norm_triton)
+    register_impl("layer_norm_residual", "triton", _layer_norm_residual_triton)
 
 
 def layer_norm(
@@ -27,3 +624,19 @@ def layer_norm(
 ) -> torch.Tensor:
     """LayerNorm over the last dimension through the current backend."""
     return dispatch("layer_norm", x.device)(x, weight, bias, eps)
+
+
+def layer_norm_residual(
+    x: torch.Tensor,
+    branch: torch.Tensor,
+    gamma: torch.Tensor | None,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float = 1e-6,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(LayerNorm(residual_out), residual_out)`` with ``residual_out = x + gamma * branch``, through the backend.
+
+    The pre-norm block step ``x = x + gamma * branch(...); y = norm(x)`` in one pass; ``gamma`` is the optional
+    layer-scale vector ``[C]``. See :func:`layer_norm_residual_ref` for the precision contract.
+    """
+    return dispatch("layer_norm_residual", x.device)(x, branch, gamma, weight, bias, eps)
