@@ -6,10 +6,45 @@ import torch
 # With a GPU the real compiler runs (torch.compile's own kernels would fail under the interpreter).
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# The interpreter's tl.dot runs on numpy's BLAS; its threads fight pytest's and torch's on a small machine (a tiny
+# matmul went from 0.05 ms to 23 ms). torch itself uses MKL, which this does not touch.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 import vitfast.backend  # noqa: E402
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _interpreter_rounds_bf16_to_nearest():
+    """Make Triton's interpreter round fp32 -> bf16 casts to nearest even, as GPUs (and torch) do.
+
+    Triton 3.8's interpreter truncates them (``_convert_float`` without a rounding mode): a bias of up to one bf16 ulp
+    on every rounded tile that no GPU kernel has. fp16 casts (numpy) already round.
+    """
+    try:
+        from triton.runtime import interpreter
+    except ImportError:
+        yield
+        return
+    builder = getattr(interpreter, "InterpreterBuilder", None)
+    truncating_cast = getattr(builder, "cast_impl", None)
+    if os.environ.get("TRITON_INTERPRET") != "1" or truncating_cast is None:
+        yield
+        return
+
+    def cast_impl(self, src, dst_type):
+        if src.dtype.scalar == interpreter.tl.float32 and dst_type.scalar == interpreter.tl.bfloat16:
+            rounded = torch.from_numpy(np.ascontiguousarray(src.data)).to(torch.bfloat16)
+            return interpreter.TensorHandle(rounded.view(torch.int16).numpy().view(np.uint16), dst_type.scalar)
+        return truncating_cast(self, src, dst_type)
+
+    builder.cast_impl = cast_impl
+    try:
+        yield
+    finally:
+        builder.cast_impl = truncating_cast
 
 
 @pytest.fixture(autouse=True)
