@@ -24,7 +24,8 @@ import torch.nn.functional as F
 from benchmarks.conftest import CUDA, NO_GPU, synchronized
 from vitfast import ops
 from vitfast.backend import use_backend
-from vitfast.layers import num_relative_positions, relative_position_index
+from vitfast.layers import relative_position_index
+from vitfast.layers.rel_pos import num_relative_positions
 
 PROVIDERS = ("vitfast", "torch", "sdpa-flash", "sdpa-efficient", "sdpa-cudnn", "torch-compile")
 PASSES = ("fwd", "fwd+bwd")
@@ -157,7 +158,8 @@ def _patch_embed(shape, device, dtype, grad):
     batch, size, patch, dim = shape
     x = _randn(batch, 3, size, size, device=device, dtype=dtype, grad=False)
     weight = _randn(dim, 3, patch, patch, device=device, dtype=dtype, grad=grad)
-    bias, cls_token = _randn(dim, device=device, dtype=dtype, grad=grad), _randn(1, 1, dim, device=device, dtype=dtype)
+    bias = _randn(dim, device=device, dtype=dtype, grad=grad)
+    cls_token = _randn(1, 1, dim, device=device, dtype=dtype, grad=grad)
     pos_embed = _randn(1, 1 + (size // patch) ** 2, dim, device=device, dtype=dtype, grad=grad)
 
     def unfused():

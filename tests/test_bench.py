@@ -267,7 +267,7 @@ def test_benchmark_suite_runs_its_cpu_cases() -> None:
         text=True,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "12 passed" in result.stdout
+    assert "16 passed" in result.stdout
 
 
 def test_rows_reach_the_callback_as_each_provider_finishes() -> None:
