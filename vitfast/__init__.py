@@ -20,6 +20,7 @@ from vitfast.models import (
     list_aliases,
     list_models,
 )
+from vitfast.patch import PatchSummary, patch, unpatch
 
 __version__ = "0.1.0"
 
@@ -47,6 +48,7 @@ def _export_entry_points() -> list[str]:
 __all__ = [
     "CheckpointError",
     "LoadReport",
+    "PatchSummary",
     "PretrainedDownloadError",
     "UnknownModelError",
     "ViTConfig",
@@ -57,7 +59,9 @@ __all__ = [
     "list_aliases",
     "list_models",
     "load_checkpoint",
+    "patch",
     "set_backend",
+    "unpatch",
     "use_backend",
     *_export_entry_points(),
 ]

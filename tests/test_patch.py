@@ -1,0 +1,203 @@
+"""``vitfast.patch`` on timm models: same parameters and keys, same outputs and gradients, reversible."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import timm
+import torch
+
+import vitfast
+from tests.helpers import assert_close_scaled, assert_kernel_close, randomize_
+
+pytest.importorskip("triton")
+CUDA = torch.cuda.is_available()
+
+# narrow two-block copies: every patched layer type is on the path (2 heads of 64)
+TIMM_MODELS = {
+    "vit_base_patch16_224": dict(img_size=112),
+    "vit_base_patch16_clip_224": dict(img_size=112),  # pre-norm, GELU
+    "beitv2_base_patch16_224": dict(img_size=112),  # relative position bias, gamma layer scale
+    "eva02_base_patch14_224": dict(img_size=112),  # RoPE, SwiGLU with sub-LN, split q/k/v
+    "eva02_tiny_patch14_224": dict(img_size=112),  # RoPE, packed SwiGLU
+}
+
+
+def _timm_model(name: str, **extra) -> torch.nn.Module:
+    width = dict(embed_dim=768, num_heads=12) if CUDA else dict(embed_dim=128, num_heads=2)
+    model = timm.create_model(name, pretrained=False, depth=2, num_classes=7, **TIMM_MODELS[name], **width, **extra)
+    return randomize_(model)
+
+
+def _forward_backward(model, image, backend="reference"):
+    model.zero_grad(set_to_none=True)
+    with vitfast.use_backend(backend):
+        out = model(image)
+    out.backward(torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(out))
+    return out.detach(), {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("name", list(TIMM_MODELS))
+def test_patched_model_keeps_parameters_and_matches_on_the_reference_path(name) -> None:
+    model = _timm_model(name)
+    image = torch.randn(2, 3, 112, 112)
+    expected, expected_grads = _forward_backward(model, image)
+    params = dict(model.named_parameters())
+    keys = list(model.state_dict())
+
+    assert vitfast.patch(model) is model
+    assert model.vitfast_patch_summary.swapped, "nothing was swapped"
+    assert dict(model.named_parameters()) == params, "the same Parameter objects, under the same names"
+    assert list(model.state_dict()) == keys
+    out, grads = _forward_backward(model, image)
+    assert_close_scaled(out, expected, tol=1e-6, what=f"{name} logits")
+    assert grads.keys() == expected_grads.keys()
+    for key, grad in grads.items():
+        assert_close_scaled(grad, expected_grads[key], tol=1e-5, what=f"{name} grad {key}")
+
+    vitfast.unpatch(model)
+    assert not any(type(m).__name__.startswith("Vitfast") for m in model.modules())
+    torch.testing.assert_close(_forward_backward(model, image)[0], expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", list(TIMM_MODELS))
+def test_patched_model_on_the_kernels_matches_timm(name) -> None:
+    """Through Triton's interpreter on the CPU (fp32), the compiled kernels on a GPU (bf16)."""
+    device, dtype = ("cuda", torch.bfloat16) if CUDA else ("cpu", torch.float32)
+    model = _timm_model(name).to(device)
+    image = torch.randn(2, 3, 112, 112, device=device)
+    expected, expected_grads = _forward_backward(copy.deepcopy(model).double(), image.double())
+    model = model.to(dtype)
+    baseline, baseline_grads = _forward_backward(model, image.to(dtype))
+    vitfast.patch(model)
+    actual, actual_grads = _forward_backward(model, image.to(dtype), backend="triton")
+    assert_kernel_close(actual, expected, baseline, what=f"{name} logits")
+    for key, grad in actual_grads.items():
+        assert_kernel_close(grad, expected_grads[key], baseline_grads[key], what=f"{name} grad {key}")
+
+
+def test_patch_twice_is_a_no_op_and_the_summary_says_what_was_left_alone(capsys) -> None:
+    model = _timm_model("vit_base_patch16_224")
+    vitfast.patch(model, verbose=True)
+    printed = capsys.readouterr().out
+    assert "Attention x2" in printed and "Block x2" in printed and "LayerNorm x5" in printed
+    assert "Mlp: GELU MLP" in printed and "PatchEmbed" in printed
+    classes = [type(m) for m in model.modules()]
+    vitfast.patch(model)
+    assert [type(m) for m in model.modules()] == classes
+    summary = model.vitfast_patch_summary
+    assert not summary.swapped and summary.already_patched == 2 + 2 + 5  # attention, blocks, norms
+    with pytest.raises(TypeError, match="expects a torch.nn.Module"):
+        vitfast.patch("vit_base_patch16_224")
+
+
+def test_calls_the_kernels_do_not_cover_run_the_original_forward() -> None:
+    model = _timm_model("vit_base_patch16_224").eval()
+    block = model.blocks[0]
+    tokens = torch.randn(2, 50, 128)
+    mask = torch.zeros(2, 1, 50, 50)
+    mask[..., -5:] = float("-inf")  # hide the last five tokens
+    with torch.no_grad():
+        expected = block.attn(tokens, attn_mask=mask)
+        vitfast.patch(model)
+        assert type(block.attn).__name__ == "VitfastAttention"
+        with vitfast.use_backend("triton"):
+            torch.testing.assert_close(block.attn(tokens, attn_mask=mask), expected, rtol=0, atol=0)
+            # the block falls back as a whole too (its norms still run the LayerNorm kernel)
+            assert_close_scaled(
+                block(tokens, attn_mask=mask),
+                model.blocks[0].__class__.__mro__[1].forward(block, tokens, attn_mask=mask),
+                tol=0,
+            )
+
+
+def test_grad_checkpointing_still_works_after_patching() -> None:
+    model = _timm_model("eva02_base_patch14_224")
+    image = torch.randn(2, 3, 112, 112)
+    vitfast.patch(model)
+    expected, expected_grads = _forward_backward(model, image)
+    model.set_grad_checkpointing(True)
+    out, grads = _forward_backward(model, image)
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    for key, grad in grads.items():
+        torch.testing.assert_close(grad, expected_grads[key], rtol=1e-6, atol=1e-7)
+
+
+def test_a_few_training_steps_match_the_unpatched_model() -> None:
+    """The convergence check: same seed, same data, a few SGD steps, losses and weights stay together.
+
+    SGD rather than Adam: Adam's per-parameter normalization turns fp32 rounding noise in near-zero gradients into
+    full-size updates, which would compare the optimizer's amplification, not the kernels.
+    """
+    reference = _timm_model("beitv2_base_patch16_224")
+    patched = vitfast.patch(copy.deepcopy(reference))
+    data = torch.randn(4, 2, 3, 112, 112)
+    labels = torch.randint(0, 7, (4, 2))
+
+    def train(model, backend):
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        losses = []
+        for step in range(4):
+            with vitfast.use_backend(backend):
+                loss = torch.nn.functional.cross_entropy(model(data[step]), labels[step])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+        return losses
+
+    expected = train(reference, "reference")
+    actual = train(patched, "triton")
+    torch.testing.assert_close(torch.tensor(actual), torch.tensor(expected), rtol=1e-4, atol=1e-5)
+    for (name, p), q in zip(patched.named_parameters(), reference.parameters(), strict=True):
+        assert_close_scaled(p.detach(), q.detach(), tol=1e-4, what=name)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="torch.compile of the Triton ops needs a GPU (the interpreter cannot trace them)")
+def test_compiled_patched_model_has_no_graph_break() -> None:
+    model = _timm_model("eva02_base_patch14_224").cuda().to(torch.bfloat16)
+    vitfast.patch(model, backend="auto")
+    image = torch.randn(2, 3, 112, 112, device="cuda", dtype=torch.bfloat16)
+    compiled = torch.compile(model, fullgraph=True)
+    out = compiled(image)
+    out.float().sum().backward()
+    assert_close_scaled(out.float(), model(image).float(), tol=2e-2, what="compiled vs eager")
+
+
+def _ddp_worker(rank: int, world_size: int, port: int, results) -> None:
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    try:
+        torch.manual_seed(0)
+        model = vitfast.patch(_timm_model("eva02_tiny_patch14_224"))
+        ddp = DistributedDataParallel(model)
+        images = torch.randn(world_size * 2, 3, 112, 112, generator=torch.Generator().manual_seed(3))
+        ddp(images[rank * 2 : rank * 2 + 2]).square().mean().backward()
+        results[rank] = {name: p.grad.clone() for name, p in model.named_parameters()}
+    finally:
+        dist.destroy_process_group()
+
+
+def test_distributed_data_parallel_averages_the_patched_gradients() -> None:
+    """Two gloo processes on the CPU (reference path): DDP's averaged gradients equal one process on the full batch."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    results = mp.Manager().dict()
+    mp.spawn(_ddp_worker, args=(2, port, results), nprocs=2, join=True)
+
+    torch.manual_seed(0)
+    model = vitfast.patch(_timm_model("eva02_tiny_patch14_224"))
+    images = torch.randn(4, 3, 112, 112, generator=torch.Generator().manual_seed(3))
+    model(images).square().mean().backward()
+    for name, p in model.named_parameters():
+        for rank in range(2):
+            assert_close_scaled(results[rank][name], p.grad, tol=1e-5, what=f"rank {rank} {name}")

@@ -1,0 +1,340 @@
+"""Swap vitfast's fused ops into an existing timm model in place: ``vitfast.patch(model)``, ``vitfast.unpatch(model)``.
+
+Each supported module keeps its identity, its parameters, buffers, hooks and ``state_dict`` keys: only its class is
+swapped for a subclass whose ``forward`` calls :mod:`vitfast.ops` (so optimizer state, checkpoints and
+``model.blocks[i]`` references stay valid), and :func:`unpatch` swaps the original class back. A call the fused path
+does not cover (an attention mask, a causal flag, BEiT's shared relative position bias, half-rotation RoPE, an active
+dropout between SwiGLU and its norm, ...) runs the module's original ``forward``, so results never change meaning.
+
+Supported (timm >= 1.0): ``nn.LayerNorm`` over one dimension (timm's LayerNorm included); ``timm.layers.Attention``
+(ViT, CLIP, MAE, DeiT towers), BEiT's ``Attention`` (relative position bias read inside the kernel) and ``EvaAttention``
+(RoPE rotated inside the kernel); ``SwiGLU`` (split, with the fused sub-LN) and ``GluMlp`` with SiLU (packed); the
+ViT ``Block``, BEiT ``Block`` and ``EvaBlock`` (first residual add, layer scale and ``norm2`` fused).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vitfast import ops
+from vitfast.backend import set_backend
+
+__all__ = ["PatchSummary", "patch", "unpatch"]
+
+_ORIGINAL = "_vitfast_original_class"
+_classes: dict[tuple[type, str], type] = {}
+
+
+def _original_forward(module: nn.Module, *args, **kwargs):
+    return getattr(type(module), _ORIGINAL).forward(module, *args, **kwargs)
+
+
+def _only_defaults(args: tuple, kwargs: dict) -> bool:
+    """Whether the extra arguments of a call are all absent (None / False): the case the fused path covers."""
+    return not args and all(value is None or value is False for value in kwargs.values())
+
+
+# --------------------------------------------------------------------------------------------- forwards
+
+
+def _layer_norm_forward(self: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
+    return ops.layer_norm(x, self.weight, self.bias, self.eps)
+
+
+def _qkv_heads(self: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, k, v ``[B, H, N, D]`` as strided views of the projection (timm's fused, q/v-bias and split layouts)."""
+    batch, tokens, _ = x.shape
+    if getattr(self, "qkv", None) is None:  # EVA-02 B/L: separate projections
+        return tuple(
+            proj(x).reshape(batch, tokens, self.num_heads, -1).transpose(1, 2)
+            for proj in (self.q_proj, self.k_proj, self.v_proj)
+        )
+    if getattr(self, "q_bias", None) is None:
+        qkv = self.qkv(x)
+    else:
+        qkv = F.linear(x, self.qkv.weight, torch.cat((self.q_bias, self.k_bias, self.v_bias)))
+    return qkv.reshape(batch, tokens, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+
+
+def _attention_out(self: nn.Module, out: torch.Tensor) -> torch.Tensor:
+    batch, _, tokens, _ = out.shape
+    out = out.transpose(1, 2).reshape(batch, tokens, -1)
+    out = getattr(self, "norm", nn.Identity())(out)
+    return self.proj_drop(self.proj(out))
+
+
+def _attention_dropout(self: nn.Module) -> float:
+    return self.attn_drop.p if self.training else 0.0
+
+
+def _vit_attention_forward(self: nn.Module, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    if not _only_defaults(args, kwargs) or getattr(self, "gate", None) is not None:
+        return _original_forward(self, x, *args, **kwargs)
+    q, k, v = _qkv_heads(self, x)
+    q, k = self.q_norm(q), self.k_norm(k)
+    out = ops.attention(q, k, v, scale=self.scale, dropout_p=_attention_dropout(self))
+    return _attention_out(self, out)
+
+
+def _beit_attention_forward(self: nn.Module, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    table = self.relative_position_bias_table
+    index = getattr(self, "relative_position_index", None)
+    if not _only_defaults(args, kwargs) or (table is not None and index.shape[0] != x.shape[1]):
+        return _original_forward(self, x, *args, **kwargs)
+    q, k, v = _qkv_heads(self, x)
+    out = ops.attention(
+        q,
+        k,
+        v,
+        scale=self.scale,
+        rel_pos_bias_table=table,
+        rel_pos_index=index if table is not None else None,
+        dropout_p=_attention_dropout(self),
+    )
+    return _attention_out(self, out)
+
+
+def _eva_attention_forward(self: nn.Module, x: torch.Tensor, rope: torch.Tensor | None = None, *args, **kwargs):
+    unsupported = (
+        not _only_defaults(args, kwargs)
+        or getattr(self, "gate", None) is not None
+        or getattr(self, "rotate_half", False)
+        or (rope is not None and (not isinstance(rope, torch.Tensor) or rope.ndim != 2))
+    )
+    if unsupported:
+        return _original_forward(self, x, rope, *args, **kwargs)
+    q, k, v = _qkv_heads(self, x)
+    q, k = self.q_norm(q), self.k_norm(k)
+    tables = None
+    if rope is not None:  # timm's layout: cat([sin, cos], -1), both repeated per interleaved channel pair
+        sin, cos = rope.float().tensor_split(2, dim=-1)
+        tables = (cos, sin)
+    out = ops.attention(
+        q,
+        k,
+        v,
+        scale=self.scale,
+        rope=tables,
+        num_prefix_tokens=self.num_prefix_tokens,
+        dropout_p=_attention_dropout(self),
+    )
+    return _attention_out(self, out)
+
+
+def _is_silu(act: nn.Module) -> bool:
+    return isinstance(act, nn.SiLU)
+
+
+def _is_plain_layer_norm(module: nn.Module) -> bool:
+    return isinstance(module, nn.LayerNorm) and len(module.normalized_shape) == 1
+
+
+def _swiglu_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    dropout_active = self.training and self.drop1.p > 0
+    if not _is_silu(self.act):
+        return _original_forward(self, x)
+    gate, up = self.fc1_g(x), self.fc1_x(x)
+    if _is_plain_layer_norm(self.norm) and not dropout_active:
+        hidden = ops.swiglu_layer_norm(gate, up, self.norm.weight, self.norm.bias, self.norm.eps)
+    else:
+        hidden = self.norm(self.drop1(ops.swiglu(gate, up)))
+    return self.drop2(self.fc2(hidden))
+
+
+def _glu_mlp_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    if not _is_silu(self.act) or getattr(self, "chunk_dim", -1) != -1:
+        return _original_forward(self, x)
+    hidden = self.fc1(x)
+    if self.gate_last:
+        up, gate = hidden.chunk(2, dim=-1)
+        hidden = ops.swiglu(gate, up)
+    else:
+        hidden = ops.swiglu_packed(hidden)
+    return self.drop2(self.fc2(self.norm(self.drop1(hidden))))
+
+
+def _layer_scale(module: nn.Module) -> tuple[bool, torch.Tensor | None]:
+    """(usable, gamma) for timm's ``ls1``: Identity -> no gamma; LayerScale -> its gamma; anything else unusable."""
+    if isinstance(module, nn.Identity):
+        return True, None
+    gamma = getattr(module, "gamma", None)
+    if isinstance(gamma, torch.Tensor) and gamma.ndim == 1:
+        return True, gamma
+    return False, None
+
+
+def _fused_residual_norm(self: nn.Module, x: torch.Tensor, branch: torch.Tensor, gamma: torch.Tensor | None):
+    """``(norm2(x + gamma * branch), x + gamma * branch)`` in one op (drop path already applied to ``branch``)."""
+    return ops.layer_norm_residual(x, branch, gamma, self.norm2.weight, self.norm2.bias, self.norm2.eps)
+
+
+def _vit_block_forward(self: nn.Module, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    usable, gamma = _layer_scale(self.ls1)
+    if not (usable and _only_defaults(args, kwargs) and _is_plain_layer_norm(self.norm2)):
+        return _original_forward(self, x, *args, **kwargs)
+    normed, x = _fused_residual_norm(self, x, self.drop_path1(self.attn(self.norm1(x))), gamma)
+    return x + self.drop_path2(self.ls2(self.mlp(normed)))
+
+
+def _gamma_block_forward(self: nn.Module, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """BEiT ``Block`` and ``EvaBlock``: layer scale as ``gamma_1`` / ``gamma_2`` parameters (or None)."""
+    if not (_is_plain_layer_norm(self.norm2) and not args):
+        return _original_forward(self, x, *args, **kwargs)
+    if "shared_rel_pos_bias" in kwargs and kwargs["shared_rel_pos_bias"] is not None:
+        return _original_forward(self, x, *args, **kwargs)
+    attn_kwargs = {key: value for key, value in kwargs.items() if value is not None and value is not False}
+    branch = self.drop_path1(self.attn(self.norm1(x), **attn_kwargs))
+    normed, x = _fused_residual_norm(self, x, branch, self.gamma_1)
+    branch = self.mlp(normed)
+    if self.gamma_2 is not None:
+        branch = self.gamma_2 * branch
+    return x + self.drop_path2(branch)
+
+
+# ----------------------------------------------------------------------------------------------- rules
+
+
+def _timm_rules() -> list[tuple[type, str, Callable]]:
+    """(module class, kind, patched forward), most specific first; empty without timm."""
+    try:
+        from timm.layers import GluMlp, SwiGLU
+        from timm.layers.attention import Attention as TimmAttention
+        from timm.models.beit import Attention as BeitAttention
+        from timm.models.beit import Block as BeitBlock
+        from timm.models.eva import EvaAttention, EvaBlock
+        from timm.models.vision_transformer import Block as VitBlock
+    except ImportError:
+        return []
+    return [
+        (BeitAttention, "beit_attention", _beit_attention_forward),
+        (EvaAttention, "eva_attention", _eva_attention_forward),
+        (TimmAttention, "attention", _vit_attention_forward),
+        (SwiGLU, "swiglu", _swiglu_forward),
+        (GluMlp, "glu_mlp", _glu_mlp_forward),
+        (BeitBlock, "beit_block", _gamma_block_forward),
+        (EvaBlock, "eva_block", _gamma_block_forward),
+        (VitBlock, "vit_block", _vit_block_forward),
+    ]
+
+
+# modules with no compute of their own, or whose compute stays in PyTorch by design: not reported as missed
+_PLAIN = (
+    nn.Linear,
+    nn.Dropout,
+    nn.Identity,
+    nn.Conv2d,
+    nn.Sequential,
+    nn.ModuleList,
+    nn.ModuleDict,
+    nn.GELU,
+    nn.SiLU,
+)
+
+
+def _rule_for(module: nn.Module, rules) -> tuple[str, Callable] | None:
+    for cls, kind, forward in rules:
+        if type(module) is cls:  # exact type: a subclass may have its own forward
+            return kind, forward
+    if _is_plain_layer_norm(module):
+        return "layer_norm", _layer_norm_forward
+    return None
+
+
+def _patched_class(original: type, kind: str, forward: Callable) -> type:
+    key = (original, kind)
+    if key not in _classes:
+        _classes[key] = type(
+            f"Vitfast{original.__name__}",
+            (original,),
+            {"forward": forward, _ORIGINAL: original, "__module__": __name__, "__doc__": original.__doc__},
+        )
+    return _classes[key]
+
+
+@dataclass
+class PatchSummary:
+    """What :func:`patch` swapped (class name -> count) and what it left alone (class name -> reason)."""
+
+    swapped: Counter = field(default_factory=Counter)
+    already_patched: int = 0
+    left_alone: dict[str, str] = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        lines = [
+            "vitfast.patch: swapped " + (", ".join(f"{n} x{c}" for n, c in sorted(self.swapped.items())) or "nothing")
+        ]
+        if self.already_patched:
+            lines.append(f"  {self.already_patched} module(s) were already patched (left as they are)")
+        for name, reason in sorted(self.left_alone.items()):
+            lines.append(f"  left alone: {name}: {reason}")
+        return "\n".join(lines)
+
+
+def _reason_left_alone(module: nn.Module) -> str | None:
+    """Why a module with compute of its own was not swapped (None: nothing to report)."""
+    name = type(module).__name__
+    if isinstance(module, _PLAIN) or type(module).__module__.startswith("torch.nn.modules.activation"):
+        return None
+    if isinstance(module, nn.LayerNorm):
+        return f"normalizes over {len(module.normalized_shape)} dimensions; the kernel takes the last one"
+    if name == "PatchEmbed":
+        return "the fused patch embedding needs the model's class token and position embedding (vitfast models)"
+    if name == "Mlp":
+        return "GELU MLP: Linear + GELU stay in PyTorch (no fused kernel yet)"
+    if name in {"LayerScale", "DropPath", "RelativePositionBias", "RotaryEmbeddingCat"}:
+        return None  # folded into a patched block or attention, or kept as it is
+    if "Attention" in name or "Block" in name or "Mlp" in name or "GLU" in name:
+        return "not a layer variant vitfast supports (a subclass or another library's class)"
+    if next(module.children(), None) is None:
+        return "no vitfast layer for this type"
+    return None  # a container: its children are reported
+
+
+def patch(model: nn.Module, backend: str | None = None, verbose: bool = False) -> nn.Module:
+    """Swap vitfast's fused ops into ``model`` in place and return it (see the module docstring for coverage).
+
+    ``backend``: if given, also ``vitfast.set_backend(backend)`` (process-wide; ``"auto"`` uses the kernels for CUDA
+    tensors). Patching a patched model is a no-op. ``verbose`` prints the :class:`PatchSummary`, which is also kept
+    as ``model.vitfast_patch_summary``.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"vitfast.patch expects a torch.nn.Module, got {type(model).__name__}.")
+    if backend is not None:
+        set_backend(backend)
+    rules = _timm_rules()
+    summary = PatchSummary()
+    for module in model.modules():
+        if hasattr(type(module), _ORIGINAL):
+            summary.already_patched += 1
+            continue
+        rule = _rule_for(module, rules)
+        if rule is None:
+            reason = _reason_left_alone(module)
+            if reason is not None:
+                summary.left_alone.setdefault(type(module).__name__, reason)
+            continue
+        kind, forward = rule
+        original = type(module)
+        module.__class__ = _patched_class(original, kind, forward)
+        summary.swapped[original.__name__] += 1
+    model.vitfast_patch_summary = summary
+    if verbose:
+        print(summary)
+    return model
+
+
+def unpatch(model: nn.Module) -> nn.Module:
+    """Restore the original class of every module :func:`patch` swapped; returns ``model``."""
+    for module in model.modules():
+        original = getattr(type(module), _ORIGINAL, None)
+        if original is not None:
+            module.__class__ = original
+    if hasattr(model, "vitfast_patch_summary"):
+        del model.vitfast_patch_summary
+    return model
