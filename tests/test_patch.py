@@ -13,6 +13,7 @@ from tests.helpers import assert_close_scaled, assert_kernel_close, randomize_
 
 pytest.importorskip("triton")
 CUDA = torch.cuda.is_available()
+BF16_EPS = torch.finfo(torch.bfloat16).eps  # the error floor of a bf16 computation (autocast)
 
 # narrow two-block copies: every patched layer type is on the path (2 heads of 64)
 TIMM_MODELS = {
@@ -201,3 +202,21 @@ def test_distributed_data_parallel_averages_the_patched_gradients() -> None:
     for name, p in model.named_parameters():
         for rank in range(2):
             assert_close_scaled(results[rank][name], p.grad, tol=1e-5, what=f"rank {rank} {name}")
+
+
+@pytest.mark.parametrize("name", ["vit_base_patch16_clip_224", "eva02_base_patch14_224"])
+def test_patched_model_under_autocast(name) -> None:
+    """bf16 autocast (CPU here, CUDA on a GPU): the kernels take autocast's bf16 activations with fp32 parameters."""
+    device = "cuda" if CUDA else "cpu"
+    model = _timm_model(name).to(device)
+    image = torch.randn(2, 3, 112, 112, device=device)
+    expected, expected_grads = _forward_backward(copy.deepcopy(model).double(), image.double())
+    with torch.autocast(device, dtype=torch.bfloat16):
+        baseline, baseline_grads = _forward_backward(model, image)
+        vitfast.patch(model)
+        actual, actual_grads = _forward_backward(model, image, backend="triton")
+    assert actual.dtype == baseline.dtype
+    assert_kernel_close(actual.float(), expected, baseline.float(), floor=BF16_EPS, what=f"{name} autocast logits")
+    for key, grad in actual_grads.items():
+        assert grad.dtype == torch.float32, "parameter gradients stay in the parameters' dtype"
+        assert_kernel_close(grad, expected_grads[key], baseline_grads[key], floor=BF16_EPS, what=f"{name} grad {key}")
