@@ -21,6 +21,7 @@ from vitfast.models import (
     list_models,
 )
 from vitfast.patch import PatchSummary, patch, unpatch
+from vitfast.training import BlockMaskGenerator, cosine_lr_schedule, eva02_mim_loss, param_groups_layer_decay
 
 __version__ = "0.1.0"
 
@@ -46,6 +47,7 @@ def _export_entry_points() -> list[str]:
 
 
 __all__ = [
+    "BlockMaskGenerator",
     "CheckpointError",
     "LoadReport",
     "PatchSummary",
@@ -54,11 +56,14 @@ __all__ = [
     "ViTConfig",
     "VisionTransformer",
     "Weights",
+    "cosine_lr_schedule",
     "create_model",
+    "eva02_mim_loss",
     "get_backend",
     "list_aliases",
     "list_models",
     "load_checkpoint",
+    "param_groups_layer_decay",
     "patch",
     "set_backend",
     "unpatch",
