@@ -65,6 +65,11 @@ except ImportError:  # the package still imports and runs the reference path
 
     triton = _TritonStandIn()
     tl = _LanguageStandIn()
+    # torch.library.triton_op warns once per op definition that it cannot scan for kernels without triton; the ops
+    # never launch here (no "triton" backend is registered), so the warnings say nothing a user can act on
+    logging.getLogger("torch._library.triton").addFilter(
+        lambda record: not record.getMessage().startswith("Triton not available")
+    )
 
 _logged: set[tuple[str, str]] = set()
 
