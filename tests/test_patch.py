@@ -220,3 +220,49 @@ def test_patched_model_under_autocast(name) -> None:
     for key, grad in actual_grads.items():
         assert grad.dtype == torch.float32, "parameter gradients stay in the parameters' dtype"
         assert_kernel_close(grad, expected_grads[key], baseline_grads[key], floor=BF16_EPS, what=f"{name} grad {key}")
+
+
+def test_multihead_attention_self_attention_is_patched_and_other_calls_fall_back() -> None:
+    """open_clip's native towers call ``nn.MultiheadAttention(x, x, x, need_weights=False)`` batch-first."""
+    mha = randomize_(torch.nn.MultiheadAttention(128, 2, batch_first=True))
+    x = torch.randn(2, 50, 128, requires_grad=True)
+    expected = mha(x, x, x, need_weights=False)[0]
+    expected_grads = torch.autograd.grad(expected.square().sum(), [x, mha.in_proj_weight, mha.out_proj.weight])
+    masked = mha(x, x, x, need_weights=False, attn_mask=torch.zeros(50, 50))[0]
+    weights = mha(x, x, x)[1]
+
+    vitfast.patch(mha)
+    with vitfast.use_backend("triton"):
+        out, none = mha(x, x, x, need_weights=False)
+        assert none is None
+        assert_close_scaled(out, expected, tol=1e-5, what="patched MHA")
+        grads = torch.autograd.grad(out.square().sum(), [x, mha.in_proj_weight, mha.out_proj.weight])
+        for grad, reference in zip(grads, expected_grads, strict=True):
+            assert_close_scaled(grad, reference, tol=1e-5, what="patched MHA grad")
+        torch.testing.assert_close(mha(x, x, x, need_weights=False, attn_mask=torch.zeros(50, 50))[0], masked)
+        torch.testing.assert_close(mha(x, x, x)[1], weights)  # attention weights requested: the original path
+
+
+def test_layer_norm_variants_with_other_semantics_are_left_alone() -> None:
+    from timm.layers import LayerNorm2d
+
+    model = torch.nn.Sequential(LayerNorm2d(8), torch.nn.LayerNorm((4, 8)), torch.nn.LayerNorm(8))
+    vitfast.patch(model)
+    assert [type(m).__name__ for m in model] == ["LayerNorm2d", "LayerNorm", "VitfastLayerNorm"]
+    assert "LayerNorm2d" in model.vitfast_patch_summary.left_alone
+
+
+def test_open_clip_native_tower_attention_and_norms_are_patched() -> None:
+    open_clip = pytest.importorskip("open_clip")
+    tower = randomize_(
+        open_clip.transformer.VisionTransformer(
+            image_size=64, patch_size=16, width=128, layers=2, heads=2, mlp_ratio=4.0, output_dim=32
+        )
+    ).eval()
+    image = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        expected = tower(image)
+        vitfast.patch(tower)
+        assert tower.vitfast_patch_summary.swapped["MultiheadAttention"] == 2
+        with vitfast.use_backend("triton"):
+            assert_close_scaled(tower(image), expected, tol=1e-5, what="open_clip tower")

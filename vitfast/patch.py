@@ -9,7 +9,9 @@ dropout between SwiGLU and its norm, ...) runs the module's original ``forward``
 Supported (timm >= 1.0): ``nn.LayerNorm`` over one dimension (timm's LayerNorm included); ``timm.layers.Attention``
 (ViT, CLIP, MAE, DeiT towers), BEiT's ``Attention`` (relative position bias read inside the kernel) and ``EvaAttention``
 (RoPE rotated inside the kernel); ``SwiGLU`` (split, with the fused sub-LN) and ``GluMlp`` with SiLU (packed); the
-ViT ``Block``, BEiT ``Block`` and ``EvaBlock`` (first residual add, layer scale and ``norm2`` fused).
+ViT ``Block``, BEiT ``Block`` and ``EvaBlock`` (first residual add, layer scale and ``norm2`` fused); and
+``nn.MultiheadAttention`` called as batch-first self-attention without masks or weights (open_clip's native towers:
+their attention and LayerNorms are patched, their blocks are not).
 """
 
 from __future__ import annotations
@@ -127,12 +129,46 @@ def _eva_attention_forward(self: nn.Module, x: torch.Tensor, rope: torch.Tensor 
     return _attention_out(self, out)
 
 
+def _multihead_attention_forward(self: nn.MultiheadAttention, query, key, value, *args, **kwargs):
+    """``nn.MultiheadAttention`` used as batch-first self-attention without masks (open_clip's native towers)."""
+    covered = (
+        query is key is value
+        and self.batch_first
+        and self._qkv_same_embed_dim
+        and query.ndim == 3
+        and not args
+        and kwargs.get("need_weights", True) is False
+        and all(kwargs.get(name) is None for name in ("key_padding_mask", "attn_mask"))
+        and not kwargs.get("is_causal", False)
+        and self.bias_k is None
+        and not self.add_zero_attn
+    )
+    if not covered:
+        return _original_forward(self, query, key, value, *args, **kwargs)
+    batch, tokens, _ = query.shape
+    qkv = F.linear(query, self.in_proj_weight, self.in_proj_bias)
+    q, k, v = qkv.reshape(batch, tokens, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+    out = ops.attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)
+    out = out.transpose(1, 2).reshape(batch, tokens, -1)
+    return self.out_proj(out), None
+
+
 def _is_silu(act: nn.Module) -> bool:
     return isinstance(act, nn.SiLU)
 
 
+# LayerNorm subclasses known to normalize the last dimension of their input as nn.LayerNorm does (timm's LayerNorm,
+# open_clip's LayerNorm / LayerNormFp32, vitfast's own); others (e.g. timm's LayerNorm2d, which permutes NCHW input)
+# are left alone
+_LAST_DIM_LAYER_NORMS = ("LayerNorm", "LayerNormFp32")
+
+
 def _is_plain_layer_norm(module: nn.Module) -> bool:
-    return isinstance(module, nn.LayerNorm) and len(module.normalized_shape) == 1
+    return (
+        isinstance(module, nn.LayerNorm)
+        and len(module.normalized_shape) == 1
+        and (type(module).forward is nn.LayerNorm.forward or type(module).__name__ in _LAST_DIM_LAYER_NORMS)
+    )
 
 
 def _swiglu_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -243,6 +279,8 @@ def _rule_for(module: nn.Module, rules) -> tuple[str, Callable] | None:
             return kind, forward
     if _is_plain_layer_norm(module):
         return "layer_norm", _layer_norm_forward
+    if type(module) is nn.MultiheadAttention:
+        return "multihead_attention", _multihead_attention_forward
     return None
 
 
@@ -282,7 +320,7 @@ def _reason_left_alone(module: nn.Module) -> str | None:
     if isinstance(module, _PLAIN) or type(module).__module__.startswith("torch.nn.modules.activation"):
         return None
     if isinstance(module, nn.LayerNorm):
-        return f"normalizes over {len(module.normalized_shape)} dimensions; the kernel takes the last one"
+        return "not a LayerNorm over the last dimension of its input (the kernel's contract)"
     if name == "PatchEmbed":
         return "the fused patch embedding needs the model's class token and position embedding (vitfast models)"
     if name == "Mlp":
