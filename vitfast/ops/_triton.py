@@ -14,6 +14,7 @@ tests run on a GPU, and opcheck on the CPU skips its AOT-dispatch checks.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from collections.abc import Callable
@@ -24,17 +25,21 @@ import torch
 __all__ = [
     "HAS_TRITON",
     "INTERPRETER",
+    "KERNEL_DTYPES",
     "kernel_can_run",
     "launch",
     "log_fallback",
     "next_power_of_2",
+    "num_sms",
     "tl",
     "triton",
+    "widen_bf16_dot",
 ]
 
 logger = logging.getLogger("vitfast")
 
 INTERPRETER = os.environ.get("TRITON_INTERPRET", "0") == "1"
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # input dtypes every kernel takes
 
 try:
     import triton
@@ -76,6 +81,25 @@ _logged: set[tuple[str, str]] = set()
 
 def next_power_of_2(n: int) -> int:
     return 1 << max(int(n) - 1, 0).bit_length()
+
+
+@functools.cache
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (launch grids are sized from it); cached per device."""
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def widen_bf16_dot(dtype: torch.dtype) -> bool:
+    """Whether bf16 ``tl.dot`` operands must be widened to fp32: under the interpreter only.
+
+    Triton's interpreter (3.8) multiplies bf16 tiles as their raw uint16 bits. Products of bf16 values are exact in
+    fp32 and a GPU's bf16 dot accumulates in fp32, so widening the operands there computes the same sums.
+    """
+    return INTERPRETER and dtype == torch.bfloat16
 
 
 def _is_fake(value: Any) -> bool:

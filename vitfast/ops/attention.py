@@ -33,12 +33,14 @@ from vitfast.backend import dispatch, register_impl
 from vitfast.ops._triton import (
     HAS_TRITON,
     INTERPRETER,
+    KERNEL_DTYPES,
     kernel_can_run,
     launch,
     log_fallback,
     next_power_of_2,
     tl,
     triton,
+    widen_bf16_dot,
 )
 from vitfast.ops.rope import rope_2d_ref
 
@@ -47,7 +49,6 @@ __all__ = ["KERNEL_HEAD_DIMS", "attention", "attention_bwd", "attention_fwd", "a
 # Head dims of the ViT families (REFERENCE.md section 4) that the kernels are built and tested for; tiles pad D to the
 # next power of 2 (80 and 88 and 96 -> 128) with masks.
 KERNEL_HEAD_DIMS = (32, 64, 80, 88, 96, 128)
-_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def gather_rel_pos_bias(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -455,7 +456,7 @@ def _check_inputs(
             f"attention: q, k, v must all be [B, H, N, D] of one shape, got {tuple(q.shape)}, {tuple(k.shape)}, "
             f"{tuple(v.shape)}."
         )
-    if q.dtype not in _KERNEL_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
+    if q.dtype not in KERNEL_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
         raise ValueError(
             f"attention: q, k, v must share one dtype among float16, bfloat16, float32, got {q.dtype}, {k.dtype}, "
             f"{v.dtype}."
@@ -517,7 +518,7 @@ def _feature_args(
 
 def _dot_flags(dtype: torch.dtype) -> dict:
     # see the note above the kernels
-    widen = INTERPRETER and dtype == torch.bfloat16
+    widen = widen_bf16_dot(dtype)
     return {"WIDEN_DOT": widen, "PRECISION": "ieee" if dtype == torch.float32 or widen else "tf32"}
 
 
@@ -861,7 +862,7 @@ def _uncovered(
         return "tensors on a device the kernels cannot take"
     if dropout_p > 0:
         return "dropout_p > 0 (the kernels have no dropout)"
-    if q.dtype not in _KERNEL_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
+    if q.dtype not in KERNEL_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
         return f"dtypes {q.dtype}, {k.dtype}, {v.dtype} (kernels: one of float16, bfloat16, float32)"
     if q.dim() != 4 or q.shape != k.shape or q.shape != v.shape:
         return "q, k, v of different shapes (the kernels do self-attention)"

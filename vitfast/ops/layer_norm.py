@@ -20,10 +20,12 @@ from vitfast.backend import dispatch, register_impl
 from vitfast.ops._triton import (
     HAS_TRITON,
     INTERPRETER,
+    KERNEL_DTYPES,
     kernel_can_run,
     launch,
     log_fallback,
     next_power_of_2,
+    num_sms,
     tl,
     triton,
 )
@@ -40,7 +42,6 @@ __all__ = [
 
 # Widest row one program normalizes in registers (ViT widths <= 1408, sub-LN MLP widths 2048 / 2730 / 6144).
 MAX_WIDTH = 8192
-_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # Elements one program moves per row block: ~4096 on a GPU (see _block_sizes). The interpreter spends ~10 ms of
 # Python per program whatever its size, so there a program takes up to 16x more rows; the kernel code is the same.
 _TILE = 65536 if INTERPRETER else 4096
@@ -288,7 +289,7 @@ def _check_param(name: str, param: torch.Tensor | None, cols: int, device: torch
         return
     if param.shape != (cols,):
         raise ValueError(f"layer_norm: {name} must have shape ({cols},), got {tuple(param.shape)}.")
-    if param.dtype not in _KERNEL_DTYPES:
+    if param.dtype not in KERNEL_DTYPES:
         raise ValueError(f"layer_norm: {name} must be float16, bfloat16 or float32, got {param.dtype}.")
     if param.device != device:
         raise ValueError(f"layer_norm: {name} is on {param.device}, x on {device}.")
@@ -299,7 +300,7 @@ def _check_activation(name: str, t: torch.Tensor | None, shape: torch.Size, devi
         return
     if t.shape != shape:
         raise ValueError(f"layer_norm: {name} must have x's shape {tuple(shape)}, got {tuple(t.shape)}.")
-    if t.dtype not in _KERNEL_DTYPES:
+    if t.dtype not in KERNEL_DTYPES:
         raise ValueError(f"layer_norm: {name} must be float16, bfloat16 or float32, got {t.dtype}.")
     if t.device != device:
         raise ValueError(f"layer_norm: {name} is on {t.device}, x on {device}.")
@@ -417,7 +418,7 @@ def layer_norm_bwd(
     x_rows = _as_rows(x, cols)
     rows = x_rows.shape[0]
     block_rows, block_c, num_warps = _block_sizes(cols)
-    sm_count = torch.cuda.get_device_properties(x.device).multi_processor_count if x.device.type == "cuda" else None
+    sm_count = num_sms(x.device) if x.device.type == "cuda" else None
     programs, rows_per_program, block_rows = _bwd_grid(rows, block_rows, sm_count) if rows else (0, 1, block_rows)
 
     def partial_sums(param: torch.Tensor | None) -> torch.Tensor:
@@ -575,7 +576,7 @@ def _uncovered(x: torch.Tensor, *others: torch.Tensor | None) -> str | None:
     if not kernel_can_run(x, *others):
         return "tensors on a device the kernels cannot run on"
     for t in (x, *others):
-        if t is not None and t.dtype not in _KERNEL_DTYPES:
+        if t is not None and t.dtype not in KERNEL_DTYPES:
             return f"dtype {t.dtype} (kernels: float16, bfloat16, float32)"
     if x.ndim == 0 or x.numel() == 0:
         return "empty or 0-d input"

@@ -17,13 +17,20 @@ import torch
 import torch.nn.functional as F
 
 from vitfast.backend import dispatch, register_impl
-from vitfast.ops._triton import HAS_TRITON, INTERPRETER, kernel_can_run, launch, log_fallback, tl, triton
+from vitfast.ops._triton import (
+    HAS_TRITON,
+    KERNEL_DTYPES,
+    kernel_can_run,
+    launch,
+    log_fallback,
+    tl,
+    triton,
+    widen_bf16_dot,
+)
 
 __all__ = ["patch_embed", "patch_embed_ref", "patch_embed_tokens", "patch_embed_tokens_ref"]
 
 ChannelStats = Sequence[float] | torch.Tensor | None
-
-_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def patch_embed_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -417,10 +424,7 @@ def _dot_flags(dtype: torch.dtype) -> dict[str, bool]:
     return {
         # fp32 operands would otherwise run in TF32 on the GPU (10-bit mantissa), far outside fp32 PyTorch's error
         "IEEE_FP32": dtype == torch.float32,
-        # Triton's interpreter (3.8) multiplies bf16 tiles as their raw uint16 bits. Products of bf16 values are
-        # exact in fp32 and the GPU's bf16 dot accumulates in fp32, so upcasting the operands there computes the
-        # same sums.
-        "UPCAST_DOT": INTERPRETER and dtype == torch.bfloat16,
+        "UPCAST_DOT": widen_bf16_dot(dtype),
     }
 
 
@@ -454,7 +458,7 @@ def patch_embed_fwd(
     ``cls_token``) in ``weight``'s dtype, contiguous.
     """
     num_patches = _check_tokens_inputs(x, weight, bias, pos_embed, cls_token, mean, std)
-    if weight.dtype not in _KERNEL_DTYPES:
+    if weight.dtype not in KERNEL_DTYPES:
         raise ValueError(f"the patch-embedding kernel takes fp16/bf16/fp32 weights, got {weight.dtype}.")
     embed_dim, channels, patch_h, patch_w = weight.shape
     batch, _, _, width = x.shape
@@ -661,7 +665,7 @@ def _patch_embed_bwd_reference(
 
 
 def _kernel_covers(weight: torch.Tensor, *tensors: torch.Tensor | None) -> bool:
-    return kernel_can_run(weight, *tensors) and weight.dtype in _KERNEL_DTYPES
+    return kernel_can_run(weight, *tensors) and weight.dtype in KERNEL_DTYPES
 
 
 @torch.library.triton_op("vitfast::patch_embed_fwd", mutates_args=())
@@ -744,7 +748,7 @@ def _patch_embed_tokens_triton(
     stats = [s for s in (mean, std) if isinstance(s, torch.Tensor)]
     if not kernel_can_run(x, weight, bias, pos_embed, cls_token):
         reason = "tensors not all on a CUDA GPU (or on the CPU under the Triton interpreter)"
-    elif weight.dtype not in _KERNEL_DTYPES:
+    elif weight.dtype not in KERNEL_DTYPES:
         reason = f"{weight.dtype} weights (the kernel takes fp16/bf16/fp32)"
     elif any(s.requires_grad for s in stats):
         reason = "mean/std that require grad (the kernel treats them as constants)"

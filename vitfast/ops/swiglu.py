@@ -20,8 +20,6 @@ saving it. For fp32 inputs the rounding is a no-op.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.nn.functional as F
 
@@ -29,10 +27,12 @@ from vitfast.backend import dispatch, register_impl
 from vitfast.ops._triton import (
     HAS_TRITON,
     INTERPRETER,
+    KERNEL_DTYPES,
     kernel_can_run,
     launch,
     log_fallback,
     next_power_of_2,
+    num_sms,
     tl,
     triton,
 )
@@ -46,7 +46,6 @@ __all__ = [
     "swiglu_ref",
 ]
 
-KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_LAYER_NORM_WIDTH = 8192  # one row in registers; wider rows run the reference
 
 
@@ -499,11 +498,6 @@ def _row_num_warps(block_m: int, block_n: int) -> int:
     return min(max(block_m * block_n // 512, 4), 16)
 
 
-@functools.cache
-def _num_sms(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
 def _layer_norm_bwd_programs(n_rows: int, block_m: int, device: torch.device) -> int:
     # Each program walks a contiguous range of rows and keeps fp32 partial d_weight / d_bias in registers. On a GPU,
     # 4 programs per SM fill it while the [programs, width] partial-sum buffer stays small, and more when a program
@@ -511,7 +505,7 @@ def _layer_norm_bwd_programs(n_rows: int, block_m: int, device: torch.device) ->
     # fewest that respect _MAX_CHAIN.
     wanted = triton.cdiv(n_rows, _MAX_CHAIN)
     if device.type == "cuda":
-        wanted = max(wanted, 4 * _num_sms(device.index if device.index is not None else torch.cuda.current_device()))
+        wanted = max(wanted, 4 * num_sms(device))
     return max(1, min(triton.cdiv(n_rows, block_m), wanted))
 
 
