@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device-machine call, run from the repo root: bash benchmarks/gpu_session.sh [sections...]
-# Sections (default: all in this order): env tests bench profile ops. Everything is written under $OUT (or ./gpu_out).
-# Each section has its own time limit so that one slow part cannot eat the call.
+# Sections: env tests retest bench engine profile ops (default: env tests bench profile ops). Everything is written
+# under $OUT (or ./gpu_out). Each section has its own time limit so that one slow part cannot eat the call.
 set -u
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 OUT=${OUT:-$PWD/gpu_out}
@@ -12,32 +12,39 @@ for section in $sections; do
   case $section in
     env)
       python3 -c "import torch, triton, timm, sys; print(sys.version.split()[0], torch.__version__, triton.__version__, timm.__version__, torch.cuda.get_device_name())"
-      nvidia-smi --query-gpu=name,driver_version,clocks.max.sm,memory.total --format=csv,noheader
-      git log -1 --format='%h %s' 2>/dev/null || true ;;
+      nvidia-smi --query-gpu=name,driver_version,clocks.max.sm,memory.total --format=csv,noheader ;;
     tests)
       timeout 300 python3 -m pytest tests -m gpu -q -p no:cacheprovider -n 4 --timeout 200 -rfEs 2>&1 \
         | tee "$OUT/gpu_tests.log" | grep -v "^SKIPPED" | tail -60 ;;
+    retest)
+      timeout 240 python3 -m pytest tests -m gpu -q -p no:cacheprovider -n 4 --timeout 200 -rfEs \
+        -k "compile or eva02_large or opcheck or engine" 2>&1 | tee "$OUT/gpu_retest.log" | grep -v "^SKIPPED" | tail -30 ;;
     bench)
       timeout 200 python3 -m vitfast.cli bench vit_base_patch16_224 beitv2_base_patch16_224 eva02_large_patch14_448 \
         --batch-sizes 1,8 --providers timm-eager,timm-graphs,vitfast,vitfast-reference --warmup 5 --reps 30 \
         --json "$OUT/bench.jsonl" 2>&1 | grep -v "first call \.\.\." | tail -40 ;;
+    engine)
+      timeout 240 python3 benchmarks/gpu_engine_check.py --json "$OUT/engine.jsonl" --batch-sizes 1,8 \
+        --models vit_base_patch16_224,beitv2_base_patch16_224,eva02_base_patch14_448,vit_base_patch16_clip_quickgelu_224 \
+        2>&1 | tail -45 ;;
     profile)
-      for spec in "vit_base_patch16_224 1 vitfast" "vit_base_patch16_224 1 timm-graphs"; do
+      for spec in "vit_base_patch16_224 1 vitfast-graphs:reference" "vit_base_patch16_224 1 vitfast-graphs:triton" \
+          "vit_base_patch16_224 1 timm-graphs" "vit_base_patch16_224 8 vitfast-graphs:triton"; do
         set -- $spec
-        timeout 60 python3 benchmarks/profile_block.py "$1" --batch-size "$2" --provider "$3" --json "$OUT/profile.jsonl" 2>&1 | tail -22
+        timeout 60 python3 benchmarks/profile_block.py "$1" --batch-size "$2" --provider "$3" \
+          --json "$OUT/profile.jsonl" 2>&1 | tail -22
       done ;;
     ops)
-      timeout 150 python3 -m pytest benchmarks/test_ops.py --benchmark-only -q -p no:cacheprovider -k "gpu and not compile" \
-        --benchmark-json "$OUT/ops.json" --benchmark-columns median,iqr --benchmark-sort name 2>&1 | tail -5 ;;
-  esac
-done
-echo "=== done $(date -u +%H:%M:%S)"
-if [ -f "$OUT/ops.json" ]; then
-  python3 - "$OUT/ops.json" <<'PY'
+      timeout 150 python3 -m pytest benchmarks/test_ops.py --benchmark-only -q -p no:cacheprovider \
+        -k "gpu and not compile" --benchmark-json "$OUT/ops.json" --benchmark-columns median,iqr \
+        --benchmark-sort name 2>&1 | tail -5
+      python3 - "$OUT/ops.json" <<'PY'
 import json, sys
-rows = json.load(open(sys.argv[1]))["benchmarks"]
-for b in rows:
+for b in json.load(open(sys.argv[1]))["benchmarks"]:
     gbps = b.get("extra_info", {}).get("GB/s")
     print(f"{b['name'][12:]:<70} {b['stats']['median'] * 1e6:9.1f} us" + (f"  {gbps:7.0f} GB/s" if gbps else ""))
 PY
-fi
+      ;;
+  esac
+done
+echo "=== done $(date -u +%H:%M:%S)"

@@ -4,11 +4,11 @@
     python benchmarks/profile_block.py eva02_large_patch14_448 --batch-size 8 --provider timm-graphs --json out.json
 
 Runs one model (bf16, random weights shared with timm as in ``vitfast bench``) under one ``vitfast bench`` provider
-(plus ``vitfast-optimized``: :func:`vitfast.optimize`), warms it up, then records a few forwards with
-``torch.profiler`` and prints: the kernels of one forward grouped by name (count per forward, total and mean time),
-the GPU-busy time against the wall time of a forward (the difference is launch overhead and gaps), and the two
-floors of the forward (FLOPs at the measured bf16 matmul rate, weights + activations once over the measured copy
-bandwidth). Needs a CUDA GPU.
+(or ``vitfast-graphs:<backend>``: :func:`vitfast.optimize` captured with that backend), warms it up, then records a
+few forwards with ``torch.profiler`` and prints: the kernels of one forward grouped by name (count per forward,
+total and mean time), the GPU-busy time against the wall time of a forward (the difference is launch overhead and
+gaps), and the two floors of the forward (FLOPs at the measured bf16 matmul rate, weights + activations once over the
+measured copy bandwidth). Needs a CUDA GPU.
 """
 
 from __future__ import annotations
@@ -21,8 +21,9 @@ from collections import defaultdict
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+import vitfast
 from vitfast import bench
-from vitfast.models import model_info
+from vitfast.models._info import model_info
 
 
 def measured_ceilings() -> tuple[float, float]:
@@ -52,10 +53,8 @@ def build_call(model_name: str, batch_size: int, provider_name: str):
     device = torch.device("cuda")
     ours, reference = bench.build_models(model_name, device)
     image = torch.randn(batch_size, 3, *ours.config.img_size, device=device)
-    if provider_name == "vitfast-optimized":
-        import vitfast
-
-        engine = vitfast.optimize(ours, batch_sizes=(batch_size,), dtype=torch.bfloat16)
+    if provider_name.startswith("vitfast-graphs:"):  # the engine captured with one backend
+        engine = vitfast.optimize(ours, batch_sizes=(batch_size,), backend=provider_name.split(":")[1])
         x = image.to(torch.bfloat16)
         return ours, (lambda: engine(x))
     call, _ = bench.make_call(bench.PROVIDERS[provider_name], ours, reference, image, dtype=torch.bfloat16)

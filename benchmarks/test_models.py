@@ -17,7 +17,16 @@ from vitfast import bench
 
 GPU_MODELS = ("vit_base_patch16_224", "beitv2_base_patch16_224", "eva02_large_patch14_448")
 GPU_BATCH_SIZES = (1, 4, 8, 64)
-GPU_PROVIDERS = ("timm-eager", "timm-compile", "timm-graphs", "vitfast", "vitfast-reference", "xformers", "liger")
+GPU_PROVIDERS = (
+    "timm-eager",
+    "timm-compile",
+    "timm-graphs",
+    "vitfast",
+    "vitfast-graphs",
+    "vitfast-reference",
+    "xformers",
+    "liger",
+)
 
 
 @functools.cache

@@ -11,6 +11,7 @@ backend is plain PyTorch and runs anywhere.
 from vitfast import models as _models
 from vitfast.backend import get_backend, set_backend, use_backend
 from vitfast.checkpoint import CheckpointError, LoadReport, PretrainedDownloadError, load_checkpoint
+from vitfast.engine import InferenceEngine, optimize
 from vitfast.models import (
     UnknownModelError,
     VisionTransformer,
@@ -49,6 +50,7 @@ def _export_entry_points() -> list[str]:
 __all__ = [
     "BlockMaskGenerator",
     "CheckpointError",
+    "InferenceEngine",
     "LoadReport",
     "PatchSummary",
     "PretrainedDownloadError",
@@ -63,6 +65,7 @@ __all__ = [
     "list_aliases",
     "list_models",
     "load_checkpoint",
+    "optimize",
     "param_groups_layer_decay",
     "patch",
     "set_backend",

@@ -68,6 +68,7 @@ class Provider:
     requires: str | None = None  # importable module the provider needs
     cuda_only: bool = False
     default: bool = True  # part of the default provider set
+    engine: bool = False  # run through vitfast.optimize() (CUDA graphs + fused blocks), inference only
 
 
 PROVIDERS = {
@@ -79,6 +80,9 @@ PROVIDERS = {
             "timm-graphs", "timm, torch.compile(mode='reduce-overhead')", "timm", "reduce-overhead", cuda_only=True
         ),
         Provider("vitfast", "vitfast, best available backend", "vitfast"),
+        Provider(
+            "vitfast-graphs", "vitfast.optimize(): CUDA graphs + fused blocks", "vitfast", cuda_only=True, engine=True
+        ),
         Provider("vitfast-reference", "vitfast, reference backend", "vitfast", backend="reference"),
         Provider("vitfast-compile", "vitfast, torch.compile(dynamic=False)", "vitfast", "default", default=False),
         # peers: vitfast's layers on the PyTorch reference, with one library's kernels swapped in
@@ -423,7 +427,7 @@ def run(config: BenchConfig, on_result: Callable[[Measurement], None] | None = N
         ours, reference = build_models(model_name, device, config.seed, **config.overrides)
         img_size = list(ours.config.img_size)
         flops = model_info(model_name, flops=True, **config.overrides).gflops * 1e9
-        reasons = {p.name: skip_reason(p, config.device, reference) for p in providers}
+        reasons = {p.name: skip_reason(p, config.device, reference, config.train) for p in providers}
         # the reference provider runs first, so every later row is checked (and written) as soon as it is measured
         first = next(
             (
@@ -477,6 +481,17 @@ def make_call(
 
     Returns the call and, in training mode, a function giving the first step's loss (for the agreement check).
     """
+    if provider.engine:
+        if train:
+            raise ValueError(f"{provider.name} is an inference engine; it has no training step.")
+        engine = vitfast.optimize(ours, batch_sizes=(image.shape[0],), dtype=dtype, device=image.device)
+        x = image.to(dtype)
+
+        def call():
+            with provider_context(provider):
+                return engine(x)
+
+        return call, None
     module = prepare(provider, ours, reference, dtype, train)
     if train:
         step, first_loss = _train_step(module, image, labels, image.device)
@@ -496,8 +511,10 @@ def make_call(
     return call, first_loss
 
 
-def skip_reason(provider: Provider, device: str, reference: nn.Module | None) -> str | None:
+def skip_reason(provider: Provider, device: str, reference: nn.Module | None, train: bool = False) -> str | None:
     """Why ``provider`` cannot run here for this model (its needs, or no timm counterpart), or None."""
+    if train and provider.engine:
+        return "inference engine (no training step)"
     reason = unavailable_reason(provider, device)
     if reason is None and provider.library == "timm" and reference is None:
         reason = "no timm counterpart"

@@ -20,6 +20,7 @@ pytestmark = [
 
 TIMM_MODELS = [name for name in vitfast.list_models() if get_entry(name).timm_name]
 BF16_FLOOR = 1e-3
+FP32_FLOOR = 1e-6
 
 
 @pytest.fixture(autouse=True)
@@ -44,8 +45,17 @@ def test_full_model_matches_timm_on_gpu(name: str, record_property) -> None:
     image = torch.randn(2, 3, *ours.config.img_size, device="cuda")
     with torch.no_grad():
         expected = reference.forward_features(image)
-        assert_close_scaled(ours.forward_features(image), expected, tol=1e-5, what=f"{name} fp32")
-        assert_close_scaled(ours(image), reference(image), tol=1e-5, what=f"{name} fp32 logits")
+        # fp32 on the kernels: STYLE rule 5 against timm in fp64 (fp32 kernels sum in another order than timm's ops,
+        # so a fixed bound would measure depth, not correctness)
+        reference64 = copy.deepcopy(reference).double()
+        for what, ours_fn, timm_fn, timm64_fn in (
+            ("features", ours.forward_features, reference.forward_features, reference64.forward_features),
+            ("logits", ours, reference, reference64),
+        ):
+            exact = timm64_fn(image.double())
+            ours_fp32, timm_fp32 = scaled_error(ours_fn(image), exact), scaled_error(timm_fn(image), exact)
+            assert ours_fp32 <= 2 * timm_fp32 + FP32_FLOOR, f"{name} fp32 {what}: {ours_fp32:.2e}, timm {timm_fp32:.2e}"
+        del reference64
         timm_error = scaled_error(copy.deepcopy(reference).bfloat16().forward_features(image.bfloat16()), expected)
         ours_bf16 = copy.deepcopy(ours).bfloat16()
         our_error = scaled_error(ours_bf16.forward_features(image.bfloat16()), expected)

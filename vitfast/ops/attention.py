@@ -186,7 +186,7 @@ def _attention_fwd_kernel(
         else:
             k = tl.load(k_head + keys * stride_kn + cols * stride_kd, mask=keys_ok & cols_ok, other=0.0)
             s = tl.dot(q, tl.trans(k.to(dot_dtype)), input_precision=PRECISION)
-        s = s * qk_scale_log2
+        s = s * tl.cast(qk_scale_log2, tl.float32)
         if BIAS:
             tile_ok = queries_ok & (key_cols < seq_len)
             rel = tl.load(index_rows + key_cols * stride_index_n, mask=tile_ok, other=0).to(tl.int32)
@@ -298,7 +298,7 @@ def _attention_bwd_dq_kernel(
             k = tl.load(k_head + keys * stride_kn + cols * stride_kd, mask=keys_ok & cols_ok, other=0.0)
             k = k.to(dot_dtype)
             s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
-        s = s * qk_scale_log2
+        s = s * tl.cast(qk_scale_log2, tl.float32)
         if BIAS:
             tile_ok = queries_ok & (key_cols < seq_len)
             rel = tl.load(index_rows + key_cols * stride_index_n, mask=tile_ok, other=0).to(tl.int32)
@@ -326,9 +326,21 @@ def _attention_bwd_dq_kernel(
             Cos, Sin, queries, pairs * (2 * stride_rope_d), stride_rope_n, rotate_q, num_prefix_tokens
         )
         dq_even_ptrs = dq_rows + pairs * (2 * stride_dqd)
-        _store_unrotated(dq_even_ptrs, stride_dqd, queries_ok & pairs_ok, dq_even * scale, dq_odd * scale, cos_q, sin_q)
+        _store_unrotated(
+            dq_even_ptrs,
+            stride_dqd,
+            queries_ok & pairs_ok,
+            dq_even * tl.cast(scale, tl.float32),
+            dq_odd * tl.cast(scale, tl.float32),
+            cos_q,
+            sin_q,
+        )
     else:
-        tl.store(dq_rows + cols * stride_dqd, (dq * scale).to(GradQ.dtype.element_ty), mask=queries_ok & cols_ok)
+        tl.store(
+            dq_rows + cols * stride_dqd,
+            (dq * tl.cast(scale, tl.float32)).to(GradQ.dtype.element_ty),
+            mask=queries_ok & cols_ok,
+        )
 
 
 @triton.jit
@@ -403,7 +415,7 @@ def _attention_bwd_dkdv_kernel(
             q = tl.load(q_head + queries * stride_qn + cols * stride_qd, mask=queries_ok & cols_ok, other=0.0)
             q = q.to(dot_dtype)
             st = tl.dot(k, tl.trans(q), input_precision=PRECISION)
-        st = st * qk_scale_log2
+        st = st * tl.cast(qk_scale_log2, tl.float32)
         tile_ok = keys_ok & (query_cols < seq_len)
         if BIAS:
             rel = tl.load(index_rows + query_cols * stride_index_m, mask=tile_ok, other=0).to(tl.int32)
@@ -430,9 +442,21 @@ def _attention_bwd_dkdv_kernel(
             Cos, Sin, keys, pairs * (2 * stride_rope_d), stride_rope_n, rotate_k, num_prefix_tokens
         )
         dk_even_ptrs = dk_rows + pairs * (2 * stride_dkd)
-        _store_unrotated(dk_even_ptrs, stride_dkd, keys_ok & pairs_ok, dk_even * scale, dk_odd * scale, cos_k, sin_k)
+        _store_unrotated(
+            dk_even_ptrs,
+            stride_dkd,
+            keys_ok & pairs_ok,
+            dk_even * tl.cast(scale, tl.float32),
+            dk_odd * tl.cast(scale, tl.float32),
+            cos_k,
+            sin_k,
+        )
     else:
-        tl.store(dk_rows + cols * stride_dkd, (dk * scale).to(GradK.dtype.element_ty), mask=keys_ok & cols_ok)
+        tl.store(
+            dk_rows + cols * stride_dkd,
+            (dk * tl.cast(scale, tl.float32)).to(GradK.dtype.element_ty),
+            mask=keys_ok & cols_ok,
+        )
     dv_ptrs = GradV + off_b * stride_dvb + off_h * stride_dvh + keys * stride_dvn + cols * stride_dvd
     tl.store(dv_ptrs, dv.to(GradV.dtype.element_ty), mask=keys_ok & cols_ok)
 

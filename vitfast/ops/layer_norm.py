@@ -142,7 +142,7 @@ def _layer_norm_fwd_kernel(
         # normalize the rounded sum, the tensor handed on, so that normed is exactly LayerNorm(residual_out)
         x = residual.to(tl.float32)
     centered, mean = _center_rows(x, mask, cols)
-    rstd = tl.rsqrt(tl.sum(centered * centered, axis=1) / cols + eps)
+    rstd = tl.rsqrt(tl.sum(centered * centered, axis=1) / cols + tl.cast(eps, tl.float32))
     out = centered * rstd[:, None]
     if HAS_WEIGHT:
         out = out * tl.load(weight_ptr + col, mask=col_mask, other=0.0).to(tl.float32)[None, :]

@@ -231,7 +231,7 @@ def _swiglu_layer_norm_fwd_kernel(
     product = (gate * tl.sigmoid(gate) * up).to(gate_ptr.dtype.element_ty).to(tl.float32)
     mean = tl.sum(product, axis=1) / n_cols
     centered = tl.where(mask, product - mean[:, None], 0.0)
-    rstd = tl.rsqrt(tl.sum(centered * centered, axis=1) / n_cols + eps)
+    rstd = tl.rsqrt(tl.sum(centered * centered, axis=1) / n_cols + tl.cast(eps, tl.float32))
     weight = tl.load(weight_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
     bias = tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
     out = centered * rstd[:, None] * weight[None, :] + bias[None, :]

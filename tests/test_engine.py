@@ -1,0 +1,242 @@
+"""vitfast.optimize(): the fused inference forward, padding, size dispatch, output ownership and input errors.
+
+On the CPU the engine runs its whole path minus the graph capture; the GPU tests at the end capture real graphs.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import vitfast
+from tests.helpers import assert_close_scaled, assert_kernel_close, randomize_
+from vitfast.engine import InferenceEngine
+
+FAMILIES = [
+    "vit_small_patch16_224",  # fused qkv + bias, GELU, final norm
+    "vit_base_patch16_clip_quickgelu_224",  # pre-norm, QuickGELU
+    "beitv2_base_patch16_224",  # q/v bias, relative position bias, layer scale, avg pool + fc_norm
+    "eva02_base_patch14_448",  # split q/k/v, RoPE, SwiGLU with sub-LN (both concatenated by the engine)
+    "eva02_tiny_patch14_224",  # packed SwiGLU, q/v bias, RoPE
+]
+
+
+def _model(name: str, **overrides) -> torch.nn.Module:
+    overrides = {"depth": 2, "num_classes": 7, **overrides}
+    return randomize_(vitfast.create_model(name, **overrides)).eval()
+
+
+def _small_model(**overrides) -> torch.nn.Module:
+    return _model("vit_small_patch16_224", img_size=64, **overrides)
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_fused_forward_matches_model_fp32(name: str) -> None:
+    model = _model(name, img_size=112 if "448" not in name else 224)
+    engine = vitfast.optimize(model, batch_sizes=(2,), dtype=torch.float32, device="cpu")
+    assert engine.fused is not None
+    image = torch.randn(2, 3, *model.config.img_size)
+    with torch.no_grad():
+        assert_close_scaled(engine(image), model(image), tol=1e-5, what=f"{name} logits")
+        assert_close_scaled(engine.forward_features(image), model.forward_features(image), tol=1e-5, what=name)
+
+
+@pytest.mark.parametrize("name", ["beitv2_base_patch16_224", "eva02_base_patch14_448"])
+def test_bf16_engine_within_rule_5(name: str) -> None:
+    """The fused residuals round once where the model rounds twice: the bf16 error must stay within rule 5."""
+    model = _model(name, img_size=112)
+    image = torch.randn(2, 3, 112, 112)
+    with torch.no_grad():
+        exact = copy.deepcopy(model).double()(image.double())
+        baseline = copy.deepcopy(model).bfloat16()(image.bfloat16())
+    out = vitfast.optimize(model, batch_sizes=(2,), dtype=torch.bfloat16, device="cpu")(image)
+    assert out.dtype == torch.bfloat16
+    assert_kernel_close(out, exact, baseline, floor=1e-3, what=name)
+
+
+def test_unfused_engine_runs_the_model_forward() -> None:
+    model = _small_model()
+    engine = vitfast.optimize(model, batch_sizes=(2,), dtype=torch.float32, device="cpu", fuse=False)
+    assert engine.fused is None
+    image = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(engine(image), model(image), rtol=0, atol=0)
+
+
+def test_padding_leaves_real_rows_unchanged() -> None:
+    model = _small_model()
+    engine = vitfast.optimize(model, batch_sizes=(1, 4), dtype=torch.float32, device="cpu")
+    images = torch.randn(3, 3, 64, 64)
+    out = engine(images)
+    assert out.shape == (3, 7)
+    assert engine.captured_sizes() == [("forward", 4)]
+    for i in range(3):
+        alone = engine(images[i : i + 1])
+        torch.testing.assert_close(out[i : i + 1], alone, rtol=1e-5, atol=1e-6)
+    assert engine.captured_sizes() == [("forward", 1), ("forward", 4)]
+
+
+def test_batch_above_largest_size_runs_eager_or_captures() -> None:
+    model = _small_model()
+    image = torch.randn(5, 3, 64, 64)
+    eager = vitfast.optimize(model, batch_sizes=(1, 4), dtype=torch.float32, device="cpu")
+    expected = eager(image)
+    assert eager.captured_sizes() == [] and eager.stats["eager_calls"] == 1
+    capturing = vitfast.optimize(model, batch_sizes=(1, 4), dtype=torch.float32, device="cpu", on_new_size="capture")
+    torch.testing.assert_close(capturing(image), expected)
+    assert capturing.captured_sizes() == [("forward", 5)] and capturing.batch_sizes == [1, 4, 5]
+
+
+def test_forward_and_features_are_separate_entries() -> None:
+    model = _small_model()
+    engine = vitfast.optimize(model, batch_sizes=(2,), dtype=torch.float32, device="cpu")
+    image = torch.randn(2, 3, 64, 64)
+    logits, tokens = engine(image), engine.forward_features(image)
+    assert logits.shape == (2, 7) and tokens.shape == (2, 17, 384)
+    assert engine.captured_sizes() == [("features", 2), ("forward", 2)]
+
+
+def test_outputs_are_owned_by_the_caller_by_default() -> None:
+    engine = vitfast.optimize(_small_model(), batch_sizes=(2,), dtype=torch.float32, device="cpu")
+    first_input, second_input = torch.randn(2, 3, 64, 64), torch.randn(2, 3, 64, 64)
+    first = engine(first_input)
+    kept = first.clone()
+    second = engine(second_input)
+    torch.testing.assert_close(first, kept, rtol=0, atol=0)  # not overwritten by the second call
+    assert first.data_ptr() != second.data_ptr()
+    assert not torch.equal(first, second)
+
+
+def test_copy_outputs_false_returns_the_static_buffer() -> None:
+    engine = vitfast.optimize(_small_model(), batch_sizes=(2,), dtype=torch.float32, device="cpu", copy_outputs=False)
+    first = engine(torch.randn(2, 3, 64, 64))
+    second = engine(torch.randn(2, 3, 64, 64))
+    assert first.data_ptr() == second.data_ptr()  # documented: the next call overwrites the view
+    torch.testing.assert_close(first, second, rtol=0, atol=0)
+
+
+def test_input_is_not_modified_and_model_is_copied() -> None:
+    model = _small_model()
+    weight = model.head.weight
+    image = torch.randn(3, 3, 64, 64)
+    saved = image.clone()
+    engine = vitfast.optimize(model, batch_sizes=(4,), dtype=torch.bfloat16, device="cpu")
+    engine(image)
+    torch.testing.assert_close(image, saved, rtol=0, atol=0)
+    assert model.head.weight is weight and weight.dtype == torch.float32
+    assert engine.model.head.weight.dtype == torch.bfloat16 and not engine.model.head.weight.requires_grad
+
+
+def test_uint8_images_match_the_model() -> None:
+    model = _small_model()
+    engine = vitfast.optimize(model, batch_sizes=(2,), dtype=torch.float32, device="cpu")
+    image = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8)
+    with torch.no_grad():
+        expected = model(image)
+    torch.testing.assert_close(engine(image), expected, rtol=1e-5, atol=1e-5)
+    engine(image.float())  # a float batch of the same size is another entry, not the uint8 one
+    assert len(engine._captured) == 2
+
+
+def test_a_timm_model_is_graphed_without_fusion() -> None:
+    timm = pytest.importorskip("timm")
+    model = timm.create_model("vit_small_patch16_224", img_size=64, depth=2, num_classes=5).eval()
+    engine = vitfast.optimize(model, batch_sizes=(2,), dtype=torch.float32, device="cpu")
+    assert engine.fused is None
+    image = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(engine(image), model(image))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        ({"batch_sizes": ()}, ValueError, "batch_sizes must be positive"),
+        ({"batch_sizes": (0, 2)}, ValueError, "batch_sizes must be positive"),
+        ({"dtype": torch.float64}, ValueError, "dtype must be"),
+        ({"on_new_size": "pad"}, ValueError, "on_new_size must be one of"),
+        ({"backend": "tensorrt"}, ValueError, "unknown vitfast backend"),
+        ({"use_graphs": True}, ValueError, "CUDA graphs need a CUDA device"),
+    ],
+)
+def test_bad_arguments(kwargs, error, message) -> None:
+    with pytest.raises(error, match=message):
+        vitfast.optimize(_small_model(), **{"device": "cpu", **kwargs})
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without a GPU")
+def test_cuda_without_gpu_says_what_to_do() -> None:
+    with pytest.raises(RuntimeError, match="device='cpu'"):
+        vitfast.optimize(_small_model())
+
+
+@pytest.mark.parametrize(
+    ("image", "error", "message"),
+    [
+        (torch.randn(3, 64, 64), ValueError, r"\[B, C, H, W\]"),
+        (torch.randn(0, 3, 64, 64), ValueError, "non-empty"),
+        (torch.randint(0, 9, (2, 3, 64, 64), dtype=torch.int32), TypeError, "floating-point or uint8"),
+        (torch.randn(2, 3, 96, 96), ValueError, "does not match the model's 64x64"),
+        (torch.randn(2, 1, 64, 64), ValueError, "expected 3 input channels"),
+        ([1, 2], TypeError, "expected an image batch tensor"),
+    ],
+)
+def test_bad_inputs(image, error, message) -> None:
+    engine = vitfast.optimize(_small_model(), batch_sizes=(2,), dtype=torch.float32, device="cpu")
+    with pytest.raises(error, match=message):
+        engine(image)
+    assert engine.captured_sizes() == []  # a rejected input leaves no entry behind
+
+
+def test_engine_on_the_triton_kernels_matches_the_reference() -> None:
+    """The fused sequence on the kernels (interpreter on the CPU): the same ops the GPU engine captures."""
+    pytest.importorskip("triton")
+    model = _model("eva02_tiny_patch14_224", img_size=56, depth=1)
+    image = torch.randn(1, 3, 56, 56)
+    expected = vitfast.optimize(model, batch_sizes=(1,), dtype=torch.float32, device="cpu", backend="reference")
+    kernels = vitfast.optimize(model, batch_sizes=(1,), dtype=torch.float32, device="cpu", backend="triton")
+    with torch.no_grad():
+        exact = copy.deepcopy(model).double()(image.double())
+    assert_kernel_close(kernels(image), exact, expected(image), what="engine on triton")
+
+
+def test_repr_and_is_exported() -> None:
+    engine = vitfast.optimize(_small_model(), batch_sizes=(4, 1), dtype=torch.float32, device="cpu")
+    assert isinstance(engine, InferenceEngine) and vitfast.InferenceEngine is InferenceEngine
+    assert "batch_sizes=[1, 4]" in repr(engine) and "graphs=False" in repr(engine)
+
+
+# ---------------------------------------------------------------------------------------------- GPU: real graphs
+
+requires_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
+
+
+@pytest.mark.gpu
+@requires_gpu
+@pytest.mark.parametrize("name", ["vit_base_patch16_224", "beitv2_base_patch16_224", "eva02_base_patch14_448"])
+def test_gpu_graphs_match_timm_within_rule_5(name: str) -> None:
+    timm = pytest.importorskip("timm")
+    from vitfast.models import get_entry
+
+    entry = get_entry(name)
+    with torch.device("cuda"):
+        reference = randomize_(timm.create_model(entry.timm_name, **{**entry.timm_kwargs, "num_classes": 7})).eval()
+        ours = vitfast.create_model(name, num_classes=7)
+    ours.load_state_dict(reference.state_dict(), strict=False)
+    engine = vitfast.optimize(ours, batch_sizes=(1, 4))
+    image = torch.randn(3, 3, *ours.config.img_size, device="cuda")
+    with torch.no_grad():
+        exact = reference(image)
+        baseline = copy.deepcopy(reference).bfloat16()(image.bfloat16())
+    out = engine(image)
+    assert engine.captured_sizes() == [("forward", 4)] and engine.stats["replays"] == 1
+    assert_kernel_close(out, exact, baseline, floor=1e-3, what=f"{name} engine bf16")
+    again = engine(image)
+    torch.testing.assert_close(again, out, rtol=0, atol=0)  # a replay is deterministic
+    uint8 = torch.randint(0, 256, (1, 3, *ours.config.img_size), dtype=torch.uint8, device="cuda")
+    with torch.no_grad():
+        torch.testing.assert_close(
+            engine(uint8).float(), vitfast.optimize(ours, batch_sizes=(1,), use_graphs=False)(uint8).float()
+        )

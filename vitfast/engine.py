@@ -1,0 +1,393 @@
+"""Small-batch inference: :func:`optimize` turns a model into an engine that replays one CUDA graph per batch size.
+
+At batch 1-8 a ViT on a big GPU is bound by kernel launches, not by arithmetic: eager PyTorch spends most of a
+forward issuing ~10 kernels per block from Python. The engine removes that in two ways:
+
+- **CUDA graphs.** The first call at a batch size captures the whole forward into a graph reading a static input
+  buffer and writing a static output buffer; every later call is one copy into the input buffer, one graph replay and
+  (unless ``copy_outputs=False``) one copy out. A batch is padded to the next captured size (the padded rows are
+  computed and dropped: no op in these models mixes samples, so they cannot change the real rows).
+- **Fewer kernels per block** (``fuse=True``, vitfast :class:`~vitfast.models.VisionTransformer` models): weights are
+  rearranged once so that EVA-02's split ``q/k/v`` and ``fc1_g/fc1_x`` projections each become one GEMM and the BEiT /
+  EVA ``q_bias/v_bias`` concatenation is not rebuilt every call; RoPE tables are built once; and every residual add
+  runs inside the LayerNorm that follows it (:func:`vitfast.ops.layer_norm_residual`), including the add that ends a
+  block, fused into the next block's ``norm1`` (or the final norm).
+
+On the CPU (or with ``use_graphs=False``) the engine takes the same path without capturing: static buffers, padding,
+size dispatch and output ownership behave exactly as on the GPU, which is how they are tested without one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vitfast import ops
+from vitfast.backend import BACKENDS, use_backend
+from vitfast.layers.mlp import ACTIVATIONS, Mlp, SwiGLU, SwiGLUPacked
+from vitfast.layers.pos_embed import resample_abs_pos_embed
+from vitfast.models.vision_transformer import VisionTransformer
+
+__all__ = ["InferenceEngine", "optimize"]
+
+logger = logging.getLogger("vitfast")
+
+ON_NEW_SIZE = ("eager", "capture")
+_KINDS = ("forward", "features")
+
+
+def optimize(
+    model: nn.Module,
+    batch_sizes: Iterable[int] = (1, 4, 8),
+    dtype: torch.dtype = torch.bfloat16,
+    device: torch.device | str = "cuda",
+    *,
+    on_new_size: str = "eager",
+    copy_outputs: bool = True,
+    backend: str | None = None,
+    fuse: bool = True,
+    use_graphs: bool | None = None,
+) -> InferenceEngine:
+    """An inference engine for ``model``: same call signature (``engine(x)``, ``engine.forward_features(x)``).
+
+    Args:
+        model: a vitfast model (fused and graphed) or any module whose ``forward(x)`` takes an image batch (graphed
+            only; a timm model patched with :func:`vitfast.patch` works). The model is copied (weights cast once to
+            ``dtype`` on ``device``); the original is left as it was.
+        batch_sizes: the sizes to capture, each on its first use. A batch of another size runs at the next larger
+            captured size (padded) or, above the largest, as ``on_new_size`` says.
+        dtype: weights and activations (``torch.bfloat16``, ``torch.float16`` or ``torch.float32``). Float inputs
+            are cast to it on the copy into the static buffer; uint8 images stay uint8 (normalized by the model).
+        device: where the engine runs. CUDA graphs need a CUDA device; on the CPU the engine runs eagerly.
+        on_new_size: ``"eager"`` runs a batch larger than every captured size without a graph; ``"capture"`` captures
+            a graph for that exact size (and keeps it).
+        copy_outputs: ``True`` returns a fresh tensor per call. ``False`` returns a view of the engine's static output
+            buffer, which the next call at that size overwrites: faster, for callers that consume the result at once.
+        backend: the vitfast backend the forward is captured with (default: the current one, normally ``"auto"``).
+        fuse: run vitfast models through the fused block sequence (see the module docstring); ``False`` graphs the
+            model's own ``forward``.
+        use_graphs: capture CUDA graphs (default: on a CUDA device).
+    """
+    return InferenceEngine(
+        model,
+        batch_sizes,
+        dtype,
+        device,
+        on_new_size=on_new_size,
+        copy_outputs=copy_outputs,
+        backend=backend,
+        fuse=fuse,
+        use_graphs=use_graphs,
+    )
+
+
+@dataclass
+class _Captured:
+    """One graph: its static input and output, and the graph (None when running without graphs)."""
+
+    static_input: torch.Tensor
+    static_output: torch.Tensor
+    graph: torch.cuda.CUDAGraph | None
+
+
+class InferenceEngine(nn.Module):
+    """What :func:`optimize` returns. Not thread-safe: one call at a time (graphs share static buffers)."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        batch_sizes: Iterable[int] = (1, 4, 8),
+        dtype: torch.dtype = torch.bfloat16,
+        device: torch.device | str = "cuda",
+        *,
+        on_new_size: str = "eager",
+        copy_outputs: bool = True,
+        backend: str | None = None,
+        fuse: bool = True,
+        use_graphs: bool | None = None,
+    ) -> None:
+        super().__init__()
+        sizes = sorted({int(b) for b in batch_sizes})
+        if not sizes or sizes[0] < 1:
+            raise ValueError(f"batch_sizes must be positive integers, got {list(batch_sizes)}.")
+        if dtype not in (torch.bfloat16, torch.float16, torch.float32):
+            raise ValueError(f"dtype must be torch.bfloat16, torch.float16 or torch.float32, got {dtype}.")
+        if on_new_size not in ON_NEW_SIZE:
+            raise ValueError(f"on_new_size must be one of {ON_NEW_SIZE}, got {on_new_size!r}.")
+        if backend is not None and backend not in BACKENDS:
+            raise ValueError(f"unknown vitfast backend {backend!r}; choose one of {', '.join(BACKENDS)}.")
+        device = torch.device(device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError(
+                "optimize(device='cuda') needs a CUDA GPU, and torch.cuda.is_available() is False here; pass "
+                "device='cpu' to run the engine without CUDA graphs."
+            )
+        if use_graphs and device.type != "cuda":
+            raise ValueError(f"CUDA graphs need a CUDA device; the engine runs on {device}.")
+        self.batch_sizes = sizes
+        self.dtype = dtype
+        self.device = device
+        self.on_new_size = on_new_size
+        self.copy_outputs = copy_outputs
+        self.backend = backend
+        self.use_graphs = device.type == "cuda" if use_graphs is None else use_graphs
+        self.model = copy.deepcopy(model).to(device=device, dtype=dtype).eval().requires_grad_(False)
+        self.fused = _FusedViT(self.model) if fuse and isinstance(self.model, VisionTransformer) else None
+        self._captured: dict[tuple, _Captured] = {}
+        self._pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
+        self.stats = {"replays": 0, "eager_calls": 0, "captures": 0}
+
+    # ------------------------------------------------------------------ public calls
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits (or pooled features for a headless model), as ``model(x)``."""
+        return self._run("forward", x)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalized tokens ``[B, 1 + N, C]``, as ``model.forward_features(x)``."""
+        return self._run("features", x)
+
+    def captured_sizes(self) -> list[tuple[str, int]]:
+        """The (call, batch size) pairs captured so far."""
+        return sorted((key[0], key[1]) for key in self._captured)
+
+    def extra_repr(self) -> str:
+        return (
+            f"batch_sizes={self.batch_sizes}, dtype={self.dtype}, device={self.device}, graphs={self.use_graphs}, "
+            f"fused={self.fused is not None}, on_new_size={self.on_new_size!r}, copy_outputs={self.copy_outputs}"
+        )
+
+    # ------------------------------------------------------------------ dispatch
+
+    def _run(self, kind: str, x: torch.Tensor) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"expected an image batch tensor [B, C, H, W], got {type(x).__name__}.")
+        if x.ndim != 4 or x.shape[0] == 0:
+            raise ValueError(f"expected a non-empty image batch [B, C, H, W], got a tensor of shape {tuple(x.shape)}.")
+        if x.dtype != torch.uint8 and not x.is_floating_point():
+            raise TypeError(f"expected a floating-point or uint8 image batch, got {x.dtype}.")
+        batch = x.shape[0]
+        size = next((s for s in self.batch_sizes if s >= batch), None)
+        if size is None:
+            if self.on_new_size == "eager":
+                self.stats["eager_calls"] += 1
+                return self._call(kind, x.to(self.device, self._input_dtype(x)))
+            size = batch
+            self.batch_sizes = sorted({*self.batch_sizes, batch})
+        key = (kind, size, tuple(x.shape[1:]), self._input_dtype(x))
+        captured = self._captured.get(key)
+        if captured is None:
+            captured = self._capture(kind, size, x)
+            self._captured[key] = captured
+        captured.static_input[:batch].copy_(x)
+        if captured.graph is not None:
+            captured.graph.replay()
+            self.stats["replays"] += 1
+        else:
+            captured.static_output.copy_(self._call(kind, captured.static_input))
+            self.stats["eager_calls"] += 1
+        out = captured.static_output[:batch]
+        return out.clone() if self.copy_outputs else out
+
+    def _input_dtype(self, x: torch.Tensor) -> torch.dtype:
+        return torch.uint8 if x.dtype == torch.uint8 else self.dtype
+
+    def _call(self, kind: str, x: torch.Tensor) -> torch.Tensor:
+        """One forward on the engine's model, outside any graph."""
+        with torch.inference_mode(), use_backend(self.backend) if self.backend else contextlib.nullcontext():
+            if self.fused is not None:
+                return self.fused(x, features_only=kind == "features")
+            return self.model.forward_features(x) if kind == "features" else self.model(x)
+
+    def _capture(self, kind: str, size: int, x: torch.Tensor) -> _Captured:
+        static_input = torch.zeros((size, *x.shape[1:]), dtype=self._input_dtype(x), device=self.device)
+        static_input[: x.shape[0]].copy_(x)
+        # the first run validates the input (shape, channels, image size) with the model's own error messages,
+        # and compiles every kernel before capture
+        first = self._call(kind, static_input)
+        self.stats["captures"] += 1
+        if not self.use_graphs:
+            return _Captured(static_input, first.clone(), None)
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            for _ in range(2):  # warm-up on a side stream, as capture requires (cuBLAS workspaces, lazy inits)
+                self._call(kind, static_input)
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            static_output = self._call(kind, static_input)
+        logger.debug("vitfast engine: captured %s at batch %d (%s)", kind, size, tuple(x.shape[1:]))
+        return _Captured(static_input, static_output, graph)
+
+
+# ---------------------------------------------------------------------------------------------- fused ViT forward
+
+
+@dataclass
+class _Norm:
+    weight: torch.Tensor | None
+    bias: torch.Tensor | None
+    eps: float
+
+    @classmethod
+    def of(cls, module: nn.Module) -> _Norm | None:
+        if isinstance(module, nn.Identity):
+            return None
+        return cls(module.weight, module.bias, module.eps)
+
+
+class _FusedBlock:
+    """One block's weights, rearranged once for inference (views of the engine's model parameters or new tensors)."""
+
+    def __init__(self, block: nn.Module) -> None:
+        attn = block.attn
+        self.norm1, self.norm2 = _Norm.of(block.norm1), _Norm.of(block.norm2)
+        self.gamma_1, self.gamma_2 = block.gamma_1, block.gamma_2
+        self.num_heads, self.scale = attn.num_heads, attn.qk_scale
+        self.num_prefix_tokens = attn.num_prefix_tokens
+        if attn.qkv_layout == "split":  # three GEMMs -> one; the key has no bias
+            self.qkv_weight = torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight])
+            self.qkv_bias = torch.cat([attn.q_proj.bias, torch.zeros_like(attn.q_proj.bias), attn.v_proj.bias])
+        elif attn.qkv_layout == "fused_qv_bias":
+            self.qkv_weight = attn.qkv.weight
+            self.qkv_bias = torch.cat([attn.q_bias, torch.zeros_like(attn.q_bias), attn.v_bias])
+        else:
+            self.qkv_weight, self.qkv_bias = attn.qkv.weight, attn.qkv.bias
+        self.rel_pos = (
+            (attn.relative_position_bias_table, attn.relative_position_index)
+            if attn.relative_position_bias_table is not None
+            else None
+        )
+        self.uses_rope = attn.rope is not None
+        self.inner_norm = _Norm.of(attn.norm)
+        self.proj_weight, self.proj_bias = attn.proj.weight, attn.proj.bias
+        mlp = block.mlp
+        self.fc2_weight, self.fc2_bias = mlp.fc2.weight, mlp.fc2.bias
+        if isinstance(mlp, Mlp):
+            self.mlp_kind, self.activation = "mlp", ACTIVATIONS[mlp.act_name]
+            self.fc1_weight, self.fc1_bias = mlp.fc1.weight, mlp.fc1.bias
+        elif isinstance(mlp, SwiGLU):  # fc1_g and fc1_x -> one GEMM producing [gate | up]
+            self.mlp_kind = "swiglu"
+            self.fc1_weight = torch.cat([mlp.fc1_g.weight, mlp.fc1_x.weight])
+            self.fc1_bias = torch.cat([mlp.fc1_g.bias, mlp.fc1_x.bias])
+            self.sub_norm = _Norm.of(mlp.norm)
+        elif isinstance(mlp, SwiGLUPacked):
+            self.mlp_kind = "swiglu"
+            self.fc1_weight, self.fc1_bias = mlp.fc1.weight, mlp.fc1.bias
+            self.sub_norm = None
+        else:
+            raise TypeError(f"the fused engine does not know the MLP {type(mlp).__name__}; pass fuse=False.")
+
+    def attention(self, h: torch.Tensor, grid, rope) -> torch.Tensor:
+        batch, tokens, channels = h.shape
+        qkv = F.linear(h, self.qkv_weight, self.qkv_bias)
+        # views into the packed [B, N, 3, heads, head_dim] GEMM output: the kernel reads q, k, v through strides
+        q, k, v = qkv.reshape(batch, tokens, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        table, index = self.rel_pos if self.rel_pos is not None else (None, None)
+        out = ops.attention(
+            q,
+            k,
+            v,
+            scale=self.scale,
+            rope=rope if self.uses_rope else None,
+            num_prefix_tokens=self.num_prefix_tokens,
+            rel_pos_bias_table=table,
+            rel_pos_index=index,
+        )
+        out = out.transpose(1, 2).reshape(batch, tokens, channels)
+        if self.inner_norm is not None:
+            out = ops.layer_norm(out, self.inner_norm.weight, self.inner_norm.bias, self.inner_norm.eps)
+        return F.linear(out, self.proj_weight, self.proj_bias)
+
+    def mlp(self, h: torch.Tensor) -> torch.Tensor:
+        hidden = F.linear(h, self.fc1_weight, self.fc1_bias)
+        if self.mlp_kind == "mlp":
+            hidden = self.activation(hidden)
+        elif self.sub_norm is not None:
+            width = hidden.shape[-1] // 2
+            gate, up = hidden[..., :width], hidden[..., width:]
+            hidden = ops.swiglu_layer_norm(gate, up, self.sub_norm.weight, self.sub_norm.bias, self.sub_norm.eps)
+        else:
+            hidden = ops.swiglu_packed(hidden)
+        return F.linear(hidden, self.fc2_weight, self.fc2_bias)
+
+
+class _FusedViT:
+    """The inference forward of a vitfast VisionTransformer with every residual add fused into the next LayerNorm.
+
+    Block i computes ``x += gamma_1 * attn(norm1(x))`` then ``x += gamma_2 * mlp(norm2(x))``. Here the second add is
+    left pending and done by the next block's ``norm1`` (``layer_norm_residual``), the last one by the final norm.
+    """
+
+    def __init__(self, model: VisionTransformer) -> None:
+        self.model = model
+        self.blocks = [_FusedBlock(block) for block in model.blocks]
+        self.final_norm = _Norm.of(model.norm)
+        self._rope_tables: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._pos_embeds: dict[tuple[int, int], torch.Tensor | None] = {}
+        # uint8 images are normalized inside the patch embedding; device tensors built now, so that no host-to-device
+        # copy happens while a graph is being captured
+        cfg, device = model.pretrained_cfg, model.cls_token.device
+        self._mean_std = tuple(
+            torch.tensor(cfg[key], dtype=torch.float32, device=device) if key in cfg else None
+            for key in ("mean", "std")
+        )
+
+    def _rope(self, grid: tuple[int, int], device: torch.device):
+        if self.model.rope is None:
+            return None
+        if grid not in self._rope_tables:
+            self._rope_tables[grid] = self.model.rope.table(grid, device=device)
+        return self._rope_tables[grid]
+
+    def _pos_embed(self, grid: tuple[int, int]) -> torch.Tensor | None:
+        model = self.model
+        if grid not in self._pos_embeds:
+            pos_embed = model.pos_embed
+            if pos_embed is not None and grid != model.patch_embed.grid_size:
+                pos_embed = resample_abs_pos_embed(
+                    pos_embed, grid, model.patch_embed.grid_size, model.num_prefix_tokens
+                )
+            self._pos_embeds[grid] = pos_embed
+        return self._pos_embeds[grid]
+
+    def __call__(self, image: torch.Tensor, features_only: bool = False) -> torch.Tensor:
+        model = self.model
+        grid = model.patch_embed.grid_size_for(image)
+        mean, std = self._mean_std if image.dtype == torch.uint8 else (None, None)
+        if image.dtype == torch.uint8 and mean is None:
+            raise ValueError("this model has no mean/std in its pretrained_cfg, so uint8 images cannot be normalized.")
+        proj = model.patch_embed.proj
+        x = ops.patch_embed_tokens(image, proj.weight, proj.bias, self._pos_embed(grid), model.cls_token, mean, std)
+        x = model.norm_pre(x)
+        rope = self._rope(grid, x.device)
+        pending: tuple[torch.Tensor, torch.Tensor | None] | None = None  # (branch, gamma) not yet added to x
+        for block in self.blocks:
+            h, x = _norm_after_residual(x, pending, block.norm1)
+            branch = block.attention(h, grid, rope)
+            h, x = _norm_after_residual(x, (branch, block.gamma_1), block.norm2)
+            pending = (block.mlp(h), block.gamma_2)
+        if self.final_norm is not None:
+            features, _ = _norm_after_residual(x, pending, self.final_norm)
+        else:
+            branch, gamma = pending
+            features = x + (branch if gamma is None else gamma * branch)
+        return features if features_only else model.forward_head(features)
+
+
+def _norm_after_residual(
+    x: torch.Tensor, pending: tuple[torch.Tensor, torch.Tensor | None] | None, norm: _Norm
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(norm(x'), x')`` with ``x' = x + gamma * branch`` for a pending ``(branch, gamma)``, else ``x' = x``."""
+    if pending is None:
+        return ops.layer_norm(x, norm.weight, norm.bias, norm.eps), x
+    branch, gamma = pending
+    return ops.layer_norm_residual(x, branch, gamma, norm.weight, norm.bias, norm.eps)
