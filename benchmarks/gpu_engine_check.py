@@ -2,7 +2,7 @@
 
     PYTHONPATH=$PWD python benchmarks/gpu_engine_check.py --models vit_base_patch16_224 --batch-sizes 1,8
 
-For each model and batch size: the engine captured with each vitfast backend (reference, triton, auto) is checked
+For each model and batch size: the engine (tuned, or captured with each backend named) is checked
 against timm in fp32 (STYLE rule 5: error at most 2x timm's own bf16 error plus 1e-3) and timed like ``vitfast bench``
 (synchronize, event, call, event; median and interquartile range of ``--reps`` calls); timm eager in bf16 is timed in
 the same run for scale. Needs a CUDA GPU.
@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="vit_base_patch16_224")
     parser.add_argument("--batch-sizes", default="1,8")
-    parser.add_argument("--backends", default="reference,triton,auto")
+    parser.add_argument("--backends", default="tuned", help="comma-separated; 'tuned' lets the engine choose")
     parser.add_argument("--reps", type=int, default=50)
     parser.add_argument("--json")
     args = parser.parse_args(argv)
@@ -61,8 +61,10 @@ def main(argv: list[str] | None = None) -> None:
             del timm_bf16
             print(f"{name} bs={batch}: timm eager bf16 {eager[0]:.3f} ms; timm bf16 error {timm_error:.2e}", flush=True)
             for backend in args.backends.split(","):
-                engine = vitfast.optimize(ours, batch_sizes=(batch,), backend=backend)
+                engine = vitfast.optimize(ours, batch_sizes=(batch,), backend=None if backend == "tuned" else backend)
                 out = engine(x)
+                (key,) = engine.choices
+                tuning = {name: round(ms, 3) for name, ms in engine.tuning.get(key, {}).items()}
                 error = bench.scaled_error(out, expected)
                 ok = error <= 2 * timm_error + 1e-3 and bool(torch.isfinite(out).all())
                 median, p25, p75 = timed(lambda e=engine, x=x: e(x), args.reps)
@@ -77,11 +79,13 @@ def main(argv: list[str] | None = None) -> None:
                     "error": error,
                     "timm_bf16_error": timm_error,
                     "ok": ok,
+                    "choice": engine.choices[key],
+                    "tuning_ms": tuning,
                 }
                 rows.append(row)
                 print(
                     f"  engine[{backend}]: {median:.3f} ms ({p25:.3f}-{p75:.3f}); error {error:.2e} "
-                    f"{'ok' if ok else 'FAIL'}",
+                    f"{'ok' if ok else 'FAIL'}; chose {engine.choices[key]} {tuning}",
                     flush=True,
                 )
                 del engine

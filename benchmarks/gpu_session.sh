@@ -18,18 +18,17 @@ for section in $sections; do
         | tee "$OUT/gpu_tests.log" | grep -v "^SKIPPED" | tail -60 ;;
     retest)
       timeout 240 python3 -m pytest tests -m gpu -q -p no:cacheprovider -n 4 --timeout 200 -rfEs \
-        -k "compile or eva02_large or opcheck or engine" 2>&1 | tee "$OUT/gpu_retest.log" | grep -v "^SKIPPED" | tail -30 ;;
+        -k "compile or linear or engine or patch" 2>&1 | tee "$OUT/gpu_retest.log" | grep -v "^SKIPPED" | tail -30 ;;
     bench)
       timeout 200 python3 -m vitfast.cli bench vit_base_patch16_224 beitv2_base_patch16_224 eva02_large_patch14_448 \
         --batch-sizes 1,8 --providers timm-eager,timm-graphs,vitfast,vitfast-reference --warmup 5 --reps 30 \
         --json "$OUT/bench.jsonl" 2>&1 | grep -v "first call \.\.\." | tail -40 ;;
     engine)
       timeout 240 python3 benchmarks/gpu_engine_check.py --json "$OUT/engine.jsonl" --batch-sizes 1,8 \
-        --models vit_base_patch16_224,beitv2_base_patch16_224,eva02_base_patch14_448,vit_base_patch16_clip_quickgelu_224 \
+        --models vit_base_patch16_224,beitv2_base_patch16_224,eva02_base_patch14_448,vit_large_patch14_clip_224 \
         2>&1 | tail -45 ;;
     profile)
-      for spec in "vit_base_patch16_224 1 vitfast-graphs:reference" "vit_base_patch16_224 1 vitfast-graphs:triton" \
-          "vit_base_patch16_224 1 timm-graphs" "vit_base_patch16_224 8 vitfast-graphs:triton"; do
+      for spec in "vit_base_patch16_224 1 vitfast-graphs:auto+gemm" "vit_base_patch16_224 8 vitfast-graphs:auto+gemm"; do
         set -- $spec
         timeout 60 python3 benchmarks/profile_block.py "$1" --batch-size "$2" --provider "$3" \
           --json "$OUT/profile.jsonl" 2>&1 | tail -22

@@ -6,7 +6,9 @@ The backend is looked up every time an op is called, so switching it never requi
 - ``"triton"``: the Triton kernels (CUDA GPU and the ``triton`` package required; on the CPU only under Triton's
   interpreter, ``TRITON_INTERPRET=1``, which is how the kernels are tested without a GPU);
 - ``"cuda"``: the compiled CUDA C++ extension (``vitfast._C``);
-- ``"auto"`` (default): the fastest implementation available for the tensor's device, else the reference.
+- ``"auto"`` (default): the fastest implementation available for the tensor's device, else the reference. An op
+  whose kernels win only for some calls registers an ``"auto"`` implementation that picks per call (by rules that
+  cite the measurement behind them).
 
 Set it with :func:`set_backend`, the :func:`use_backend` context manager, or the ``VITFAST_BACKEND`` environment
 variable (read once, at the first op call).
@@ -25,7 +27,16 @@ from contextlib import contextmanager
 
 import torch
 
-__all__ = ["BACKENDS", "dispatch", "get_backend", "override_impl", "register_impl", "set_backend", "use_backend"]
+__all__ = [
+    "BACKENDS",
+    "dispatch",
+    "get_backend",
+    "implementations",
+    "override_impl",
+    "register_impl",
+    "set_backend",
+    "use_backend",
+]
 
 BACKENDS = ("reference", "triton", "cuda", "auto")
 ENV_VAR = "VITFAST_BACKEND"
@@ -114,6 +125,13 @@ def register_impl(op: str, backend: str, fn: Callable | None = None):
     return _register(fn) if fn is not None else _register
 
 
+def implementations(op: str) -> dict[str, Callable]:
+    """The registered implementations of ``op`` by backend name (a copy)."""
+    if op not in _impls:
+        raise KeyError(f"unknown vitfast op {op!r}; known ops: {sorted(_impls)}")
+    return dict(_impls[op])
+
+
 @contextmanager
 def override_impl(op: str, fn: Callable) -> Iterator[None]:
     """Run ``fn`` for ``op`` whatever the backend, inside the block (how benchmarks plug in peer libraries)."""
@@ -142,6 +160,8 @@ def dispatch(op: str, device: torch.device) -> Callable:
     chosen = get_backend()
     if chosen == "reference":
         return impls["reference"]
+    if chosen == "auto" and device.type == "cuda" and "auto" in impls:
+        return impls["auto"]  # the op's own measured per-call choice between its implementations
     candidates = _auto_candidates(device) if chosen == "auto" else (chosen,)
     for name in candidates:
         if name in impls:

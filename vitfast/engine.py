@@ -26,12 +26,11 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from vitfast import ops
-from vitfast.backend import BACKENDS, use_backend
-from vitfast.layers.mlp import ACTIVATIONS, Mlp, SwiGLU, SwiGLUPacked
+from vitfast.backend import BACKENDS, implementations, override_impl, use_backend
+from vitfast.layers.mlp import Mlp, SwiGLU, SwiGLUPacked
 from vitfast.layers.pos_embed import resample_abs_pos_embed
 from vitfast.models.vision_transformer import VisionTransformer
 
@@ -70,7 +69,10 @@ def optimize(
             a graph for that exact size (and keeps it).
         copy_outputs: ``True`` returns a fresh tensor per call. ``False`` returns a view of the engine's static output
             buffer, which the next call at that size overwrites: faster, for callers that consume the result at once.
-        backend: the vitfast backend the forward is captured with (default: the current one, normally ``"auto"``).
+        backend: the vitfast backend the forward is captured with. Default (``None``): with CUDA graphs, each batch
+            size is captured once per candidate (``"auto"``, ``"auto"`` with the Triton GEMMs, ``"triton"``,
+            ``"reference"``), a few replays of each are timed, and the fastest graph is kept (``engine.choices``
+            says which won, ``engine.tuning`` the times); without graphs, the current backend.
         fuse: run vitfast models through the fused block sequence (see the module docstring); ``False`` graphs the
             model's own ``forward``.
         use_graphs: capture CUDA graphs (default: on a CUDA device).
@@ -121,8 +123,11 @@ class InferenceEngine(nn.Module):
             raise ValueError(f"dtype must be torch.bfloat16, torch.float16 or torch.float32, got {dtype}.")
         if on_new_size not in ON_NEW_SIZE:
             raise ValueError(f"on_new_size must be one of {ON_NEW_SIZE}, got {on_new_size!r}.")
-        if backend is not None and backend not in BACKENDS:
-            raise ValueError(f"unknown vitfast backend {backend!r}; choose one of {', '.join(BACKENDS)}.")
+        if backend is not None and backend not in (*BACKENDS, "auto+gemm"):
+            raise ValueError(
+                f"unknown vitfast backend {backend!r}; choose one of {', '.join(BACKENDS)} or 'auto+gemm' (auto with "
+                "the Triton GEMMs)."
+            )
         device = torch.device(device)
         if device.type == "cuda" and not torch.cuda.is_available():
             raise RuntimeError(
@@ -141,6 +146,8 @@ class InferenceEngine(nn.Module):
         self.model = copy.deepcopy(model).to(device=device, dtype=dtype).eval().requires_grad_(False)
         self.fused = _FusedViT(self.model) if fuse and isinstance(self.model, VisionTransformer) else None
         self._captured: dict[tuple, _Captured] = {}
+        self.choices: dict[tuple, str] = {}  # (call, batch size, input shape, dtype) -> the candidate captured
+        self.tuning: dict[tuple, dict[str, float]] = {}  # same keys -> median replay ms of every candidate
         self._pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
         self.stats = {"replays": 0, "eager_calls": 0, "captures": 0}
 
@@ -199,9 +206,28 @@ class InferenceEngine(nn.Module):
     def _input_dtype(self, x: torch.Tensor) -> torch.dtype:
         return torch.uint8 if x.dtype == torch.uint8 else self.dtype
 
-    def _call(self, kind: str, x: torch.Tensor) -> torch.Tensor:
+    def _candidates(self) -> list[str]:
+        if self.backend is not None:
+            return [self.backend]
+        if not self.use_graphs:
+            return ["current"]
+        names = ["auto", "auto+gemm", "triton", "reference"]
+        return names if "triton" in implementations("linear") else ["auto", "reference"]
+
+    @contextlib.contextmanager
+    def _candidate(self, name: str):
+        with contextlib.ExitStack() as stack:
+            if name == "auto+gemm":
+                stack.enter_context(use_backend("auto"))
+                stack.enter_context(override_impl("linear", implementations("linear")["triton"]))
+            elif name != "current":
+                stack.enter_context(use_backend(name))
+            yield
+
+    def _call(self, kind: str, x: torch.Tensor, candidate: str | None = None) -> torch.Tensor:
         """One forward on the engine's model, outside any graph."""
-        with torch.inference_mode(), use_backend(self.backend) if self.backend else contextlib.nullcontext():
+        name = candidate or self._candidates()[0]
+        with torch.inference_mode(), self._candidate(name):
             if self.fused is not None:
                 return self.fused(x, features_only=kind == "features")
             return self.model.forward_features(x) if kind == "features" else self.model(x)
@@ -209,23 +235,63 @@ class InferenceEngine(nn.Module):
     def _capture(self, kind: str, size: int, x: torch.Tensor) -> _Captured:
         static_input = torch.zeros((size, *x.shape[1:]), dtype=self._input_dtype(x), device=self.device)
         static_input[: x.shape[0]].copy_(x)
+        candidates = self._candidates()
+        key = (kind, size, tuple(x.shape[1:]), self._input_dtype(x))
         # the first run validates the input (shape, channels, image size) with the model's own error messages,
         # and compiles every kernel before capture
-        first = self._call(kind, static_input)
+        first = self._call(kind, static_input, candidates[0])
         self.stats["captures"] += 1
         if not self.use_graphs:
+            self.choices[key] = candidates[0]
             return _Captured(static_input, first.clone(), None)
+        best: tuple[float, str, _Captured] | None = None
+        times = {}
+        for name in candidates:
+            try:
+                captured = self._capture_graph(kind, static_input, name)
+            except Exception as exc:  # an alternative that cannot be captured is skipped, never fatal
+                if name == candidates[0]:
+                    raise
+                logger.warning("vitfast engine: candidate %s could not be captured (%s); skipped.", name, exc)
+                times[name] = float("inf")
+                continue
+            if len(candidates) > 1:
+                times[name] = _median_replay_ms(captured.graph)
+                if best is not None and times[name] >= best[0]:
+                    continue  # the loser's graph and buffers go back to the pool
+            best = (times.get(name, 0.0), name, captured)
+        _, name, captured = best
+        self.choices[key], self.tuning[key] = name, times
+        logger.debug("vitfast engine: %s at batch %d captured with %s (%s)", kind, size, name, times)
+        return captured
+
+    def _capture_graph(self, kind: str, static_input: torch.Tensor, candidate: str) -> _Captured:
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):
             for _ in range(2):  # warm-up on a side stream, as capture requires (cuBLAS workspaces, lazy inits)
-                self._call(kind, static_input)
+                self._call(kind, static_input, candidate)
         torch.cuda.current_stream(self.device).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool):
-            static_output = self._call(kind, static_input)
-        logger.debug("vitfast engine: captured %s at batch %d (%s)", kind, size, tuple(x.shape[1:]))
+            static_output = self._call(kind, static_input, candidate)
         return _Captured(static_input, static_output, graph)
+
+
+def _median_replay_ms(graph: torch.cuda.CUDAGraph, reps: int = 15) -> float:
+    """Median time of one replay, each from an idle GPU (as a caller sees it), after three warm-up replays."""
+    for _ in range(3):
+        graph.replay()
+    times = []
+    for _ in range(reps):
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize()
+        begin.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(begin.elapsed_time(end))
+    return sorted(times)[len(times) // 2]
 
 
 # ---------------------------------------------------------------------------------------------- fused ViT forward
@@ -272,7 +338,7 @@ class _FusedBlock:
         mlp = block.mlp
         self.fc2_weight, self.fc2_bias = mlp.fc2.weight, mlp.fc2.bias
         if isinstance(mlp, Mlp):
-            self.mlp_kind, self.activation = "mlp", ACTIVATIONS[mlp.act_name]
+            self.mlp_kind, self.activation = "mlp", mlp.act_name
             self.fc1_weight, self.fc1_bias = mlp.fc1.weight, mlp.fc1.bias
         elif isinstance(mlp, SwiGLU):  # fc1_g and fc1_x -> one GEMM producing [gate | up]
             self.mlp_kind = "swiglu"
@@ -288,7 +354,7 @@ class _FusedBlock:
 
     def attention(self, h: torch.Tensor, grid, rope) -> torch.Tensor:
         batch, tokens, channels = h.shape
-        qkv = F.linear(h, self.qkv_weight, self.qkv_bias)
+        qkv = ops.linear(h, self.qkv_weight, self.qkv_bias)
         # views into the packed [B, N, 3, heads, head_dim] GEMM output: the kernel reads q, k, v through strides
         q, k, v = qkv.reshape(batch, tokens, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
         table, index = self.rel_pos if self.rel_pos is not None else (None, None)
@@ -305,19 +371,19 @@ class _FusedBlock:
         out = out.transpose(1, 2).reshape(batch, tokens, channels)
         if self.inner_norm is not None:
             out = ops.layer_norm(out, self.inner_norm.weight, self.inner_norm.bias, self.inner_norm.eps)
-        return F.linear(out, self.proj_weight, self.proj_bias)
+        return ops.linear(out, self.proj_weight, self.proj_bias)
 
     def mlp(self, h: torch.Tensor) -> torch.Tensor:
-        hidden = F.linear(h, self.fc1_weight, self.fc1_bias)
-        if self.mlp_kind == "mlp":
-            hidden = self.activation(hidden)
+        if self.mlp_kind == "mlp":  # bias and activation in the GEMM's epilogue where the kernel runs
+            hidden = ops.linear(h, self.fc1_weight, self.fc1_bias, self.activation)
         elif self.sub_norm is not None:
+            hidden = ops.linear(h, self.fc1_weight, self.fc1_bias)
             width = hidden.shape[-1] // 2
             gate, up = hidden[..., :width], hidden[..., width:]
             hidden = ops.swiglu_layer_norm(gate, up, self.sub_norm.weight, self.sub_norm.bias, self.sub_norm.eps)
         else:
-            hidden = ops.swiglu_packed(hidden)
-        return F.linear(hidden, self.fc2_weight, self.fc2_bias)
+            hidden = ops.swiglu_packed(ops.linear(h, self.fc1_weight, self.fc1_bias))
+        return ops.linear(hidden, self.fc2_weight, self.fc2_bias)
 
 
 class _FusedViT:

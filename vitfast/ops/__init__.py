@@ -2,6 +2,7 @@
 
 from vitfast.ops.attention import attention, attention_ref, gather_rel_pos_bias
 from vitfast.ops.layer_norm import layer_norm, layer_norm_ref, layer_norm_residual, layer_norm_residual_ref
+from vitfast.ops.linear import linear, linear_ref
 from vitfast.ops.patch_embed import patch_embed, patch_embed_ref, patch_embed_tokens, patch_embed_tokens_ref
 from vitfast.ops.rope import rope_2d, rope_2d_ref, rope_2d_table
 from vitfast.ops.swiglu import (
@@ -21,6 +22,8 @@ __all__ = [
     "layer_norm_ref",
     "layer_norm_residual",
     "layer_norm_residual_ref",
+    "linear",
+    "linear_ref",
     "patch_embed",
     "patch_embed_ref",
     "patch_embed_tokens",
