@@ -23,6 +23,9 @@ for section in $sections; do
       timeout 200 python3 -m vitfast.cli bench vit_base_patch16_224 beitv2_base_patch16_224 eva02_large_patch14_448 \
         --batch-sizes 1,8 --providers timm-eager,timm-graphs,vitfast,vitfast-reference --warmup 5 --reps 30 \
         --json "$OUT/bench.jsonl" 2>&1 | grep -v "first call \.\.\." | tail -40 ;;
+    eager)
+      timeout 90 python3 -m vitfast.cli bench vit_base_patch16_224 eva02_base_patch14_448 --batch-sizes 1,8 \
+        --providers vitfast,vitfast-reference --warmup 5 --reps 20 --json "$OUT/eager.jsonl" 2>&1 | tail -12 ;;
     engine)
       timeout 240 python3 benchmarks/gpu_engine_check.py --json "$OUT/engine.jsonl" --batch-sizes 1,8 \
         --models vit_base_patch16_224,beitv2_base_patch16_224,eva02_base_patch14_448,vit_large_patch14_clip_224 \
