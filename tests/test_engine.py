@@ -12,7 +12,7 @@ import torch
 
 import vitfast
 from tests.helpers import assert_close_scaled, assert_kernel_close, randomize_
-from vitfast.engine import InferenceEngine
+from vitfast.engine import TUNING_CANDIDATES, InferenceEngine
 
 FAMILIES = [
     "vit_small_patch16_224",  # fused qkv + bias, GELU, final norm
@@ -232,11 +232,13 @@ def test_gpu_graphs_match_timm_within_rule_5(name: str) -> None:
         baseline = copy.deepcopy(reference).bfloat16()(image.bfloat16())
     out = engine(image)
     assert engine.captured_sizes() == [("forward", 4)] and engine.stats["replays"] == 1
+    (choice,) = engine.choices.values()
+    (times,) = engine.tuning.values()
+    assert choice in TUNING_CANDIDATES and set(times) == set(TUNING_CANDIDATES) and times[choice] == min(times.values())
     assert_kernel_close(out, exact, baseline, floor=1e-3, what=f"{name} engine bf16")
     again = engine(image)
     torch.testing.assert_close(again, out, rtol=0, atol=0)  # a replay is deterministic
     uint8 = torch.randint(0, 256, (1, 3, *ours.config.img_size), dtype=torch.uint8, device="cuda")
-    with torch.no_grad():
-        torch.testing.assert_close(
-            engine(uint8).float(), vitfast.optimize(ours, batch_sizes=(1,), use_graphs=False)(uint8).float()
-        )
+    graphed = vitfast.optimize(ours, batch_sizes=(1,), backend=choice)
+    eager = vitfast.optimize(ours, batch_sizes=(1,), backend=choice, use_graphs=False)
+    torch.testing.assert_close(graphed(uint8), eager(uint8), rtol=0, atol=0)  # the same kernels, replayed

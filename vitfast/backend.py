@@ -6,9 +6,11 @@ The backend is looked up every time an op is called, so switching it never requi
 - ``"triton"``: the Triton kernels (CUDA GPU and the ``triton`` package required; on the CPU only under Triton's
   interpreter, ``TRITON_INTERPRET=1``, which is how the kernels are tested without a GPU);
 - ``"cuda"``: the compiled CUDA C++ extension (``vitfast._C``);
-- ``"auto"`` (default): the fastest implementation available for the tensor's device, else the reference. An op
-  whose kernels win only for some calls registers an ``"auto"`` implementation that picks per call (by rules that
-  cite the measurement behind them).
+- ``"auto"`` (default): the fastest implementation measured for the tensor's device. On CUDA that is the compiled
+  extension where it is present and the reference otherwise: the Triton kernels lose to PyTorch's own kernels in
+  eager mode (each Triton op call costs tens of microseconds of host time, and some backward kernels are slow; H100,
+  2026-11-22: ViT-B/16 eager 7.9 vs 4.0 ms at batch 1). They win inside CUDA graphs at small batch, where
+  :func:`vitfast.optimize` measures and picks them.
 
 Set it with :func:`set_backend`, the :func:`use_backend` context manager, or the ``VITFAST_BACKEND`` environment
 variable (read once, at the first op call).
@@ -149,7 +151,7 @@ def override_impl(op: str, fn: Callable) -> Iterator[None]:
 
 
 def _auto_candidates(device: torch.device) -> tuple[str, ...]:
-    return ("cuda", "triton") if device.type == "cuda" else ()
+    return ("cuda",) if device.type == "cuda" else ()
 
 
 def dispatch(op: str, device: torch.device) -> Callable:
@@ -160,8 +162,6 @@ def dispatch(op: str, device: torch.device) -> Callable:
     chosen = get_backend()
     if chosen == "reference":
         return impls["reference"]
-    if chosen == "auto" and device.type == "cuda" and "auto" in impls:
-        return impls["auto"]  # the op's own measured per-call choice between its implementations
     candidates = _auto_candidates(device) if chosen == "auto" else (chosen,)
     for name in candidates:
         if name in impls:

@@ -935,30 +935,32 @@ if HAS_TRITON:
         )
         return out
 
-    def _attention_auto(
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        scale: float | None = None,
-        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
-        num_prefix_tokens: int = 0,
-        rel_pos_bias_table: torch.Tensor | None = None,
-        rel_pos_index: torch.Tensor | None = None,
-        dropout_p: float = 0.0,
-    ) -> torch.Tensor:
-        """The kernel where it wins on an H100, SDPA (flash / cuDNN) elsewhere (2026-11-22, bf16, CUDA graphs).
-
-        With a relative position bias the kernel wins: it gathers the bias per tile, where SDPA reads a materialized
-        [B, H, N, N] float mask through its memory-efficient backend (BEiT v2-B whole forward: 0.80 vs 1.31 ms at
-        batch 1, 1.40 vs 2.01 ms at batch 8). With RoPE it loses: it rotates every key tile once per query tile
-        (EVA-02-B/448 whole forward: 2.76 vs 2.29 ms at batch 1, 16.2 vs 12.8 ms at batch 8), and without either,
-        cuDNN's and flash's kernels are faster from a few thousand rows on (B=64, N=197: ~130 vs ~80 us).
-        """
-        impl = _attention_triton if rel_pos_bias_table is not None and rope is None else attention_ref
-        return impl(q, k, v, scale, rope, num_prefix_tokens, rel_pos_bias_table, rel_pos_index, dropout_p)
-
     register_impl("attention", "triton", _attention_triton)
-    register_impl("attention", "auto", _attention_auto)
+
+
+def attention_graph_policy(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float | None = None,
+    rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+    num_prefix_tokens: int = 0,
+    rel_pos_bias_table: torch.Tensor | None = None,
+    rel_pos_index: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+) -> torch.Tensor:
+    """Inside CUDA graphs: the kernel with a relative position bias only, SDPA otherwise (one of the engine's
+    candidates, :func:`vitfast.optimize`).
+
+    Measured on an H100, bf16, whole forwards under CUDA graphs (2026-11-22): with a relative position bias the
+    kernel wins (it gathers the bias per tile where SDPA reads a materialized [B, H, N, N] float mask; BEiT v2-B:
+    0.80 vs 1.31 ms at batch 1, 1.40 vs 2.01 ms at batch 8); with RoPE it loses (it rotates every key tile once
+    per query tile; EVA-02-B/448 on the kernels vs on the reference: 2.76 vs 2.29 ms at batch 1, 16.2 vs 12.8 ms at
+    batch 8).
+    """
+    use_kernel = HAS_TRITON and rel_pos_bias_table is not None and rope is None
+    impl = _attention_triton if use_kernel else attention_ref
+    return impl(q, k, v, scale, rope, num_prefix_tokens, rel_pos_bias_table, rel_pos_index, dropout_p)
 
 
 def attention(
