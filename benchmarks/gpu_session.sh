@@ -26,6 +26,12 @@ for section in $sections; do
     eager)
       timeout 90 python3 -m vitfast.cli bench vit_base_patch16_224 eva02_base_patch14_448 --batch-sizes 1,8 \
         --providers vitfast,vitfast-reference --warmup 5 --reps 20 --json "$OUT/eager.jsonl" 2>&1 | tail -12 ;;
+    final)
+      timeout ${FINAL_LIMIT:-530} python3 -m vitfast.cli bench vit_base_patch16_224 eva02_large_patch14_448 \
+        vit_small_patch16_224 beitv2_base_patch16_224 vit_large_patch16_224 eva02_base_patch14_448 \
+        vit_large_patch14_clip_224 vit_base_patch16_384 --batch-sizes 1,4,8 \
+        --providers timm-eager,timm-graphs,vitfast-graphs --warmup 5 --reps 30 --json "$OUT/bench_final.jsonl" 2>&1 \
+        | grep -v "first call \.\.\.\|^    median" | tail -80 ;;
     engine)
       timeout 240 python3 benchmarks/gpu_engine_check.py --json "$OUT/engine.jsonl" --batch-sizes 1,8 \
         --models vit_base_patch16_224,beitv2_base_patch16_224,eva02_base_patch14_448,vit_large_patch14_clip_224 \
