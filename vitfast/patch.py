@@ -337,8 +337,9 @@ def _reason_left_alone(module: nn.Module) -> str | None:
 def patch(model: nn.Module, backend: str | None = None, verbose: bool = False) -> nn.Module:
     """Swap vitfast's fused ops into ``model`` in place and return it (see the module docstring for coverage).
 
-    ``backend``: if given, also ``vitfast.set_backend(backend)`` (process-wide; ``"auto"`` uses the kernels for CUDA
-    tensors). Patching a patched model is a no-op. ``verbose`` prints the :class:`PatchSummary`, which is also kept
+    ``backend``: if given, also ``vitfast.set_backend(backend)`` (process-wide; ``"triton"`` runs the Triton kernels,
+    ``"auto"`` the fastest measured implementation, which in eager training is PyTorch's today). Patching a patched
+    model is a no-op. ``verbose`` prints the :class:`PatchSummary`, which is also kept
     as ``model.vitfast_patch_summary``.
     """
     if not isinstance(model, nn.Module):
