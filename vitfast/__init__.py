@@ -9,6 +9,7 @@ backend is plain PyTorch and runs anywhere.
 """
 
 from vitfast import models as _models
+from vitfast import transforms as transforms
 from vitfast.backend import get_backend, set_backend, use_backend
 from vitfast.checkpoint import CheckpointError, LoadReport, PretrainedDownloadError, load_checkpoint
 from vitfast.engine import InferenceEngine, optimize

@@ -4,6 +4,7 @@ from vitfast.ops.attention import attention, attention_ref, gather_rel_pos_bias
 from vitfast.ops.layer_norm import layer_norm, layer_norm_ref, layer_norm_residual, layer_norm_residual_ref
 from vitfast.ops.linear import linear, linear_ref
 from vitfast.ops.patch_embed import patch_embed, patch_embed_ref, patch_embed_tokens, patch_embed_tokens_ref
+from vitfast.ops.preprocess import patch_rows_to_tokens, preprocess, preprocess_ref
 from vitfast.ops.rope import rope_2d, rope_2d_ref, rope_2d_table
 from vitfast.ops.swiglu import (
     swiglu,
@@ -28,6 +29,9 @@ __all__ = [
     "patch_embed_ref",
     "patch_embed_tokens",
     "patch_embed_tokens_ref",
+    "patch_rows_to_tokens",
+    "preprocess",
+    "preprocess_ref",
     "rope_2d",
     "rope_2d_ref",
     "rope_2d_table",
