@@ -83,6 +83,17 @@ def _check_available(name: str) -> None:
                 f"The 'cuda' backend needs vitfast's compiled extension, and {_ext.reason}. Reinstall vitfast from "
                 "source with a CUDA toolkit present, or use set_backend('auto')."
             )
+        if not _ext.HAS_EXT_CUDA:
+            raise RuntimeError(
+                "The 'cuda' backend needs the CUDA kernels of vitfast's compiled extension, and this build of it has "
+                "only its CPU ops (built without nvcc, or with VITFAST_BUILD_CUDA=0). Rebuild it where nvcc matches "
+                "torch's CUDA (pip install --no-build-isolation .), or use set_backend('auto')."
+            )
+        if not torch.cuda.is_available():
+            raise RuntimeError(
+                "The 'cuda' backend runs the compiled extension's CUDA kernels, and torch.cuda.is_available() is "
+                "False on this machine. Use set_backend('reference') or set_backend('auto')."
+            )
 
 
 def set_backend(name: str) -> None:
