@@ -6,6 +6,7 @@ On the CPU the engine runs its whole path minus the graph capture; the GPU tests
 from __future__ import annotations
 
 import copy
+import importlib
 
 import pytest
 import torch
@@ -200,6 +201,63 @@ def test_engine_on_the_triton_kernels_matches_the_reference() -> None:
     with torch.no_grad():
         exact = copy.deepcopy(model).double()(image.double())
     assert_kernel_close(kernels(image), exact, expected(image), what="engine on triton")
+
+
+class _FakeGraph:
+    """Stands in for a CUDA graph on the CPU: a replay reruns the candidate's forward into the static output."""
+
+    def __init__(self, engine, kind, static_input, candidate, static_output, corrupt):
+        self.args = (engine, kind, static_input, candidate)
+        self.static_output, self.corrupt = static_output, corrupt
+
+    def replay(self) -> None:
+        engine, kind, static_input, candidate = self.args
+        out = engine._call(kind, static_input, candidate)
+        self.static_output.copy_(out * 3 if self.corrupt else out)
+
+
+def _tuning_engine(monkeypatch, times: dict[str, float], corrupt: set[str] = frozenset(), failing=frozenset()):
+    """An engine that runs its tuning loop on the CPU with fake graphs and preset replay times."""
+    pytest.importorskip("triton")  # the candidates run the kernels (through the interpreter here)
+    engine_module = importlib.import_module("vitfast.engine")
+    engine = vitfast.optimize(_small_model(), batch_sizes=(2,), dtype=torch.float32, device="cpu")
+    engine.use_graphs = True
+
+    def capture_graph(kind, static_input, candidate):
+        if candidate in failing:
+            raise RuntimeError("operation not permitted when stream is capturing")
+        out = engine._call(kind, static_input, candidate).clone()
+        graph = _FakeGraph(engine, kind, static_input, candidate, out, candidate in corrupt)
+        return engine_module._Captured(static_input, out, graph)
+
+    monkeypatch.setattr(engine, "_capture_graph", capture_graph)
+    monkeypatch.setattr(engine_module, "_median_replay_ms", lambda graph: times[graph.args[3]])
+    return engine
+
+
+def test_tuning_keeps_the_fastest_candidate_that_agrees(monkeypatch, caplog) -> None:
+    times = {"kernels": 1.0, "kernels-rel-pos": 2.0, "reference": 3.0}
+    engine = _tuning_engine(monkeypatch, times, corrupt={"kernels"}, failing={"kernels-rel-pos"})
+    image = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        expected = engine.model(image)
+    out = engine(image)
+    ((key, choice),) = engine.choices.items()
+    assert choice == "reference" and engine.tuning[key] == {"reference": 3.0}  # the faster two were rejected
+    assert "differs from the reference" in caplog.text and "capture failed" in caplog.text
+    torch.testing.assert_close(out, expected)
+
+
+def test_tuning_picks_the_fastest(monkeypatch) -> None:
+    engine = _tuning_engine(monkeypatch, {"kernels": 2.0, "kernels-rel-pos": 1.5, "reference": 3.0})
+    engine(torch.randn(1, 3, 64, 64))
+    assert list(engine.choices.values()) == ["kernels-rel-pos"]
+
+
+def test_tuning_with_no_usable_candidate_says_why(monkeypatch) -> None:
+    engine = _tuning_engine(monkeypatch, {}, failing=set(TUNING_CANDIDATES))
+    with pytest.raises(RuntimeError, match="no candidate could be captured.*capture failed"):
+        engine(torch.randn(2, 3, 64, 64))
 
 
 def test_repr_and_is_exported() -> None:

@@ -43,6 +43,9 @@ ON_NEW_SIZE = ("eager", "capture")
 # What a batch size is captured with when no backend is given: the Triton kernels with cuBLAS GEMMs; the same with
 # SDPA for attention unless a relative position bias is gathered; plain PyTorch. The fastest replay is kept.
 TUNING_CANDIDATES = ("kernels", "kernels-rel-pos", "reference")
+# The scaled max error a candidate's output may have against the plain-PyTorch forward (vitfast bench's agreement
+# tolerances: several bf16 / fp16 roundings per block accumulate over depth).
+AGREEMENT_TOLERANCE = {torch.bfloat16: 5e-2, torch.float16: 1e-2, torch.float32: 1e-3}
 _KINDS = ("forward", "features")
 
 
@@ -252,22 +255,33 @@ class InferenceEngine(nn.Module):
         if not self.use_graphs:
             self.choices[key] = candidates[0]
             return _Captured(static_input, first.clone(), None)
+        # with several candidates, each graph must agree with the plain-PyTorch forward before its speed counts: a
+        # kernel that misbehaves on some GPU (or a capture gone wrong) is never the one kept
+        expected = self._call(kind, static_input, "reference") if len(candidates) > 1 else None
+        tolerance = AGREEMENT_TOLERANCE[self.dtype]
         best: tuple[float, str, _Captured] | None = None
-        times = {}
+        times: dict[str, float] = {}
+        problems: dict[str, str] = {}
         for name in candidates:
             try:
                 captured = self._capture_graph(kind, static_input, name)
-            except Exception as exc:  # an alternative that cannot be captured is skipped, never fatal
-                if name == candidates[0]:
-                    raise
-                logger.warning("vitfast engine: candidate %s could not be captured (%s); skipped.", name, exc)
-                times[name] = float("inf")
+            except Exception as exc:  # a candidate that cannot be captured is skipped
+                problems[name] = f"capture failed ({type(exc).__name__}: {exc})"
                 continue
-            if len(candidates) > 1:
+            if expected is not None:
+                captured.graph.replay()
+                error = _scaled_error(captured.static_output, expected)
+                if not error <= tolerance:  # also catches NaN
+                    problems[name] = f"output differs from the reference by {error:.2e} (> {tolerance:.0e})"
+                    continue
                 times[name] = _median_replay_ms(captured.graph)
                 if best is not None and times[name] >= best[0]:
                     continue  # the loser's graph and buffers go back to the pool
             best = (times.get(name, 0.0), name, captured)
+        for name, problem in problems.items():
+            logger.warning("vitfast engine: candidate %r skipped for %s at batch %d: %s", name, kind, size, problem)
+        if best is None:
+            raise RuntimeError(f"vitfast engine: no candidate could be captured for {kind} at batch {size}: {problems}")
         _, name, captured = best
         self.choices[key], self.tuning[key] = name, times
         logger.debug("vitfast engine: %s at batch %d captured with %s (%s)", kind, size, name, times)
@@ -284,6 +298,12 @@ class InferenceEngine(nn.Module):
         with torch.cuda.graph(graph, pool=self._pool):
             static_output = self._call(kind, static_input, candidate)
         return _Captured(static_input, static_output, graph)
+
+
+def _scaled_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """max |actual - expected| / max |expected|, in fp64."""
+    actual, expected = actual.double(), expected.double()
+    return ((actual - expected).abs().max() / expected.abs().max().clamp_min(1e-30)).item()
 
 
 def _median_replay_ms(graph: torch.cuda.CUDAGraph, reps: int = 15) -> float:
