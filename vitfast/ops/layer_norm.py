@@ -13,6 +13,8 @@ kernels cannot take) runs the reference through the dispatch.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -547,28 +549,47 @@ def _layer_norm_bwd_op(
     return layer_norm_bwd(d_out, d_residual, x, branch, gamma, weight, bias, rstd)
 
 
-def _layer_norm_setup_context(ctx, inputs, output) -> None:
+def layer_norm_setup_context(ctx, inputs, output) -> None:
     x, branch, gamma, weight, bias, _eps = inputs
     _out, residual_out, _mean, rstd = output
     # the backward needs the tensor that was normalized: residual_out in the residual variant
     ctx.save_for_backward(x if branch is None else residual_out, branch, gamma, weight, bias, rstd)
 
 
-def _layer_norm_backward(ctx, d_out, d_residual, _d_mean, _d_rstd):
-    normalized, branch, gamma, weight, bias, rstd = ctx.saved_tensors
-    if branch is None:
-        d_residual = None  # the empty residual_out placeholder of the plain variant carries no gradient
-    dx, dbranch, dgamma, dweight, dbias = torch.ops.vitfast.layer_norm_bwd(
-        d_out, d_residual, normalized, branch, gamma, weight, bias, rstd
-    )
+def layer_norm_backward_with(bwd_op: str) -> Callable:
+    """The autograd backward of a ``layer_norm_fwd``-shaped op, computed by ``torch.ops.vitfast.<bwd_op>``.
 
-    def present(grad: torch.Tensor, tensor: torch.Tensor | None) -> torch.Tensor | None:
-        return grad if tensor is not None else None
+    Shared by the Triton op here and the CUDA C++ op (:mod:`vitfast.ops.layer_norm_ext`), whose schemas match; the op
+    is looked up at call time, so the compiled extension may load after this module.
+    """
 
-    return dx, present(dbranch, branch), present(dgamma, gamma), present(dweight, weight), present(dbias, bias), None
+    def backward(ctx, d_out, d_residual, _d_mean, _d_rstd):
+        normalized, branch, gamma, weight, bias, rstd = ctx.saved_tensors
+        if branch is None:
+            d_residual = None  # the empty residual_out placeholder of the plain variant carries no gradient
+        dx, dbranch, dgamma, dweight, dbias = getattr(torch.ops.vitfast, bwd_op)(
+            d_out, d_residual, normalized, branch, gamma, weight, bias, rstd
+        )
+
+        def present(grad: torch.Tensor, tensor: torch.Tensor | None) -> torch.Tensor | None:
+            return grad if tensor is not None else None
+
+        return (
+            dx,
+            present(dbranch, branch),
+            present(dgamma, gamma),
+            present(dweight, weight),
+            present(dbias, bias),
+            None,
+        )
+
+    return backward
 
 
-_layer_norm_fwd_op.register_autograd(_layer_norm_backward, setup_context=_layer_norm_setup_context)
+_layer_norm_backward = layer_norm_backward_with("layer_norm_bwd")
+
+
+_layer_norm_fwd_op.register_autograd(_layer_norm_backward, setup_context=layer_norm_setup_context)
 
 
 def _uncovered(x: torch.Tensor, *others: torch.Tensor | None) -> str | None:

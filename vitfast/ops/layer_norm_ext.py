@@ -25,6 +25,7 @@ import torch
 
 from vitfast import _ext, backend
 from vitfast.ops._triton import KERNEL_DTYPES, log_fallback
+from vitfast.ops.layer_norm import layer_norm_backward_with, layer_norm_setup_context
 
 __all__ = [
     "MAX_WIDTH",
@@ -66,25 +67,7 @@ def _bwd_fake(d_out, d_residual, x, branch, gamma, weight, bias, rstd):
     return x.new_empty(x.shape), dbranch, param_grad(gamma), param_grad(weight), param_grad(bias)
 
 
-def _setup_context(ctx, inputs, output) -> None:
-    x, branch, gamma, weight, bias, _eps = inputs
-    _out, residual_out, _mean, rstd = output
-    # the backward needs the tensor that was normalized: residual_out in the residual variant
-    ctx.save_for_backward(x if branch is None else residual_out, branch, gamma, weight, bias, rstd)
-
-
-def _backward(ctx, d_out, d_residual, _d_mean, _d_rstd):
-    normalized, branch, gamma, weight, bias, rstd = ctx.saved_tensors
-    if branch is None:
-        d_residual = None  # the empty residual_out placeholder of the plain variant carries no gradient
-    dx, dbranch, dgamma, dweight, dbias = torch.ops.vitfast.layer_norm_ext_bwd(
-        d_out, d_residual, normalized, branch, gamma, weight, bias, rstd
-    )
-
-    def present(grad: torch.Tensor, tensor: torch.Tensor | None) -> torch.Tensor | None:
-        return grad if tensor is not None else None
-
-    return dx, present(dbranch, branch), present(dgamma, gamma), present(dweight, weight), present(dbias, bias), None
+_backward = layer_norm_backward_with("layer_norm_ext_bwd")
 
 
 def layer_norm_ext(
@@ -175,7 +158,9 @@ def register_ext() -> None:
     if _ext.HAS_EXT and not _registered["ops"]:
         torch.library.register_fake("vitfast::layer_norm_ext_fwd", _fwd_fake)
         torch.library.register_fake("vitfast::layer_norm_ext_bwd", _bwd_fake)
-        torch.library.register_autograd("vitfast::layer_norm_ext_fwd", _backward, setup_context=_setup_context)
+        torch.library.register_autograd(
+            "vitfast::layer_norm_ext_fwd", _backward, setup_context=layer_norm_setup_context
+        )
         _registered["ops"] = True
     if _ext.HAS_EXT_CUDA and not _registered["cuda"]:
         backend.register_impl("layer_norm", "cuda", _layer_norm_cuda)
