@@ -14,7 +14,6 @@ import argparse
 import copy
 import datetime
 import json
-import statistics
 
 import torch
 
@@ -23,19 +22,10 @@ from vitfast import bench
 
 
 def timed(fn, reps: int) -> tuple[float, float, float]:
-    for _ in range(10):
-        fn()
-    times = []
-    for _ in range(reps):
-        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        torch.cuda.synchronize()
-        begin.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(begin.elapsed_time(end))
-    p25, median, p75 = statistics.quantiles(times, n=4, method="inclusive")
-    return median, p25, p75
+    """(median, p25, p75) ms, timed as ``vitfast bench`` times (10 warm-up calls)."""
+    _, times, _ = bench.time_call(fn, torch.device("cuda"), warmup=10, reps=reps)
+    stats = bench.summarize(times)
+    return stats["median_ms"], stats["p25_ms"], stats["p75_ms"]
 
 
 def main(argv: list[str] | None = None) -> None:

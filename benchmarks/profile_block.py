@@ -63,18 +63,7 @@ def build_call(model_name: str, batch_size: int, provider_name: str):
 
 def profile_forward(call, forwards: int = 5) -> tuple[dict[str, list[float]], float]:
     """Per-kernel-name durations (us) over ``forwards`` forwards, and the median wall time of one forward (us)."""
-    for _ in range(10):
-        call()
-    torch.cuda.synchronize()
-    walls = []
-    for _ in range(20):
-        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        torch.cuda.synchronize()
-        begin.record()
-        call()
-        end.record()
-        torch.cuda.synchronize()
-        walls.append(begin.elapsed_time(end) * 1e3)
+    _, walls_ms, _ = bench.time_call(call, torch.device("cuda"), warmup=10, reps=20)
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(forwards):
             call()
@@ -83,7 +72,7 @@ def profile_forward(call, forwards: int = 5) -> tuple[dict[str, list[float]], fl
     for event in prof.events():
         if event.device_type == torch.autograd.DeviceType.CUDA:
             kernels[event.name].append(event.device_time)
-    return kernels, statistics.median(walls)
+    return kernels, statistics.median(walls_ms) * 1e3
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
+import statistics
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -43,9 +44,6 @@ ON_NEW_SIZE = ("eager", "capture")
 # What a batch size is captured with when no backend is given: the Triton kernels with cuBLAS GEMMs; the same with
 # SDPA for attention unless a relative position bias is gathered; plain PyTorch. The fastest replay is kept.
 TUNING_CANDIDATES = ("kernels", "kernels-rel-pos", "reference")
-# The scaled max error a candidate's output may have against the plain-PyTorch forward (vitfast bench's agreement
-# tolerances: several bf16 / fp16 roundings per block accumulate over depth).
-AGREEMENT_TOLERANCE = {torch.bfloat16: 5e-2, torch.float16: 1e-2, torch.float32: 1e-3}
 _KINDS = ("forward", "features")
 
 
@@ -248,17 +246,19 @@ class InferenceEngine(nn.Module):
         static_input[: x.shape[0]].copy_(x)
         candidates = self._candidates()
         key = (kind, size, tuple(x.shape[1:]), self._input_dtype(x))
-        # the first run validates the input (shape, channels, image size) with the model's own error messages,
-        # and compiles every kernel before capture
-        first = self._call(kind, static_input, candidates[0])
+        several = self.use_graphs and len(candidates) > 1
+        # The first run validates the input (shape, channels, image size) with the model's own error messages. With
+        # several candidates it is the plain-PyTorch forward that each graph must agree with before its speed counts:
+        # a kernel that misbehaves on some GPU (or a capture gone wrong) is never the one kept.
+        first = self._call(kind, static_input, "reference" if several else candidates[0])
         self.stats["captures"] += 1
         if not self.use_graphs:
             self.choices[key] = candidates[0]
             return _Captured(static_input, first.clone(), None)
-        # with several candidates, each graph must agree with the plain-PyTorch forward before its speed counts: a
-        # kernel that misbehaves on some GPU (or a capture gone wrong) is never the one kept
-        expected = self._call(kind, static_input, "reference") if len(candidates) > 1 else None
-        tolerance = AGREEMENT_TOLERANCE[self.dtype]
+        expected = first if several else None
+        from vitfast import bench  # the benchmark's agreement rule; bench imports the package, so not at import time
+
+        tolerance = next(bench.AGREEMENT_TOLERANCE[n] for n, dtype in bench.DTYPES.items() if dtype == self.dtype)
         best: tuple[float, str, _Captured] | None = None
         times: dict[str, float] = {}
         problems: dict[str, str] = {}
@@ -270,7 +270,7 @@ class InferenceEngine(nn.Module):
                 continue
             if expected is not None:
                 captured.graph.replay()
-                error = _scaled_error(captured.static_output, expected)
+                error = bench.scaled_error(captured.static_output, expected)
                 if not error <= tolerance:  # also catches NaN
                     problems[name] = f"output differs from the reference by {error:.2e} (> {tolerance:.0e})"
                     continue
@@ -300,26 +300,12 @@ class InferenceEngine(nn.Module):
         return _Captured(static_input, static_output, graph)
 
 
-def _scaled_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    """max |actual - expected| / max |expected|, in fp64."""
-    actual, expected = actual.double(), expected.double()
-    return ((actual - expected).abs().max() / expected.abs().max().clamp_min(1e-30)).item()
-
-
 def _median_replay_ms(graph: torch.cuda.CUDAGraph, reps: int = 15) -> float:
-    """Median time of one replay, each from an idle GPU (as a caller sees it), after three warm-up replays."""
-    for _ in range(3):
-        graph.replay()
-    times = []
-    for _ in range(reps):
-        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        torch.cuda.synchronize()
-        begin.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(begin.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
+    """Median time of one replay, each from an idle GPU (as a caller sees it), timed as ``vitfast bench`` times."""
+    from vitfast.bench import time_call
+
+    _, times, _ = time_call(graph.replay, torch.device("cuda"), warmup=3, reps=reps)
+    return statistics.median(times)
 
 
 # ---------------------------------------------------------------------------------------------- fused ViT forward

@@ -21,6 +21,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 __all__ = [
     "HAS_TRITON",
@@ -134,8 +135,6 @@ _PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
 
 def _plain_eager(values: tuple[Any, ...]) -> bool:
     """No tracing in progress: not compiling, no dispatch mode (make_fx, fake tensors), only plain tensors."""
-    from torch.utils._python_dispatch import _get_current_dispatch_mode
-
     if torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None:
         return False
     return all(type(v) in _PLAIN_TENSORS for v in values if isinstance(v, torch.Tensor))
