@@ -3,8 +3,8 @@
 Providers, side by side in one pytest-benchmark group per (op, shape, pass):
 
 - ``vitfast``: the op with ``set_backend("triton")`` (our kernels; a shape they do not cover runs the reference);
-- ``torch``: what a user runs instead (F.layer_norm, silu * up, the conv + cat + add, timm-style RoPE ops + SDPA with
-  its default backend choice and a materialized bias);
+- ``torch``: what a user runs instead (F.layer_norm, silu * up, the conv + cat + add, RoPE as fp32 elementwise ops,
+  RoPE + SDPA with its default backend choice and a materialized bias);
 - ``sdpa-flash`` / ``sdpa-efficient`` / ``sdpa-cudnn`` (attention only): SDPA pinned to one backend, without RoPE (the
   bar the fused-RoPE kernel has to clear) or with the materialized float bias where the backend takes one;
 - ``torch-compile``: ``torch.compile`` of the reference.
@@ -143,15 +143,18 @@ def _swiglu_layer_norm(shape, device, dtype, grad):
 
 
 def _rope(shape, device, dtype, grad):
-    x = _randn(*shape, device=device, dtype=dtype, grad=grad)
-    cos, sin = ops.rope_2d_table(_sides(shape[-2]), shape[-1], device=device)
-    compiled = torch.compile(ops.rope_2d_ref)
+    batch, heads, tokens, head_dim = shape
+    # q and k as the engine hands them over: views into the packed qkv GEMM output [B, N, 3, H, D]
+    qkv = _randn(batch, tokens, 3, heads, head_dim, device=device, dtype=dtype, grad=grad)
+    q, k, _ = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+    cos, sin = ops.rope_2d_table(_sides(tokens), head_dim, device=device)
+    compiled = torch.compile(ops.rope_2d_qk_ref)
     providers = {
-        "vitfast": _vitfast(lambda: ops.rope_2d(x, cos, sin, 1), device),
-        "torch": lambda: ops.rope_2d_ref(x, cos, sin, 1),
-        "torch-compile": lambda: compiled(x, cos, sin, 1),
+        "vitfast": _vitfast(lambda: ops.rope_2d_qk(q, k, cos, sin, 1), device),
+        "torch": lambda: ops.rope_2d_qk_ref(q, k, cos, sin, 1),
+        "torch-compile": lambda: compiled(q, k, cos, sin, 1),
     }
-    return providers, 2 * x.numel() * x.element_size()
+    return providers, 4 * q.numel() * q.element_size()  # read q and k, write both rotated
 
 
 def _patch_embed(shape, device, dtype, grad):
@@ -194,7 +197,7 @@ CASES = {
     ),
     "swiglu": (_swiglu, [(8 * 1025, 2730)], (7, 64)),
     "swiglu_layer_norm": (_swiglu_layer_norm, [(8 * 1025, 2730)], (7, 64)),
-    "rope": (_rope, [(8, 16, 1025, 64)], (1, 2, 50, 32)),
+    "rope_2d_qk": (_rope, [(8, 16, 1025, 64), (1, 16, 1025, 64)], (1, 2, 50, 32)),
     "patch_embed": (_patch_embed, [(8, 448, 14, 1024), (64, 224, 16, 768)], (1, 56, 14, 32)),
 }
 

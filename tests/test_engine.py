@@ -191,16 +191,18 @@ def test_bad_inputs(image, error, message) -> None:
     assert engine.captured_sizes() == []  # a rejected input leaves no entry behind
 
 
-def test_engine_on_the_triton_kernels_matches_the_reference() -> None:
-    """The fused sequence on the kernels (interpreter on the CPU): the same ops the GPU engine captures."""
+@pytest.mark.parametrize("backend", ["triton", "kernels-sdpa"])
+def test_engine_on_the_triton_kernels_matches_the_reference(backend: str) -> None:
+    """The fused sequence on the kernels (interpreter on the CPU): the same ops the GPU engine captures. EVA-02 has
+    RoPE: fused into the attention kernel ("triton"), or by the rope_2d_qk kernel before SDPA ("kernels-sdpa")."""
     pytest.importorskip("triton")
     model = _model("eva02_tiny_patch14_224", img_size=56, depth=1)
     image = torch.randn(1, 3, 56, 56)
     expected = vitfast.optimize(model, batch_sizes=(1,), dtype=torch.float32, device="cpu", backend="reference")
-    kernels = vitfast.optimize(model, batch_sizes=(1,), dtype=torch.float32, device="cpu", backend="triton")
+    kernels = vitfast.optimize(model, batch_sizes=(1,), dtype=torch.float32, device="cpu", backend=backend)
     with torch.no_grad():
         exact = copy.deepcopy(model).double()(image.double())
-    assert_kernel_close(kernels(image), exact, expected(image), what="engine on triton")
+    assert_kernel_close(kernels(image), exact, expected(image), what=f"engine on {backend}")
 
 
 class _FakeGraph:
@@ -236,8 +238,8 @@ def _tuning_engine(monkeypatch, times: dict[str, float], corrupt: set[str] = fro
 
 
 def test_tuning_keeps_the_fastest_candidate_that_agrees(monkeypatch, caplog) -> None:
-    times = {"kernels": 1.0, "kernels-rel-pos": 2.0, "reference": 3.0}
-    engine = _tuning_engine(monkeypatch, times, corrupt={"kernels"}, failing={"kernels-rel-pos"})
+    times = {"kernels": 1.0, "kernels-sdpa": 2.0, "reference": 3.0}
+    engine = _tuning_engine(monkeypatch, times, corrupt={"kernels"}, failing={"kernels-sdpa"})
     image = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         expected = engine.model(image)
@@ -249,9 +251,9 @@ def test_tuning_keeps_the_fastest_candidate_that_agrees(monkeypatch, caplog) -> 
 
 
 def test_tuning_picks_the_fastest(monkeypatch) -> None:
-    engine = _tuning_engine(monkeypatch, {"kernels": 2.0, "kernels-rel-pos": 1.5, "reference": 3.0})
+    engine = _tuning_engine(monkeypatch, {"kernels": 2.0, "kernels-sdpa": 1.5, "reference": 3.0})
     engine(torch.randn(1, 3, 64, 64))
-    assert list(engine.choices.values()) == ["kernels-rel-pos"]
+    assert list(engine.choices.values()) == ["kernels-sdpa"]
 
 
 def test_tuning_with_no_usable_candidate_says_why(monkeypatch) -> None:

@@ -42,8 +42,9 @@ logger = logging.getLogger("vitfast")
 
 ON_NEW_SIZE = ("eager", "capture")
 # What a batch size is captured with when no backend is given: the Triton kernels with cuBLAS GEMMs; the same with
-# SDPA for attention unless a relative position bias is gathered; plain PyTorch. The fastest replay is kept.
-TUNING_CANDIDATES = ("kernels", "kernels-rel-pos", "reference")
+# SDPA for attention unless a relative position bias is gathered (RoPE then rotates q and k in one kernel before
+# SDPA); plain PyTorch. The fastest replay is kept.
+TUNING_CANDIDATES = ("kernels", "kernels-sdpa", "reference")
 _KINDS = ("forward", "features")
 
 
@@ -76,7 +77,8 @@ def optimize(
             buffer, which the next call at that size overwrites: faster, for callers that consume the result at once.
         backend: the vitfast backend the forward is captured with. Default (``None``): with CUDA graphs, each batch
             size is captured once per candidate (``"kernels"``: the Triton kernels with cuBLAS GEMMs;
-            ``"kernels-rel-pos"``: the same, with SDPA for attention unless it has a relative position bias;
+            ``"kernels-sdpa"``: the same, with SDPA for attention unless it has a relative position bias, and RoPE
+            applied to q and k by one kernel before SDPA;
             ``"reference"``), a few replays of each are timed, and the fastest graph is kept (``engine.choices`` says
             which won, ``engine.tuning`` the times); without graphs, the current backend. A name from
             :data:`vitfast.backend.BACKENDS` or one of the candidates fixes it.
@@ -222,12 +224,12 @@ class InferenceEngine(nn.Module):
     @contextlib.contextmanager
     def _candidate(self, name: str):
         with contextlib.ExitStack() as stack:
-            if name in ("kernels", "kernels-rel-pos"):
+            if name in ("kernels", "kernels-sdpa"):
                 stack.enter_context(use_backend("triton"))
                 # cuBLAS beats ops.linear's Triton GEMM at every shape measured (H100, bf16, 2026-11-22: 9.1 vs
                 # ~6.5 us per projection at 197 rows, 21 vs ~12 us at 1576 rows)
                 stack.enter_context(override_impl("linear", implementations("linear")["reference"]))
-                if name == "kernels-rel-pos":
+                if name == "kernels-sdpa":
                     stack.enter_context(override_impl("attention", attention_graph_policy))
             elif name != "current":
                 stack.enter_context(use_backend(name))

@@ -42,7 +42,7 @@ import torch
 
 # An H100 SXM: the launchers size some grids by the SM count (LayerNorm / SwiGLU backward partial sums).
 H100_SM_COUNT = 132
-OP_MODULES = ("layer_norm", "attention", "swiglu", "patch_embed")
+OP_MODULES = ("layer_norm", "attention", "rope", "swiglu", "patch_embed")
 DEVICE = "cuda:0"
 
 
@@ -155,6 +155,15 @@ def _attention_case(
     ops.attention_bwd(grad_out.transpose(1, 2), q, k, v, out, lse, scale, cos, sin, num_prefix, table, index, bias)
 
 
+def _rope_case(head_dim: int, heads: int, tokens: int, dtype: torch.dtype, num_prefix: int = 1) -> None:
+    ops = importlib.import_module("vitfast.ops.rope")
+    qkv = _fake(2, tokens, 3, heads, head_dim, dtype=dtype).permute(2, 0, 3, 1, 4)
+    q, k, _ = qkv.unbind(0)
+    cos, sin = (_fake(tokens - num_prefix, head_dim, dtype=torch.float32) for _ in range(2))
+    q_out, k_out = ops.rope_2d_qk_fwd(q, k, cos, sin, num_prefix)
+    ops.rope_2d_qk_fwd(q_out, k_out, cos, sin, num_prefix, inverse=True)  # the backward: contiguous gradients
+
+
 def _swiglu_case(kind: str, width: int, tokens: int, dtype: torch.dtype) -> None:
     ops = importlib.import_module("vitfast.ops.swiglu")
     if kind == "packed":
@@ -206,6 +215,8 @@ CASES = [
     _case("attention", "D=88 N=257 rope bf16", _attention_case, 88, 16, 257, True, False, BF16),
     _case("attention", "D=88 N=257 relpos bf16", _attention_case, 88, 16, 257, False, True, BF16),
     _case("attention", "D=64 N=197 fp32", _attention_case, 64, 12, 197, False, False, FP32),
+    _case("rope", "D=64 N=1025 bf16", _rope_case, 64, 16, 1025, BF16),
+    _case("rope", "D=88 N=257 bf16", _rope_case, 88, 16, 257, BF16),
     _case("swiglu", "split h=2730 bf16", _swiglu_case, "split", 2730, 1025, BF16),
     _case("swiglu", "packed h=2730 bf16", _swiglu_case, "packed", 2730, 1025, BF16),
     _case("swiglu", "sub-LN h=2730 bf16", _swiglu_case, "layer_norm", 2730, 1025, BF16),

@@ -5,7 +5,7 @@ from vitfast.ops.layer_norm import layer_norm, layer_norm_ref, layer_norm_residu
 from vitfast.ops.linear import linear, linear_ref
 from vitfast.ops.patch_embed import patch_embed, patch_embed_ref, patch_embed_tokens, patch_embed_tokens_ref
 from vitfast.ops.preprocess import patch_rows_to_tokens, preprocess, preprocess_ref
-from vitfast.ops.rope import rope_2d, rope_2d_ref, rope_2d_table
+from vitfast.ops.rope import rope_2d, rope_2d_qk, rope_2d_qk_ref, rope_2d_ref, rope_2d_table
 from vitfast.ops.swiglu import (
     swiglu,
     swiglu_layer_norm,
@@ -33,6 +33,8 @@ __all__ = [
     "preprocess",
     "preprocess_ref",
     "rope_2d",
+    "rope_2d_qk",
+    "rope_2d_qk_ref",
     "rope_2d_ref",
     "rope_2d_table",
     "swiglu",

@@ -42,7 +42,7 @@ from vitfast.ops._triton import (
     triton,
     widen_bf16_dot,
 )
-from vitfast.ops.rope import rope_2d_ref
+from vitfast.ops.rope import _load_rotated, _rope_angles, _store_unrotated, rope_2d_qk, rope_2d_ref
 
 __all__ = ["KERNEL_HEAD_DIMS", "attention", "attention_bwd", "attention_fwd", "attention_ref", "gather_rel_pos_bias"]
 
@@ -92,36 +92,6 @@ def attention_ref(
 if HAS_TRITON:
     _LOG2E = tl.constexpr(math.log2(math.e))
     _LN2 = tl.constexpr(math.log(2.0))
-
-
-@triton.jit
-def _rope_angles(Cos, Sin, tokens, pair_cols, stride_rope_n, rotate, num_prefix_tokens):
-    """fp32 ``(cos, sin)`` of channel pairs ``pair_cols`` (``[1, BLOCK_PAIRS]``, even channel index) of ``tokens``
-    (``[BLOCK, 1]``); the identity (1, 0) where not ``rotate`` (prefix tokens, padding). The tables hold each pair's
-    angle on both of its channels (rope.py layout), so the even column serves the pair."""
-    offsets = (tokens - num_prefix_tokens) * stride_rope_n + pair_cols
-    cos = tl.load(Cos + offsets, mask=rotate, other=1.0).to(tl.float32)
-    sin = tl.load(Sin + offsets, mask=rotate, other=0.0).to(tl.float32)
-    return cos, sin
-
-
-@triton.jit
-def _load_rotated(even_ptrs, stride_d, mask, cos, sin):
-    """2D RoPE on a tile as it loads (even channels at ``even_ptrs``, odd ones ``stride_d`` further): rotated in fp32,
-    then rounded to the input dtype as the reference rounds its rotated q/k."""
-    x_even = tl.load(even_ptrs, mask=mask, other=0.0)
-    x_odd = tl.load(even_ptrs + stride_d, mask=mask, other=0.0)
-    even = x_even.to(tl.float32)
-    odd = x_odd.to(tl.float32)
-    return (even * cos - odd * sin).to(x_even.dtype), (odd * cos + even * sin).to(x_even.dtype)
-
-
-@triton.jit
-def _store_unrotated(even_ptrs, stride_d, mask, grad_even, grad_odd, cos, sin):
-    """Store the gradient w.r.t. the unrotated input: the transposed (inverse) rotation of the fp32 halves."""
-    dtype = even_ptrs.dtype.element_ty
-    tl.store(even_ptrs, (grad_even * cos + grad_odd * sin).to(dtype), mask=mask)
-    tl.store(even_ptrs + stride_d, (grad_odd * cos - grad_even * sin).to(dtype), mask=mask)
 
 
 @triton.jit
@@ -949,18 +919,24 @@ def attention_graph_policy(
     rel_pos_index: torch.Tensor | None = None,
     dropout_p: float = 0.0,
 ) -> torch.Tensor:
-    """Inside CUDA graphs: the kernel with a relative position bias only, SDPA otherwise (one of the engine's
-    candidates, :func:`vitfast.optimize`).
+    """Inside CUDA graphs (the engine's ``"kernels-sdpa"`` candidate, :func:`vitfast.optimize`): the fused kernel with a
+    relative position bias; with RoPE, the one-pass :func:`~vitfast.ops.rope.rope_2d_qk` kernel and then SDPA; SDPA
+    otherwise.
 
     Measured on an H100, bf16, whole forwards under CUDA graphs (2026-11-22): with a relative position bias the
     kernel wins (it gathers the bias per tile where SDPA reads a materialized [B, H, N, N] float mask; BEiT v2-B:
     0.80 vs 1.31 ms at batch 1, 1.40 vs 2.01 ms at batch 8); with RoPE it loses (it rotates every key tile once
     per query tile; EVA-02-B/448 on the kernels vs on the reference: 2.76 vs 2.29 ms at batch 1, 16.2 vs 12.8 ms at
-    batch 8).
+    batch 8). The reference there rotated q and k in ~10 fp32 elementwise passes; ``rope_2d_qk`` (added after those
+    runs, not yet timed on a GPU) does it in one bf16 read and write of q and k.
     """
     use_kernel = HAS_TRITON and rel_pos_bias_table is not None and rope is None
-    impl = _attention_triton if use_kernel else attention_ref
-    return impl(q, k, v, scale, rope, num_prefix_tokens, rel_pos_bias_table, rel_pos_index, dropout_p)
+    if use_kernel:
+        return _attention_triton(q, k, v, scale, rope, num_prefix_tokens, rel_pos_bias_table, rel_pos_index, dropout_p)
+    if rope is not None and rel_pos_bias_table is None:
+        q, k = rope_2d_qk(q, k, *rope, num_prefix_tokens)
+        rope = None
+    return attention_ref(q, k, v, scale, rope, num_prefix_tokens, rel_pos_bias_table, rel_pos_index, dropout_p)
 
 
 def attention(
