@@ -21,6 +21,7 @@ FAMILIES = [
     "beitv2_base_patch16_224",  # q/v bias, relative position bias, layer scale, avg pool + fc_norm
     "eva02_base_patch14_448",  # split q/k/v, RoPE, SwiGLU with sub-LN (both concatenated by the engine)
     "eva02_tiny_patch14_224",  # packed SwiGLU, q/v bias, RoPE
+    "eva02_large_patch14_448",  # SwiGLU hidden 2730: padded to 2736 by the engine
 ]
 
 
@@ -55,6 +56,28 @@ def test_bf16_engine_within_rule_5(name: str) -> None:
     out = vitfast.optimize(model, batch_sizes=(2,), dtype=torch.bfloat16, device="cpu")(image)
     assert out.dtype == torch.bfloat16
     assert_kernel_close(out, exact, baseline, floor=1e-3, what=name)
+
+
+def test_unaligned_swiglu_width_is_padded_with_zeros() -> None:
+    """EVA-02-L's hidden width 2730 runs as 2736 (GEMM rows 16-byte aligned in bf16); the padding is zeros, so the
+    logits match the model (test_fused_forward_matches_model_fp32) and the padded hidden columns stay zero."""
+    model = _model("eva02_large_patch14_448", img_size=56, depth=1)
+    engine = vitfast.optimize(model, batch_sizes=(1,), dtype=torch.float32, device="cpu")
+    block = engine.fused.blocks[0]
+    assert (block.width, block.padded_width) == (2730, 2736)
+    assert block.fc1_weight.shape == (2 * 2736, 1024) and block.fc2_weight.shape == (1024, 2736)
+    hidden = {}
+    original = vitfast.ops.linear
+
+    def spy(x, weight, bias=None, *args):
+        if weight is block.fc2_weight:
+            hidden["fc2_input"] = x
+        return original(x, weight, bias, *args)
+
+    with pytest.MonkeyPatch.context() as patcher:
+        patcher.setattr(vitfast.ops, "linear", spy)
+        engine(torch.randn(1, 3, 56, 56))
+    assert hidden["fc2_input"].shape[-1] == 2736 and not hidden["fc2_input"][..., 2730:].any()
 
 
 def test_unfused_engine_runs_the_model_forward() -> None:

@@ -11,7 +11,8 @@ forward issuing ~10 kernels per block from Python. The engine removes that in tw
   rearranged once so that EVA-02's split ``q/k/v`` and ``fc1_g/fc1_x`` projections each become one GEMM and the BEiT /
   EVA ``q_bias/v_bias`` concatenation is not rebuilt every call; RoPE tables are built once; and every residual add
   runs inside the LayerNorm that follows it (:func:`vitfast.ops.layer_norm_residual`), including the add that ends a
-  block, fused into the next block's ``norm1`` (or the final norm).
+  block, fused into the next block's ``norm1`` (or the final norm). A SwiGLU hidden width that is not a multiple of
+  8 (EVA-02-L: 2730) is zero-padded in the weights so that every GEMM row is 16-byte aligned.
 
 On the CPU (or with ``use_graphs=False``) the engine takes the same path without capturing: static buffers, padding,
 size dispatch and output ownership behave exactly as on the GPU, which is how they are tested without one.
@@ -27,6 +28,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from vitfast import ops
@@ -46,6 +48,7 @@ ON_NEW_SIZE = ("eager", "capture")
 # SDPA); plain PyTorch. The fastest replay is kept.
 TUNING_CANDIDATES = ("kernels", "kernels-sdpa", "reference")
 _KINDS = ("forward", "features")
+_GEMM_ALIGNMENT = 8  # elements: 16 bytes of bf16 / fp16
 
 
 def optimize(
@@ -358,13 +361,22 @@ class _FusedBlock:
             self.fc1_weight, self.fc1_bias = mlp.fc1.weight, mlp.fc1.bias
         elif isinstance(mlp, SwiGLU):  # fc1_g and fc1_x -> one GEMM producing [gate | up]
             self.mlp_kind = "swiglu"
-            self.fc1_weight = torch.cat([mlp.fc1_g.weight, mlp.fc1_x.weight])
-            self.fc1_bias = torch.cat([mlp.fc1_g.bias, mlp.fc1_x.bias])
             self.sub_norm = _Norm.of(mlp.norm)
+            # Hidden widths that are not a multiple of 8 (EVA-02-L: 2730) make GEMM rows that are not 16-byte aligned
+            # in 16-bit dtypes, which keeps cuBLAS off its fastest kernels (torch.compile pads such matmuls for the
+            # same reason). Gate and up each get zero rows up to the next multiple of 8, so that both halves of the
+            # fc1 output start aligned, and fc2 zero columns to read the zero-padded hidden: the same sums, exactly.
+            self.width = mlp.fc1_g.out_features
+            self.padded_width = -(-self.width // _GEMM_ALIGNMENT) * _GEMM_ALIGNMENT
+            pad = self.padded_width - self.width
+            self.fc1_weight = torch.cat(
+                [F.pad(mlp.fc1_g.weight, (0, 0, 0, pad)), F.pad(mlp.fc1_x.weight, (0, 0, 0, pad))]
+            )
+            self.fc1_bias = torch.cat([F.pad(mlp.fc1_g.bias, (0, pad)), F.pad(mlp.fc1_x.bias, (0, pad))])
+            self.fc2_weight = F.pad(mlp.fc2.weight, (0, pad)) if pad else mlp.fc2.weight
         elif isinstance(mlp, SwiGLUPacked):
-            self.mlp_kind = "swiglu"
+            self.mlp_kind = "swiglu_packed"
             self.fc1_weight, self.fc1_bias = mlp.fc1.weight, mlp.fc1.bias
-            self.sub_norm = None
         else:
             raise TypeError(f"the fused engine does not know the MLP {type(mlp).__name__}; pass fuse=False.")
 
@@ -392,11 +404,16 @@ class _FusedBlock:
     def mlp(self, h: torch.Tensor) -> torch.Tensor:
         if self.mlp_kind == "mlp":  # bias and activation in the GEMM's epilogue where the kernel runs
             hidden = ops.linear(h, self.fc1_weight, self.fc1_bias, self.activation)
-        elif self.sub_norm is not None:
+        elif self.mlp_kind == "swiglu":
             hidden = ops.linear(h, self.fc1_weight, self.fc1_bias)
-            width = hidden.shape[-1] // 2
-            gate, up = hidden[..., :width], hidden[..., width:]
-            hidden = ops.swiglu_layer_norm(gate, up, self.sub_norm.weight, self.sub_norm.bias, self.sub_norm.eps)
+            gate = hidden[..., : self.width]
+            up = hidden[..., self.padded_width : self.padded_width + self.width]
+            if self.sub_norm is not None:
+                hidden = ops.swiglu_layer_norm(gate, up, self.sub_norm.weight, self.sub_norm.bias, self.sub_norm.eps)
+            else:
+                hidden = ops.swiglu(gate, up)
+            if self.padded_width != self.width:
+                hidden = F.pad(hidden, (0, self.padded_width - self.width))
         else:
             hidden = ops.swiglu_packed(ops.linear(h, self.fc1_weight, self.fc1_bias))
         return ops.linear(hidden, self.fc2_weight, self.fc2_bias)
