@@ -33,11 +33,14 @@ for section in $sections; do
         --providers timm-eager,timm-graphs,vitfast-graphs --warmup 5 --reps 30 --json "$OUT/bench_final.jsonl" 2>&1 \
         | grep -v "first call \.\.\.\|^    median" | tail -80 ;;
     engine)
-      timeout 240 python3 benchmarks/gpu_engine_check.py --json "$OUT/engine.jsonl" --batch-sizes 1,8 \
-        --models vit_base_patch16_224,beitv2_base_patch16_224,eva02_base_patch14_448,vit_large_patch14_clip_224 \
+      timeout 400 python3 benchmarks/gpu_engine_check.py --json "$OUT/engine.jsonl" --batch-sizes 1,8 \
+        --backends tuned,kernels,kernels-sdpa,reference \
+        --models vit_base_patch16_224,beitv2_base_patch16_224,eva02_base_patch14_448,eva02_large_patch14_448 \
         2>&1 | tail -45 ;;
     profile)
-      for spec in "vit_base_patch16_224 1 vitfast-graphs:auto+gemm" "vit_base_patch16_224 8 vitfast-graphs:auto+gemm"; do
+      # the engine's candidates by name (vitfast.engine.TUNING_CANDIDATES); EVA-02-L bs 8 is the row furthest behind
+      for spec in "vit_base_patch16_224 1 vitfast-graphs:kernels" "eva02_large_patch14_448 8 vitfast-graphs:kernels-sdpa" \
+        "eva02_large_patch14_448 8 timm-graphs"; do
         set -- $spec
         timeout 60 python3 benchmarks/profile_block.py "$1" --batch-size "$2" --provider "$3" \
           --json "$OUT/profile.jsonl" 2>&1 | tail -22
