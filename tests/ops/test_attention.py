@@ -384,3 +384,31 @@ def test_gpu_torch_compile_fullgraph() -> None:
     assert_close_scaled(out, eager, tol=1e-2, what="compiled output")
     assert_close_scaled(x.grad, eager_grads[0], tol=1e-2, what="compiled dx")
     assert_close_scaled(block.table.grad, eager_grads[1], tol=1e-2, what="compiled d_table")
+
+
+@requires_kernels
+@pytest.mark.parametrize("feature", ["rope", "relbias", "none"])
+def test_graph_policy_routes_each_feature(feature, monkeypatch) -> None:
+    """The engine's "kernels-sdpa" attention: the fused kernel only with a relative position bias; with RoPE the
+    rope_2d_qk kernel and then SDPA; SDPA otherwise. Each route agrees with the reference."""
+    calls = []
+    for name in ("_attention_triton", "rope_2d_qk"):
+        original = getattr(attention_module, name)
+
+        def spy(*args, _name=name, _original=original, **kwargs):
+            calls.append(_name)
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(attention_module, name, spy)
+    grid = (5, 6)
+    q, k, v = make_qkv(2, 2, grid[0] * grid[1] + 1, 64, torch.float32, layout="packed")
+    kwargs = {}
+    if feature == "rope":
+        kwargs = {"rope": make_rope(grid, 64), "num_prefix_tokens": 1}
+    elif feature == "relbias":
+        table = 0.1 * torch.randn(num_relative_positions(grid), 2, device=DEVICE)
+        kwargs = {"rel_pos_bias_table": table, "rel_pos_index": relative_position_index(grid, device=DEVICE)}
+    with backend.use_backend("triton"):
+        out = attention_module.attention_graph_policy(q, k, v, **kwargs)
+    assert calls == {"rope": ["rope_2d_qk"], "relbias": ["_attention_triton"], "none": []}[feature]
+    torch.testing.assert_close(out, attention_ref(q, k, v, **kwargs), atol=1e-5, rtol=1e-5)
