@@ -44,6 +44,19 @@ def _forward_backward(fn, q, k, cos, sin, num_prefix, d_q, d_k):
     return {"q": q_out, "k": k_out, "d_q": grads[0], "d_k": grads[1]}
 
 
+def _check_against_reference(q, k, cos, sin, num_prefix, what):
+    """Outputs and q / k gradients of the kernel within rule 5 of fp64; returns the kernel's results."""
+    d_q, d_k = torch.randn(q.shape, device=q.device), torch.randn(k.shape, device=k.device)
+    actual = _forward_backward(_kernel, q, k, cos, sin, num_prefix, d_q, d_k)
+    baseline = _forward_backward(ops.rope_2d_qk_ref, q, k, cos, sin, num_prefix, d_q, d_k)
+    exact = (q.double(), k.double(), cos.double(), sin.double())
+    expected = _forward_backward(ops.rope_2d_qk_ref, *exact, num_prefix, d_q, d_k)
+    for key, value in actual.items():
+        assert value.dtype == q.dtype and value.shape == q.shape, key
+        assert_kernel_close(value, expected[key].to(q.dtype), baseline[key], what=f"{what} {key}")
+    return actual
+
+
 def _kernel(q, k, cos, sin, num_prefix):
     with use_backend("triton"):
         return ops.rope_2d_qk(q, k, cos, sin, num_prefix)
@@ -66,15 +79,7 @@ def test_kernel_matches_reference(case, dtype) -> None:
     torch.manual_seed(0)
     q, k = _qk(batch, heads, grid, head_dim, num_prefix, dtype, layout)
     cos, sin = ops.rope_2d_table(grid, head_dim, device=DEVICE)
-    d_q, d_k = torch.randn(q.shape, device=DEVICE), torch.randn(k.shape, device=DEVICE)
-    actual = _forward_backward(_kernel, q, k, cos, sin, num_prefix, d_q, d_k)
-    baseline = _forward_backward(ops.rope_2d_qk_ref, q, k, cos, sin, num_prefix, d_q, d_k)
-    expected = _forward_backward(
-        ops.rope_2d_qk_ref, q.double(), k.double(), cos.double(), sin.double(), num_prefix, d_q, d_k
-    )
-    for key, value in actual.items():
-        assert value.dtype == dtype and value.shape == q.shape, key
-        assert_kernel_close(value, expected[key].to(dtype), baseline[key], what=f"{layout} {dtype} {key}")
+    actual = _check_against_reference(q, k, cos, sin, num_prefix, what=f"{layout} {dtype}")
     assert actual["q"].is_contiguous() and actual["k"].is_contiguous()
     # prefix tokens pass through unrotated, bit for bit
     assert torch.equal(actual["q"][..., :num_prefix, :], q[..., :num_prefix, :])
@@ -127,12 +132,7 @@ def test_full_shape_and_compile_on_gpu() -> None:
     torch.manual_seed(0)
     q, k = _qk(8, 16, (32, 32), 64, 1, torch.bfloat16, "packed")
     cos, sin = ops.rope_2d_table((32, 32), 64, device="cuda")
-    d_q, d_k = torch.randn(q.shape, device="cuda"), torch.randn(k.shape, device="cuda")
-    actual = _forward_backward(_kernel, q, k, cos, sin, 1, d_q, d_k)
-    baseline = _forward_backward(ops.rope_2d_qk_ref, q, k, cos, sin, 1, d_q, d_k)
-    expected = _forward_backward(ops.rope_2d_qk_ref, q.double(), k.double(), cos.double(), sin.double(), 1, d_q, d_k)
-    for key, value in actual.items():
-        assert_kernel_close(value, expected[key].bfloat16(), baseline[key], what=f"full shape {key}")
+    _check_against_reference(q, k, cos, sin, 1, what="full shape")
 
     def attend(q, k, v):
         q, k = torch.ops.vitfast.rope_2d_qk(q, k, cos, sin, 1, False)

@@ -930,8 +930,7 @@ def attention_graph_policy(
     batch 8). The reference there rotated q and k in ~10 fp32 elementwise passes; ``rope_2d_qk`` (added after those
     runs, not yet timed on a GPU) does it in one bf16 read and write of q and k.
     """
-    use_kernel = HAS_TRITON and rel_pos_bias_table is not None and rope is None
-    if use_kernel:
+    if HAS_TRITON and rel_pos_bias_table is not None and rope is None:
         return _attention_triton(q, k, v, scale, rope, num_prefix_tokens, rel_pos_bias_table, rel_pos_index, dropout_p)
     if rope is not None and rel_pos_bias_table is None:
         q, k = rope_2d_qk(q, k, *rope, num_prefix_tokens)
