@@ -1,0 +1,350 @@
+"""The host-overhead probe: what one eager call of each public op costs the CPU before any GPU work, no GPU needed.
+
+    python -m benchmarks.host_overhead               # table, plus markdown + JSON under benchmarks/results/
+    python -m benchmarks.host_overhead --json X.json # JSON only
+
+Triton's real launch path runs: the public op, the backend dispatch, ``torch.library``'s dispatch of the op, our
+launcher (checks, output allocation, strides), ``JITFunction.run`` (argument binding, specialization key, cache
+lookup) and the compiled kernel's launcher, against the stand-in sm_90 driver of :mod:`benchmarks.sm90`, whose
+launcher unpacks the arguments like Triton's C launcher and then does nothing. Tensors are small CPU tensors that the
+ops are told they may hand to the kernels (the probe patches ``kernel_can_run``); nothing is computed on them.
+
+Per op, median host microseconds per call (spread: min-max of the repeats), split three ways:
+
+- ``triton``: the recorded launch(es) alone, ``kernel[grid](*args)`` (``JITFunction.run`` + the no-op launcher);
+- ``ours``: our launcher function minus ``triton`` (argument checks, allocations, stride and grid arithmetic);
+- ``dispatch``: the public call minus the launcher (backend dispatch, coverage checks, ``torch.library`` / autograd);
+
+and, in the same run, the nearest single aten op on fp32 tensors of the same tiny shapes with one intra-op thread
+(dispatch, allocation and a near-empty CPU kernel). ``F.scaled_dot_product_attention`` and ``F.conv2d`` are not
+used: their CPU paths cost far more host time than their CUDA dispatch, so attention is compared with its ``q k^T``
+matmul and the patch embedding with a GEMM. ``ratio`` = public call / aten. ``fwd+bwd`` rows time the public call
+plus ``backward()`` against the same for aten. Ratios hold on a noisy machine; absolute numbers depend on its CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import gc
+import importlib
+import json
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from benchmarks import sm90
+
+OP_MODULES = ("layer_norm", "attention", "rope", "swiglu", "patch_embed", "linear")
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+@dataclass
+class Probe:
+    """One op call, three ways of making it, and aten's nearest op."""
+
+    op: str
+    label: str
+    public: Callable[[], object]
+    launcher: Callable[[], object]
+    aten: Callable[[], object]
+    aten_op: str
+    public_backward: Callable[[], object] | None = None
+    aten_backward: Callable[[], object] | None = None
+
+
+def _cpu(*shape: int, dtype: torch.dtype = torch.bfloat16, grad: bool = False) -> torch.Tensor:
+    return torch.randn(*shape, dtype=dtype).requires_grad_(grad)
+
+
+def _aten(*shape: int) -> torch.Tensor:
+    """A tensor for aten's reference call: fp32, whose tiny CPU kernels cost least (CPU bf16 GEMMs are emulated)."""
+    return torch.randn(*shape).requires_grad_(True)
+
+
+def _backward(fn: Callable[[], torch.Tensor | tuple]) -> Callable[[], None]:
+    def run() -> None:
+        out = fn()
+        outs = out if isinstance(out, tuple) else (out,)
+        torch.autograd.backward(outs, [torch.ones_like(o) for o in outs])
+
+    return run
+
+
+def probes() -> list[Probe]:
+    """The public ops at ViT-B/16 / EVA-02 widths, on a few rows (the host cost does not depend on the size)."""
+    from vitfast import ops
+
+    # the op modules (``vitfast.ops.layer_norm`` as an attribute is the public function of that name)
+    attention, layer_norm, linear, patch_embed, rope, swiglu = (
+        importlib.import_module(f"vitfast.ops.{name}")
+        for name in ("attention", "layer_norm", "linear", "patch_embed", "rope", "swiglu")
+    )
+
+    # Tiny shapes: the host path does not depend on the size, and the CPU work the probe cannot avoid (aten ops
+    # inside our backwards, such as the partial-sum reductions and linear's weight-gradient GEMM) stays negligible.
+    rows, width, heads, side, head_dim, hidden, fc_width = 4, 64, 2, 4, 64, 128, 256
+    tokens, patch = 1 + side * side, 16
+    x, w, b = _cpu(rows, width, grad=True), _cpu(width, grad=True), _cpu(width, grad=True)
+    branch = _cpu(rows, width, grad=True)
+    # aten's tensors: separate leaves, so that its autograd graph is as deep as ours
+    tx, tw, tb, tbranch = _aten(rows, width), _aten(width), _aten(width), _aten(rows, width)
+    q, k, v = (_cpu(1, heads, tokens, head_dim, grad=True) for _ in range(3))
+    tq, tk = _aten(1, heads, tokens, head_dim), _aten(1, heads, head_dim, tokens)
+    cos, sin = rope.rope_2d_table((side, side), head_dim)
+    table = _cpu((2 * side - 1) ** 2 + 3, heads, grad=True)
+    index = torch.randint(0, table.shape[0], (tokens, tokens))
+    gate, up = _cpu(rows, hidden, grad=True), _cpu(rows, hidden, grad=True)
+    tgate = _aten(rows, hidden)
+    packed = _cpu(rows, 2 * hidden, grad=True)
+    ln_w, ln_b = _cpu(hidden, grad=True), _cpu(hidden, grad=True)
+    image = _cpu(1, 3, side * patch, side * patch, grad=True)
+    patch_w, patch_b = _cpu(width, 3, patch, patch, grad=True), _cpu(width, grad=True)
+    pos, cls = _cpu(1, tokens, width, grad=True), _cpu(1, 1, width, grad=True)
+    fc_w, fc_b = _cpu(fc_width, width, grad=True), _cpu(fc_width, grad=True)
+    tfc_w = _aten(width, width)
+    scale = head_dim**-0.5
+
+    def no_grad(*tensors: torch.Tensor) -> list[torch.Tensor]:
+        return [t.detach() for t in tensors]
+
+    xd, wd, bd, branchd = no_grad(x, w, b, branch)
+    qd, kd, vd = no_grad(q, k, v)
+    return [
+        Probe("layer_norm", "layer_norm", lambda: ops.layer_norm(x, w, b),
+              lambda: layer_norm.layer_norm_fwd(xd, None, None, wd, bd, 1e-6),
+              lambda: F.layer_norm(tx, (width,), tw, tb), "F.layer_norm",
+              _backward(lambda: ops.layer_norm(x, w, b)), _backward(lambda: F.layer_norm(tx, (width,), tw, tb))),
+        Probe("layer_norm_residual", "layer_norm_residual", lambda: ops.layer_norm_residual(x, branch, None, w, b),
+              lambda: layer_norm.layer_norm_fwd(xd, branchd, None, wd, bd, 1e-6),
+              lambda: F.layer_norm(tx + tbranch, (width,), tw, tb), "add + F.layer_norm",
+              _backward(lambda: ops.layer_norm_residual(x, branch, None, w, b)),
+              _backward(lambda: F.layer_norm(tx + tbranch, (width,), tw, tb))),
+        Probe("attention", "attention", lambda: ops.attention(q, k, v),
+              lambda: attention.attention_fwd(qd, kd, vd, scale),
+              lambda: torch.matmul(tq, tk), "torch.matmul (q k^T)",
+              _backward(lambda: ops.attention(q, k, v)),
+              _backward(lambda: torch.matmul(tq, tk))),
+        Probe("attention", "attention + RoPE", lambda: ops.attention(q, k, v, rope=(cos, sin), num_prefix_tokens=1),
+              lambda: attention.attention_fwd(qd, kd, vd, scale, cos, sin, 1),
+              lambda: torch.matmul(tq, tk), "torch.matmul (q k^T)",
+              _backward(lambda: ops.attention(q, k, v, rope=(cos, sin), num_prefix_tokens=1)),
+              _backward(lambda: torch.matmul(tq, tk))),
+        Probe("attention", "attention + rel-pos bias",
+              lambda: ops.attention(q, k, v, rel_pos_bias_table=table, rel_pos_index=index),
+              lambda: attention.attention_fwd(qd, kd, vd, scale, None, None, 0, table.detach(), index),
+              lambda: torch.matmul(tq, tk), "torch.matmul (q k^T)",
+              _backward(lambda: ops.attention(q, k, v, rel_pos_bias_table=table, rel_pos_index=index)),
+              _backward(lambda: torch.matmul(tq, tk))),
+        Probe("rope_2d_qk", "rope_2d_qk", lambda: ops.rope_2d_qk(q, k, cos, sin, 1),
+              lambda: rope.rope_2d_qk_fwd(qd, kd, cos, sin, 1),
+              lambda: torch.mul(tq, tq), "torch.mul",
+              _backward(lambda: ops.rope_2d_qk(q, k, cos, sin, 1)), _backward(lambda: torch.mul(tq, tq))),
+        Probe("swiglu", "swiglu", lambda: ops.swiglu(gate, up),
+              lambda: swiglu.swiglu_fwd(gate.detach(), up.detach()),
+              lambda: F.silu(tgate), "F.silu",
+              _backward(lambda: ops.swiglu(gate, up)), _backward(lambda: F.silu(tgate))),
+        Probe("swiglu", "swiglu_packed", lambda: ops.swiglu_packed(packed),
+              lambda: swiglu.swiglu_packed_fwd(packed.detach()),
+              lambda: F.silu(tgate), "F.silu",
+              _backward(lambda: ops.swiglu_packed(packed)), _backward(lambda: F.silu(tgate))),
+        Probe("swiglu", "swiglu_layer_norm", lambda: ops.swiglu_layer_norm(gate, up, ln_w, ln_b),
+              lambda: swiglu.swiglu_layer_norm_fwd(gate.detach(), up.detach(), ln_w.detach(), ln_b.detach(), 1e-6),
+              lambda: F.layer_norm(tgate, (hidden,)), "F.layer_norm",
+              _backward(lambda: ops.swiglu_layer_norm(gate, up, ln_w, ln_b)),
+              _backward(lambda: F.layer_norm(tgate, (hidden,)))),
+        Probe("patch_embed", "patch_embed_tokens", lambda: ops.patch_embed_tokens(image, patch_w, patch_b, pos, cls),
+              lambda: patch_embed.patch_embed_fwd(*no_grad(image, patch_w, patch_b, pos, cls)),
+              lambda: F.linear(tx, tfc_w), "F.linear (the patch GEMM)",
+              _backward(lambda: ops.patch_embed_tokens(image, patch_w, patch_b, pos, cls)),
+              _backward(lambda: F.linear(tx, tfc_w))),
+        Probe("linear", "linear + GELU", lambda: ops.linear(x, fc_w, fc_b, "gelu"),
+              lambda: linear.linear_fwd(xd, fc_w.detach(), fc_b.detach(), "gelu"),
+              lambda: F.linear(tx, tfc_w), "F.linear",
+              _backward(lambda: ops.linear(x, fc_w, fc_b, "gelu")), _backward(lambda: F.linear(tx, tfc_w))),
+    ]  # fmt: skip
+
+
+def time_per_call(fn: Callable[[], object], calls: int, repeats: int) -> dict[str, float]:
+    """Median (and min / max over ``repeats``) of the mean host time per call of ``calls`` calls, microseconds."""
+    for _ in range(max(3, calls // 10)):
+        fn()
+    gc_was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        samples = []
+        for _ in range(repeats):
+            start = time.perf_counter_ns()
+            for _ in range(calls):
+                fn()
+            samples.append((time.perf_counter_ns() - start) / calls / 1e3)
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+    return {"median": statistics.median(samples), "min": min(samples), "max": max(samples)}
+
+
+class _LaunchCapture:
+    """The real ``launch``, also keeping each launch so that it can be replayed alone."""
+
+    def __init__(self, launch: Callable) -> None:
+        self._launch = launch
+        self.launches: list[tuple] = []
+
+    def __call__(self, kernel, grid, *args, **kwargs) -> None:
+        self.launches.append((kernel, grid, args, kwargs))
+        self._launch(kernel, grid, *args, **kwargs)
+
+
+def unavailable() -> str | None:
+    """Why the probe cannot run here (None when it can)."""
+    problem = sm90.toolchain_problem()
+    if problem is None and torch.cuda.is_available():
+        problem = "this machine has a GPU: profile the real launches there (the probe is for machines without one)"
+    return problem
+
+
+@contextlib.contextmanager
+def stand_in_gpu() -> Iterator[_LaunchCapture]:
+    """Our ops on CPU tensors take the Triton path to a no-op sm_90 launch; yields the capture of the launches.
+
+    Inside: Triton's stand-in driver (:func:`benchmarks.sm90.offline_sm90`), ``kernel_can_run`` true for any tensor
+    (nothing runs on them), the ``"triton"`` backend (``set_backend`` would refuse it without a GPU) and one intra-op
+    thread (a tiny aten op otherwise pays for waking the pool, which is not dispatch cost). All restored on exit.
+    """
+    import vitfast.backend
+    from vitfast.ops import _triton
+
+    modules = [importlib.import_module(f"vitfast.ops.{name}") for name in OP_MODULES]
+    capture = _LaunchCapture(_triton.launch)
+    saved = {module: module.kernel_can_run for module in modules if hasattr(module, "kernel_can_run")}
+    saved_threads = torch.get_num_threads()
+    with sm90.offline_sm90(modules, capture):
+        for module in saved:
+            module.kernel_can_run = lambda *tensors: True
+        saved_backend, vitfast.backend._current = vitfast.backend._current, "triton"
+        torch.set_num_threads(1)
+        try:
+            yield capture
+        finally:
+            torch.set_num_threads(saved_threads)
+            vitfast.backend._current = saved_backend
+            for module, fn in saved.items():
+                module.kernel_can_run = fn
+
+
+def recorded_launches(probe: Probe, capture: _LaunchCapture) -> Callable[[], None]:
+    """Run the probe's launcher once (compiling its kernels on first use) and return a replay of its launches."""
+    capture.launches.clear()
+    probe.launcher()
+    recorded = list(capture.launches)
+
+    def triton_only() -> None:
+        for kernel, grid, args, kwargs in recorded:
+            kernel[grid](*args, **kwargs)
+
+    triton_only.count = len(recorded)
+    return triton_only
+
+
+def measure(calls: int = 200, repeats: int = 7) -> dict:
+    """Every probe, timed; ``{"unavailable": why}`` where the probe cannot run."""
+    problem = unavailable()
+    if problem is not None:
+        return {"unavailable": problem}
+    import triton
+
+    rows = []
+    with stand_in_gpu() as capture:
+        for probe in probes():
+            triton_only = recorded_launches(probe, capture)
+            timings = {
+                "public": time_per_call(probe.public, calls, repeats),
+                "launcher": time_per_call(probe.launcher, calls, repeats),
+                "triton": time_per_call(triton_only, calls, repeats),
+                "aten": time_per_call(probe.aten, calls, repeats),
+            }
+            row = {"op": probe.op, "label": probe.label, "aten_op": probe.aten_op, "launches": triton_only.count}
+            row.update({f"{name}_us": value for name, value in timings.items()})
+            public, launcher, triton_us = (timings[n]["median"] for n in ("public", "launcher", "triton"))
+            row["split_us"] = {"dispatch": public - launcher, "ours": launcher - triton_us, "triton": triton_us}
+            row["ratio"] = public / timings["aten"]["median"]
+            if probe.public_backward is not None:
+                backward_calls = max(10, calls // 4)
+                row["fwd_bwd_us"] = time_per_call(probe.public_backward, backward_calls, repeats)
+                row["aten_fwd_bwd_us"] = time_per_call(probe.aten_backward, backward_calls, repeats)
+                row["fwd_bwd_ratio"] = row["fwd_bwd_us"]["median"] / row["aten_fwd_bwd_us"]["median"]
+            rows.append(row)
+            print(f"{probe.label:<26} {public:8.1f} us  ({row['ratio']:.1f}x aten)", file=sys.stderr, flush=True)
+    return {
+        "date": datetime.date.today().isoformat(),
+        "machine": f"{platform.machine()} {platform.system()}, Python {platform.python_version()}",
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "calls": calls,
+        "repeats": repeats,
+        "rows": rows,
+    }
+
+
+def _us(timing: dict) -> str:
+    return f"{timing['median']:.1f} ({timing['min']:.1f}-{timing['max']:.1f})"
+
+
+def markdown(result: dict) -> str:
+    lines = [
+        f"# Host overhead per eager op call, {result['date']} (no GPU: stand-in sm_90 driver, no-op launch)",
+        "",
+        f"{result['machine']}; torch {result['torch']}, triton {result['triton']}; "
+        f"`python -m benchmarks.host_overhead`; median us per call over {result['repeats']} repeats of "
+        f"{result['calls']} calls (min-max). How to read: the docstring of `benchmarks/host_overhead.py`.",
+        "",
+        "| op | launches | public call | dispatch | ours | triton | aten | ratio | fwd+bwd | aten fwd+bwd | ratio |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in result["rows"]:
+        split = row["split_us"]
+        lines.append(
+            f"| {row['label']} | {row['launches']} | {_us(row['public_us'])} | {split['dispatch']:.1f} "
+            f"| {split['ours']:.1f} | {split['triton']:.1f} | {_us(row['aten_us'])} ({row['aten_op']}) "
+            f"| {row['ratio']:.1f}x | {_us(row['fwd_bwd_us'])} | {_us(row['aten_fwd_bwd_us'])} "
+            f"| {row['fwd_bwd_ratio']:.1f}x |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.host_overhead", description=__doc__.split("\n")[0])
+    parser.add_argument("--json", type=Path, help="write the JSON result to this path only (no markdown)")
+    parser.add_argument("--out-dir", type=Path, default=RESULTS, help="where the dated markdown + JSON go")
+    parser.add_argument("--calls", type=int, default=200, help="calls per timed repeat (default 200)")
+    parser.add_argument("--repeats", type=int, default=7, help="timed repeats per variant (default 7)")
+    args = parser.parse_args(argv)
+    if args.calls < 1 or args.repeats < 1:
+        parser.error("--calls and --repeats must be at least 1")
+    result = measure(args.calls, args.repeats)
+    if "unavailable" in result:
+        print(f"cannot probe here: {result['unavailable']}", file=sys.stderr)
+        return 2
+    if args.json is not None:
+        args.json.write_text(json.dumps(result, indent=1))
+        return 0
+    text = markdown(result)
+    stem = args.out_dir / f"{result['date']}_host_overhead"
+    stem.with_suffix(".json").write_text(json.dumps(result, indent=1))
+    stem.with_suffix(".md").write_text(text)
+    print(text)
+    print(f"wrote {stem}.md and {stem}.json")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
