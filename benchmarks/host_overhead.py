@@ -286,13 +286,22 @@ def measure(calls: int = 200, repeats: int = 7) -> dict:
             print(f"{probe.label:<26} {public:8.1f} us  ({row['ratio']:.1f}x aten)", file=sys.stderr, flush=True)
     return {
         "date": datetime.date.today().isoformat(),
-        "machine": f"{platform.machine()} {platform.system()}, Python {platform.python_version()}",
+        "machine": f"{_cpu_name()}, {platform.system()}, Python {platform.python_version()}",
         "torch": torch.__version__,
         "triton": triton.__version__,
         "calls": calls,
         "repeats": repeats,
         "rows": rows,
     }
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            names = [line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")]
+    except OSError:
+        names = []
+    return f"{names[0]} x {len(names)}" if names else platform.machine()
 
 
 def _us(timing: dict) -> str:

@@ -385,6 +385,9 @@ MEMORY_BOUND = (
     "_swiglu_layer_norm_fwd_kernel",
     "_swiglu_layer_norm_bwd_kernel",
 )
+# What "moves 16 bytes per access" means for them: this share of the hot region's global access bits in 128-bit
+# instructions (the rest: per-row fp32 statistics and parameter vectors).
+MIN_VECTOR_SHARE = 2 / 3
 ATTENTION = ("_attention_fwd_kernel", "_attention_bwd_dq_kernel", "_attention_bwd_dkdv_kernel")
 
 
@@ -518,7 +521,7 @@ def verdict(rows: list[dict]) -> str:
         worst = max(spilling, key=lambda row: row["local_bytes"])
         notes.append(f"spills ({worst['local_bytes']} B local at {worst['case']})")
     if any(row["kernel"] in MEMORY_BOUND for row in compiled):
-        narrow = [row for row in compiled if aligned_rows(row) and row["vector_share"] < 1.0]
+        narrow = [row for row in compiled if aligned_rows(row) and row["vector_share"] < MIN_VECTOR_SHARE]
         if narrow:
             worst = min(narrow, key=lambda row: row["vector_share"])
             region = hot_region(worst)
@@ -603,13 +606,20 @@ def collect() -> dict:
     }
 
 
+def _measured(row: dict) -> str:
+    if "measured_us" not in row:
+        return "- | -"
+    return f"{row['measured_us']:.1f} | {row['floor_fraction']:.0%}"
+
+
 def markdown(report: dict) -> str:
     lines = [
         f"# Kernel report, {report['date']}: {report['target']}",
         "",
-        f"triton {report['triton']}, torch {report['torch']}; `python -m benchmarks.kernel_report` (no GPU). "
-        "How to read it: the module docstring of `benchmarks/kernel_report.py` and the README's section "
-        '"Kernel report". Global accesses are static PTX instruction counts per thread as `count x bits`.',
+        f"triton {report['triton']}, torch {report['torch']}; `python -m benchmarks.kernel_report`"
+        + (f" --gpu on {report['gpu']} (measured: do_bench median, L2 flushed). " if "gpu" in report else " (no GPU). ")
+        + "How to read it: the module docstring of `benchmarks/kernel_report.py` and the README's section "
+        '"Kernel speed without a GPU". Global accesses are static PTX instruction counts per thread as `count x bits`.',
         "",
         "## Verdicts",
         "",
@@ -619,8 +629,8 @@ def markdown(report: dict) -> str:
         "",
         "| group | case | pass | kernel | blocks | warps/stages | CTAs | SM fill | waves | regs | local B | smem KB "
         "| CTA/SM | loop ld | loop cp.async | loop st | kernel ld / st | 128-bit share | floor MB | floor GFLOP "
-        "| floor us H100 / H200 | bound | work |",
-        "|" + "---|" * 23,
+        "| floor us H100 / H200 | bound | work | measured us | of floor |",
+        "|" + "---|" * 25,
     ]
     for row in report["rows"]:
         if "error" in row:
@@ -638,24 +648,76 @@ def markdown(report: dict) -> str:
             f"| {_bits_summary(whole['loads'])} / {_bits_summary(whole['stores'])} | {row['vector_share']:.2f} "
             f"| {floor['bytes'] / 1e6:.2f} | {floor['flops'] / 1e9:.2f} "
             f"| {row['floor_us']['H100']:.1f} / {row['floor_us']['H200']:.1f} | {row['bound']} "
-            f"| {floor.get('work', '')} |"
+            f"| {floor.get('work', '')} | {_measured(row)} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def time_on_gpu(report: dict) -> None:
+    """Run every case's launches on this machine's GPU and add ``measured_us`` and ``floor_fraction`` to its rows.
+
+    The cases' tensors are real CUDA tensors here (no fake mode, :func:`benchmarks.sm90.fake` fills them); each
+    recorded launch is replayed alone and timed
+    by ``triton.testing.do_bench`` (median, L2 flushed between calls). ``floor_fraction`` is the row's floor at the
+    peaks of the GPU named by ``--gpu-peaks`` over the measured time: 1.0 would be the hardware's limit.
+    """
+    import triton.testing
+
+    modules = [importlib.import_module(f"vitfast.ops.{name}") for name in OP_MODULES]
+    recorder = Recorder()
+    saved = [(module, module.launch) for module in modules]
+    for module in modules:
+        module.launch = recorder
+    rows = iter(row for row in report["rows"] if row["kernel"] != "(launcher)")
+    try:
+        for case in CASES:
+            recorder.launches.clear()
+            recorder.phase = "fwd"
+            with torch.no_grad():
+                case.run(recorder)
+            for launch in recorder.launches:
+                row = next(rows)
+                if (row["case"], row["kernel"], row["phase"]) != (case.label, launch.name, launch.phase):
+                    raise RuntimeError(f"report row {row['case']} / {row['kernel']} does not match {case.label}")
+
+                def replay(launch: sm90.Launch = launch) -> None:
+                    launch.kernel[launch.grid](*launch.args, **launch.kwargs)
+
+                milliseconds = triton.testing.do_bench(replay, return_mode="median")
+                row["measured_us"] = 1e3 * milliseconds
+            torch.cuda.empty_cache()
+    finally:
+        for module, launch_fn in saved:
+            module.launch = launch_fn
+    report["gpu"] = torch.cuda.get_device_name()
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.kernel_report", description=__doc__.split("\n")[0])
     parser.add_argument("--json", type=Path, help="write the JSON report to this path only (no markdown)")
     parser.add_argument("--out-dir", type=Path, default=RESULTS, help="where the dated markdown + JSON go")
+    parser.add_argument(
+        "--gpu", action="store_true", help="also run every launch on this machine's GPU: measured time beside the floor"
+    )
+    parser.add_argument("--gpu-peaks", choices=sorted(sm90.PEAKS), default="H200", help="peaks the GPU run is read at")
     args = parser.parse_args(argv)
+    if args.gpu and not torch.cuda.is_available():
+        parser.error("--gpu needs a CUDA GPU, and torch.cuda.is_available() is False here")
     report = collect()
+    if args.gpu and "unavailable" not in report:
+        time_on_gpu(report)
+        for row in report["rows"]:
+            if "measured_us" in row:
+                row["floor_fraction"] = row["floor_us"][args.gpu_peaks] / row["measured_us"]
+        report["gpu_peaks"] = args.gpu_peaks
     if args.json is not None:
         args.json.write_text(json.dumps(report, indent=1))
         return 0
     if "unavailable" in report:
         print(f"cannot compile for sm_90 here: {report['unavailable']}", file=sys.stderr)
         return 2
-    stem = args.out_dir / f"{report['date']}_kernel_report"
+    suffix = f"_{report['gpu_peaks'].lower()}" if args.gpu else ""
+    stem = args.out_dir / f"{report['date']}_kernel_report{suffix}"
     stem.with_suffix(".json").write_text(json.dumps(report, indent=1))
     stem.with_suffix(".md").write_text(markdown(report))
     for name, text in report["verdicts"].items():

@@ -166,8 +166,14 @@ class Recorder:
 
 
 def fake(*shape: int, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
-    """A CUDA tensor of this shape (call under ``FakeTensorMode``: nothing is allocated)."""
-    return torch.empty(shape, dtype=dtype, device=DEVICE)
+    """A CUDA tensor of this shape: under ``FakeTensorMode`` nothing is allocated; outside it (a run on a real GPU)
+    it holds random floats, or zeros for integers (valid indices for the gathers that read them)."""
+    from torch._subclasses.fake_tensor import is_fake
+
+    tensor = torch.empty(shape, dtype=dtype, device=DEVICE)
+    if not is_fake(tensor):
+        tensor.normal_() if tensor.is_floating_point() else tensor.zero_()
+    return tensor
 
 
 # ------------------------------------------------------------------------------------------------------------ PTX
