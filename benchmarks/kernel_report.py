@@ -77,34 +77,32 @@ def _layer_norm(rec: Recorder, width: int, rows: int, residual: bool, gamma: boo
 
 
 def _attention(
-    rec: Recorder, batch: int, heads: int, tokens: int, head_dim: int, rope: bool, bias: bool, dtype: torch.dtype
+    rec: Recorder, batch: int, heads: int, tokens: int, head_dim: int, bias: bool, dtype: torch.dtype
 ) -> None:
     ops = importlib.import_module("vitfast.ops.attention")
     qkv = fake(batch, tokens, 3, heads, head_dim, dtype=dtype).permute(2, 0, 3, 1, 4)  # the packed qkv projection
     q, k, v = qkv.unbind(0)
-    num_prefix = 1
-    cos = sin = table = index = None
-    if rope:
-        cos, sin = (fake(tokens - num_prefix, head_dim, dtype=FP32) for _ in range(2))
+    table = index = None
     if bias:
         side = round((tokens - 1) ** 0.5)
         table = fake((2 * side - 1) ** 2 + 3, heads, dtype=dtype)  # BEiT: + cls-to-token, token-to-cls, cls-to-cls
         index = fake(tokens, tokens, dtype=torch.int64)
     scale = head_dim**-0.5
-    out, lse = ops.attention_fwd(q, k, v, scale, cos, sin, num_prefix, table, index)
+    out, lse = ops.attention_fwd(q, k, v, scale, table, index)
     rec.phase = "bwd"
     grad_out = fake(batch, tokens, heads * head_dim, dtype=dtype).reshape(batch, tokens, heads, head_dim)
-    ops.attention_bwd(grad_out.transpose(1, 2), q, k, v, out, lse, scale, cos, sin, num_prefix, table, index, bias)
+    ops.attention_bwd(grad_out.transpose(1, 2), q, k, v, out, lse, scale, table, index, bias)
 
 
 def _rope(rec: Recorder, batch: int, heads: int, tokens: int, head_dim: int, dtype: torch.dtype) -> None:
     ops = importlib.import_module("vitfast.ops.rope")
     qkv = fake(batch, tokens, 3, heads, head_dim, dtype=dtype).permute(2, 0, 3, 1, 4)
     q, k, _ = qkv.unbind(0)
+    # the tables as the layers and the engine build them (rope_2d_table: each pair's angle on both its channels)
     cos, sin = (fake(tokens - 1, head_dim, dtype=FP32) for _ in range(2))
     q_out, k_out = ops.rope_2d_qk_fwd(q, k, cos, sin, 1)
     rec.phase = "bwd"
-    ops.rope_2d_qk_fwd(q_out, k_out, cos, sin, 1, inverse=True)  # the backward: contiguous gradients
+    ops.rope_2d_qk_fwd(q_out, k_out, cos, sin, 1, inverse=True)  # the backward, on gradients in the outputs' layout
 
 
 def _swiglu(rec: Recorder, kind: str, rows: int, width: int, dtype: torch.dtype) -> None:
@@ -114,6 +112,15 @@ def _swiglu(rec: Recorder, kind: str, rows: int, width: int, dtype: torch.dtype)
         out = ops.swiglu_packed_fwd(x)
         rec.phase = "bwd"
         ops.swiglu_packed_bwd(torch.empty_like(out), x)
+        return
+    if kind == "sub-LN padded":  # the engine's layout: views of the zero-padded fc1 output, the norm's true width
+        padded = -(-width // 8) * 8
+        fc1 = fake(rows, 2 * padded, dtype=dtype)
+        gate, up = fc1[:, :padded], fc1[:, padded:]
+        weight, bias = fake(padded, dtype=dtype), fake(padded, dtype=dtype)  # zero-padded, as the engine holds them
+        out, mean, rstd = ops.swiglu_layer_norm_fwd(gate, up, weight, bias, 1e-6, width)
+        rec.phase = "bwd"
+        ops.swiglu_layer_norm_bwd(torch.empty_like(out), gate, up, weight, mean, rstd, width)
         return
     gate, up = fake(rows, width, dtype=dtype), fake(rows, width, dtype=dtype)
     if kind == "split":
@@ -164,7 +171,7 @@ def _vit_block(group: str, batch: int, tokens: int, width: int, heads: int, mlp:
         _case(group, "layer_norm", f"LN C={width}", _layer_norm, width, rows, False, False, BF16),
         _case(group, "layer_norm", f"residual LN C={width}", _layer_norm, width, rows, True, False, BF16),
         _case(group, "attention", f"attention D={width // heads} N={tokens}", _attention, batch, heads, tokens,
-              width // heads, False, False, BF16),
+              width // heads, False, BF16),
         _case(group, "patch_embed", f"patch embed p={patch} D={width}", _patch_embed, batch, patch, width, image, BF16,
               False),
         _case(group, "patch_embed", f"patch embed p={patch} D={width} uint8", _patch_embed, batch, patch, width, image,
@@ -180,12 +187,12 @@ def _cases() -> list[Case]:
     beit = "BEiT v2-B bs 8"
     cases += [
         _case(beit, "layer_norm", "residual+gamma LN C=768", _layer_norm, 768, 8 * 197, True, True, BF16),
-        _case(beit, "attention", "attention D=64 N=197 relpos", _attention, 8, 12, 197, 64, False, True, BF16),
+        _case(beit, "attention", "attention D=64 N=197 relpos", _attention, 8, 12, 197, 64, True, BF16),
     ]
     eva, eva_rows = "EVA-02-L/448 bs 8", 8 * 1025
     cases += [
         _case(eva, "layer_norm", "residual LN C=1024", _layer_norm, 1024, eva_rows, True, False, BF16),
-        _case(eva, "attention", "attention D=64 N=1025 rope", _attention, 8, 16, 1025, 64, True, False, BF16),
+        _case(eva, "attention", "attention D=64 N=1025 (after rope)", _attention, 8, 16, 1025, 64, False, BF16),
         _case(eva, "rope", "rope_2d_qk D=64 N=1025", _rope, 8, 16, 1025, 64, BF16),
         _case(eva, "patch_embed", "patch embed p=14 D=1024", _patch_embed, 8, 14, 1024, 448, BF16, False),
         *(
@@ -193,17 +200,17 @@ def _cases() -> list[Case]:
             for width in (2730, 2736)  # timm's width, and the engine's zero-padded one (16-byte rows)
             for kind in ("sub-LN", "split", "packed")
         ),
+        _case(eva, "swiglu", "sub-LN h=2730 padded to 2736", _swiglu, "sub-LN padded", eva_rows, 2730, BF16),
     ]
     ref = "REFERENCE s4 bs 8"
     cases += [
-        _case(ref, "attention", "attention D=32 N=197", _attention, 8, 12, 197, 32, False, False, BF16),
-        _case(ref, "attention", "attention D=80 N=257", _attention, 8, 16, 257, 80, False, False, BF16),
-        _case(ref, "attention", "attention D=88 N=257", _attention, 8, 16, 257, 88, False, False, BF16),
-        _case(ref, "attention", "attention D=88 N=257 rope", _attention, 8, 16, 257, 88, True, False, BF16),
-        _case(ref, "attention", "attention D=88 N=257 relpos", _attention, 8, 16, 257, 88, False, True, BF16),
-        _case(ref, "attention", "attention D=96 N=197", _attention, 8, 8, 197, 96, False, False, BF16),
+        _case(ref, "attention", "attention D=32 N=197", _attention, 8, 12, 197, 32, False, BF16),
+        _case(ref, "attention", "attention D=80 N=257", _attention, 8, 16, 257, 80, False, BF16),
+        _case(ref, "attention", "attention D=88 N=257", _attention, 8, 16, 257, 88, False, BF16),
+        _case(ref, "attention", "attention D=88 N=257 relpos", _attention, 8, 16, 257, 88, True, BF16),
+        _case(ref, "attention", "attention D=96 N=197", _attention, 8, 8, 197, 96, False, BF16),
         *(
-            _case(ref, "attention", f"attention D=64 N={tokens}", _attention, 8, 12, tokens, 64, False, False, BF16)
+            _case(ref, "attention", f"attention D=64 N={tokens}", _attention, 8, 12, tokens, 64, False, BF16)
             for tokens in (50, 145, 577, 1601)
         ),
         *(
@@ -215,7 +222,7 @@ def _cases() -> list[Case]:
     fp32 = "fp32 bs 8"
     cases += [
         _case(fp32, "layer_norm", "LN C=1024", _layer_norm, 1024, 8 * 257, False, False, FP32),
-        _case(fp32, "attention", "attention D=64 N=197", _attention, 8, 12, 197, 64, False, False, FP32),
+        _case(fp32, "attention", "attention D=64 N=197", _attention, 8, 12, 197, 64, False, FP32),
         _case(fp32, "swiglu", "sub-LN h=2730", _swiglu, "sub-LN", 8 * 1025, 2730, FP32),
         _case(fp32, "patch_embed", "patch embed p=16 D=1024", _patch_embed, 8, 16, 1024, 224, FP32, False),
         _case(fp32, "linear", "fc1+GELU 1576x3072x768", _linear_fp32, 1576, 3072, 768),
@@ -261,13 +268,8 @@ def _attention_dims(a: dict, grid: tuple) -> tuple[int, int, int]:
     return grid[1], a["seq_len"], a["HEAD_DIM"]  # batch * heads, tokens, head dim
 
 
-def _attention_tables(a: dict, repeat: int = 1) -> int:
-    moved = 0
-    if a["ROPE"]:
-        moved += _nbytes(a["Cos"], a["Sin"]) // 2  # the angle of each pair is stored twice: half is needed
-    if a["BIAS"]:
-        moved += _nbytes(a["Table"], a["Index"])
-    return moved * repeat
+def _attention_tables(a: dict) -> int:
+    return _nbytes(a["Table"], a["Index"]) if a["BIAS"] else 0
 
 
 def _attention_fwd(a: dict, grid: tuple) -> dict:
@@ -276,9 +278,6 @@ def _attention_fwd(a: dict, grid: tuple) -> dict:
         "bytes": _nbytes(a["Q"], a["K"], a["V"], a["Out"], a["Lse"]) + _attention_tables(a),
         "flops": 4 * bh * n * n * d,
     }
-    query_tiles = math.ceil(n / a["BLOCK_M"])
-    if a["ROPE"]:
-        floor.update(work=f"K rotated once per query tile: {query_tiles}x", repeat=query_tiles, per_tile_pair=True)
     if a["BIAS"]:
         floor.update(work=f"bias gathered through the index by each of {bh} (batch, head): {bh}x", repeat=bh)
     return floor
@@ -296,22 +295,17 @@ def _attention_dq(a: dict, grid: tuple) -> dict:
 def _attention_dkdv(a: dict, grid: tuple) -> dict:
     bh, n, d = _attention_dims(a, grid)
     moved = _nbytes(a["Q"], a["K"], a["V"], a["GradOut"], a["Lse"], a["Delta"], a["GradK"], a["GradV"])
-    floor = {"bytes": moved + _attention_tables(a), "flops": 8 * bh * n * n * d}
-    key_tiles = math.ceil(n / a["BLOCK_N"])
-    if a["ROPE"]:
-        floor.update(work=f"Q rotated once per key tile: {key_tiles}x", repeat=key_tiles, per_tile_pair=True)
-    return floor
+    return {"bytes": moved + _attention_tables(a), "flops": 8 * bh * n * n * d}
 
 
 def _rope(a: dict, grid: tuple) -> dict:
-    bh = grid[1]
-    table = _nbytes(a["Cos"], a["Sin"])
-    floor = {"bytes": _nbytes(a["Q"], a["K"], a["QOut"], a["KOut"]) + table // 2, "flops": 6 * a["Q"].numel()}
-    floor.update(
-        work=f"tables (angles stored twice) read by each of {bh} (batch, head) programs: {2 * bh}x",
-        repeat=2 * bh,
-        table_per_head=True,
-    )
+    # the angles, one per channel pair, are needed once; the kernel reads them once per image (a few % of its bytes)
+    pairs = a["Cos"].shape[0] * (a["HEAD_DIM"] // 2)
+    floor = {"bytes": _nbytes(a["Q"], a["K"], a["QOut"], a["KOut"]) + 8 * pairs, "flops": 6 * a["Q"].numel()}
+    images = grid[1]
+    floor.update(work=f"angles read once per image: {images}x", repeat=images)
+    # the rotation of a token per program that holds it, never per (query, key) tile pair
+    floor["rotations_per_token"] = 1
     return floor
 
 
@@ -326,12 +320,12 @@ def _swiglu_bwd(a: dict, grid: tuple) -> dict:
 
 
 def _swiglu_ln_fwd(a: dict, grid: tuple) -> dict:
-    rows, cols = a["n_rows"], a["n_cols"]
+    rows, cols = a["n_rows"], a["padded_cols"]  # the padding is read and written (zeros) too
     return {"bytes": 3 * rows * cols * a["out_ptr"].element_size() + 8 * rows, "flops": 13 * rows * cols}
 
 
 def _swiglu_ln_bwd(a: dict, grid: tuple) -> dict:
-    rows, cols = a["n_rows"], a["n_cols"]
+    rows, cols = a["n_rows"], a["padded_cols"]
     return {"bytes": 5 * rows * cols * a["grad_ptr"].element_size() + 8 * rows, "flops": 25 * rows * cols}
 
 
@@ -459,10 +453,12 @@ def _row_bytes(launch: sm90.Launch) -> int | None:
     name = launch.name
     if name.startswith("_layer_norm"):
         return a["cols"] * a["x_ptr"].element_size()
+    if name.startswith("_swiglu_layer_norm"):
+        return a["padded_cols"] * a["gate_ptr"].element_size()  # the width in memory (true width when not padded)
     if name.startswith("_swiglu"):
         return a["n_cols"] * a["gate_ptr"].element_size()
     if name == "_rope_qk_kernel":
-        return a["HALF"] * 2 * a["Q"].element_size()
+        return a["HEAD_DIM"] * a["Q"].element_size()
     return None
 
 
@@ -556,8 +552,9 @@ def verdict(rows: list[dict]) -> str:
 # ----------------------------------------------------------------------------------------------------------- running
 
 
-def collect() -> dict:
-    """Record and compile every case; the report as a JSON-able dict (``{"unavailable": why}`` without ptxas)."""
+def collect(ops: tuple[str, ...] | None = None) -> dict:
+    """Record and compile every case (of ``ops`` only, when given); the report as a JSON-able dict
+    (``{"unavailable": why}`` without ptxas)."""
     problem = sm90.toolchain_problem()
     if problem is not None:
         return {"unavailable": problem}
@@ -571,6 +568,8 @@ def collect() -> dict:
     with sm90.offline_sm90(modules, recorder):
         compile_launch = sm90.Compiler()
         for case in CASES:
+            if ops is not None and case.op not in ops:
+                continue
             recorder.launches.clear()
             recorder.phase = "fwd"
             try:
@@ -700,10 +699,16 @@ def main(argv: list[str] | None = None) -> int:
         "--gpu", action="store_true", help="also run every launch on this machine's GPU: measured time beside the floor"
     )
     parser.add_argument("--gpu-peaks", choices=sorted(sm90.PEAKS), default="H200", help="peaks the GPU run is read at")
+    parser.add_argument(
+        "--only", nargs="+", choices=OP_MODULES, help="only these ops' cases (while iterating on a kernel; prints them)"
+    )
     args = parser.parse_args(argv)
     if args.gpu and not torch.cuda.is_available():
         parser.error("--gpu needs a CUDA GPU, and torch.cuda.is_available() is False here")
-    report = collect()
+    report = collect(tuple(args.only) if args.only else None)
+    if args.only and "unavailable" not in report:
+        print(markdown(report))
+        return 0
     if args.gpu and "unavailable" not in report:
         time_on_gpu(report)
         for row in report["rows"]:

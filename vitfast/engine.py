@@ -374,6 +374,13 @@ class _FusedBlock:
             )
             self.fc1_bias = torch.cat([F.pad(mlp.fc1_g.bias, (0, pad)), F.pad(mlp.fc1_x.bias, (0, pad))])
             self.fc2_weight = F.pad(mlp.fc2.weight, (0, pad)) if pad else mlp.fc2.weight
+            if self.sub_norm is not None and pad:
+                # the sub-LN's parameters zero-padded too (the kernel then reads them 16 bytes at a time); a norm
+                # without affine parameters is the same as one with weight 1 and bias 0
+                norm, like = self.sub_norm, mlp.fc1_g.weight
+                weight = norm.weight if norm.weight is not None else like.new_ones(self.width)
+                bias = norm.bias if norm.bias is not None else like.new_zeros(self.width)
+                self.sub_norm = _Norm(F.pad(weight, (0, pad)), F.pad(bias, (0, pad)), norm.eps)
         elif isinstance(mlp, SwiGLUPacked):
             self.mlp_kind = "swiglu_packed"
             self.fc1_weight, self.fc1_bias = mlp.fc1.weight, mlp.fc1.bias
@@ -405,15 +412,15 @@ class _FusedBlock:
         if self.mlp_kind == "mlp":  # bias and activation in the GEMM's epilogue where the kernel runs
             hidden = ops.linear(h, self.fc1_weight, self.fc1_bias, self.activation)
         elif self.mlp_kind == "swiglu":
+            # gate and up at the padded width: their padding columns are exact zeros (zero weight rows and bias),
+            # and the output's are zeros too, which fc2's zero columns read (no separate pad of the hidden)
             hidden = ops.linear(h, self.fc1_weight, self.fc1_bias)
-            gate = hidden[..., : self.width]
-            up = hidden[..., self.padded_width : self.padded_width + self.width]
+            gate, up = hidden[..., : self.padded_width], hidden[..., self.padded_width :]
             if self.sub_norm is not None:
-                hidden = ops.swiglu_layer_norm(gate, up, self.sub_norm.weight, self.sub_norm.bias, self.sub_norm.eps)
+                norm, width = self.sub_norm, self.width if self.padded_width != self.width else None
+                hidden = ops.swiglu_layer_norm(gate, up, norm.weight, norm.bias, norm.eps, width=width)
             else:
-                hidden = ops.swiglu(gate, up)
-            if self.padded_width != self.width:
-                hidden = F.pad(hidden, (0, self.padded_width - self.width))
+                hidden = ops.swiglu(gate, up)  # silu(0) * 0 = 0 exactly in the padding
         else:
             hidden = ops.swiglu_packed(ops.linear(h, self.fc1_weight, self.fc1_bias))
         return ops.linear(hidden, self.fc2_weight, self.fc2_bias)

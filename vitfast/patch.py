@@ -8,10 +8,10 @@ dropout between SwiGLU and its norm, ...) runs the module's original ``forward``
 
 Supported (timm >= 1.0): ``nn.LayerNorm`` over one dimension (timm's LayerNorm included); ``timm.layers.Attention``
 (ViT, CLIP, MAE, DeiT towers), BEiT's ``Attention`` (relative position bias read inside the kernel) and ``EvaAttention``
-(RoPE rotated inside the kernel); ``SwiGLU`` (split, with the fused sub-LN) and ``GluMlp`` with SiLU (packed); the
-ViT ``Block``, BEiT ``Block`` and ``EvaBlock`` (first residual add, layer scale and ``norm2`` fused); and
-``nn.MultiheadAttention`` called as batch-first self-attention without masks or weights (open_clip's native towers:
-their attention and LayerNorms are patched, their blocks are not).
+(RoPE by the one-pass ``rope_2d_qk`` kernel, then attention); ``SwiGLU`` (split, with the fused sub-LN) and
+``GluMlp`` with SiLU (packed); the ViT ``Block``, BEiT ``Block`` and ``EvaBlock`` (first residual add, layer scale
+and ``norm2`` fused); and ``nn.MultiheadAttention`` called as batch-first self-attention without masks or weights
+(open_clip's native towers: their attention and LayerNorms are patched, their blocks are not).
 """
 
 from __future__ import annotations

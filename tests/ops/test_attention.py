@@ -168,12 +168,11 @@ def test_log_sum_exp_and_frozen_table() -> None:
     q, k, v = make_qkv(1, heads, 49, head_dim, torch.float32)
     cos, sin = make_rope(grid, head_dim)
     table, index = make_bias(grid, heads)
-    out, lse = torch.ops.vitfast.attention_fwd(q, k, v, 0.125, cos, sin, 1, table, index)
+    out, lse = torch.ops.vitfast.attention_fwd(q, k, v, 0.125, table, index)
     assert lse.shape == (1, heads, 49) and lse.dtype == torch.float32
-    q64, k64 = (ops.rope_2d_ref(t.double(), cos.double(), sin.double(), 1) for t in (q, k))
-    scores = q64 @ k64.transpose(-1, -2) * 0.125 + ops.gather_rel_pos_bias(table.double(), index)
+    scores = q.double() @ k.double().transpose(-1, -2) * 0.125 + ops.gather_rel_pos_bias(table.double(), index)
     torch.testing.assert_close(lse.double(), scores.logsumexp(-1), rtol=0, atol=1e-5)
-    out_int32_index, _ = torch.ops.vitfast.attention_fwd(q, k, v, 0.125, cos, sin, 1, table, index.int())
+    out_int32_index, _ = torch.ops.vitfast.attention_fwd(q, k, v, 0.125, table, index.int())
     assert torch.equal(out_int32_index, out)
     # a frozen table (no gradient wanted) skips the table-gradient path; the other gradients do not change
     grad_out = torch.randn_like(q)
@@ -217,10 +216,9 @@ def test_uncovered_calls_run_the_reference(case) -> None:
         k, v = k[:, :, :37], v[:, :, :37]
     else:
         kwargs.update(rope=make_rope((7, 8), 64), num_prefix_tokens=1)  # 56 rows for 49 tokens
-        with pytest.raises(RuntimeError):  # the reference rejects it too: the kernels are not asked to guess
-            attention_ref(q, k, v, **kwargs)
-        with pytest.raises(RuntimeError):
-            triton_attention(q, k, v, **kwargs)
+        for backend_name in ("reference", "triton"):  # one clear error whatever the backend
+            with backend.use_backend(backend_name), pytest.raises(ValueError, match=r"N - num_prefix_tokens"):
+                ops.attention(q, k, v, **kwargs)
         return
     torch.manual_seed(1)
     actual = triton_attention(q, k, v, **kwargs)
@@ -240,10 +238,8 @@ def test_bad_inputs_raise() -> None:
         attention_fwd(q, k.half(), v, 0.125)
     with pytest.raises(ValueError, match="head dim 48"):
         attention_fwd(q[..., :48], k[..., :48], v[..., :48], 0.125)
-    with pytest.raises(ValueError, match="RoPE cos table"):
-        attention_fwd(q, k, v, 0.125, cos, sin, 0)
-    with pytest.raises(ValueError, match="together"):
-        attention_fwd(q, k, v, 0.125, cos, None, 1)
+    with pytest.raises(ValueError, match="cos table"):
+        ops.attention(q, k, v, rope=(cos, sin), num_prefix_tokens=0)
     with pytest.raises(ValueError, match="rel_pos_index"):
         attention_fwd(q, k, v, 0.125, rel_pos_bias_table=table, rel_pos_index=index[:49, :49])
     with pytest.raises(ValueError, match="H=2"):
@@ -259,44 +255,42 @@ def test_bad_inputs_raise() -> None:
         ops.attention(q, k, v, rel_pos_bias_table=table)
 
 
-def _op_args(dtype, device=DEVICE, rope=True, bias=True):
+def _op_args(dtype, device=DEVICE, bias=True):
     grid, heads, head_dim = (4, 5), 2, 32
     q, k, v = make_qkv(2, heads, 21, head_dim, dtype, "packed", device)
-    cos, sin = make_rope(grid, head_dim, device) if rope else (None, None)
     table, index = make_bias(grid, heads, device) if bias else (None, None)
-    return q, k, v, cos, sin, table, index
+    return q, k, v, table, index
 
 
 CPU_OPCHECK_UTILS = ("test_schema", "test_autograd_registration", "test_faketensor")
 
 
 @requires_kernels
-@pytest.mark.parametrize("features", ["plain", "rope_and_bias"])
+@pytest.mark.parametrize("features", ["plain", "bias"])
 def test_opcheck_on_cpu(features) -> None:
-    q, k, v, cos, sin, table, index = _op_args(torch.float32, rope=features != "plain", bias=features != "plain")
+    q, k, v, table, index = _op_args(torch.float32, bias=features != "plain")
     q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
     if table is not None:
         table.requires_grad_()
-    fwd_args = (q, k, v, 0.2, cos, sin, 1, table, index)
+    fwd_args = (q, k, v, 0.2, table, index)
     torch.library.opcheck(torch.ops.vitfast.attention_fwd.default, fwd_args, test_utils=CPU_OPCHECK_UTILS)
     out, lse = torch.ops.vitfast.attention_fwd(*fwd_args)
-    bwd_args = (torch.randn_like(out), q, k, v, out, lse, 0.2, cos, sin, 1, table, index, table is not None)
+    bwd_args = (torch.randn_like(out), q, k, v, out, lse, 0.2, table, index, table is not None)
     bwd_args = tuple(t.detach() if isinstance(t, torch.Tensor) else t for t in bwd_args)
     torch.library.opcheck(torch.ops.vitfast.attention_bwd.default, bwd_args, test_utils=CPU_OPCHECK_UTILS)
 
 
 def test_op_fallback_math_matches_autograd() -> None:
     """The ops' plain-PyTorch bodies (devices the kernels cannot take) against autograd through attention_ref."""
-    q, k, v, cos, sin, table, index = _op_args(torch.float32, device="cpu")
-    out, lse = attention_module._attention_fwd_reference(q, k, v, 0.2, cos, sin, 1, table, index)
+    q, k, v, table, index = _op_args(torch.float32, device="cpu")
+    out, lse = attention_module._attention_fwd_reference(q, k, v, 0.2, table, index)
     grad_out = torch.randn_like(q)
     dq, dk, dv, d_table = attention_module._attention_bwd_reference(
-        grad_out, q, k, v, out, lse, 0.2, cos, sin, 1, table, index, True
+        grad_out, q, k, v, out, lse, 0.2, table, index, True
     )
     expected = forward_backward(
-        attention_ref, fp64(q), fp64(k), fp64(v), fp64(grad_out), fp64(table),
-        scale=0.2, rope=(cos.double(), sin.double()), num_prefix_tokens=1, rel_pos_index=index,
-    )  # fmt: skip
+        attention_ref, fp64(q), fp64(k), fp64(v), fp64(grad_out), fp64(table), scale=0.2, rel_pos_index=index
+    )
     names = ["out", "dq", "dk", "dv", "d_table"]
     for name, actual, exp in zip(names, [out, dq, dk, dv, d_table], expected, strict=True):
         torch.testing.assert_close(actual.double(), exp, rtol=1e-5, atol=1e-5, msg=name)
@@ -332,13 +326,13 @@ def test_gpu_bf16_full_shapes(tokens, head_dim, use_rope, use_bias) -> None:
 @requires_gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 def test_gpu_full_opcheck(dtype) -> None:
-    q, k, v, cos, sin, table, index = _op_args(dtype)
+    q, k, v, table, index = _op_args(dtype)
     q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
     table.requires_grad_()
-    fwd_args = (q, k, v, 0.2, cos, sin, 1, table, index)
+    fwd_args = (q, k, v, 0.2, table, index)
     torch.library.opcheck(torch.ops.vitfast.attention_fwd.default, fwd_args)
     out, lse = torch.ops.vitfast.attention_fwd(*fwd_args)
-    bwd_args = (torch.randn_like(out), q, k, v, out, lse, 0.2, cos, sin, 1, table, index, True)
+    bwd_args = (torch.randn_like(out), q, k, v, out, lse, 0.2, table, index, True)
     torch.library.opcheck(
         torch.ops.vitfast.attention_bwd.default,
         tuple(t.detach() if isinstance(t, torch.Tensor) else t for t in bwd_args),
@@ -389,8 +383,8 @@ def test_gpu_torch_compile_fullgraph() -> None:
 @requires_kernels
 @pytest.mark.parametrize("feature", ["rope", "relbias", "none"])
 def test_graph_policy_routes_each_feature(feature, monkeypatch) -> None:
-    """The engine's "kernels-sdpa" attention: the fused kernel only with a relative position bias; with RoPE the
-    rope_2d_qk kernel and then SDPA; SDPA otherwise. Each route agrees with the reference."""
+    """The engine's "kernels-sdpa" attention: RoPE by the rope_2d_qk kernel, then the fused kernel only with a
+    relative position bias, SDPA otherwise. Each route agrees with the reference."""
     calls = []
     for name in ("_attention_triton", "rope_2d_qk"):
         original = getattr(attention_module, name)

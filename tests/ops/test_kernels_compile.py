@@ -14,6 +14,7 @@ to a pass, which then fails the xfail until its mark is removed. Run with ``-s``
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import subprocess
@@ -23,6 +24,8 @@ from pathlib import Path
 import pytest
 
 from benchmarks import kernel_report, sm90
+
+attention_module = importlib.import_module("vitfast.ops.attention")
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -35,6 +38,8 @@ MAX_LOCAL_BYTES = 1024
 def report(tmp_path_factory: pytest.TempPathFactory) -> dict:
     result_path = tmp_path_factory.mktemp("compile") / "kernels.json"
     env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    # this checkout's vitfast first, whatever an editable install elsewhere points at
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
     process = subprocess.run(
         [sys.executable, "-m", "benchmarks.kernel_report", "--json", str(result_path)],
         cwd=REPO_ROOT,
@@ -144,15 +149,7 @@ def test_no_spills_at_model_shapes(report: dict, kernel: str) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(
-    "kernel",
-    [
-        pytest.param(name, marks=_xfail("rope_2d_qk loads and stores 2-byte scalars (even / odd channels apart)"))
-        if name == "_rope_qk_kernel"
-        else name
-        for name in kernel_report.MEMORY_BOUND
-    ],
-)
+@pytest.mark.parametrize("kernel", kernel_report.MEMORY_BOUND)
 def test_memory_bound_kernels_move_16_bytes_per_access(report: dict, kernel: str) -> None:
     rows = [row for row in _model_rows(report, kernel) if kernel_report.aligned_rows(row)]
     assert rows, f"{kernel} has no model-shape row with 16-byte-aligned rows"
@@ -165,22 +162,16 @@ def test_memory_bound_kernels_move_16_bytes_per_access(report: dict, kernel: str
     )  # fmt: skip
 
 
-_SYNC_LOAD_REASONS = {
-    "rope": "the RoPE attention kernels load the even / odd halves of each key (query) tile as 2-byte scalars "
-    "inside the loop and rotate them there",
-    "relpos": "the relative-position bias path loads the int64 index tile and gathers the table per key tile "
-    "with plain loads",
-}
+_RELPOS_SYNC = "the relative-position bias path loads the int64 index tile and gathers the table per key tile"
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("kernel", "feature"),
     [
-        pytest.param(kernel, feature, marks=_xfail(_SYNC_LOAD_REASONS[feature])) if feature != "plain"
-        else (kernel, feature)
+        pytest.param(kernel, feature, marks=_xfail(_RELPOS_SYNC)) if feature == "relpos" else (kernel, feature)
         for kernel in kernel_report.ATTENTION
-        for feature in ("plain", "rope", "relpos")
+        for feature in ("plain", "relpos")
     ],
 )  # fmt: skip
 def test_no_synchronous_global_loads_in_the_key_loop(report: dict, kernel: str, feature: str) -> None:
@@ -216,24 +207,11 @@ def test_every_sm_gets_a_program_or_the_shape_says_why(report: dict, kernel: str
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(
-    "kernel",
-    [
-        pytest.param(kernel, marks=_xfail("keys (queries in dK/dV) are rotated inside the loop, once per tile pair"))
-        for kernel in ("_attention_fwd_kernel", "_attention_bwd_dkdv_kernel")
-    ],
-)
-def test_rope_attention_rotates_each_token_once(report: dict, kernel: str) -> None:
-    repeated = [row for row in _model_rows(report, kernel, "rope") if row["floor"].get("per_tile_pair")]
-    assert not repeated, f"{kernel} repeats the rotation per tile pair: " + ", ".join(
-        f"{row['case']}: {row['floor']['work']}" for row in repeated
-    )
-
-
-@pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="rope_2d_qk's programs each cover one (batch, head) and re-read the tables")
-def test_rope_reads_its_tables_once(report: dict) -> None:
-    repeated = [row for row in _model_rows(report, "_rope_qk_kernel") if row["floor"].get("table_per_head")]
-    assert not repeated, "rope_2d_qk re-reads its angle tables: " + ", ".join(
-        f"{row['case']}: {row['floor']['work']}" for row in repeated
-    )
+def test_rope_is_applied_once_per_token(report: dict) -> None:
+    """EVA-02 rotates q and k in rope_2d_qk, once per token; no attention kernel takes RoPE tables (rotating inside
+    attention redid each key tile's rotation once per query tile)."""
+    rope_rows = _model_rows(report, "_rope_qk_kernel")
+    assert all(row["floor"]["rotations_per_token"] == 1 for row in rope_rows)
+    attention_args = {name: getattr(attention_module, name).arg_names for name in kernel_report.ATTENTION}
+    with_tables = [name for name, args in attention_args.items() if {"Cos", "Sin"} & set(args)]
+    assert not with_tables, f"attention kernels that rotate inside their loops: {with_tables}"

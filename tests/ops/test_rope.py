@@ -80,9 +80,23 @@ def test_kernel_matches_reference(case, dtype) -> None:
     q, k = _qk(batch, heads, grid, head_dim, num_prefix, dtype, layout)
     cos, sin = ops.rope_2d_table(grid, head_dim, device=DEVICE)
     actual = _check_against_reference(q, k, cos, sin, num_prefix, what=f"{layout} {dtype}")
-    assert actual["q"].is_contiguous() and actual["k"].is_contiguous()
+    # the layout attention reads in place: [B, H, N, D] views of contiguous [B, N, H, D] tensors
+    assert actual["q"].transpose(1, 2).is_contiguous() and actual["k"].transpose(1, 2).is_contiguous()
     # prefix tokens pass through unrotated, bit for bit
     assert torch.equal(actual["q"][..., :num_prefix, :], q[..., :num_prefix, :])
+
+
+def test_half_width_tables_match_full_ones() -> None:
+    """Tables with one angle per channel pair ([N - prefix, D // 2]) give exactly the full-width tables' result."""
+    q, k = _qk(2, 3, (5, 6), 64, 1, torch.bfloat16, "packed")
+    cos, sin = ops.rope_2d_table((5, 6), 64, device=DEVICE)
+    full = _kernel(q, k, cos, sin, 1)
+    half = _kernel(q, k, cos[:, ::2].contiguous(), sin[:, ::2].contiguous(), 1)
+    for a, b in zip(full, half, strict=True):
+        assert torch.equal(a, b)
+    reference = ops.rope_2d_qk_ref(q, k, cos[:, ::2], sin[:, ::2], 1)
+    for a, b in zip(reference, ops.rope_2d_qk_ref(q, k, cos, sin, 1), strict=True):
+        assert torch.equal(a, b)
 
 
 def test_backward_is_the_inverse_rotation() -> None:

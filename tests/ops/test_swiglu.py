@@ -20,6 +20,7 @@ import vitfast.backend
 import vitfast.ops._triton as triton_glue
 from tests.helpers import assert_kernel_close
 from vitfast import ops
+from vitfast.backend import use_backend
 from vitfast.layers import SwiGLU
 
 # the module, not the function of the same name that vitfast.ops exports
@@ -100,6 +101,34 @@ def test_swiglu_layer_norm(dtype, width) -> None:
     weight, bias = _params(width, dtype)
     inputs = {"gate": gate, "up": up, "weight": weight, "bias": bias}
     _compare(_layer_norm_kernel, _layer_norm_reference, inputs, f"fused LN {dtype} h={width}")
+
+
+@pytest.mark.parametrize("dtype, padded_params", [(torch.float32, False), (torch.bfloat16, True)])
+def test_swiglu_layer_norm_padded(dtype, padded_params) -> None:
+    """EVA-02-L's MLP zero-padded to 2736: gate and up are views of the padded fc1 output, the norm is over the 2730
+    true columns (parameters of 2730, or zero-padded to 2736 as the engine passes them), the output and every
+    gradient are exactly zero in the padding, whatever the padding of the inputs holds."""
+    width, padded = 2730, 2736
+    hidden = torch.randn(*ROWS, 2 * padded).to(dtype)  # random padding: the kernel must ignore it, not rely on zeros
+    gate, up = hidden[..., :padded], hidden[..., padded:]
+    weight, bias = _params(width, dtype)
+    if padded_params:
+        weight, bias = F.pad(weight, (0, padded - width)), F.pad(bias, (0, padded - width))
+
+    def kernel(gate, up, weight, bias):
+        return sw._swiglu_layer_norm_triton(gate, up, weight, bias, EPS, width)
+
+    def reference(gate, up, weight, bias):
+        return sw.swiglu_layer_norm_ref(gate, up, weight, bias, EPS, width)
+
+    inputs = {"gate": gate, "up": up, "weight": weight, "bias": bias}
+    _compare(kernel, reference, inputs, f"padded fused LN {dtype}")
+    leaves = [t.detach().requires_grad_() for t in (gate, up, weight, bias)]
+    with use_backend("triton"):  # the public op, as the engine calls it
+        out = ops.swiglu_layer_norm(*leaves, EPS, width=width)
+    assert out.shape == gate.shape and not out[..., width:].any()
+    grads = torch.autograd.grad(out, leaves, torch.randn_like(out))
+    assert all(not grad[..., width:].any() for grad in grads)
 
 
 def test_swiglu_layer_norm_fp32_parameters_with_fp16_activations() -> None:
@@ -186,13 +215,15 @@ def test_opcheck_cpu() -> None:
     torch.library.opcheck(torch.ops.vitfast.swiglu_bwd, (d_out, gate.detach(), up.detach()), test_utils=CPU_OPCHECK)
     torch.library.opcheck(torch.ops.vitfast.swiglu_packed_fwd, (x,), test_utils=CPU_OPCHECK)
     torch.library.opcheck(torch.ops.vitfast.swiglu_packed_bwd, (d_out, x.detach()), test_utils=CPU_OPCHECK)
-    torch.library.opcheck(torch.ops.vitfast.swiglu_layer_norm_fwd, (*leaves, EPS), test_utils=CPU_OPCHECK)
-    _out, mean, rstd = torch.ops.vitfast.swiglu_layer_norm_fwd(*(t.detach() for t in leaves), EPS)
+    torch.library.opcheck(torch.ops.vitfast.swiglu_layer_norm_fwd, (*leaves, EPS, 37), test_utils=CPU_OPCHECK)
+    _out, mean, rstd = torch.ops.vitfast.swiglu_layer_norm_fwd(*(t.detach() for t in leaves), EPS, 37)
     torch.library.opcheck(
         torch.ops.vitfast.swiglu_layer_norm_bwd,
-        (d_out, gate.detach(), up.detach(), weight.detach(), mean, rstd),
+        (d_out, gate.detach(), up.detach(), weight.detach(), mean, rstd, 37),
         test_utils=CPU_OPCHECK,
     )
+    # the padded form: the norm over the first 33 of 37 columns, parameters zero-padded to 37
+    torch.library.opcheck(torch.ops.vitfast.swiglu_layer_norm_fwd, (*leaves, EPS, 33), test_utils=CPU_OPCHECK)
 
 
 def test_ops_run_the_pytorch_twins_where_kernels_cannot(monkeypatch) -> None:
@@ -206,7 +237,7 @@ def test_ops_run_the_pytorch_twins_where_kernels_cannot(monkeypatch) -> None:
         gate_, up_, weight_, bias_, d_out_ = (t.to(device) for t in (gate, up, weight, bias, d_out))
         x = torch.cat([gate_, up_], dim=-1)
         vitfast_ops = torch.ops.vitfast
-        out, mean, rstd = vitfast_ops.swiglu_layer_norm_fwd(gate_, up_, weight_, bias_, EPS)
+        out, mean, rstd = vitfast_ops.swiglu_layer_norm_fwd(gate_, up_, weight_, bias_, EPS, 130)
         return (
             vitfast_ops.swiglu_fwd(gate_, up_),
             *vitfast_ops.swiglu_bwd(d_out_, gate_, up_),
@@ -215,7 +246,7 @@ def test_ops_run_the_pytorch_twins_where_kernels_cannot(monkeypatch) -> None:
             out,
             mean,
             rstd,
-            *vitfast_ops.swiglu_layer_norm_bwd(d_out_, gate_, up_, weight_, mean, rstd),
+            *vitfast_ops.swiglu_layer_norm_bwd(d_out_, gate_, up_, weight_, mean, rstd, 130),
         )
 
     kernel = run(DEVICE)
@@ -233,10 +264,10 @@ def test_pytorch_twins_match_autograd_in_fp64() -> None:
     weight, bias = (t.double() for t in _params(50, torch.float32, device="cpu"))
     leaves = [t.clone().requires_grad_() for t in (gate, up, weight, bias)]
     expected = torch.autograd.grad(sw.swiglu_layer_norm_ref(*leaves, EPS), leaves, d_out)
-    out, mean, rstd = sw._swiglu_layer_norm_fwd_reference(gate, up, weight, bias, EPS)
+    out, mean, rstd = sw._swiglu_layer_norm_fwd_reference(gate, up, weight, bias, EPS, 50)
     torch.testing.assert_close(out, sw.swiglu_layer_norm_ref(gate, up, weight, bias, EPS), rtol=0, atol=0)
-    got = sw._swiglu_layer_norm_bwd_reference(d_out, gate, up, weight, mean, rstd)
-    for index, (g, e) in enumerate(zip(got, expected, strict=True)):
+    d_gate, d_up, d_params = sw._swiglu_layer_norm_bwd_reference(d_out, gate, up, weight, mean, rstd, 50)
+    for index, (g, e) in enumerate(zip((d_gate, d_up, *d_params), expected, strict=True)):
         torch.testing.assert_close(g.double(), e, rtol=1e-5, atol=1e-6, msg=f"gradient {index}")  # fp32 statistics
     expected = torch.autograd.grad(sw.swiglu_ref(*leaves[:2]), leaves[:2], d_out)
     for g, e in zip(sw._swiglu_bwd_reference(d_out, gate, up), expected, strict=True):
@@ -298,16 +329,27 @@ def test_bad_input_messages() -> None:
     with pytest.raises(ValueError, match="packed SwiGLU needs an even last dimension, got 15"):
         ops.swiglu_packed(torch.randn(4, 15))
     with pytest.raises(ValueError, match=r"weight must have shape \(16,\), got \(15,\)"):
-        vitfast_ops.swiglu_layer_norm_fwd(gate, up, weight[:15], bias, EPS)
+        vitfast_ops.swiglu_layer_norm_fwd(gate, up, weight[:15], bias, EPS, 16)
+    with pytest.raises(ValueError, match=r"bias must have shape \(15,\) or \(16,\), got \(14,\)"):
+        vitfast_ops.swiglu_layer_norm_fwd(gate, up, weight[:15], bias[:14], EPS, 15)
+    with pytest.raises(ValueError, match=r"width must be in \[1, 16\]"):
+        vitfast_ops.swiglu_layer_norm_fwd(gate, up, weight, bias, EPS, 17)
+    # the public op: a narrower weight is an error unless the caller says the rows are padded
+    with pytest.raises(ValueError, match=r"weight and bias must be \[16\].*pass width="):
+        ops.swiglu_layer_norm(gate, up, weight[:15], bias[:15])
+    with pytest.raises(ValueError, match=r"width must be an int in \[1, 8\]"):
+        ops.swiglu_layer_norm(gate[:, :8], up[:, :8], weight, bias, width=16)
+    with pytest.raises(ValueError, match=r"needs weight and bias of one shape, \(12,\) or \(16,\)"):
+        ops.swiglu_layer_norm(gate, up, weight[:13], bias[:13], width=12)
     with pytest.raises(ValueError, match="bias must be float16, bfloat16 or float32 .* got torch.float64"):
-        vitfast_ops.swiglu_layer_norm_fwd(gate, up, weight, bias.double(), EPS)
+        vitfast_ops.swiglu_layer_norm_fwd(gate, up, weight, bias.double(), EPS, 16)
     with pytest.raises(ValueError, match="takes widths up to 8192, got 8193"):
-        vitfast_ops.swiglu_layer_norm_fwd(torch.randn(1, 8193), torch.randn(1, 8193), weight, bias, EPS)
-    _out, mean, rstd = vitfast_ops.swiglu_layer_norm_fwd(gate, up, weight, bias, EPS)
+        vitfast_ops.swiglu_layer_norm_fwd(torch.randn(1, 8193), torch.randn(1, 8193), weight, bias, EPS, 16)
+    _out, mean, rstd = vitfast_ops.swiglu_layer_norm_fwd(gate, up, weight, bias, EPS, 16)
     with pytest.raises(ValueError, match=r"mean and rstd must have shape \(4,\), got \(3,\) and \(4,\)"):
-        vitfast_ops.swiglu_layer_norm_bwd(gate, gate, up, weight, mean[:3], rstd)
+        vitfast_ops.swiglu_layer_norm_bwd(gate, gate, up, weight, mean[:3], rstd, 16)
     with pytest.raises(ValueError, match="mean and rstd must be float32, got torch.float32 and torch.float16"):
-        vitfast_ops.swiglu_layer_norm_bwd(gate, gate, up, weight, mean, rstd.half())
+        vitfast_ops.swiglu_layer_norm_bwd(gate, gate, up, weight, mean, rstd.half(), 16)
 
 
 def test_public_functions_and_the_reference_backend() -> None:
@@ -405,10 +447,11 @@ def test_opcheck_full_on_gpu() -> None:
         torch.library.opcheck(torch.ops.vitfast.swiglu_bwd, (d_out, gate.detach(), up.detach()))
         torch.library.opcheck(torch.ops.vitfast.swiglu_packed_fwd, (x,))
         torch.library.opcheck(torch.ops.vitfast.swiglu_packed_bwd, (d_out[..., :512], x.detach()))
-        torch.library.opcheck(torch.ops.vitfast.swiglu_layer_norm_fwd, (*leaves, EPS))
-        _out, mean, rstd = torch.ops.vitfast.swiglu_layer_norm_fwd(*(t.detach() for t in leaves), EPS)
+        torch.library.opcheck(torch.ops.vitfast.swiglu_layer_norm_fwd, (*leaves, EPS, 2730))
+        _out, mean, rstd = torch.ops.vitfast.swiglu_layer_norm_fwd(*(t.detach() for t in leaves), EPS, 2730)
         torch.library.opcheck(
-            torch.ops.vitfast.swiglu_layer_norm_bwd, (d_out, gate.detach(), up.detach(), weight.detach(), mean, rstd)
+            torch.ops.vitfast.swiglu_layer_norm_bwd,
+            (d_out, gate.detach(), up.detach(), weight.detach(), mean, rstd, 2730),
         )
 
 

@@ -1,25 +1,26 @@
-"""Multi-head self-attention for ViTs, with optional fused 2D RoPE and BEiT relative position bias.
+"""Multi-head self-attention for ViTs, with optional 2D RoPE and BEiT relative position bias.
 
 Contract shared by every implementation of the ``attention`` op:
 
 - ``q``, ``k``, ``v``: ``[B, H, N, D]``, same dtype; non-causal; softmax in fp32 or better;
 - ``scale``: multiplies ``q @ k^T`` (default ``D ** -0.5``);
-- ``rope``: optional ``(cos, sin)`` fp32 ``[N - num_prefix_tokens, D]`` tables (:mod:`vitfast.ops.rope` layout),
-  applied to ``q`` and ``k`` for tokens ``num_prefix_tokens:``;
+- ``rope``: optional ``(cos, sin)`` fp32 ``[N - num_prefix_tokens, D]`` tables (:mod:`vitfast.ops.rope` layout, or
+  ``[N - num_prefix_tokens, D // 2]`` with one angle per pair), applied to ``q`` and ``k`` for tokens
+  ``num_prefix_tokens:``;
 - ``rel_pos_bias_table`` ``[num_relative_positions, H]`` with ``rel_pos_index`` ``[N, N]`` (int64): the additive bias
   ``table[index[i, j], h]`` of BEiT, gathered per head;
 - ``dropout_p``: attention dropout, applied only when non-zero (fused kernels support ``0.0`` only).
 
 The Triton kernels (flash-attention 2: online softmax in fp32, one pass over the keys per query block, no ``N x N``
 matrix in memory) cover fp16 / bf16 / fp32, head dims :data:`KERNEL_HEAD_DIMS`, any ``N`` and any strides of
-``q``, ``k``, ``v`` (the packed-qkv and split-projection views are read in place). RoPE is applied to the ``q`` and
-``k`` tiles as they load (in fp32, rounded to the input dtype like the reference; no rotated copy in memory); its
-tables must hold each pair's angle on both of its channels, as :func:`vitfast.ops.rope.rope_2d_table` builds them
-(the kernels read one column per pair). The bias is gathered from the table per score tile; ``rel_pos_index`` may
-also be int32 (half the reads), and its values are not range-checked. The output is allocated ``[B, N, H, D]`` and
-returned as its ``[B, H, N, D]`` view, so the layer's ``out.transpose(1, 2).reshape(B, N, C)`` costs nothing.
-Anything else (dropout, other dtypes or head dims, cross-attention shapes, devices the kernels cannot take) runs the
-reference. Gradients flow to ``q``, ``k``, ``v`` and the bias table; the RoPE tables are constants (no gradient).
+``q``, ``k``, ``v`` (the packed-qkv and split-projection views are read in place). RoPE is applied before them, once
+per token, by :func:`vitfast.ops.rope.rope_2d_qk` (one pass over q and k; its outputs are in the layout the kernels
+and SDPA read in place): rotating inside the kernels redid each key tile's rotation once per query tile and lost to
+this order on an H100. The bias is gathered from the table per score tile; ``rel_pos_index`` may also be int32
+(half the reads), and its values are not range-checked. The output is allocated ``[B, N, H, D]`` and returned as its
+``[B, H, N, D]`` view, so the layer's ``out.transpose(1, 2).reshape(B, N, C)`` costs nothing. Anything else
+(dropout, other dtypes or head dims, cross-attention shapes, devices the kernels cannot take) runs the reference.
+Gradients flow to ``q``, ``k``, ``v`` and the bias table; the RoPE tables are constants (no gradient).
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ from vitfast.ops._triton import (
     triton,
     widen_bf16_dot,
 )
-from vitfast.ops.rope import _load_rotated, _rope_angles, _store_unrotated, rope_2d_qk, rope_2d_ref
+from vitfast.ops.rope import _check_qk, rope_2d_qk, rope_2d_ref
 
 __all__ = ["KERNEL_HEAD_DIMS", "attention", "attention_bwd", "attention_fwd", "attention_ref", "gather_rel_pos_bias"]
 
@@ -83,7 +84,7 @@ def attention_ref(
 # ----------------------------------------------------------------------------------------------------------- kernels
 # All three kernels keep only per-row pointers and per-column offsets live across their loop and build each 2D tile
 # pointer inside it (2D pointer tiles held through the loop cost registers the score tiles need). The optional
-# features are constexpr branches (ROPE, BIAS, BIAS_GRAD). Scores live in base 2 (``qk_scale_log2 = scale *
+# features are constexpr branches (BIAS, BIAS_GRAD). Scores live in base 2 (``qk_scale_log2 = scale *
 # log2(e)``, the bias times log2(e)) so that exp2 serves the softmax; the saved lse is natural. ``dot_dtype`` is the
 # input dtype, except under the interpreter for bf16: its tl.dot mishandles bf16 (numpy has no bf16), so there the
 # already-rounded bf16 operands are widened to fp32, which gives the exact products a bf16 MMA accumulates in fp32.
@@ -96,15 +97,15 @@ if HAS_TRITON:
 
 @triton.jit
 def _attention_fwd_kernel(
-    Q, K, V, Out, Lse, Cos, Sin, Table, Index,
+    Q, K, V, Out, Lse, Table, Index,
     stride_qb, stride_qh, stride_qn, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_ob, stride_oh, stride_on, stride_od,
-    stride_rope_n, stride_rope_d, stride_table_r, stride_table_h, stride_index_m, stride_index_n,
-    num_heads, seq_len, num_prefix_tokens, qk_scale_log2,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_PAIRS: tl.constexpr,
-    ROPE: tl.constexpr, BIAS: tl.constexpr, WIDEN_DOT: tl.constexpr, PRECISION: tl.constexpr,
+    stride_table_r, stride_table_h, stride_index_m, stride_index_n,
+    num_heads, seq_len, qk_scale_log2,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BIAS: tl.constexpr, WIDEN_DOT: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     """One program: BLOCK_M query rows of one (batch, head); online softmax over all key blocks."""
@@ -121,18 +122,7 @@ def _attention_fwd_kernel(
     q_rows = Q + off_b * stride_qb + off_h * stride_qh + queries * stride_qn
     k_head = K + off_b * stride_kb + off_h * stride_kh
     v_head = V + off_b * stride_vb + off_h * stride_vh
-    if ROPE:
-        pairs = tl.arange(0, BLOCK_PAIRS)[None, :]
-        pairs_ok = pairs < HEAD_DIM // 2
-        cos_q, sin_q = _rope_angles(
-            Cos, Sin, queries, pairs * (2 * stride_rope_d), stride_rope_n,
-            queries_ok & pairs_ok & (queries >= num_prefix_tokens), num_prefix_tokens,
-        )  # fmt: skip
-        q_even, q_odd = _load_rotated(q_rows + pairs * (2 * stride_qd), stride_qd, queries_ok & pairs_ok, cos_q, sin_q)
-        q_even = q_even.to(dot_dtype)
-        q_odd = q_odd.to(dot_dtype)
-    else:
-        q = tl.load(q_rows + cols * stride_qd, mask=queries_ok & cols_ok, other=0.0).to(dot_dtype)
+    q = tl.load(q_rows + cols * stride_qd, mask=queries_ok & cols_ok, other=0.0).to(dot_dtype)
     if BIAS:
         index_rows = Index + queries * stride_index_m
         table_head = Table + off_h * stride_table_h
@@ -144,18 +134,8 @@ def _attention_fwd_kernel(
         keys = (start_n + offs_n)[:, None]  # [BLOCK_N, 1]
         keys_ok = keys < seq_len
         key_cols = (start_n + offs_n)[None, :]  # [1, BLOCK_N]: the same keys along the score tile's columns
-        if ROPE:
-            cos_k, sin_k = _rope_angles(
-                Cos, Sin, keys, pairs * (2 * stride_rope_d), stride_rope_n,
-                keys_ok & pairs_ok & (keys >= num_prefix_tokens), num_prefix_tokens,
-            )  # fmt: skip
-            k_rows = k_head + keys * stride_kn + pairs * (2 * stride_kd)
-            k_even, k_odd = _load_rotated(k_rows, stride_kd, keys_ok & pairs_ok, cos_k, sin_k)
-            s = tl.dot(q_even, tl.trans(k_even.to(dot_dtype)), input_precision=PRECISION)
-            s = tl.dot(q_odd, tl.trans(k_odd.to(dot_dtype)), s, input_precision=PRECISION)
-        else:
-            k = tl.load(k_head + keys * stride_kn + cols * stride_kd, mask=keys_ok & cols_ok, other=0.0)
-            s = tl.dot(q, tl.trans(k.to(dot_dtype)), input_precision=PRECISION)
+        k = tl.load(k_head + keys * stride_kn + cols * stride_kd, mask=keys_ok & cols_ok, other=0.0)
+        s = tl.dot(q, tl.trans(k.to(dot_dtype)), input_precision=PRECISION)
         s = s * tl.cast(qk_scale_log2, tl.float32)
         if BIAS:
             tile_ok = queries_ok & (key_cols < seq_len)
@@ -180,17 +160,17 @@ def _attention_fwd_kernel(
 
 @triton.jit
 def _attention_bwd_dq_kernel(
-    Q, K, V, Out, GradOut, Lse, Delta, GradQ, GradBias, Cos, Sin, Table, Index,
+    Q, K, V, Out, GradOut, Lse, Delta, GradQ, GradBias, Table, Index,
     stride_qb, stride_qh, stride_qn, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_ob, stride_oh, stride_on, stride_od,
     stride_gb, stride_gh, stride_gn, stride_gd,
     stride_dqb, stride_dqh, stride_dqn, stride_dqd,
-    stride_rope_n, stride_rope_d, stride_table_r, stride_table_h, stride_index_m, stride_index_n,
-    num_heads, seq_len, num_prefix_tokens, qk_scale_log2, scale,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_PAIRS: tl.constexpr,
-    ROPE: tl.constexpr, BIAS: tl.constexpr, BIAS_GRAD: tl.constexpr, WIDEN_DOT: tl.constexpr, PRECISION: tl.constexpr,
+    stride_table_r, stride_table_h, stride_index_m, stride_index_n,
+    num_heads, seq_len, qk_scale_log2, scale,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BIAS: tl.constexpr, BIAS_GRAD: tl.constexpr, WIDEN_DOT: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     """One program: dQ of BLOCK_M query rows, looping over the key blocks (no atomics on dQ).
@@ -228,21 +208,8 @@ def _attention_bwd_dq_kernel(
     q_rows = Q + off_b * stride_qb + off_h * stride_qh + queries * stride_qn
     k_head = K + off_b * stride_kb + off_h * stride_kh
     v_head = V + off_b * stride_vb + off_h * stride_vh
-    if ROPE:
-        pairs = tl.arange(0, BLOCK_PAIRS)[None, :]
-        pairs_ok = pairs < HEAD_DIM // 2
-        rotate_q = queries_ok & pairs_ok & (queries >= num_prefix_tokens)
-        cos_q, sin_q = _rope_angles(
-            Cos, Sin, queries, pairs * (2 * stride_rope_d), stride_rope_n, rotate_q, num_prefix_tokens
-        )
-        q_even, q_odd = _load_rotated(q_rows + pairs * (2 * stride_qd), stride_qd, queries_ok & pairs_ok, cos_q, sin_q)
-        q_even = q_even.to(dot_dtype)
-        q_odd = q_odd.to(dot_dtype)
-        dq_even = tl.zeros([BLOCK_M, BLOCK_PAIRS], dtype=tl.float32)
-        dq_odd = tl.zeros([BLOCK_M, BLOCK_PAIRS], dtype=tl.float32)
-    else:
-        q = tl.load(q_rows + cols * stride_qd, mask=queries_ok & cols_ok, other=0.0).to(dot_dtype)
-        dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    q = tl.load(q_rows + cols * stride_qd, mask=queries_ok & cols_ok, other=0.0).to(dot_dtype)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     if BIAS:
         index_rows = Index + queries * stride_index_m
         table_head = Table + off_h * stride_table_h
@@ -253,21 +220,9 @@ def _attention_bwd_dq_kernel(
         keys = (start_n + offs_n)[:, None]
         keys_ok = keys < seq_len
         key_cols = (start_n + offs_n)[None, :]
-        if ROPE:
-            cos_k, sin_k = _rope_angles(
-                Cos, Sin, keys, pairs * (2 * stride_rope_d), stride_rope_n,
-                keys_ok & pairs_ok & (keys >= num_prefix_tokens), num_prefix_tokens,
-            )  # fmt: skip
-            k_rows = k_head + keys * stride_kn + pairs * (2 * stride_kd)
-            k_even, k_odd = _load_rotated(k_rows, stride_kd, keys_ok & pairs_ok, cos_k, sin_k)
-            k_even = k_even.to(dot_dtype)
-            k_odd = k_odd.to(dot_dtype)
-            s = tl.dot(q_even, tl.trans(k_even), input_precision=PRECISION)
-            s = tl.dot(q_odd, tl.trans(k_odd), s, input_precision=PRECISION)
-        else:
-            k = tl.load(k_head + keys * stride_kn + cols * stride_kd, mask=keys_ok & cols_ok, other=0.0)
-            k = k.to(dot_dtype)
-            s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+        k = tl.load(k_head + keys * stride_kn + cols * stride_kd, mask=keys_ok & cols_ok, other=0.0)
+        k = k.to(dot_dtype)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
         s = s * tl.cast(qk_scale_log2, tl.float32)
         if BIAS:
             tile_ok = queries_ok & (key_cols < seq_len)
@@ -283,49 +238,29 @@ def _attention_bwd_dq_kernel(
             tile_ok = queries_ok & (key_cols < seq_len)
             tl.atomic_add(grad_bias_rows + key_cols, ds, mask=tile_ok, sem="relaxed")
         ds = ds.to(Q.dtype.element_ty).to(dot_dtype)
-        if ROPE:
-            dq_even = tl.dot(ds, k_even, dq_even, input_precision=PRECISION)
-            dq_odd = tl.dot(ds, k_odd, dq_odd, input_precision=PRECISION)
-        else:
-            dq = tl.dot(ds, k, dq, input_precision=PRECISION)
+        dq = tl.dot(ds, k, dq, input_precision=PRECISION)
 
     dq_rows = GradQ + off_b * stride_dqb + off_h * stride_dqh + queries * stride_dqn
-    if ROPE:
-        # the angles are loaded again rather than held in registers through the loop
-        cos_q, sin_q = _rope_angles(
-            Cos, Sin, queries, pairs * (2 * stride_rope_d), stride_rope_n, rotate_q, num_prefix_tokens
-        )
-        dq_even_ptrs = dq_rows + pairs * (2 * stride_dqd)
-        _store_unrotated(
-            dq_even_ptrs,
-            stride_dqd,
-            queries_ok & pairs_ok,
-            dq_even * tl.cast(scale, tl.float32),
-            dq_odd * tl.cast(scale, tl.float32),
-            cos_q,
-            sin_q,
-        )
-    else:
-        tl.store(
-            dq_rows + cols * stride_dqd,
-            (dq * tl.cast(scale, tl.float32)).to(GradQ.dtype.element_ty),
-            mask=queries_ok & cols_ok,
-        )
+    tl.store(
+        dq_rows + cols * stride_dqd,
+        (dq * tl.cast(scale, tl.float32)).to(GradQ.dtype.element_ty),
+        mask=queries_ok & cols_ok,
+    )
 
 
 @triton.jit
 def _attention_bwd_dkdv_kernel(
-    Q, K, V, GradOut, Lse, Delta, GradK, GradV, Cos, Sin, Table, Index,
+    Q, K, V, GradOut, Lse, Delta, GradK, GradV, Table, Index,
     stride_qb, stride_qh, stride_qn, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_gb, stride_gh, stride_gn, stride_gd,
     stride_dkb, stride_dkh, stride_dkn, stride_dkd,
     stride_dvb, stride_dvh, stride_dvn, stride_dvd,
-    stride_rope_n, stride_rope_d, stride_table_r, stride_table_h, stride_index_m, stride_index_n,
-    num_heads, seq_len, num_prefix_tokens, qk_scale_log2, scale,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_PAIRS: tl.constexpr,
-    ROPE: tl.constexpr, BIAS: tl.constexpr, WIDEN_DOT: tl.constexpr, PRECISION: tl.constexpr,
+    stride_table_r, stride_table_h, stride_index_m, stride_index_n,
+    num_heads, seq_len, qk_scale_log2, scale,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BIAS: tl.constexpr, WIDEN_DOT: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     """One program: dK and dV of BLOCK_N key rows, looping over the query blocks with transposed score tiles."""
@@ -343,21 +278,8 @@ def _attention_bwd_dkdv_kernel(
     k_rows = K + off_b * stride_kb + off_h * stride_kh + keys * stride_kn
     q_head = Q + off_b * stride_qb + off_h * stride_qh
     do_head = GradOut + off_b * stride_gb + off_h * stride_gh
-    if ROPE:
-        pairs = tl.arange(0, BLOCK_PAIRS)[None, :]
-        pairs_ok = pairs < HEAD_DIM // 2
-        rotate_k = keys_ok & pairs_ok & (keys >= num_prefix_tokens)
-        cos_k, sin_k = _rope_angles(
-            Cos, Sin, keys, pairs * (2 * stride_rope_d), stride_rope_n, rotate_k, num_prefix_tokens
-        )
-        k_even, k_odd = _load_rotated(k_rows + pairs * (2 * stride_kd), stride_kd, keys_ok & pairs_ok, cos_k, sin_k)
-        k_even = k_even.to(dot_dtype)
-        k_odd = k_odd.to(dot_dtype)
-        dk_even = tl.zeros([BLOCK_N, BLOCK_PAIRS], dtype=tl.float32)
-        dk_odd = tl.zeros([BLOCK_N, BLOCK_PAIRS], dtype=tl.float32)
-    else:
-        k = tl.load(k_rows + cols * stride_kd, mask=keys_ok & cols_ok, other=0.0).to(dot_dtype)
-        dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    k = tl.load(k_rows + cols * stride_kd, mask=keys_ok & cols_ok, other=0.0).to(dot_dtype)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     v_ptrs = V + off_b * stride_vb + off_h * stride_vh + keys * stride_vn + cols * stride_vd
     v = tl.load(v_ptrs, mask=keys_ok & cols_ok, other=0.0).to(dot_dtype)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
@@ -370,21 +292,9 @@ def _attention_bwd_dkdv_kernel(
         queries = rows[:, None]
         queries_ok = queries < seq_len
         query_cols = rows[None, :]  # [1, BLOCK_M]: the same queries along the transposed score tile's columns
-        if ROPE:
-            cos_q, sin_q = _rope_angles(
-                Cos, Sin, queries, pairs * (2 * stride_rope_d), stride_rope_n,
-                queries_ok & pairs_ok & (queries >= num_prefix_tokens), num_prefix_tokens,
-            )  # fmt: skip
-            q_even_ptrs = q_head + queries * stride_qn + pairs * (2 * stride_qd)
-            q_even, q_odd = _load_rotated(q_even_ptrs, stride_qd, queries_ok & pairs_ok, cos_q, sin_q)
-            q_even = q_even.to(dot_dtype)
-            q_odd = q_odd.to(dot_dtype)
-            st = tl.dot(k_even, tl.trans(q_even), input_precision=PRECISION)
-            st = tl.dot(k_odd, tl.trans(q_odd), st, input_precision=PRECISION)
-        else:
-            q = tl.load(q_head + queries * stride_qn + cols * stride_qd, mask=queries_ok & cols_ok, other=0.0)
-            q = q.to(dot_dtype)
-            st = tl.dot(k, tl.trans(q), input_precision=PRECISION)
+        q = tl.load(q_head + queries * stride_qn + cols * stride_qd, mask=queries_ok & cols_ok, other=0.0)
+        q = q.to(dot_dtype)
+        st = tl.dot(k, tl.trans(q), input_precision=PRECISION)
         st = st * tl.cast(qk_scale_log2, tl.float32)
         tile_ok = keys_ok & (query_cols < seq_len)
         if BIAS:
@@ -400,33 +310,14 @@ def _attention_bwd_dkdv_kernel(
         dv = tl.dot(pt.to(Q.dtype.element_ty).to(dot_dtype), do, dv, input_precision=PRECISION)
         dpt = tl.dot(v, tl.trans(do), input_precision=PRECISION)
         dst = (pt * (dpt - delta[None, :])).to(Q.dtype.element_ty).to(dot_dtype)
-        if ROPE:
-            dk_even = tl.dot(dst, q_even, dk_even, input_precision=PRECISION)
-            dk_odd = tl.dot(dst, q_odd, dk_odd, input_precision=PRECISION)
-        else:
-            dk = tl.dot(dst, q, dk, input_precision=PRECISION)
+        dk = tl.dot(dst, q, dk, input_precision=PRECISION)
 
     dk_rows = GradK + off_b * stride_dkb + off_h * stride_dkh + keys * stride_dkn
-    if ROPE:
-        cos_k, sin_k = _rope_angles(
-            Cos, Sin, keys, pairs * (2 * stride_rope_d), stride_rope_n, rotate_k, num_prefix_tokens
-        )
-        dk_even_ptrs = dk_rows + pairs * (2 * stride_dkd)
-        _store_unrotated(
-            dk_even_ptrs,
-            stride_dkd,
-            keys_ok & pairs_ok,
-            dk_even * tl.cast(scale, tl.float32),
-            dk_odd * tl.cast(scale, tl.float32),
-            cos_k,
-            sin_k,
-        )
-    else:
-        tl.store(
-            dk_rows + cols * stride_dkd,
-            (dk * tl.cast(scale, tl.float32)).to(GradK.dtype.element_ty),
-            mask=keys_ok & cols_ok,
-        )
+    tl.store(
+        dk_rows + cols * stride_dkd,
+        (dk * tl.cast(scale, tl.float32)).to(GradK.dtype.element_ty),
+        mask=keys_ok & cols_ok,
+    )
     dv_ptrs = GradV + off_b * stride_dvb + off_h * stride_dvh + keys * stride_dvn + cols * stride_dvd
     tl.store(dv_ptrs, dv.to(GradV.dtype.element_ty), mask=keys_ok & cols_ok)
 
@@ -438,9 +329,6 @@ def _check_inputs(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    rope_cos: torch.Tensor | None,
-    rope_sin: torch.Tensor | None,
-    num_prefix_tokens: int,
     rel_pos_bias_table: torch.Tensor | None,
     rel_pos_index: torch.Tensor | None,
 ) -> None:
@@ -458,18 +346,6 @@ def _check_inputs(
     _, heads, seq_len, head_dim = q.shape
     if head_dim not in KERNEL_HEAD_DIMS:
         raise ValueError(f"attention: head dim {head_dim} is not one of the kernels' {KERNEL_HEAD_DIMS}.")
-    if (rope_cos is None) != (rope_sin is None):
-        raise ValueError("attention: rope_cos and rope_sin must be given together.")
-    if rope_cos is not None:
-        if not 0 <= num_prefix_tokens <= seq_len:
-            raise ValueError(f"attention: num_prefix_tokens={num_prefix_tokens} is outside [0, N={seq_len}].")
-        expected = (seq_len - num_prefix_tokens, head_dim)
-        for name, table in (("cos", rope_cos), ("sin", rope_sin)):
-            if tuple(table.shape) != expected or not table.is_floating_point():
-                raise ValueError(
-                    f"attention: the RoPE {name} table must be a float [N - num_prefix_tokens, D] = {list(expected)} "
-                    f"tensor, got {table.dtype} {list(table.shape)}."
-                )
     if (rel_pos_bias_table is None) != (rel_pos_index is None):
         raise ValueError("attention: rel_pos_bias_table and rel_pos_index must be given together.")
     if rel_pos_bias_table is not None:
@@ -485,29 +361,17 @@ def _check_inputs(
                 f"attention: rel_pos_index must be an int64 (or int32) [N, N] = [{seq_len}, {seq_len}] tensor, got "
                 f"{rel_pos_index.dtype} {list(rel_pos_index.shape)}."
             )
-    others = (k, v, rope_cos, rope_sin, rel_pos_bias_table, rel_pos_index)
-    if any(t is not None and t.device != q.device for t in others):
+    if any(t is not None and t.device != q.device for t in (k, v, rel_pos_bias_table, rel_pos_index)):
         raise ValueError("attention: all tensors must be on one device.")
 
 
-def _feature_args(
-    q: torch.Tensor,
-    rope_cos: torch.Tensor | None,
-    rope_sin: torch.Tensor | None,
-    rel_pos_bias_table: torch.Tensor | None,
-    rel_pos_index: torch.Tensor | None,
+def _bias_args(
+    q: torch.Tensor, rel_pos_bias_table: torch.Tensor | None, rel_pos_index: torch.Tensor | None
 ) -> tuple[list, list]:
-    """Pointers and strides of the optional tables; ``q`` stands in for absent ones (their flags keep them unread)."""
-    if rope_cos is not None and rope_cos.stride() != rope_sin.stride():
-        # one pointer tile serves both tables (tiny [N, D] copies in the rare case their layouts differ)
-        rope_cos, rope_sin = rope_cos.contiguous(), rope_sin.contiguous()
-    rope_args = [rope_cos, rope_sin] if rope_cos is not None else [q, q]
-    rope_strides = [*rope_cos.stride()] if rope_cos is not None else [0, 0]
-    bias_args = [rel_pos_bias_table, rel_pos_index] if rel_pos_bias_table is not None else [q, q]
-    bias_strides = (
-        [*rel_pos_bias_table.stride(), *rel_pos_index.stride()] if rel_pos_bias_table is not None else [0] * 4
-    )
-    return [*rope_args, *bias_args], [*rope_strides, *bias_strides]
+    """Pointers and strides of the optional bias; ``q`` stands in for absent ones (their flag keeps them unread)."""
+    if rel_pos_bias_table is None:
+        return [q, q], [0] * 4
+    return [rel_pos_bias_table, rel_pos_index], [*rel_pos_bias_table.stride(), *rel_pos_index.stride()]
 
 
 def _dot_flags(dtype: torch.dtype) -> dict:
@@ -517,9 +381,8 @@ def _dot_flags(dtype: torch.dtype) -> dict:
 
 
 def _head_dim_blocks(head_dim: int) -> dict:
-    # Tiles cover D padded to a power of 2 (BLOCK_D), or the D / 2 channel pairs with RoPE (BLOCK_PAIRS); tl.dot
-    # needs at least 16 along its reduction dimension.
-    return {"BLOCK_D": next_power_of_2(head_dim), "BLOCK_PAIRS": max(16, next_power_of_2(head_dim // 2))}
+    # Tiles cover D padded to a power of 2 (BLOCK_D; every kernel head dim is at least 32, what tl.dot needs).
+    return {"BLOCK_D": next_power_of_2(head_dim)}
 
 
 def _tiles(head_dim: int, seq_len: int, dtype: torch.dtype, bias: bool) -> dict[str, dict]:
@@ -561,19 +424,13 @@ def attention_fwd(
     k: torch.Tensor,
     v: torch.Tensor,
     scale: float,
-    rope_cos: torch.Tensor | None = None,
-    rope_sin: torch.Tensor | None = None,
-    num_prefix_tokens: int = 0,
     rel_pos_bias_table: torch.Tensor | None = None,
     rel_pos_index: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the forward kernel; returns ``(out, lse)``.
 
     - ``q``, ``k``, ``v``: ``[B, H, N, D]``, one dtype among fp16 / bf16 / fp32, any strides (read in place);
-      ``D`` in :data:`KERNEL_HEAD_DIMS`;
-    - ``rope_cos``, ``rope_sin``: optional ``[N - num_prefix_tokens, D]`` float tables in the rope.py layout (each
-      pair's angle on both of its channels; the kernel reads the even column); the first ``num_prefix_tokens``
-      tokens are not rotated;
+      ``D`` in :data:`KERNEL_HEAD_DIMS` (RoPE, if any, is applied before: :func:`vitfast.ops.rope.rope_2d_qk`);
     - ``rel_pos_bias_table`` ``[num_rel, H]`` (any float dtype, read in fp32) with ``rel_pos_index`` ``[N, N]``
       (int64 or int32, values in ``[0, num_rel)``: not checked, that would synchronize);
     - ``out``: ``q``'s dtype, the ``[B, H, N, D]`` view of a contiguous ``[B, N, H, D]`` tensor;
@@ -581,19 +438,19 @@ def attention_fwd(
 
     No dropout: the kernels support ``dropout_p = 0`` only.
     """
-    _check_inputs(q, k, v, rope_cos, rope_sin, num_prefix_tokens, rel_pos_bias_table, rel_pos_index)
+    _check_inputs(q, k, v, rel_pos_bias_table, rel_pos_index)
     batch, heads, seq_len, head_dim = q.shape
     out = torch.empty((batch, seq_len, heads, head_dim), dtype=q.dtype, device=q.device).transpose(1, 2)
     lse = torch.empty((batch, heads, seq_len), dtype=torch.float32, device=q.device)
     blocks = _tiles(head_dim, seq_len, q.dtype, rel_pos_bias_table is not None)["fwd"]
-    tables, table_strides = _feature_args(q, rope_cos, rope_sin, rel_pos_bias_table, rel_pos_index)
+    tables, table_strides = _bias_args(q, rel_pos_bias_table, rel_pos_index)
     launch(
         _attention_fwd_kernel,
         (triton.cdiv(seq_len, blocks["BLOCK_M"]), batch * heads),
         q, k, v, out, lse, *tables,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *table_strides,
-        heads, seq_len, num_prefix_tokens, scale * math.log2(math.e),
-        HEAD_DIM=head_dim, ROPE=rope_cos is not None, BIAS=rel_pos_bias_table is not None,
+        heads, seq_len, scale * math.log2(math.e),
+        HEAD_DIM=head_dim, BIAS=rel_pos_bias_table is not None,
         **_head_dim_blocks(head_dim), **_dot_flags(q.dtype), **blocks,
     )  # fmt: skip
     return out, lse
@@ -607,9 +464,6 @@ def attention_bwd(
     out: torch.Tensor,
     lse: torch.Tensor,
     scale: float,
-    rope_cos: torch.Tensor | None = None,
-    rope_sin: torch.Tensor | None = None,
-    num_prefix_tokens: int = 0,
     rel_pos_bias_table: torch.Tensor | None = None,
     rel_pos_index: torch.Tensor | None = None,
     table_grad: bool = False,
@@ -617,14 +471,14 @@ def attention_bwd(
     """Launch the backward kernels; returns ``(dq, dk, dv, d_table)``.
 
     Inputs as :func:`attention_fwd`, plus ``grad_out`` and ``out`` ``[B, H, N, D]`` (any strides) and the forward's
-    fp32 ``lse`` ``[B, H, N]`` (contiguous). ``dq``, ``dk``, ``dv``: contiguous ``[B, H, N, D]`` in the input dtype,
-    w.r.t. the unrotated ``q``/``k`` when RoPE is on. ``d_table``: ``[num_rel, H]`` in the table's dtype when
-    ``table_grad`` (a bias table is required), else an empty tensor. The table gradient goes through an fp32
-    ``[H, N, N]`` buffer (dS summed over the batch with atomics, B-way contention) and one ``index_add_``: atomics
-    straight into the ``[num_rel, H]`` table would have each entry hit by ~N^2 / num_rel pairs of every batch.
-    Its fp32 sums are not bitwise deterministic; dq, dk, dv are (no atomics).
+    fp32 ``lse`` ``[B, H, N]`` (contiguous). ``dq``, ``dk``, ``dv``: contiguous ``[B, H, N, D]`` in the input dtype.
+    ``d_table``: ``[num_rel, H]`` in the table's dtype when ``table_grad`` (a bias table is required), else an empty
+    tensor. The table gradient goes through an fp32 ``[H, N, N]`` buffer (dS summed over the batch with atomics,
+    B-way contention) and one ``index_add_``: atomics straight into the ``[num_rel, H]`` table would have each entry
+    hit by ~N^2 / num_rel pairs of every batch. Its fp32 sums are not bitwise deterministic; dq, dk, dv are (no
+    atomics).
     """
-    _check_inputs(q, k, v, rope_cos, rope_sin, num_prefix_tokens, rel_pos_bias_table, rel_pos_index)
+    _check_inputs(q, k, v, rel_pos_bias_table, rel_pos_index)
     if grad_out.shape != q.shape or out.shape != q.shape or grad_out.dtype != q.dtype or out.dtype != q.dtype:
         raise ValueError(
             f"attention: grad_out and out must be {q.dtype} {list(q.shape)}, got {grad_out.dtype} "
@@ -644,15 +498,14 @@ def attention_bwd(
     )  # lse: an unused stand-in pointer when there is no table gradient
     tiles = _tiles(head_dim, seq_len, q.dtype, rel_pos_bias_table is not None)
     dq_blocks, dkdv_blocks = tiles["dq"], tiles["dkdv"]
-    tables, table_strides = _feature_args(q, rope_cos, rope_sin, rel_pos_bias_table, rel_pos_index)
+    tables, table_strides = _bias_args(q, rel_pos_bias_table, rel_pos_index)
     flags = {
         "HEAD_DIM": head_dim,
-        "ROPE": rope_cos is not None,
         "BIAS": rel_pos_bias_table is not None,
         **_head_dim_blocks(head_dim),
         **_dot_flags(q.dtype),
     }
-    scalars = (heads, seq_len, num_prefix_tokens, scale * math.log2(math.e), scale)
+    scalars = (heads, seq_len, scale * math.log2(math.e), scale)
     # dQ first: it also writes delta = rowsum(dO * O), which the dK/dV kernel reads
     launch(
         _attention_bwd_dq_kernel,
@@ -698,20 +551,14 @@ def _reference_scores(
     q: torch.Tensor,
     k: torch.Tensor,
     scale: float,
-    rope_cos: torch.Tensor | None,
-    rope_sin: torch.Tensor | None,
-    num_prefix_tokens: int,
     rel_pos_bias_table: torch.Tensor | None,
     rel_pos_index: torch.Tensor | None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """fp32 scaled, biased scores ``[B, H, N, N]`` and the (rotated, input-dtype) q and k they come from."""
-    if rope_cos is not None:
-        q = rope_2d_ref(q, rope_cos, rope_sin, num_prefix_tokens)
-        k = rope_2d_ref(k, rope_cos, rope_sin, num_prefix_tokens)
+) -> torch.Tensor:
+    """fp32 scaled, biased scores ``[B, H, N, N]``."""
     scores = (q.float() @ k.float().transpose(-1, -2)) * scale
     if rel_pos_bias_table is not None:
         scores = scores + gather_rel_pos_bias(rel_pos_bias_table, rel_pos_index).float()
-    return scores, q, k
+    return scores
 
 
 def _attention_fwd_reference(
@@ -719,16 +566,11 @@ def _attention_fwd_reference(
     k: torch.Tensor,
     v: torch.Tensor,
     scale: float,
-    rope_cos: torch.Tensor | None,
-    rope_sin: torch.Tensor | None,
-    num_prefix_tokens: int,
     rel_pos_bias_table: torch.Tensor | None,
     rel_pos_index: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """What :func:`attention_fwd` computes, in plain PyTorch (fp32, ``N x N`` scores in memory)."""
-    scores, _, _ = _reference_scores(
-        q, k, scale, rope_cos, rope_sin, num_prefix_tokens, rel_pos_bias_table, rel_pos_index
-    )
+    scores = _reference_scores(q, k, scale, rel_pos_bias_table, rel_pos_index)
     lse = scores.logsumexp(dim=-1)
     out = (scores - lse[..., None]).exp() @ v.float()
     return _bnhd_layout(out.to(q.dtype)), lse
@@ -742,28 +584,19 @@ def _attention_bwd_reference(
     out: torch.Tensor,
     lse: torch.Tensor,
     scale: float,
-    rope_cos: torch.Tensor | None,
-    rope_sin: torch.Tensor | None,
-    num_prefix_tokens: int,
     rel_pos_bias_table: torch.Tensor | None,
     rel_pos_index: torch.Tensor | None,
     table_grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """What :func:`attention_bwd` computes, in plain PyTorch (fp32, explicit softmax backward)."""
-    scores, q_rot, k_rot = _reference_scores(
-        q, k, scale, rope_cos, rope_sin, num_prefix_tokens, rel_pos_bias_table, rel_pos_index
-    )
+    scores = _reference_scores(q, k, scale, rel_pos_bias_table, rel_pos_index)
     probs = (scores - lse[..., None]).exp()
     grad_out = grad_out.float()
     grad_v = probs.transpose(-1, -2) @ grad_out
     delta = (grad_out * out.float()).sum(dim=-1, keepdim=True)
     grad_scores = probs * (grad_out @ v.float().transpose(-1, -2) - delta)
-    grad_q = (grad_scores @ k_rot.float()) * scale
-    grad_k = (grad_scores.transpose(-1, -2) @ q_rot.float()) * scale
-    if rope_cos is not None:
-        # the inverse rotation: the pair layout makes it the rotation by -angle
-        grad_q = rope_2d_ref(grad_q, rope_cos, -rope_sin, num_prefix_tokens)
-        grad_k = rope_2d_ref(grad_k, rope_cos, -rope_sin, num_prefix_tokens)
+    grad_q = (grad_scores @ k.float()) * scale
+    grad_k = (grad_scores.transpose(-1, -2) @ q.float()) * scale
     d_table = _table_grad(grad_scores.sum(dim=0), rel_pos_bias_table, rel_pos_index, table_grad, q)
     return grad_q.to(q.dtype), grad_k.to(k.dtype), grad_v.to(v.dtype), d_table
 
@@ -777,15 +610,12 @@ def _attention_fwd_op(
     k: torch.Tensor,
     v: torch.Tensor,
     scale: float,
-    rope_cos: torch.Tensor | None,
-    rope_sin: torch.Tensor | None,
-    num_prefix_tokens: int,
     rel_pos_bias_table: torch.Tensor | None,
     rel_pos_index: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    args = (q, k, v, scale, rope_cos, rope_sin, num_prefix_tokens, rel_pos_bias_table, rel_pos_index)
-    if not kernel_can_run(q, k, v, rope_cos, rope_sin, rel_pos_bias_table, rel_pos_index):
-        _check_inputs(q, k, v, rope_cos, rope_sin, num_prefix_tokens, rel_pos_bias_table, rel_pos_index)
+    args = (q, k, v, scale, rel_pos_bias_table, rel_pos_index)
+    if not kernel_can_run(q, k, v, rel_pos_bias_table, rel_pos_index):
+        _check_inputs(q, k, v, rel_pos_bias_table, rel_pos_index)
         return _attention_fwd_reference(*args)
     return attention_fwd(*args)
 
@@ -799,17 +629,13 @@ def _attention_bwd_op(
     out: torch.Tensor,
     lse: torch.Tensor,
     scale: float,
-    rope_cos: torch.Tensor | None,
-    rope_sin: torch.Tensor | None,
-    num_prefix_tokens: int,
     rel_pos_bias_table: torch.Tensor | None,
     rel_pos_index: torch.Tensor | None,
     table_grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    args = (grad_out, q, k, v, out, lse, scale, rope_cos, rope_sin, num_prefix_tokens)
-    args += (rel_pos_bias_table, rel_pos_index, table_grad)
-    if not kernel_can_run(grad_out, q, k, v, out, lse, rope_cos, rope_sin, rel_pos_bias_table, rel_pos_index):
-        _check_inputs(q, k, v, rope_cos, rope_sin, num_prefix_tokens, rel_pos_bias_table, rel_pos_index)
+    args = (grad_out, q, k, v, out, lse, scale, rel_pos_bias_table, rel_pos_index, table_grad)
+    if not kernel_can_run(grad_out, q, k, v, out, lse, rel_pos_bias_table, rel_pos_index):
+        _check_inputs(q, k, v, rel_pos_bias_table, rel_pos_index)
         return _attention_bwd_reference(*args)
     return attention_bwd(*args)
 
@@ -818,23 +644,21 @@ def _attention_bwd_op(
 
 
 def _attention_setup_context(ctx, inputs, output) -> None:
-    q, k, v, scale, rope_cos, rope_sin, num_prefix_tokens, rel_pos_bias_table, rel_pos_index = inputs
+    q, k, v, scale, rel_pos_bias_table, rel_pos_index = inputs
     out, lse = output
     ctx.mark_non_differentiable(lse)
-    ctx.save_for_backward(q, k, v, out, lse, rope_cos, rope_sin, rel_pos_bias_table, rel_pos_index)
+    ctx.save_for_backward(q, k, v, out, lse, rel_pos_bias_table, rel_pos_index)
     ctx.scale = scale
-    ctx.num_prefix_tokens = num_prefix_tokens
 
 
 def _attention_backward(ctx, grad_out: torch.Tensor, _grad_lse: torch.Tensor | None):
-    q, k, v, out, lse, rope_cos, rope_sin, rel_pos_bias_table, rel_pos_index = ctx.saved_tensors
-    # the RoPE tables are constants (no gradient); the bias table's gradient only when it is wanted
-    table_grad = rel_pos_bias_table is not None and ctx.needs_input_grad[7]
+    q, k, v, out, lse, rel_pos_bias_table, rel_pos_index = ctx.saved_tensors
+    # the bias table's gradient only when it is wanted
+    table_grad = rel_pos_bias_table is not None and ctx.needs_input_grad[4]
     grad_q, grad_k, grad_v, grad_table = torch.ops.vitfast.attention_bwd(
-        grad_out, q, k, v, out, lse, ctx.scale, rope_cos, rope_sin, ctx.num_prefix_tokens,
-        rel_pos_bias_table, rel_pos_index, table_grad,
-    )  # fmt: skip
-    return grad_q, grad_k, grad_v, None, None, None, None, grad_table if table_grad else None, None
+        grad_out, q, k, v, out, lse, ctx.scale, rel_pos_bias_table, rel_pos_index, table_grad
+    )
+    return grad_q, grad_k, grad_v, None, grad_table if table_grad else None, None
 
 
 _attention_fwd_op.register_autograd(_attention_backward, setup_context=_attention_setup_context)
@@ -844,15 +668,12 @@ def _uncovered(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    rope: tuple[torch.Tensor, torch.Tensor] | None,
-    num_prefix_tokens: int,
     rel_pos_bias_table: torch.Tensor | None,
     rel_pos_index: torch.Tensor | None,
     dropout_p: float,
 ) -> str | None:
     """Why the kernels cannot take this call (then the reference runs), or None."""
-    rope_cos, rope_sin = rope if rope is not None else (None, None)
-    if not kernel_can_run(q, k, v, rope_cos, rope_sin, rel_pos_bias_table, rel_pos_index):
+    if not kernel_can_run(q, k, v, rel_pos_bias_table, rel_pos_index):
         return "tensors on a device the kernels cannot take"
     if dropout_p > 0:
         return "dropout_p > 0 (the kernels have no dropout)"
@@ -861,13 +682,8 @@ def _uncovered(
     if q.dim() != 4 or q.shape != k.shape or q.shape != v.shape:
         return "q, k, v of different shapes (the kernels do self-attention)"
     seq_len, head_dim = q.shape[2], q.shape[3]
-    if head_dim not in KERNEL_HEAD_DIMS:  # all of them even (RoPE pairs) and multiples of 4 (2D RoPE)
+    if head_dim not in KERNEL_HEAD_DIMS:
         return f"head dim {head_dim} (kernels: {KERNEL_HEAD_DIMS})"
-    if rope is not None and (
-        not 0 <= num_prefix_tokens <= seq_len
-        or any(tuple(t.shape) != (seq_len - num_prefix_tokens, head_dim) for t in rope)
-    ):
-        return "RoPE tables that do not match [N - num_prefix_tokens, D]"
     if rel_pos_bias_table is not None and (
         rel_pos_bias_table.dim() != 2
         or rel_pos_bias_table.shape[1] != q.shape[1]
@@ -877,6 +693,15 @@ def _uncovered(
     ):
         return "a relative position table / index of unexpected shape or dtype"
     return None
+
+
+def _rotated(
+    q: torch.Tensor, k: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None, num_prefix_tokens: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``q`` and ``k`` after 2D RoPE (through the backend's ``rope_2d_qk``), or as they are without it."""
+    if rope is None:
+        return q, k
+    return rope_2d_qk(q, k, *rope, num_prefix_tokens)
 
 
 register_impl("attention", "reference", attention_ref)
@@ -894,15 +719,13 @@ if HAS_TRITON:
         rel_pos_index: torch.Tensor | None = None,
         dropout_p: float = 0.0,
     ) -> torch.Tensor:
-        reason = _uncovered(q, k, v, rope, num_prefix_tokens, rel_pos_bias_table, rel_pos_index, dropout_p)
+        reason = _uncovered(q, k, v, rel_pos_bias_table, rel_pos_index, dropout_p)
         if reason is not None:
             log_fallback("attention", reason)
             return attention_ref(q, k, v, scale, rope, num_prefix_tokens, rel_pos_bias_table, rel_pos_index, dropout_p)
-        rope_cos, rope_sin = rope if rope is not None else (None, None)
+        q, k = _rotated(q, k, rope, num_prefix_tokens)
         scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-        out, _ = torch.ops.vitfast.attention_fwd(
-            q, k, v, scale, rope_cos, rope_sin, num_prefix_tokens, rel_pos_bias_table, rel_pos_index
-        )
+        out, _ = torch.ops.vitfast.attention_fwd(q, k, v, scale, rel_pos_bias_table, rel_pos_index)
         return out
 
     register_impl("attention", "triton", _attention_triton)
@@ -919,23 +742,18 @@ def attention_graph_policy(
     rel_pos_index: torch.Tensor | None = None,
     dropout_p: float = 0.0,
 ) -> torch.Tensor:
-    """Inside CUDA graphs (the engine's ``"kernels-sdpa"`` candidate, :func:`vitfast.optimize`): the fused kernel with a
-    relative position bias; with RoPE, the one-pass :func:`~vitfast.ops.rope.rope_2d_qk` kernel and then SDPA; SDPA
+    """Inside CUDA graphs (the engine's ``"kernels-sdpa"`` candidate, :func:`vitfast.optimize`): RoPE by the one-pass
+    :func:`~vitfast.ops.rope.rope_2d_qk` kernel; then the attention kernel with a relative position bias, SDPA
     otherwise.
 
     Measured on an H100, bf16, whole forwards under CUDA graphs (2026-11-22): with a relative position bias the
     kernel wins (it gathers the bias per tile where SDPA reads a materialized [B, H, N, N] float mask; BEiT v2-B:
-    0.80 vs 1.31 ms at batch 1, 1.40 vs 2.01 ms at batch 8); with RoPE it loses (it rotates every key tile once
-    per query tile; EVA-02-B/448 on the kernels vs on the reference: 2.76 vs 2.29 ms at batch 1, 16.2 vs 12.8 ms at
-    batch 8). The reference there rotated q and k in ~10 fp32 elementwise passes; ``rope_2d_qk`` (added after those
-    runs, not yet timed on a GPU) does it in one bf16 read and write of q and k.
+    0.80 vs 1.31 ms at batch 1, 1.40 vs 2.01 ms at batch 8); without one SDPA's flash / cuDNN kernels win.
     """
-    if HAS_TRITON and rel_pos_bias_table is not None and rope is None:
-        return _attention_triton(q, k, v, scale, rope, num_prefix_tokens, rel_pos_bias_table, rel_pos_index, dropout_p)
-    if rope is not None and rel_pos_bias_table is None:
-        q, k = rope_2d_qk(q, k, *rope, num_prefix_tokens)
-        rope = None
-    return attention_ref(q, k, v, scale, rope, num_prefix_tokens, rel_pos_bias_table, rel_pos_index, dropout_p)
+    q, k = _rotated(q, k, rope, num_prefix_tokens)
+    if HAS_TRITON and rel_pos_bias_table is not None:
+        return _attention_triton(q, k, v, scale, None, 0, rel_pos_bias_table, rel_pos_index, dropout_p)
+    return attention_ref(q, k, v, scale, None, 0, rel_pos_bias_table, rel_pos_index, dropout_p)
 
 
 def attention(
@@ -952,5 +770,7 @@ def attention(
     """Attention through the current backend; see the module docstring for the contract."""
     if (rel_pos_bias_table is None) != (rel_pos_index is None):
         raise ValueError("rel_pos_bias_table and rel_pos_index must be given together.")
+    if rope is not None:
+        _check_qk(q, k, *rope, num_prefix_tokens)
     impl = dispatch("attention", q.device)
     return impl(q, k, v, scale, rope, num_prefix_tokens, rel_pos_bias_table, rel_pos_index, dropout_p)

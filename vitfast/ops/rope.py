@@ -11,10 +11,13 @@ twice so that channel pair ``(2m, 2m + 1)`` rotates by angle ``m``:
 
 The rotation is computed in fp32 and rounded to the input dtype once. Prefix (class) tokens are not rotated.
 
-:func:`rope_2d_qk` rotates a query and a key tensor ``[B, H, N, D]`` in one pass (the Triton kernel reads both through
-their strides, e.g. the views into a packed qkv GEMM output, and writes contiguous rotated copies): the step before
-an SDPA call when the rotation is not fused into the attention kernel. Its backward is the inverse rotation, the same
-kernel with the sine negated. The tile helpers below also serve the attention kernels, which rotate as they load.
+:func:`rope_2d_qk` rotates a query and a key tensor ``[B, H, N, D]`` in one pass: the Triton kernel reads both
+through their strides (e.g. the head views of a packed qkv GEMM output), one program per block of tokens across all
+heads, so that each angle is read once per token and every access moves 16 bytes, and writes rotated copies in the
+``[B, N, H, D]`` layout that attention (SDPA, or :mod:`vitfast.ops.attention` for any other caller) reads in place.
+Its backward is the inverse rotation, the same kernel with the sine negated. Attention with RoPE is this op followed
+by attention without it: rotating inside the attention kernel re-rotated every key tile once per query tile and lost
+to this order on an H100 (benchmarks/results/2026-11-22_h100_ops_eager.md).
 """
 
 from __future__ import annotations
@@ -22,7 +25,17 @@ from __future__ import annotations
 import torch
 
 from vitfast.backend import dispatch, register_impl
-from vitfast.ops._triton import HAS_TRITON, KERNEL_DTYPES, kernel_can_run, launch, log_fallback, tl, triton
+from vitfast.ops._triton import (
+    HAS_TRITON,
+    INTERPRETER,
+    KERNEL_DTYPES,
+    kernel_can_run,
+    launch,
+    log_fallback,
+    next_power_of_2,
+    tl,
+    triton,
+)
 
 __all__ = ["rope_2d", "rope_2d_qk", "rope_2d_qk_fwd", "rope_2d_qk_ref", "rope_2d_ref", "rope_2d_table"]
 
@@ -51,7 +64,10 @@ def rope_2d_table(
 
 
 def rope_2d_ref(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_prefix_tokens: int = 0) -> torch.Tensor:
-    """Rotate ``x`` ``[..., N, D]``; the tokens after the prefix use ``cos``/``sin`` ``[N - num_prefix_tokens, D]``."""
+    """Rotate ``x`` ``[..., N, D]``; the tokens after the prefix use ``cos``/``sin`` ``[N - num_prefix_tokens, D]``
+    (or ``[N - num_prefix_tokens, D // 2]``, one angle per channel pair)."""
+    if cos.shape[-1] * 2 == x.shape[-1]:
+        cos, sin = cos.repeat_interleave(2, dim=-1), sin.repeat_interleave(2, dim=-1)
     prefix, tokens = x[..., :num_prefix_tokens, :], x[..., num_prefix_tokens:, :]
     tokens32 = tokens.float()
     rotated = torch.stack([-tokens32[..., 1::2], tokens32[..., 0::2]], dim=-1).reshape(tokens32.shape)
@@ -67,73 +83,59 @@ def rope_2d_qk_ref(
 
 
 # ----------------------------------------------------------------------------------------------------------- kernels
-# Tile helpers, shared with the attention kernels: a tile is BLOCK tokens x BLOCK_PAIRS channel pairs, the even
-# channel of each pair at ``even_ptrs`` and the odd one ``stride_d`` further.
-
-
-@triton.jit
-def _rope_angles(Cos, Sin, tokens, pair_cols, stride_rope_n, rotate, num_prefix_tokens):
-    """fp32 ``(cos, sin)`` of channel pairs ``pair_cols`` (``[1, BLOCK_PAIRS]``, even channel index) of ``tokens``
-    (``[BLOCK, 1]``); the identity (1, 0) where not ``rotate`` (prefix tokens, padding). The tables hold each pair's
-    angle on both of its channels (rope.py layout), so the even column serves the pair."""
-    offsets = (tokens - num_prefix_tokens) * stride_rope_n + pair_cols
-    cos = tl.load(Cos + offsets, mask=rotate, other=1.0).to(tl.float32)
-    sin = tl.load(Sin + offsets, mask=rotate, other=0.0).to(tl.float32)
-    return cos, sin
-
-
-@triton.jit
-def _load_rotated(even_ptrs, stride_d, mask, cos, sin):
-    """2D RoPE on a tile as it loads (even channels at ``even_ptrs``, odd ones ``stride_d`` further): rotated in fp32,
-    then rounded to the input dtype as the reference rounds its rotated q/k."""
-    x_even = tl.load(even_ptrs, mask=mask, other=0.0)
-    x_odd = tl.load(even_ptrs + stride_d, mask=mask, other=0.0)
-    even = x_even.to(tl.float32)
-    odd = x_odd.to(tl.float32)
-    return (even * cos - odd * sin).to(x_even.dtype), (odd * cos + even * sin).to(x_even.dtype)
-
-
-@triton.jit
-def _store_unrotated(even_ptrs, stride_d, mask, grad_even, grad_odd, cos, sin):
-    """Store the gradient w.r.t. the unrotated input: the transposed (inverse) rotation of the fp32 halves."""
-    dtype = even_ptrs.dtype.element_ty
-    tl.store(even_ptrs, (grad_even * cos + grad_odd * sin).to(dtype), mask=mask)
-    tl.store(even_ptrs + stride_d, (grad_odd * cos - grad_even * sin).to(dtype), mask=mask)
 
 
 @triton.jit
 def _rope_qk_kernel(
     Q, K, QOut, KOut, Cos, Sin,
-    stride_qb, stride_qh, stride_qn, stride_qd,
-    stride_kb, stride_kh, stride_kn, stride_kd,
-    stride_ob, stride_oh, stride_on,
-    stride_rope_n, stride_rope_d, num_heads, seq_len, num_prefix_tokens,
-    HALF: tl.constexpr, BLOCK_PAIRS: tl.constexpr, BLOCK_N: tl.constexpr, INVERSE: tl.constexpr,
+    stride_qb, stride_qn, stride_qh,
+    stride_kb, stride_kn, stride_kh,
+    stride_ob, stride_on,
+    stride_rope_n, stride_rope_pair, seq_len, num_prefix_tokens,
+    HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_PAIRS: tl.constexpr,
+    BLOCK_N: tl.constexpr, INVERSE: tl.constexpr, STRIDE_MULTIPLE: tl.constexpr,
 ):  # fmt: skip
-    """One program: BLOCK_N tokens of one (batch, head) of both q and k, which share the angles; the outputs are
-    contiguous ``[B, H, N, D]``. ``INVERSE`` rotates by the negated angles (the backward)."""
+    """One program: BLOCK_N tokens of one image, every head of both q and k, which share the angles.
+
+    Each token's heads are read as whole rows of channels (unit stride along D: 16-byte vector loads) and split into
+    their (even, odd) channel pairs in registers; the angle of each pair is read once per token for all heads and
+    both tensors. The outputs are contiguous ``[B, N, H, D]``. ``INVERSE`` rotates by the negated angles.
+    """
     pid_n = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    off_b = (pid_bh // num_heads).to(tl.int64)
-    off_h = (pid_bh % num_heads).to(tl.int64)
-    tokens = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)[:, None]  # [BLOCK_N, 1]
-    pairs = tl.arange(0, BLOCK_PAIRS)[None, :]  # [1, BLOCK_PAIRS]
-    mask = (tokens < seq_len) & (pairs < HALF)
-    cos, sin = _rope_angles(
-        Cos, Sin, tokens, pairs * (2 * stride_rope_d), stride_rope_n, mask & (tokens >= num_prefix_tokens),
-        num_prefix_tokens,
-    )  # fmt: skip
+    off_b = tl.program_id(1).to(tl.int64)
+    # Triton proves 16-byte alignment from integer arguments divisible by 16 only; head strides like 88 are
+    # multiples of 8 elements (16 bytes) too, which the launcher checks and says here
+    stride_qn = tl.multiple_of(stride_qn, STRIDE_MULTIPLE)
+    stride_qh = tl.multiple_of(stride_qh, STRIDE_MULTIPLE)
+    stride_kn = tl.multiple_of(stride_kn, STRIDE_MULTIPLE)
+    stride_kh = tl.multiple_of(stride_kh, STRIDE_MULTIPLE)
+    tokens = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)[:, None, None]  # [BLOCK_N, 1, 1]
+    heads = tl.arange(0, BLOCK_H)[None, :, None]  # [1, BLOCK_H, 1]
+    channels = tl.arange(0, 2 * BLOCK_PAIRS)[None, None, :]  # [1, 1, 2 * BLOCK_PAIRS]
+    pairs = tl.arange(0, BLOCK_PAIRS)[None, None, :]
+    mask = (tokens < seq_len) & (heads < HEADS) & (channels < HEAD_DIM)
+    # prefix tokens (and padding) get the identity rotation (cos 1, sin 0): copied through exactly
+    rotate = (tokens >= num_prefix_tokens) & (tokens < seq_len) & (pairs < HEAD_DIM // 2)
+    angle_offsets = (tokens - num_prefix_tokens) * stride_rope_n + pairs * stride_rope_pair
+    cos = tl.load(Cos + angle_offsets, mask=rotate, other=1.0).to(tl.float32)  # [BLOCK_N, 1, BLOCK_PAIRS]
+    sin = tl.load(Sin + angle_offsets, mask=rotate, other=0.0).to(tl.float32)
     if INVERSE:
         sin = -sin
-    out_even = off_b * stride_ob + off_h * stride_oh + tokens * stride_on + 2 * pairs
-    q_even_ptrs = Q + off_b * stride_qb + off_h * stride_qh + tokens * stride_qn + pairs * (2 * stride_qd)
-    q_even, q_odd = _load_rotated(q_even_ptrs, stride_qd, mask, cos, sin)
-    tl.store(QOut + out_even, q_even, mask=mask)
-    tl.store(QOut + out_even + 1, q_odd, mask=mask)
-    k_even_ptrs = K + off_b * stride_kb + off_h * stride_kh + tokens * stride_kn + pairs * (2 * stride_kd)
-    k_even, k_odd = _load_rotated(k_even_ptrs, stride_kd, mask, cos, sin)
-    tl.store(KOut + out_even, k_even, mask=mask)
-    tl.store(KOut + out_even + 1, k_odd, mask=mask)
+    rows = tokens.to(tl.int64)
+    out_offsets = off_b * stride_ob + rows * stride_on + heads * HEAD_DIM + channels
+    q = tl.load(Q + off_b * stride_qb + rows * stride_qn + heads * stride_qh + channels, mask=mask, other=0.0)
+    tl.store(QOut + out_offsets, _rotate_pairs(q, cos, sin, BLOCK_N, BLOCK_H, BLOCK_PAIRS), mask=mask)
+    k = tl.load(K + off_b * stride_kb + rows * stride_kn + heads * stride_kh + channels, mask=mask, other=0.0)
+    tl.store(KOut + out_offsets, _rotate_pairs(k, cos, sin, BLOCK_N, BLOCK_H, BLOCK_PAIRS), mask=mask)
+
+
+@triton.jit
+def _rotate_pairs(x, cos, sin, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_PAIRS: tl.constexpr):
+    """``x`` ``[BLOCK_N, BLOCK_H, 2 * BLOCK_PAIRS]`` with channel pairs ``(2m, 2m + 1)`` rotated by pair ``m``'s
+    angle, in fp32, rounded once to ``x``'s dtype."""
+    even, odd = tl.split(tl.reshape(x.to(tl.float32), [BLOCK_N, BLOCK_H, BLOCK_PAIRS, 2]))
+    rotated = tl.join(even * cos - odd * sin, odd * cos + even * sin)
+    return tl.reshape(rotated, [BLOCK_N, BLOCK_H, 2 * BLOCK_PAIRS]).to(x.dtype)
 
 
 def _check_qk(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_prefix_tokens: int) -> None:
@@ -147,13 +149,20 @@ def _check_qk(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Te
         raise ValueError(f"rope_2d_qk: num_prefix_tokens={num_prefix_tokens} is outside [0, N={seq_len}].")
     expected = [seq_len - num_prefix_tokens, head_dim]
     for name, table in (("cos", cos), ("sin", sin)):
-        if list(table.shape) != expected or not table.is_floating_point():
+        if list(table.shape) not in (expected, [expected[0], head_dim // 2]) or not table.is_floating_point():
             raise ValueError(
-                f"rope_2d_qk: the {name} table must be a float [N - num_prefix_tokens, D] = {expected} tensor, got "
-                f"{table.dtype} {list(table.shape)}."
+                f"rope_2d_qk: the {name} table must be a float [N - num_prefix_tokens, D] = {expected} tensor (or "
+                f"[N - num_prefix_tokens, D // 2] with one angle per pair), got {table.dtype} {list(table.shape)}."
             )
+    if cos.shape != sin.shape:
+        raise ValueError(f"rope_2d_qk: cos and sin must have one shape, got {list(cos.shape)} and {list(sin.shape)}.")
     if head_dim % 2:
         raise ValueError(f"rope_2d_qk: the head dim must be even (channel pairs), got {head_dim}.")
+
+
+# Elements of each of q and k one program rotates: ~4096 on a GPU (16 per thread at 4 warps: two 16-byte loads of
+# 16-bit values). The interpreter spends its time per program, not per element, so there programs are 16x larger.
+_TILE = 65536 if INTERPRETER else 4096
 
 
 def rope_2d_qk_fwd(
@@ -164,27 +173,40 @@ def rope_2d_qk_fwd(
     num_prefix_tokens: int = 0,
     inverse: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rotate ``q`` and ``k`` ``[B, H, N, D]`` (any strides) with the Triton kernel; contiguous outputs of their
-    dtype. ``inverse`` rotates by the negated angles (the gradient of the forward rotation)."""
+    """Rotate ``q`` and ``k`` ``[B, H, N, D]`` with the Triton kernel; ``inverse`` rotates by the negated angles (the
+    gradient of the forward rotation).
+
+    - ``q``, ``k``: any strides with unit stride along ``D`` (anything else is copied first), e.g. the head views of
+      a packed ``[B, N, 3, H, D]`` qkv projection, read in place;
+    - ``cos``, ``sin``: fp32 ``[N - num_prefix_tokens, D]`` (each pair's angle on both of its channels, as
+      :func:`rope_2d_table` builds them; the kernel reads one column per pair) or ``[N - num_prefix_tokens, D // 2]``
+      (one column per pair: half the table traffic);
+    - outputs: ``q``'s dtype, the ``[B, H, N, D]`` views of contiguous ``[B, N, H, D]`` tensors, the layout a packed
+      projection's heads have, which SDPA (flash, cuDNN) and the attention kernel read in place.
+    """
     _check_qk(q, k, cos, sin, num_prefix_tokens)
     if q.dim() != 4:
         raise ValueError(f"rope_2d_qk_fwd: the kernel takes [B, H, N, D] tensors, got {list(q.shape)}.")
+    q, k = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k))
     if cos.stride() != sin.stride():  # one offset tile serves both tables
         cos, sin = cos.contiguous(), sin.contiguous()
     batch, heads, seq_len, head_dim = q.shape
-    q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    k_out = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    q_out = torch.empty((batch, seq_len, heads, head_dim), dtype=q.dtype, device=q.device).transpose(1, 2)
+    k_out = torch.empty((batch, seq_len, heads, head_dim), dtype=k.dtype, device=k.device).transpose(1, 2)
     if q_out.numel() == 0:
         return q_out, k_out
-    half = head_dim // 2
-    block_pairs = max(2, 1 << (half - 1).bit_length())
-    block_n = max(16, 1024 // block_pairs)  # 1K pairs (2K elements) of each tensor per program
-    grid = (triton.cdiv(seq_len, block_n), batch * heads)
+    block_h, block_pairs = next_power_of_2(heads), next_power_of_2(head_dim // 2)
+    block_n = max(1, _TILE // (block_h * 2 * block_pairs))
+    pair_stride = cos.stride(1) * (2 if cos.shape[-1] == head_dim else 1)
+    vector = 16 // q.element_size()  # elements in 16 bytes
+    strides = (q.stride(2), q.stride(1), k.stride(2), k.stride(1))
+    stride_multiple = vector if all(stride % vector == 0 for stride in strides) else 1
     launch(
-        _rope_qk_kernel, grid, q, k, q_out, k_out, cos, sin,
-        *q.stride(), *k.stride(), *q_out.stride()[:3], *cos.stride(),
-        heads, seq_len, num_prefix_tokens,
-        HALF=half, BLOCK_PAIRS=block_pairs, BLOCK_N=block_n, INVERSE=inverse, num_warps=4,
+        _rope_qk_kernel, (triton.cdiv(seq_len, block_n), batch), q, k, q_out, k_out, cos, sin,
+        q.stride(0), q.stride(2), q.stride(1), k.stride(0), k.stride(2), k.stride(1),
+        q_out.stride(0), q_out.stride(2), cos.stride(0), pair_stride, seq_len, num_prefix_tokens,
+        HEADS=heads, HEAD_DIM=head_dim, BLOCK_H=block_h, BLOCK_PAIRS=block_pairs, BLOCK_N=block_n,
+        INVERSE=inverse, STRIDE_MULTIPLE=stride_multiple, num_warps=4,
     )  # fmt: skip
     return q_out, k_out
 
@@ -195,8 +217,13 @@ def _rope_2d_qk_op(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     if not kernel_can_run(q, k, cos, sin):
         q_out, k_out = rope_2d_qk_ref(q, k, cos, -sin if inverse else sin, num_prefix_tokens)
-        return q_out.contiguous(), k_out.contiguous()  # new tensors (the reference never returns its input)
+        return _kernel_layout(q_out), _kernel_layout(k_out)  # new tensors (the reference never returns its input)
     return rope_2d_qk_fwd(q, k, cos, sin, num_prefix_tokens, inverse)
+
+
+def _kernel_layout(t: torch.Tensor) -> torch.Tensor:
+    """A copy of ``t`` in the kernel's output layout: ``[B, N, H, D]`` contiguous for 4-d ``[B, H, N, D]``."""
+    return t.transpose(1, 2).contiguous().transpose(1, 2) if t.dim() == 4 else t.contiguous()
 
 
 def _rope_2d_qk_setup_context(ctx, inputs, output) -> None:

@@ -4,7 +4,13 @@
 - packed: one tensor ``[..., 2 * hidden]`` whose first half is the gate (EVA-02 Ti/S: ``fc1``);
 - ``swiglu_layer_norm``: ``LayerNorm(silu(gate) * up)`` over the hidden width (EVA-02 B/L sub-LN before ``fc2``).
 
-EVA-02 hidden widths are ``int(dim * 8 / 3)``: 512 (Ti), 1024 (S), 2048 (B), 2730 (L).
+EVA-02 hidden widths are ``int(dim * 8 / 3)``: 512 (Ti), 1024 (S), 2048 (B), 2730 (L). 2730 makes rows that are not
+16-byte aligned in 16-bit dtypes: GEMMs slow down and kernels fall back to scalar accesses. So the engine runs
+EVA-02-L's MLP zero-padded to 2736 and ``swiglu_layer_norm(..., width=2730)`` takes that layout: ``gate`` and ``up``
+``[..., 2736]`` (views of the padded fc1 output), ``weight`` and ``bias`` ``[2730]`` or zero-padded ``[2736]``;
+statistics over the 2730 true columns; the output ``[..., 2736]`` with zeros in the padding, ready for fc2's
+zero-padded weight (no ``F.pad``); with padded parameters every access is 16 bytes wide. Its gradients are zero in
+the padding. (``swiglu`` needs no such mode: ``silu(0) * 0`` is exactly 0 in padded columns.)
 
 The Triton kernels compute ``silu`` and the LayerNorm statistics in fp32 and write outputs in the input dtype. The
 split and packed forms share one kernel per direction: it takes row strides, and the packed form reads (and, in the
@@ -61,10 +67,28 @@ def swiglu_packed_ref(x: torch.Tensor) -> torch.Tensor:
 
 
 def swiglu_layer_norm_ref(
-    gate: torch.Tensor, up: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float
+    gate: torch.Tensor,
+    up: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float,
+    width: int | None = None,
 ) -> torch.Tensor:
-    """``LayerNorm(silu(gate) * up)`` over the last dimension: exactly the unfused ``norm(swiglu(gate, up))``."""
-    return F.layer_norm(F.silu(gate) * up, (gate.shape[-1],), weight, bias, eps)
+    """``LayerNorm(silu(gate) * up)`` over the last dimension: exactly the unfused ``norm(swiglu(gate, up))``.
+
+    ``width``: the norm's width when ``gate`` and ``up`` are wider (zero-padded rows, module docstring): the columns
+    past it, and those of ``weight`` / ``bias`` past it, are ignored; the output keeps the rows' width, zeros there.
+    """
+    if width is None:
+        return F.layer_norm(F.silu(gate) * up, (gate.shape[-1],), weight, bias, eps)
+    weight, bias = (None if p is None else p[:width] for p in (weight, bias))
+    out = F.layer_norm(F.silu(gate[..., :width]) * up[..., :width], (width,), weight, bias, eps)
+    return _pad_columns(out, gate.shape[-1])
+
+
+def _pad_columns(t: torch.Tensor, width: int) -> torch.Tensor:
+    """``t`` with zero columns appended up to ``width`` (a copy when it is narrower)."""
+    return F.pad(t, (0, width - t.shape[-1])) if t.shape[-1] < width else t
 
 
 # Bodies of the torch.library ops for tensors the kernels cannot take (CPU without the interpreter): the same maths
@@ -91,16 +115,18 @@ def _swiglu_bwd_reference(
 
 
 def _swiglu_layer_norm_fwd_reference(
-    gate: torch.Tensor, up: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float
+    gate: torch.Tensor, up: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float, width: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    padded_width = gate.shape[-1]
+    gate, up, weight, bias = gate[..., :width], up[..., :width], weight[:width], bias[:width]
     compute = _compute_dtype(gate.dtype)
     stats = F.silu(gate.to(compute)) * up.to(compute)
     product = stats.to(gate.dtype)  # the kernels' rounding point
     stats = product.to(compute)
     mean = stats.mean(-1)
     rstd = torch.rsqrt(stats.var(-1, unbiased=False) + eps)
-    out = F.layer_norm(product, (gate.shape[-1],), weight, bias, eps)
-    return out, mean.float(), rstd.float()
+    out = F.layer_norm(product, (width,), weight, bias, eps)
+    return _pad_columns(out, padded_width).contiguous(), mean.float(), rstd.float()
 
 
 def _swiglu_layer_norm_bwd_reference(
@@ -110,8 +136,10 @@ def _swiglu_layer_norm_bwd_reference(
     weight: torch.Tensor,
     mean: torch.Tensor,
     rstd: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    width = gate.shape[-1]
+    width: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    padded_width, param_width = gate.shape[-1], weight.shape[0]
+    gate, up, grad, weight = gate[..., :width], up[..., :width], grad[..., :width], weight[:width]
     compute = _compute_dtype(gate.dtype)
     gate_c, up_c, grad_c = gate.to(compute), up.to(compute), grad.to(compute)
     silu, silu_grad = _silu_and_grad(gate_c)
@@ -126,7 +154,9 @@ def _swiglu_layer_norm_bwd_reference(
     )
     d_weight = (grad_c * normalized).reshape(-1, width).sum(0).float()
     d_bias = grad_c.reshape(-1, width).sum(0).float()
-    return (d_product * up_c * silu_grad).to(gate.dtype), (d_product * silu).to(up.dtype), d_weight, d_bias
+    d_gate, d_up = (d_product * up_c * silu_grad).to(gate.dtype), (d_product * silu).to(up.dtype)
+    d_params = _pad_columns(torch.stack([d_weight, d_bias]), param_width)
+    return _pad_columns(d_gate, padded_width).contiguous(), _pad_columns(d_up, padded_width).contiguous(), d_params
 
 
 @triton.jit
@@ -210,6 +240,8 @@ def _swiglu_layer_norm_fwd_kernel(
     rstd_ptr,
     n_rows,
     n_cols,
+    padded_cols,  # >= n_cols: the row's width in memory; columns past n_cols are padding (read, ignored, written 0)
+    param_cols,  # n_cols or padded_cols: the length of weight and bias (zero-padded ones are read 16 bytes at a time)
     gate_row_stride,
     up_row_stride,
     out_row_stride,
@@ -221,7 +253,9 @@ def _swiglu_layer_norm_fwd_kernel(
     cols = tl.arange(0, BLOCK_N)
     row_mask = rows < n_rows
     col_mask = cols < n_cols
-    mask = row_mask[:, None] & col_mask[None, :]
+    # loads and stores over the padded width (16-byte aligned: vector accesses), statistics over the true one
+    mask = row_mask[:, None] & (cols < padded_cols)[None, :]
+    valid = row_mask[:, None] & col_mask[None, :]
     rows = rows.to(tl.int64)  # rows * stride overflows int32 for large batches
     offsets = rows[:, None] * gate_row_stride + cols[None, :]
     gate = tl.load(gate_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
@@ -229,16 +263,41 @@ def _swiglu_layer_norm_fwd_kernel(
     up = tl.load(up_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
     # The unfused path normalizes a tensor of the input dtype: round the product there (module docstring).
     product = (gate * tl.sigmoid(gate) * up).to(gate_ptr.dtype.element_ty).to(tl.float32)
+    product = tl.where(valid, product, 0.0)
     mean = tl.sum(product, axis=1) / n_cols
-    centered = tl.where(mask, product - mean[:, None], 0.0)
+    centered = tl.where(valid, product - mean[:, None], 0.0)
     rstd = tl.rsqrt(tl.sum(centered * centered, axis=1) / n_cols + tl.cast(eps, tl.float32))
-    weight = tl.load(weight_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
-    bias = tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
-    out = centered * rstd[:, None] * weight[None, :] + bias[None, :]
+    weight = tl.load(weight_ptr + cols, mask=cols < param_cols, other=0.0).to(tl.float32)
+    bias = tl.load(bias_ptr + cols, mask=cols < param_cols, other=0.0).to(tl.float32)
+    out = tl.where(valid, centered * rstd[:, None] * weight[None, :] + bias[None, :], 0.0)
     offsets = rows[:, None] * out_row_stride + cols[None, :]
     tl.store(out_ptr + offsets, out.to(out_ptr.dtype.element_ty), mask=mask)
     tl.store(mean_ptr + rows, mean, mask=row_mask)
     tl.store(rstd_ptr + rows, rstd, mask=row_mask)
+
+
+@triton.jit
+def _swiglu_ln_bwd_tile(
+    grad_ptr, gate_ptr, up_ptr, rows, cols, mask, valid, mean, rstd, grad_row_stride, gate_row_stride, up_row_stride,
+    EVICTION: tl.constexpr,
+):  # fmt: skip
+    """One tile of the sub-LN backward's inputs, loaded: fp32 ``(grad, normalized, gate, up, sigmoid(gate))``, the
+    product recomputed exactly as the forward computed it (rounding included), so that it matches the saved
+    statistics; ``grad`` and ``normalized`` zero outside the norm's width."""
+    grad = tl.load(
+        grad_ptr + rows[:, None] * grad_row_stride + cols[None, :], mask=mask, other=0.0, eviction_policy=EVICTION
+    )
+    grad = tl.where(valid, grad.to(tl.float32), 0.0)
+    gate = tl.load(
+        gate_ptr + rows[:, None] * gate_row_stride + cols[None, :], mask=mask, other=0.0, eviction_policy=EVICTION
+    ).to(tl.float32)
+    up = tl.load(
+        up_ptr + rows[:, None] * up_row_stride + cols[None, :], mask=mask, other=0.0, eviction_policy=EVICTION
+    ).to(tl.float32)
+    sigmoid = tl.sigmoid(gate)
+    product = (gate * sigmoid * up).to(gate_ptr.dtype.element_ty).to(tl.float32)
+    normalized = tl.where(valid, (product - mean[:, None]) * rstd[:, None], 0.0)
+    return grad, normalized, gate, up, sigmoid
 
 
 @triton.jit
@@ -251,10 +310,12 @@ def _swiglu_layer_norm_bwd_kernel(
     rstd_ptr,
     d_gate_ptr,
     d_up_ptr,
-    partial_d_weight_ptr,  # fp32 [n_programs, n_cols]: one row of partial sums per program, summed by the launcher
-    partial_d_bias_ptr,
+    partial_d_weight_ptr,  # fp32 [n_programs, param_cols]: one row of partial sums per program, summed by the launcher
+    partial_d_bias_ptr,  # the same, in the same buffer after all the weight rows
     n_rows,
     n_cols,
+    padded_cols,  # as in the forward; the gradients of the padding are written 0
+    param_cols,
     rows_per_program,  # a multiple of BLOCK_M
     grad_row_stride,
     gate_row_stride,
@@ -267,7 +328,7 @@ def _swiglu_layer_norm_bwd_kernel(
     program = tl.program_id(0)
     cols = tl.arange(0, BLOCK_N)
     col_mask = cols < n_cols
-    weight = tl.load(weight_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+    weight = tl.load(weight_ptr + cols, mask=cols < param_cols, other=0.0).to(tl.float32)
     d_weight = tl.zeros((BLOCK_N,), dtype=tl.float32)
     d_bias = tl.zeros((BLOCK_N,), dtype=tl.float32)
     # int64 row bounds make the row indices int64 too: row * stride overflows int32 for large batches.
@@ -276,36 +337,38 @@ def _swiglu_layer_norm_bwd_kernel(
     for tile_start in range(row_start, row_end, BLOCK_M):
         rows = tile_start + tl.arange(0, BLOCK_M)
         row_mask = rows < row_end
-        mask = row_mask[:, None] & col_mask[None, :]
-        offsets = rows[:, None] * grad_row_stride + cols[None, :]
-        grad = tl.load(grad_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-        offsets = rows[:, None] * gate_row_stride + cols[None, :]
-        gate = tl.load(gate_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-        offsets = rows[:, None] * up_row_stride + cols[None, :]
-        up = tl.load(up_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-        sigmoid = tl.sigmoid(gate)
-        silu = gate * sigmoid
-        # Recomputed exactly as in the forward, rounding included, so that it matches the saved statistics.
-        product = (silu * up).to(gate_ptr.dtype.element_ty).to(tl.float32)
+        mask = row_mask[:, None] & (cols < padded_cols)[None, :]
+        valid = row_mask[:, None] & col_mask[None, :]
         mean = tl.load(mean_ptr + rows, mask=row_mask, other=0.0)
         rstd = tl.load(rstd_ptr + rows, mask=row_mask, other=0.0)
-        normalized = tl.where(mask, (product - mean[:, None]) * rstd[:, None], 0.0)
+        # Two passes over the tile: the row reductions, then the gradients, each loading grad, gate and up and
+        # recomputing what it needs (the second loads hit L1 / L2: HBM traffic is unchanged). Holding the tile's
+        # fp32 values through the reductions instead cost ~230 registers per thread at 4096-wide rows: one CTA
+        # of 8 warps per SM.
+        grad, normalized, _, _, _ = _swiglu_ln_bwd_tile(
+            grad_ptr, gate_ptr, up_ptr, rows, cols, mask, valid, mean, rstd,
+            grad_row_stride, gate_row_stride, up_row_stride, "evict_last",  # kept for the second pass
+        )  # fmt: skip
         d_weight += tl.sum(grad * normalized, axis=0)
         d_bias += tl.sum(grad, axis=0)
         weighted_grad = grad * weight[None, :]
         mean_weighted_grad = tl.sum(weighted_grad, axis=1) / n_cols
         mean_projection = tl.sum(normalized * weighted_grad, axis=1) / n_cols
-        d_product = (weighted_grad - normalized * mean_projection[:, None] - mean_weighted_grad[:, None]) * rstd[
-            :, None
-        ]
-        d_up = d_product * silu
+        grad, normalized, gate, up, sigmoid = _swiglu_ln_bwd_tile(
+            grad_ptr, gate_ptr, up_ptr, rows, cols, mask, valid, mean, rstd,
+            grad_row_stride, gate_row_stride, up_row_stride, "evict_first",  # the tile's last use
+        )  # fmt: skip
+        d_product = grad * weight[None, :] - normalized * mean_projection[:, None] - mean_weighted_grad[:, None]
+        d_product = tl.where(valid, d_product * rstd[:, None], 0.0)  # the padding does not feed the output
+        d_up = d_product * gate * sigmoid
         d_gate = d_product * up * sigmoid * (1.0 + gate * (1.0 - sigmoid))
         offsets = rows[:, None] * d_gate_row_stride + cols[None, :]
         tl.store(d_gate_ptr + offsets, d_gate.to(d_gate_ptr.dtype.element_ty), mask=mask)
         offsets = rows[:, None] * d_up_row_stride + cols[None, :]
         tl.store(d_up_ptr + offsets, d_up.to(d_up_ptr.dtype.element_ty), mask=mask)
-    tl.store(partial_d_weight_ptr + program * n_cols + cols, d_weight, mask=col_mask)
-    tl.store(partial_d_bias_ptr + program * n_cols + cols, d_bias, mask=col_mask)
+    # zeros past n_cols (grad is masked to the true width): the padded parameters' gradients
+    tl.store(partial_d_weight_ptr + program * param_cols + cols, d_weight, mask=cols < param_cols)
+    tl.store(partial_d_bias_ptr + program * param_cols + cols, d_bias, mask=cols < param_cols)
 
 
 def _rows(t: torch.Tensor, width: int) -> torch.Tensor:
@@ -479,16 +542,34 @@ def swiglu_packed_bwd(grad: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return d_x
 
 
-def _check_layer_norm(gate: torch.Tensor, up: torch.Tensor, **params: torch.Tensor) -> int:
+def _check_layer_norm(
+    gate: torch.Tensor, up: torch.Tensor, width: int | None, weight: torch.Tensor, **params: torch.Tensor
+) -> tuple[int, int, int]:
+    """``(width, padded_width, param_width)``: the norm's width, the rows' width in memory (``gate``'s), and the
+    parameters' length (one of the two)."""
     _check_pair(gate, up)
-    width = gate.shape[-1]
-    if width > MAX_LAYER_NORM_WIDTH:
-        raise ValueError(f"the fused SwiGLU + LayerNorm kernel takes widths up to {MAX_LAYER_NORM_WIDTH}, got {width}.")
-    for name, param in params.items():
-        if param.shape != (width,):
-            raise ValueError(f"{name} must have shape ({width},), got {tuple(param.shape)}.")
+    padded_width = gate.shape[-1]
+    if padded_width > MAX_LAYER_NORM_WIDTH:
+        raise ValueError(
+            f"the fused SwiGLU + LayerNorm kernel takes widths up to {MAX_LAYER_NORM_WIDTH}, got {padded_width}."
+        )
+    width = padded_width if width is None else width
+    if not 0 < width <= padded_width:
+        raise ValueError(f"the norm's width must be in [1, {padded_width}] (gate's width), got {width}.")
+    param_width = weight.shape[0] if weight.dim() == 1 else -1
+    for name, param in {"weight": weight, **params}.items():
+        if param.shape != (param_width,) or param_width not in (width, padded_width):
+            expected = f"({width},)" if width == padded_width else f"({width},) or ({padded_width},)"
+            raise ValueError(f"{name} must have shape {expected}, got {tuple(param.shape)}.")
         _check_dtype(name, param)
-    return width
+    return width, padded_width, param_width
+
+
+def _backward_num_warps(block_m: int, block_n: int) -> int:
+    # 8 fp32 elements per thread and live tile. At 16 per thread (the forward's choice) the backward sat at ~230
+    # registers at 4096-wide rows (offline sm_90 compile): one CTA of 8 warps per SM; here ~105, one CTA of 16 warps
+    # (the same residency as two CTAs of 8).
+    return min(max(block_m * block_n // 256, 4), 16)
 
 
 def _row_num_warps(block_m: int, block_n: int) -> int:
@@ -510,24 +591,25 @@ def _layer_norm_bwd_programs(n_rows: int, block_m: int, device: torch.device) ->
 
 
 def swiglu_layer_norm_fwd(
-    gate: torch.Tensor, up: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float
+    gate: torch.Tensor, up: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float, width: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``LayerNorm(silu(gate) * up)`` over the last dimension with the Triton kernel, whole rows per program.
 
-    ``gate``, ``up``: ``[..., h]``, same shape and dtype (float16 / bfloat16 / float32), ``h <= 8192``, any row
-    strides. ``weight``, ``bias``: ``[h]``, any of those dtypes. Returns ``(out, mean, rstd)``: ``out`` contiguous
-    ``[..., h]`` of the input dtype, ``mean`` and ``rstd`` fp32 ``[...]`` (the statistics of the product, rounded
-    to the input dtype, that the backward reuses).
+    ``gate``, ``up``: ``[..., p]``, same shape and dtype (float16 / bfloat16 / float32), ``p <= 8192``, any row
+    strides. ``width`` (default ``p``): the norm is over the first ``width`` columns, the others are padding (module
+    docstring). ``weight``, ``bias``: ``[width]`` or zero-padded ``[p]``, any of those dtypes. Returns ``(out, mean,
+    rstd)``: ``out`` contiguous ``[..., p]`` of the input dtype (zeros in the padding), ``mean`` and ``rstd`` fp32
+    ``[...]`` (the statistics of the product, rounded to the input dtype, that the backward reuses).
     """
-    width = _check_layer_norm(gate, up, weight=weight, bias=bias)
+    width, padded_width, param_width = _check_layer_norm(gate, up, width, weight, bias=bias)
     out = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
     mean = torch.empty(gate.shape[:-1], dtype=torch.float32, device=gate.device)
     rstd = torch.empty(gate.shape[:-1], dtype=torch.float32, device=gate.device)
-    gate_rows, up_rows = _rows(gate, width), _rows(up, width)
+    gate_rows, up_rows = _rows(gate, padded_width), _rows(up, padded_width)
     n_rows = gate_rows.shape[0]
     if n_rows == 0:
         return out, mean, rstd
-    block_n = next_power_of_2(width)  # the whole row in one block: the statistics need all of it
+    block_n = next_power_of_2(padded_width)  # the whole row in one block: the statistics need all of it
     block_m = _rows_per_tile(block_n)
     launch(
         _swiglu_layer_norm_fwd_kernel,
@@ -541,9 +623,11 @@ def swiglu_layer_norm_fwd(
         rstd,
         n_rows,
         width,
+        padded_width,
+        param_width,
         gate_rows.stride(0),
         up_rows.stride(0),
-        width,
+        padded_width,
         eps,
         BLOCK_M=block_m,
         BLOCK_N=block_n,
@@ -559,14 +643,17 @@ def swiglu_layer_norm_bwd(
     weight: torch.Tensor,
     mean: torch.Tensor,
     rstd: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients of :func:`swiglu_layer_norm_fwd`: ``(d_gate, d_up, d_weight, d_bias)``.
+    width: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of :func:`swiglu_layer_norm_fwd`: ``(d_gate, d_up, d_params)``.
 
-    ``grad``: ``[..., h]`` like ``gate``; ``mean``, ``rstd``: the fp32 ``[...]`` statistics the forward returned.
-    ``d_gate``, ``d_up`` are contiguous in the input dtype; ``d_weight``, ``d_bias`` are fp32 ``[h]`` (summed over
-    rows in fp32; the autograd glue casts them to the parameters' dtypes). The product is recomputed, not saved.
+    ``grad``: ``[..., p]`` like ``gate``; ``mean``, ``rstd``: the fp32 ``[...]`` statistics the forward returned.
+    ``d_gate``, ``d_up`` are contiguous in the input dtype (zeros in the padding); ``d_params`` is fp32 ``[2, weight's
+    length]``: the weight's and the bias's gradients (summed over rows in fp32 by one reduction of the programs'
+    partial sums, zero in the padding; the autograd glue casts them to the parameters' dtypes). The product is
+    recomputed, not saved.
     """
-    width = _check_layer_norm(gate, up, weight=weight)
+    width, padded_width, param_width = _check_layer_norm(gate, up, width, weight)
     if grad.shape != gate.shape:
         raise ValueError(f"grad must have the shape of gate {tuple(gate.shape)}, got {tuple(grad.shape)}.")
     if mean.shape != gate.shape[:-1] or rstd.shape != gate.shape[:-1]:
@@ -577,18 +664,17 @@ def swiglu_layer_norm_bwd(
         raise ValueError(f"mean and rstd must be float32, got {mean.dtype} and {rstd.dtype}.")
     d_gate = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
     d_up = torch.empty(up.shape, dtype=up.dtype, device=up.device)
-    grad_rows, gate_rows, up_rows = _rows(grad, width), _rows(gate, width), _rows(up, width)
+    grad_rows, gate_rows, up_rows = (_rows(t, padded_width) for t in (grad, gate, up))
     n_rows = gate_rows.shape[0]
     if n_rows == 0:
-        zeros = torch.zeros(width, dtype=torch.float32, device=gate.device)
-        return d_gate, d_up, zeros, zeros.clone()
-    block_n = next_power_of_2(width)  # the whole row in one block: the reductions over it need all of it
+        return d_gate, d_up, torch.zeros((2, param_width), dtype=torch.float32, device=gate.device)
+    block_n = next_power_of_2(padded_width)  # the whole row in one block: the reductions over it need all of it
     block_m = _rows_per_tile(block_n)
     rows_per_program = triton.cdiv(n_rows, _layer_norm_bwd_programs(n_rows, block_m, gate.device))
     rows_per_program = triton.cdiv(rows_per_program, block_m) * block_m  # <= _MAX_CHAIN: block_m is a power of 2
     n_programs = triton.cdiv(n_rows, rows_per_program)
-    partial_d_weight = torch.empty((n_programs, width), dtype=torch.float32, device=gate.device)
-    partial_d_bias = torch.empty((n_programs, width), dtype=torch.float32, device=gate.device)
+    # the weight's and the bias's partial sums in one buffer: one reduction launch for both
+    partials = torch.empty((2, n_programs, param_width), dtype=torch.float32, device=gate.device)
     launch(
         _swiglu_layer_norm_bwd_kernel,
         (n_programs,),
@@ -600,21 +686,23 @@ def swiglu_layer_norm_bwd(
         rstd.reshape(-1),
         d_gate,
         d_up,
-        partial_d_weight,
-        partial_d_bias,
+        partials[0],
+        partials[1],
         n_rows,
         width,
+        padded_width,
+        param_width,
         rows_per_program,
         grad_rows.stride(0),
         gate_rows.stride(0),
         up_rows.stride(0),
-        width,
-        width,
+        padded_width,
+        padded_width,
         BLOCK_M=block_m,
         BLOCK_N=block_n,
-        num_warps=_row_num_warps(block_m, block_n),
+        num_warps=_backward_num_warps(block_m, block_n),
     )
-    return d_gate, d_up, partial_d_weight.sum(0), partial_d_bias.sum(0)
+    return d_gate, d_up, partials.sum(1)
 
 
 @torch.library.triton_op("vitfast::swiglu_fwd", mutates_args=())
@@ -647,11 +735,12 @@ def _swiglu_packed_bwd_op(grad: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 @torch.library.triton_op("vitfast::swiglu_layer_norm_fwd", mutates_args=())
 def _swiglu_layer_norm_fwd_op(
-    gate: torch.Tensor, up: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float
+    gate: torch.Tensor, up: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float, width: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     if not kernel_can_run(gate, up, weight, bias):
-        return _swiglu_layer_norm_fwd_reference(gate, up, weight, bias, eps)
-    return swiglu_layer_norm_fwd(gate, up, weight, bias, eps)
+        _check_layer_norm(gate, up, width, weight, bias=bias)
+        return _swiglu_layer_norm_fwd_reference(gate, up, weight, bias, eps, width)
+    return swiglu_layer_norm_fwd(gate, up, weight, bias, eps, width)
 
 
 @torch.library.triton_op("vitfast::swiglu_layer_norm_bwd", mutates_args=())
@@ -662,10 +751,11 @@ def _swiglu_layer_norm_bwd_op(
     weight: torch.Tensor,
     mean: torch.Tensor,
     rstd: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    width: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     if not kernel_can_run(grad, gate, up, weight, mean, rstd):
-        return _swiglu_layer_norm_bwd_reference(grad, gate, up, weight, mean, rstd)
-    return swiglu_layer_norm_bwd(grad, gate, up, weight, mean, rstd)
+        return _swiglu_layer_norm_bwd_reference(grad, gate, up, weight, mean, rstd, width)
+    return swiglu_layer_norm_bwd(grad, gate, up, weight, mean, rstd, width)
 
 
 def _swiglu_setup_context(ctx, inputs, output) -> None:
@@ -683,17 +773,20 @@ def _swiglu_packed_backward(ctx, grad: torch.Tensor) -> torch.Tensor:
 
 
 def _swiglu_layer_norm_setup_context(ctx, inputs, output) -> None:
-    gate, up, weight, bias, _ = inputs
+    gate, up, weight, bias, _, width = inputs
     _, mean, rstd = output
     ctx.mark_non_differentiable(mean, rstd)
-    ctx.bias_dtype = bias.dtype
+    ctx.bias_dtype, ctx.width = bias.dtype, width
     ctx.save_for_backward(gate, up, weight, mean, rstd)
 
 
 def _swiglu_layer_norm_backward(ctx, grad: torch.Tensor, _grad_mean: torch.Tensor, _grad_rstd: torch.Tensor):
     gate, up, weight, mean, rstd = ctx.saved_tensors
-    d_gate, d_up, d_weight, d_bias = torch.ops.vitfast.swiglu_layer_norm_bwd(grad, gate, up, weight, mean, rstd)
-    return d_gate, d_up, d_weight.to(weight.dtype), d_bias.to(ctx.bias_dtype), None
+    d_gate, d_up, d_params = torch.ops.vitfast.swiglu_layer_norm_bwd(grad, gate, up, weight, mean, rstd, ctx.width)
+    if weight.dtype == ctx.bias_dtype:
+        d_params = d_params.to(weight.dtype)  # one cast for both (none for fp32 parameters)
+        return d_gate, d_up, d_params[0], d_params[1], None, None
+    return d_gate, d_up, d_params[0].to(weight.dtype), d_params[1].to(ctx.bias_dtype), None, None
 
 
 _swiglu_fwd_op.register_autograd(_swiglu_backward, setup_context=_swiglu_setup_context)
@@ -731,7 +824,12 @@ def _swiglu_packed_triton(x: torch.Tensor) -> torch.Tensor:
 
 
 def _swiglu_layer_norm_triton(
-    gate: torch.Tensor, up: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float
+    gate: torch.Tensor,
+    up: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float,
+    width: int | None = None,
 ) -> torch.Tensor:
     reason = _swiglu_unsupported(gate, up)
     if reason is None:
@@ -743,12 +841,12 @@ def _swiglu_layer_norm_triton(
             reason = f"weight / bias dtypes {weight.dtype} / {bias.dtype}"
         elif gate.shape[-1] > MAX_LAYER_NORM_WIDTH:
             reason = f"width over {MAX_LAYER_NORM_WIDTH}"
-        elif weight.shape != gate.shape[-1:] or bias.shape != gate.shape[-1:]:
+        elif weight.shape != bias.shape or weight.shape[-1] not in (width or gate.shape[-1], gate.shape[-1]):
             reason = "weight / bias shape not [width]"
     if reason is not None:
         log_fallback("swiglu_layer_norm", reason)
-        return swiglu_layer_norm_ref(gate, up, weight, bias, eps)
-    return torch.ops.vitfast.swiglu_layer_norm_fwd(gate, up, weight, bias, eps)[0]
+        return swiglu_layer_norm_ref(gate, up, weight, bias, eps, width)
+    return torch.ops.vitfast.swiglu_layer_norm_fwd(gate, up, weight, bias, eps, width or gate.shape[-1])[0]
 
 
 register_impl("swiglu", "reference", swiglu_ref)
@@ -778,6 +876,41 @@ def swiglu_layer_norm(
     weight: torch.Tensor | None,
     bias: torch.Tensor | None,
     eps: float = 1e-6,
+    *,
+    width: int | None = None,
 ) -> torch.Tensor:
-    """``LayerNorm(silu(gate) * up)`` over the last dimension (the EVA-02 B/L sub-LN) through the current backend."""
-    return dispatch("swiglu_layer_norm", gate.device)(gate, up, weight, bias, eps)
+    """``LayerNorm(silu(gate) * up)`` over the last dimension (the EVA-02 B/L sub-LN) through the current backend.
+
+    ``width``: for rows zero-padded past the norm's width (the layout of the module docstring): ``gate`` and ``up``
+    are ``[..., p]``, ``p >= width``; ``weight`` and ``bias`` (both required) ``[width]`` or zero-padded ``[p]``; the
+    columns past ``width`` are ignored and zero in the ``[..., p]`` output. ``None``: the rows are the norm's width.
+    """
+    rows_width = gate.shape[-1]
+    if width is None:
+        for name, param in (("weight", weight), ("bias", bias)):
+            if param is not None and param.shape != gate.shape[-1:]:
+                raise ValueError(
+                    f"swiglu_layer_norm: weight and bias must be [{rows_width}] (the rows' width), got {name} "
+                    f"{tuple(param.shape)}; for rows zero-padded past the norm's width pass width=."
+                )
+    else:
+        if not isinstance(width, int) or not 0 < width <= rows_width:
+            raise ValueError(
+                f"swiglu_layer_norm: width must be an int in [1, {rows_width}] (gate's width), got {width!r}."
+            )
+        if (
+            weight is None
+            or bias is None
+            or weight.shape != bias.shape
+            or weight.shape not in ((width,), (rows_width,))
+        ):
+            shapes = [None if p is None else tuple(p.shape) for p in (weight, bias)]
+            raise ValueError(
+                f"swiglu_layer_norm(width={width}) needs weight and bias of one shape, ({width},) or ({rows_width},); "
+                f"got {shapes[0]} and {shapes[1]}."
+            )
+    if gate.shape != up.shape:
+        raise ValueError(
+            f"swiglu_layer_norm: gate and up must have one shape, got {tuple(gate.shape)} and {tuple(up.shape)}."
+        )
+    return dispatch("swiglu_layer_norm", gate.device)(gate, up, weight, bias, eps, width)
