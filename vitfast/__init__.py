@@ -13,6 +13,7 @@ from vitfast import transforms as transforms
 from vitfast.backend import get_backend, set_backend, use_backend
 from vitfast.checkpoint import CheckpointError, LoadReport, PretrainedDownloadError, load_checkpoint
 from vitfast.engine import InferenceEngine, optimize
+from vitfast.hub import push_to_hub, save_pretrained
 from vitfast.models import (
     UnknownModelError,
     VisionTransformer,
@@ -69,6 +70,8 @@ __all__ = [
     "optimize",
     "param_groups_layer_decay",
     "patch",
+    "push_to_hub",
+    "save_pretrained",
     "set_backend",
     "unpatch",
     "use_backend",
