@@ -34,6 +34,7 @@ logger = logging.getLogger("vitfast")
 SOURCES = ("hf-hub", "local-dir")
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
+PRETRAINING_WEIGHTS_NAME = "vitfast_pretraining_heads.safetensors"  # MIM mask token and head (vitfast only)
 _FALLBACK_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
 # ViTConfig fields that mean the same thing as timm's VisionTransformer / Eva keyword arguments of the same name
 _TIMM_ARGS = ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads", "mlp_ratio", "qkv_bias")
@@ -137,10 +138,13 @@ def save_pretrained(model: nn.Module, directory: str | os.PathLike, label_names:
     config = _config_dict(model, label_names)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    # timm models have no MIM token / head: leaving them out keeps the file loadable there with strict=True
-    state = {
-        k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items() if k not in PRETRAINING_ONLY_KEYS
-    }
+    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    # timm models have no MIM token / head: they go to a file of their own, so model.safetensors loads in timm with
+    # strict=True and vitfast still gets every parameter back
+    pretraining = {k: state.pop(k) for k in PRETRAINING_ONLY_KEYS if k in state}
+    if pretraining:
+        save_file(pretraining, str(directory / PRETRAINING_WEIGHTS_NAME), metadata={"format": "pt"})
+        config["vitfast"]["extra_weights"] = PRETRAINING_WEIGHTS_NAME
     save_file(state, str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
     (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
     return directory
@@ -281,5 +285,16 @@ def create_from_source(name: str, pretrained: bool = False, **kwargs: Any) -> nn
     if label_names:
         model.pretrained_cfg["label_names"] = list(label_names)
     if pretrained:
-        load_checkpoint(model, _weights_file(source, location, folder), **load_options)
+        weights = _weights_file(source, location, folder)
+        extra = ours.get("extra_weights")
+        if extra:
+            from safetensors.torch import load_file
+
+            from vitfast.checkpoint import read_checkpoint
+
+            extra_path = folder / extra if source == "local-dir" else Path(_hub_file(location, extra))
+            state = {**read_checkpoint(weights, load_options.get("trust_pickle", False)), **load_file(extra_path)}
+            load_checkpoint(model, state, patch_resample=load_options.get("patch_resample", "bicubic"))
+        else:
+            load_checkpoint(model, weights, **load_options)
     return model
