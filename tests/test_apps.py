@@ -291,7 +291,10 @@ def test_commands_predict_validate_embed(data, tmp_path, capsys) -> None:
 
     model = f"local-dir:{data['model_dir']}"
     lines = tmp_path / "predictions.jsonl"
-    assert main(["predict", model, str(data["folder"] / "cat"), "--topk", "2", "--json", str(lines)]) == 0
+    assert (
+        main(["predict", model, str(data["folder"] / "cat"), "--topk", "2", "--workers", "0", "--json", str(lines)])
+        == 0
+    )
     table = capsys.readouterr().out
     records = [json.loads(line) for line in lines.read_text().splitlines()]
     assert len(records) == len(IMAGE_KINDS) and all(len(r["topk"]) == 2 for r in records)
@@ -313,3 +316,10 @@ def test_commands_predict_validate_embed(data, tmp_path, capsys) -> None:
 
     assert main(["predict", model, str(tmp_path / "missing.jpg")]) == 2
     assert "missing.jpg does not exist" in capsys.readouterr().err
+
+
+def test_validate_through_the_engine_on_the_cpu_counts_the_same(data) -> None:
+    eager = vitfast.validate(data["model"], data["folder"], batch_size=8, workers=0, progress=False)
+    engine = vitfast.validate(data["model"], data["folder"], batch_size=8, workers=0, progress=False, engine="on")
+    assert engine["engine"] is True and eager["engine"] is False
+    assert (engine["top1"], engine["top5"], engine["images"]) == (eager["top1"], eager["top5"], eager["images"])

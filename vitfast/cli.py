@@ -190,12 +190,12 @@ def _is_main_process() -> bool:
 
 
 def _reports_os_errors(command):
-    """Missing files and folders are user errors: one line, not a traceback (``main`` handles the other kinds)."""
+    """Missing files, folders and packages are user errors: one line, not a traceback (``main`` handles the rest)."""
 
     def run(args: argparse.Namespace) -> int:
         try:
             return command(args)
-        except OSError as exc:
+        except (OSError, ImportError) as exc:
             print(f"vitfast: error: {exc}", file=sys.stderr)
             return 2
 
@@ -304,7 +304,7 @@ def _add_app_commands(commands) -> None:
     predict.add_argument("images", nargs="+", help="image files and / or folders (searched recursively)")
     predict.add_argument("--topk", type=int, default=5, help="classes per image (default 5)")
     predict.add_argument("--json", metavar="OUT", help="write one JSON line per image to OUT ('-': stdout)")
-    predict.set_defaults(func=_cmd_predict, workers=0)
+    predict.set_defaults(func=_cmd_predict)
 
     validate = commands.add_parser(
         "validate",
