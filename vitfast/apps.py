@@ -215,7 +215,9 @@ def _collate(items: list[tuple[torch.Tensor | None, int, int, str | None]]) -> d
 
 
 def _loader(dataset: torch.utils.data.Dataset, workers: int | None, pin: bool, **kwargs: Any):
-    workers = min(8, os.cpu_count() or 1) if workers is None else workers
+    if workers is None:  # the cores this process may use (a container's cpuset), not the host's
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        workers = min(8, cores)
     return torch.utils.data.DataLoader(
         dataset,
         num_workers=workers,
