@@ -323,3 +323,11 @@ def test_validate_through_the_engine_on_the_cpu_counts_the_same(data) -> None:
     engine = vitfast.validate(data["model"], data["folder"], batch_size=8, workers=0, progress=False, engine="on")
     assert engine["engine"] is True and eager["engine"] is False
     assert (engine["top1"], engine["top5"], engine["images"]) == (eager["top1"], eager["top5"], eager["images"])
+
+
+def test_predict_and_embed_refuse_to_run_under_torchrun(data, tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("WORLD_SIZE", "2")  # each process would write the same output
+    with pytest.raises(RuntimeError, match="without torchrun"):
+        vitfast.predict(data["model"], [data["folder"] / "cat"])
+    with pytest.raises(RuntimeError, match="without torchrun"):
+        vitfast.embed(data["model"], [data["folder"] / "cat"], tmp_path / "f.npy")

@@ -271,6 +271,7 @@ def predict(
     probabilities; ``label`` / ``name`` are None when the head's classes are unknown, see :func:`class_names`), or
     ``{"file", "error"}`` for a file that could not be decoded (``strict=True`` raises :class:`ImageError` instead).
     """
+    _single_process("predict")
     model = _as_model(model)
     _require_head(model, "predict classes")
     transform = _eval_transform(model)
@@ -377,18 +378,33 @@ def _samples(root: Path, labels_file: Path | None, model: nn.Module) -> list[tup
     return [(Path(path), targets[target]) for path, target in folder.samples]
 
 
-def _distributed() -> tuple[int, int, bool]:
-    """(rank, world size, whether this call initialized the process group), from torchrun's environment."""
+def _distributed(device: torch.device | str | None) -> tuple[int, int, bool, torch.device | str | None]:
+    """(rank, world size, whether this call initialized the process group, device) from torchrun's environment.
+
+    Each process takes the GPU of its local rank unless a device is given; NCCL for GPUs, gloo for the CPU.
+    """
     import torch.distributed as dist
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
-        return 0, 1, False
+        return 0, 1, False, device
+    if device is None and torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    if device is not None and torch.device(device).type == "cuda":
+        torch.cuda.set_device(device)
     created = not dist.is_initialized()
     if created:
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend)
-    return dist.get_rank(), dist.get_world_size(), created
+        on_gpu = device is not None and torch.device(device).type == "cuda"
+        dist.init_process_group("nccl" if on_gpu else "gloo")
+    return dist.get_rank(), dist.get_world_size(), created, device
+
+
+def _single_process(job: str) -> None:
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise RuntimeError(
+            f"{job} runs in one process (every process would write the same output); run it without torchrun. "
+            "`vitfast validate` is the command that shards across processes."
+        )
 
 
 def validate(
@@ -418,11 +434,8 @@ def validate(
 
     model = _as_model(model)
     _require_head(model, "be validated")
-    rank, world, created = _distributed()
+    rank, world, created, device = _distributed(device)
     try:
-        if world > 1 and device is None and torch.cuda.is_available():
-            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-            torch.cuda.set_device(device)
         transform = _eval_transform(model)
         dataset = _ImageFiles(_samples(Path(root), Path(labels_file) if labels_file else None, model), transform)
         setup = time.perf_counter()
@@ -458,8 +471,12 @@ def validate(
         timing = torch.tensor([time.perf_counter() - start, wait], dtype=torch.float64)
         bar.close()
         if world > 1:
+            # NCCL reduces GPU tensors only; gloo takes these where they are
+            reduce_on = run.device if dist.get_backend() == "nccl" else torch.device("cpu")
+            flags, timing = flags.to(reduce_on), timing.to(reduce_on)
             dist.all_reduce(flags, op=dist.ReduceOp.MAX)
             dist.all_reduce(timing, op=dist.ReduceOp.MAX)
+            flags, timing = flags.cpu(), timing.cpu()
             gathered: list[dict[str, str]] = [{} for _ in range(world)]
             dist.all_gather_object(gathered, failures)
             failures = {path: message for part in gathered for path, message in part.items()}
@@ -535,6 +552,7 @@ def embed(
     keeps those batches, and the same command continues from the first missing one. The final file is written
     once, at the end, and the partial folder removed.
     """
+    _single_process("embed")
     out = Path(out)
     if out.suffix not in (".safetensors", ".npy"):
         raise ValueError(f"--out must end in .safetensors or .npy, got {out.name}.")
