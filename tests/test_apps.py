@@ -23,6 +23,7 @@ from vitfast.models.vision_transformer import VisionTransformer
 from vitfast.transforms import for_model
 
 CLASSES = ["cat", "dog", "fox", "owl"]
+UNREADABLE = ["dog/broken.jpg", "owl/notes.png"]
 # (size, mode, format): odd sizes, portrait and landscape, every decoder path the transform must normalize to RGB
 IMAGE_KINDS = [
     ((37, 53), "RGB", "JPEG"),
@@ -58,6 +59,7 @@ def data(tmp_path_factory) -> dict[str, Path]:
     _write_image(root / "whole.jpg", (40, 40), "RGB", "JPEG", 99)
     whole = (root / "whole.jpg").read_bytes()
     (folder / "dog" / "broken.jpg").write_bytes(whole[: len(whole) // 2])
+    (folder / "owl" / "notes.png").write_text("a text file with an image's name\n")
     model = randomize_(vitfast.create_model("vit_small_patch16_224", depth=1, img_size=32, num_classes=4)).eval()
     vitfast.save_pretrained(model, root / "model")
     return {"root": root, "folder": folder, "model_dir": root / "model", "model": model}
@@ -74,7 +76,7 @@ def _hand_logits(model, paths: list[Path]) -> torch.Tensor:
 
 
 def _readable(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.is_file() and p.name != "broken.jpg")
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.name not in ("broken.jpg", "notes.png"))
 
 
 def test_predict_matches_transform_model_softmax_and_reports_the_corrupt_file(data) -> None:
@@ -83,8 +85,9 @@ def test_predict_matches_transform_model_softmax_and_reports_the_corrupt_file(da
     files = sorted(p for p in data["folder"].rglob("*") if p.is_file())
     assert [r["file"] for r in records] == [str(p) for p in files]
     broken = [r for r in records if "error" in r]
-    assert [r["file"] for r in broken] == [str(data["folder"] / "dog" / "broken.jpg")]
+    assert [r["file"] for r in broken] == [str(data["folder"] / name) for name in UNREADABLE]
     assert broken[0]["error"].startswith("OSError") and "truncated" in broken[0]["error"]
+    assert broken[1]["error"].startswith("UnidentifiedImageError")
 
     good = [r for r in records if "error" not in r]
     expected = _hand_logits(model, [Path(r["file"]) for r in good]).softmax(-1).topk(3, dim=-1)
@@ -126,8 +129,8 @@ def _independent_accuracy(model, folder: Path) -> tuple[float, float, int]:
 def test_validate_equals_an_independent_count(data) -> None:
     result = vitfast.validate(data["model"], data["folder"], batch_size=6, workers=0, progress=False)
     top1, top5, count = _independent_accuracy(data["model"], data["folder"])
-    assert (result["top1"], result["top5"], result["images"], result["skipped"]) == (top1, top5, count, 1)
-    assert list(result["failures"]) == [str(data["folder"] / "dog" / "broken.jpg")]
+    assert (result["top1"], result["top5"], result["images"], result["skipped"]) == (top1, top5, count, 2)
+    assert list(result["failures"]) == [str(data["folder"] / name) for name in UNREADABLE]
     assert result["engine"] is False and result["dtype"] == "float32"  # CPU: eager fp32
     assert result["images_per_s"] > 0 and 0 <= result["data_wait_s"] <= result["seconds"]
 
@@ -214,9 +217,9 @@ def test_embed_resumes_after_an_interruption(data, tmp_path, monkeypatch) -> Non
     with safe_open(str(out), "pt") as handle:
         names = json.loads(handle.metadata()["files"])
         features = handle.get_tensor("features")
-    readable = [p for p in files if p.name != "broken.jpg"]
+    readable = _readable(data["folder"])
     assert names == [str(p) for p in readable]
-    assert list(result["failures"]) == [str(data["folder"] / "dog" / "broken.jpg")]
+    assert list(result["failures"]) == [str(data["folder"] / name) for name in UNREADABLE]
     with torch.no_grad():
         expected = model.forward_head(model.forward_features(for_model(model)([_decode(p) for p in readable])), True)
     torch.testing.assert_close(features, torch.nn.functional.normalize(expected, dim=-1), rtol=1e-5, atol=1e-6)

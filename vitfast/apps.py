@@ -199,7 +199,16 @@ class _ImageFiles(torch.utils.data.Dataset):
         try:
             with Image.open(path) as image:
                 pixels = self.transform.resize_crop(image.convert("RGB"))
-        except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as exc:
+        # what Pillow raises for a truncated, corrupt, unknown or oversized file (some plugins raise SyntaxError or
+        # EOFError while loading)
+        except (
+            OSError,
+            UnidentifiedImageError,
+            ValueError,
+            SyntaxError,
+            EOFError,
+            Image.DecompressionBombError,
+        ) as exc:
             return None, target, index, f"{type(exc).__name__}: {exc}"
         return pixels, target, index, None
 
