@@ -3,6 +3,7 @@ palette, a corrupt file), with a one-block ViT at 32x32; each checked against a 
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import socket
@@ -205,6 +206,10 @@ def test_embed_resumes_after_an_interruption(data, tmp_path, monkeypatch) -> Non
     partial = tmp_path / "features.safetensors.partial"
     assert sorted(p.name for p in partial.glob("chunk_*")) == ["chunk_000000.safetensors", "chunk_000001.safetensors"]
     assert not out.exists()
+
+    other_weights = randomize_(copy.deepcopy(model), seed=1)
+    with pytest.raises(ValueError, match="unfinished run with other files, weights"):
+        vitfast.embed(other_weights, [data["folder"]], out, batch_size=4, workers=0, progress=False, normalize=True)
 
     calls["n"] = -100  # no more interruptions; count the batches the second run computes
     result = vitfast.embed(model, [data["folder"]], out, batch_size=4, workers=0, progress=False, normalize=True)

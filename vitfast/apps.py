@@ -14,6 +14,7 @@ with ``torch.distributed``: every file is counted exactly once, so N processes r
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import logging
 import os
@@ -64,7 +65,7 @@ def load_model(
     if random_init:
         return create_model(name, **kwargs)
     if not name.startswith(("hf-hub:", "local-dir:")):
-        entry, weights, _ = resolve(name)
+        _, weights, _ = resolve(name)
         if weights is None:
             raise ValueError(
                 f"{name} has no pretrained weights registered, so its predictions would be random. Pass your own "
@@ -129,6 +130,21 @@ class _Runner:
         return self.model(preprocess(pixels, self.mean, self.std, 0, self.dtype)).float()
 
 
+def _placement(
+    device: torch.device | str | None, engine: str, dtype: torch.dtype | None
+) -> tuple[torch.device, torch.dtype, bool]:
+    """Where and how the model runs: (device, dtype, through the engine), from the options and the hardware."""
+    if engine not in ENGINE_MODES:
+        raise ValueError(f"engine must be one of {', '.join(ENGINE_MODES)}, got {engine!r}.")
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    on_gpu = device.type == "cuda"
+    return (
+        device,
+        dtype or (torch.bfloat16 if on_gpu else torch.float32),
+        engine == "on" or (engine == "auto" and on_gpu),
+    )
+
+
 def _runner(
     model: nn.Module,
     transform: Any,
@@ -137,12 +153,7 @@ def _runner(
     dtype: torch.dtype | None,
     batch_size: int,
 ) -> _Runner:
-    if engine not in ENGINE_MODES:
-        raise ValueError(f"engine must be one of {', '.join(ENGINE_MODES)}, got {engine!r}.")
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    on_gpu = device.type == "cuda"
-    dtype = dtype or (torch.bfloat16 if on_gpu else torch.float32)
-    use_engine = engine == "on" or (engine == "auto" and on_gpu)
+    device, dtype, use_engine = _placement(device, engine, dtype)
     if use_engine:
         from vitfast.engine import optimize
 
@@ -521,13 +532,22 @@ def _partial_dir(out: Path) -> Path:
     return out.with_name(out.name + ".partial")
 
 
+def _weights_digest(model: nn.Module) -> str:
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
 def _write_output(out: Path, features: torch.Tensor, files: list[str], manifest: dict[str, Any]) -> None:
     # written under a temporary name and renamed: an interrupted write never leaves a truncated output behind
     tmp = out.with_name(out.name + ".tmp")
     if out.suffix == ".safetensors":
         from safetensors.torch import save_file
 
-        metadata = {"files": json.dumps(files), "model": manifest["model"], "normalize": str(manifest["normalize"])}
+        metadata = {key: json.dumps(manifest[key]) for key in ("architecture", "weights_sha256", "normalize", "dtype")}
+        metadata["files"] = json.dumps(files)
         save_file({"features": features.contiguous()}, str(tmp), metadata=metadata)
     else:
         with open(tmp, "wb") as handle:
@@ -567,25 +587,33 @@ def embed(
         raise ValueError(f"--out must end in .safetensors or .npy, got {out.name}.")
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} exists; choose another --out, or pass --overwrite to replace it.")
-    model_name = model if isinstance(model, str) else (getattr(model, "pretrained_cfg", {}) or {}).get("source") or ""
-    model = copy.deepcopy(_as_model(model)) if not isinstance(model, str) else _as_model(model)
+    model = load_model(model) if isinstance(model, str) else copy.deepcopy(model)  # its head is replaced below
     transform = _eval_transform(model)
     files = list_images(images)
     names = [str(path) for path in files]
-    manifest = {"model": str(model_name or model.pretrained_cfg.get("architecture")), "normalize": normalize}
-    manifest.update(batch_size=batch_size, files=names)
+    run_device, run_dtype, use_engine = _placement(device, engine, dtype)
+    # everything the rows depend on: a resumed run must not mix features of other weights, dtypes or files
+    manifest = {
+        "architecture": (getattr(model, "pretrained_cfg", None) or {}).get("architecture"),
+        "weights_sha256": _weights_digest(model),
+        "normalize": normalize,
+        "dtype": str(run_dtype),
+        "engine": use_engine,
+        "batch_size": batch_size,
+        "files": names,
+    }
     partial = _partial_dir(out)
-    if partial.exists():
-        saved = json.loads((partial / "manifest.json").read_text())
-        if saved != manifest:
+    partial.mkdir(parents=True, exist_ok=True)
+    manifest_file = partial / "manifest.json"
+    if manifest_file.is_file():
+        if json.loads(manifest_file.read_text()) != manifest:
             raise ValueError(
-                f"{partial} holds an unfinished run with other files, model or options; finish it with the same "
+                f"{partial} holds an unfinished run with other files, weights or options; finish it with the same "
                 "command, or delete that folder to start over."
             )
         logger.info("resuming the embedding run in %s", partial)
     else:
-        partial.mkdir(parents=True)
-        (partial / "manifest.json").write_text(json.dumps(manifest))
+        manifest_file.write_text(json.dumps(manifest))
 
     # one chunk file per batch of files: chunk c holds files [c * batch_size, (c + 1) * batch_size)
     chunks = [list(range(s, min(s + batch_size, len(files)))) for s in range(0, len(files), batch_size)]
@@ -593,7 +621,7 @@ def embed(
     pending = [c for c in range(len(chunks)) if c not in done]
     model.reset_classifier(0)  # the forward returns pooled, normalized pre-logits features
     dataset = _ImageFiles([(path, -1) for path in files], transform)
-    run = _runner(model, transform, device, engine, dtype, batch_size)
+    run = _runner(model, transform, run_device, engine, run_dtype, batch_size)
     loader = _loader(dataset, workers, run.device.type == "cuda", batch_sampler=[chunks[c] for c in pending])
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file
