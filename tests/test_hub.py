@@ -62,6 +62,10 @@ def test_vitfast_loads_its_own_folder_and_timms(model, saved, tmp_path) -> None:
         assert torch.equal(from_timm(image), reference(image))
     assert from_timm.config.img_size == (48, 48) and from_timm.num_classes == 5
 
+    refit = vitfast.create_model(f"local-dir:{saved}", pretrained=True, num_classes=7)  # a fresh head, as in timm
+    assert refit.num_classes == 7 and "label_names" not in refit.pretrained_cfg
+    assert torch.equal(refit.blocks[0].mlp.fc1.weight, model.blocks[0].mlp.fc1.weight)
+
     unloaded = vitfast.create_model(f"local-dir:{tmp_path}")  # timm's convention: weights only when pretrained
     assert not torch.equal(unloaded.head.weight, from_timm.head.weight)
 
@@ -147,3 +151,22 @@ def test_mim_token_and_head_survive_the_round_trip_beside_a_timm_loadable_file(t
     ours = vitfast.create_model(f"local-dir:{tmp_path}", pretrained=True)
     for key in ("mask_token", "lm_head.weight", "lm_head.bias"):
         assert torch.equal(ours.state_dict()[key], model.state_dict()[key]), key
+
+
+def test_timms_legacy_single_dict_config_still_loads(model, saved, tmp_path) -> None:
+    shutil.copy(saved / "model.safetensors", tmp_path)
+    legacy = {  # the layout of timm's older hub uploads: one dict, no model_args
+        "architecture": "vit_small_patch16_224",
+        "num_classes": 3,
+        "num_features": 384,
+        "labels": LABELS,
+        "input_size": [3, 224, 224],
+        "crop_pct": 0.9,
+        "interpolation": "bicubic",
+        "mean": [0.5, 0.5, 0.5],
+        "std": [0.5, 0.5, 0.5],
+    }
+    (tmp_path / "config.json").write_text(json.dumps(legacy))
+    loaded = vitfast.create_model(f"local-dir:{tmp_path}", pretrained=True, depth=1, img_size=32).eval()
+    assert torch.equal(_outputs(loaded), _outputs(model))
+    assert loaded.pretrained_cfg["label_names"] == LABELS

@@ -271,6 +271,7 @@ def create_from_source(name: str, pretrained: bool = False, **kwargs: Any) -> nn
         if key in config:
             model_args.setdefault(key, config[key])
     load_options = {k: kwargs.pop(k) for k in ("patch_resample", "trust_pickle") if k in kwargs}
+    reset_head = kwargs.pop("reset_head", False)
     try:
         model = entry.fn(pretrained=False, weights=None, **{**model_args, **kwargs})
     except TypeError as exc:
@@ -280,11 +281,21 @@ def create_from_source(name: str, pretrained: bool = False, **kwargs: Any) -> nn
         {k: tuple(saved[k]) if isinstance(saved[k], list) else saved[k] for k in _DATA_KEYS if k in saved}
     )
     model.pretrained_cfg["input_size"] = (model.config.in_chans, *model.config.img_size)
-    model.pretrained_cfg.update(source=name, hf_hub_id=location if source == "hf-hub" else None, tag=saved.get("tag"))
-    label_names = config.get("label_names") or saved.get("label_names")
+    model.pretrained_cfg.update(
+        source=name,
+        hf_hub_id=location if source == "hf-hub" else None,
+        url=None,
+        tag=saved.get("tag"),
+        license=saved.get("license"),
+    )
+    label_names = config.get("label_names") or saved.get("label_names") or saved.get("labels")  # legacy: "labels"
     if label_names:
         model.pretrained_cfg["label_names"] = list(label_names)
     if pretrained:
+        # another classifier width than the saved one: a fresh head, as timm does (and as registered weights do)
+        reset_head = reset_head or model.num_classes != config.get("num_classes", model.num_classes)
+        if reset_head:
+            model.pretrained_cfg.pop("label_names", None)
         weights = _weights_file(source, location, folder)
         extra = ours.get("extra_weights")
         if extra:
@@ -294,7 +305,8 @@ def create_from_source(name: str, pretrained: bool = False, **kwargs: Any) -> nn
 
             extra_path = folder / extra if source == "local-dir" else Path(_hub_file(location, extra))
             state = {**read_checkpoint(weights, load_options.get("trust_pickle", False)), **load_file(extra_path)}
-            load_checkpoint(model, state, patch_resample=load_options.get("patch_resample", "bicubic"))
+            resample = load_options.get("patch_resample", "bicubic")
+            load_checkpoint(model, state, patch_resample=resample, reset_head=reset_head)
         else:
-            load_checkpoint(model, weights, **load_options)
+            load_checkpoint(model, weights, reset_head=reset_head, **load_options)
     return model
