@@ -147,6 +147,21 @@ def test_validate_with_a_labels_file(data, tmp_path) -> None:
         by_folder["top5"],
         by_folder["images"],
     )
+    labels.write_text(lines[0].rsplit(" ", 1)[0] + " 4\n")  # a 4-class head has classes 0..3
+    with pytest.raises(ValueError, match="outside the head's classes 0..3"):
+        vitfast.validate(data["model"], data["folder"], labels_file=labels, workers=0, progress=False)
+
+
+def test_class_names_without_timm_are_indices(data, monkeypatch) -> None:
+    monkeypatch.setitem(sys.modules, "timm.data", None)  # import timm.data now raises ImportError
+    with torch.device("meta"):
+        imagenet = vitfast.create_model("vit_small_patch16_224", depth=1)
+    assert vitfast.apps.class_names(imagenet) == (None, None)
+    data["model"].pretrained_cfg["label_names"] = list(CLASSES)  # names saved with a model need no timm
+    try:
+        assert vitfast.apps.class_names(data["model"]) == (CLASSES, CLASSES)
+    finally:
+        del data["model"].pretrained_cfg["label_names"]
 
 
 def _free_port() -> int:

@@ -383,7 +383,15 @@ def _samples(root: Path, labels_file: Path | None, model: nn.Module) -> list[tup
     if not root.is_dir():
         raise FileNotFoundError(f"{root} is not a directory.")
     if labels_file is not None:
-        return _read_labels_file(root, labels_file, class_names(model)[0])
+        samples = _read_labels_file(root, labels_file, class_names(model)[0])
+        outside = [(path, target) for path, target in samples if not 0 <= target < model.num_classes]
+        if outside:
+            path, target = outside[0]
+            raise ValueError(
+                f"{labels_file}: {len(outside)} label(s) outside the head's classes 0..{model.num_classes - 1}, "
+                f"e.g. {target} for {path.name}; the labels must index this model's classifier."
+            )
+        return samples
     from torchvision.datasets import ImageFolder
 
     try:

@@ -298,7 +298,8 @@ def _add_app_commands(commands) -> None:
         "predict",
         help="top-k classes of image files, with class names",
         description="Classify images with the model's own eval transform. Class names: the model's saved label names, "
-        "or ImageNet-1k / 12k / 21k names from timm (when installed) for heads of those widths; else indices.",
+        "or ImageNet-1k / 12k / 21k names from timm (when installed) for heads of those widths; else indices. "
+        "Exit status 1 when a file could not be read (it is reported and skipped).",
     )
     _add_model_arguments(predict)
     predict.add_argument("images", nargs="+", help="image files and / or folders (searched recursively)")
