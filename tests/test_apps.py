@@ -140,7 +140,8 @@ def test_validate_with_a_labels_file(data, tmp_path) -> None:
     lines = [f"{p.relative_to(data['folder'])} {CLASSES.index(p.parent.name)}" for p in _readable(data["folder"])]
     labels = tmp_path / "labels.txt"
     labels.write_text("\n".join(lines) + "\n")
-    by_file = vitfast.validate(data["model"], data["folder"], labels_file=labels, workers=0, progress=False)
+    # one DataLoader worker process: decoding and the transform run there (pickled dataset, collate)
+    by_file = vitfast.validate(data["model"], data["folder"], labels_file=labels, workers=1, progress=False)
     by_folder = vitfast.validate(data["model"], data["folder"], workers=0, progress=False)
     assert (by_file["top1"], by_file["top5"], by_file["images"]) == (
         by_folder["top1"],
@@ -354,3 +355,17 @@ def test_predict_and_embed_refuse_to_run_under_torchrun(data, tmp_path, monkeypa
         vitfast.predict(data["model"], [data["folder"] / "cat"])
     with pytest.raises(RuntimeError, match="without torchrun"):
         vitfast.embed(data["model"], [data["folder"] / "cat"], tmp_path / "f.npy")
+
+
+def test_commands_report_a_skipped_file_and_strict_stops(data, capsys) -> None:
+    from vitfast.cli import main
+
+    model = f"local-dir:{data['model_dir']}"
+    dog = str(data["folder"] / "dog")
+    assert (
+        main(["predict", model, dog, "--workers", "0"]) == 1
+    )  # the others are classified, the status says one was not
+    out = capsys.readouterr().out
+    assert "broken.jpg\n  skipped: OSError: image file is truncated" in out and out.count("  1. ") == len(IMAGE_KINDS)
+    assert main(["predict", model, dog, "--workers", "0", "--strict"]) == 2
+    assert "broken.jpg as an image" in capsys.readouterr().err
