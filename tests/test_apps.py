@@ -61,6 +61,8 @@ def data(tmp_path_factory) -> dict[str, Path]:
     whole = (root / "whole.jpg").read_bytes()
     (folder / "dog" / "broken.jpg").write_bytes(whole[: len(whole) // 2])
     (folder / "owl" / "notes.png").write_text("a text file with an image's name\n")
+    # a 23rd file: two processes get 12 each, DistributedSampler repeating one, which must not count twice
+    _write_image(folder / "owl" / "zz_cmyk.jpg", (45, 39), "CMYK", "JPEG", 77)
     model = randomize_(vitfast.create_model("vit_small_patch16_224", depth=1, img_size=32, num_classes=4)).eval()
     vitfast.save_pretrained(model, root / "model")
     return {"root": root, "folder": folder, "model_dir": root / "model", "model": model}
@@ -330,7 +332,7 @@ def test_commands_predict_validate_embed(data, tmp_path, capsys) -> None:
     )
     printed = capsys.readouterr().out
     result = json.loads(summary.read_text())
-    assert f"top-1 {result['top1']:.3f} %" in printed and result["images"] == 4 * len(IMAGE_KINDS)
+    assert f"top-1 {result['top1']:.3f} %" in printed and result["images"] == 4 * len(IMAGE_KINDS) + 1
 
     out = tmp_path / "emb.safetensors"
     assert (
