@@ -296,6 +296,7 @@ def predict(
     _require_head(model, "predict classes")
     transform = _eval_transform(model)
     files = list_images(images)
+    batch_size = min(batch_size, len(files))  # a few images: the engine captures no larger batch than it needs
     dataset = _ImageFiles([(path, -1) for path in files], transform)
     run = _runner(model, transform, device, engine, dtype, batch_size)
     labels, descriptions = class_names(model)
