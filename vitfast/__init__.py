@@ -10,9 +10,11 @@ backend is plain PyTorch and runs anywhere.
 
 from vitfast import models as _models
 from vitfast import transforms as transforms
+from vitfast.apps import embed, predict, validate
 from vitfast.backend import get_backend, set_backend, use_backend
 from vitfast.checkpoint import CheckpointError, LoadReport, PretrainedDownloadError, load_checkpoint
 from vitfast.engine import InferenceEngine, optimize
+from vitfast.hub import push_to_hub, save_pretrained
 from vitfast.models import (
     UnknownModelError,
     VisionTransformer,
@@ -61,6 +63,7 @@ __all__ = [
     "Weights",
     "cosine_lr_schedule",
     "create_model",
+    "embed",
     "eva02_mim_loss",
     "get_backend",
     "list_aliases",
@@ -69,8 +72,12 @@ __all__ = [
     "optimize",
     "param_groups_layer_decay",
     "patch",
+    "predict",
+    "push_to_hub",
+    "save_pretrained",
     "set_backend",
     "unpatch",
     "use_backend",
+    "validate",
     *_export_entry_points(),
 ]

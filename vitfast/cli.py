@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+from pathlib import Path
 
 from vitfast.models import UnknownModelError, list_models
 from vitfast.models._info import alias_table, markdown_table, model_info
@@ -154,7 +156,186 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--img-size", type=int, help="count FLOPs at this input size")
     info.add_argument("--json", action="store_true", help="print a JSON record")
     info.set_defaults(func=_cmd_info)
+    _add_app_commands(commands)
     return parser
+
+
+# ---------------------------------------------------------------------------- predict / validate / embed (vitfast.apps)
+
+_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+
+
+def _app_model(args: argparse.Namespace):
+    from vitfast.apps import load_model
+
+    name = f"{args.model}.{args.pretrained}" if args.pretrained else args.model
+    return load_model(name, checkpoint=args.checkpoint, num_classes=args.num_classes, random_init=args.random_init)
+
+
+def _app_options(args: argparse.Namespace) -> dict:
+    import torch
+
+    return {
+        "device": args.device,
+        "engine": args.engine,
+        "dtype": getattr(torch, _DTYPES[args.dtype]) if args.dtype else None,
+        "strict": args.strict,
+        "batch_size": args.batch_size,
+        "workers": args.workers,
+    }
+
+
+def _is_main_process() -> bool:
+    return os.environ.get("RANK", "0") == "0"
+
+
+def _reports_os_errors(command):
+    """Missing files, folders and packages are user errors: one line, not a traceback (``main`` handles the rest)."""
+
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return command(args)
+        except (OSError, ImportError) as exc:
+            print(f"vitfast: error: {exc}", file=sys.stderr)
+            return 2
+
+    return run
+
+
+@_reports_os_errors
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from vitfast.apps import predict
+
+    records = predict(_app_model(args), args.images, topk=args.topk, **_app_options(args))
+    if args.json:
+        lines = "".join(json.dumps(record) + "\n" for record in records)
+        if args.json == "-":
+            sys.stdout.write(lines)
+        else:
+            Path(args.json).write_text(lines)
+    if args.json != "-":
+        for record in records:
+            print(record["file"])
+            if "error" in record:
+                print(f"  skipped: {record['error']}")
+                continue
+            for rank, hit in enumerate(record["topk"], 1):
+                label = f"  {hit['name']} ({hit['label']})" if hit["label"] else "  (class names unknown)"
+                print(f"  {rank}. {hit['prob']:7.2%}  class {hit['index']:>5}{label}")
+    return 1 if any("error" in record for record in records) else 0
+
+
+@_reports_os_errors
+def _cmd_validate(args: argparse.Namespace) -> int:
+    from vitfast.apps import validate
+
+    result = validate(
+        _app_model(args), args.data_dir, labels_file=args.labels, progress=not args.no_progress, **_app_options(args)
+    )
+    if not _is_main_process():
+        return 0
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    engine = "vitfast.optimize" if result["engine"] else "eager"
+    print(
+        f"{args.model}: top-1 {result['top1']:.3f} %  top-5 {result['top5']:.3f} %  on {result['images']} images "
+        f"({result['skipped']} unreadable, skipped)"
+    )
+    share = result["data_wait_s"] / result["seconds"] if result["seconds"] else 0.0
+    print(
+        f"  {result['images_per_s']:.1f} images/s over {result['processes']} process(es) on {result['device']}, "
+        f"{result['dtype']}, {engine}; {share:.0%} of the {result['seconds']:.2f} s waiting for data"
+    )
+    return 0
+
+
+@_reports_os_errors
+def _cmd_embed(args: argparse.Namespace) -> int:
+    from vitfast.apps import embed
+
+    try:
+        result = embed(
+            _app_model(args),
+            args.images,
+            args.out,
+            normalize=args.normalize,
+            overwrite=args.overwrite,
+            progress=not args.no_progress,
+            **_app_options(args),
+        )
+    except KeyboardInterrupt:
+        print(
+            f"vitfast: interrupted; the batches done are kept in {args.out}.partial: run the same command to continue.",
+            file=sys.stderr,
+        )
+        return 130
+    print(f"wrote {result['images']} x {result['dim']} features to {result['out']} ({len(result['failures'])} skipped)")
+    return 0
+
+
+def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", help="model name, name.tag, alias, local-dir:PATH or hf-hub:ORG/NAME")
+    weights = parser.add_mutually_exclusive_group()
+    weights.add_argument("--pretrained", metavar="TAG", help="which registered weights (default: the model's first)")
+    weights.add_argument("--checkpoint", metavar="FILE", help="load these weights instead of pretrained ones")
+    weights.add_argument("--random-init", action="store_true", help="no weights (timing only: outputs mean nothing)")
+    parser.add_argument("--num-classes", type=int, help="classifier width of --checkpoint (default: the model's)")
+    parser.add_argument("--batch-size", type=int, default=64, help="images per batch (default 64)")
+    parser.add_argument("--workers", type=int, help="DataLoader worker processes (default: min(8, CPU cores))")
+    parser.add_argument("--device", help="cuda, cuda:N or cpu (default: cuda when available)")
+    parser.add_argument(
+        "--engine",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="run through vitfast.optimize (auto: on a GPU; off: eager PyTorch)",
+    )
+    parser.add_argument("--dtype", choices=list(_DTYPES), help="default: bf16 on a GPU, fp32 on the CPU")
+    parser.add_argument("--strict", action="store_true", help="stop at the first unreadable image instead of skipping")
+
+
+def _add_app_commands(commands) -> None:
+    predict = commands.add_parser(
+        "predict",
+        help="top-k classes of image files, with class names",
+        description="Classify images with the model's own eval transform. Class names: the model's saved label names, "
+        "or ImageNet-1k / 12k / 21k names from timm (when installed) for heads of those widths; else indices. "
+        "Exit status 1 when a file could not be read (it is reported and skipped).",
+    )
+    _add_model_arguments(predict)
+    predict.add_argument("images", nargs="+", help="image files and / or folders (searched recursively)")
+    predict.add_argument("--topk", type=int, default=5, help="classes per image (default 5)")
+    predict.add_argument("--json", metavar="OUT", help="write one JSON line per image to OUT ('-': stdout)")
+    predict.set_defaults(func=_cmd_predict)
+
+    validate = commands.add_parser(
+        "validate",
+        help="top-1 / top-5 accuracy and images/s on a labelled folder (torchrun for many GPUs)",
+        description="DATA_DIR is an ImageFolder (one sub-folder per class; folders named by the head's labels, e.g. "
+        "ImageNet synsets, are matched by name), or any folder with --labels. Under torchrun --nproc_per_node N the "
+        "files are sharded across the processes and the counts reduced.",
+    )
+    _add_model_arguments(validate)
+    validate.add_argument("data_dir", help="ImageFolder root, or a folder of images with --labels")
+    validate.add_argument("--labels", metavar="FILE", help="lines 'RELATIVE_PATH LABEL' (class index or label name)")
+    validate.add_argument("--json", metavar="OUT", help="write the summary as JSON to OUT")
+    validate.add_argument("--no-progress", action="store_true", help="no progress bar")
+    validate.set_defaults(func=_cmd_validate)
+
+    embed = commands.add_parser(
+        "embed",
+        help="pooled features of image files to .safetensors / .npy (resumable)",
+        description="Pre-logits features (the pooled, normalized tokens before the classifier), one row per file. "
+        "An interrupted run keeps its finished batches in OUT.partial/ and the same command continues.",
+    )
+    _add_model_arguments(embed)
+    embed.add_argument("images", nargs="+", help="image files and / or folders (searched recursively)")
+    embed.add_argument(
+        "--out", required=True, help="FILE.safetensors (names in its metadata) or FILE.npy (+ .files.txt)"
+    )
+    embed.add_argument("--normalize", action="store_true", help="L2-normalize each feature vector")
+    embed.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    embed.add_argument("--no-progress", action="store_true", help="no progress bar")
+    embed.set_defaults(func=_cmd_embed)
 
 
 def _provider_names() -> list[str]:

@@ -312,7 +312,14 @@ def create_model(name: str, pretrained: bool = False, **kwargs: Any) -> nn.Modul
         **kwargs: architecture overrides (``depth``, ``embed_dim``, ``num_heads``, ``img_size``, ``num_classes``,
             ``drop_path_rate``, ``dynamic_img_size``, ... see :class:`vitfast.ViTConfig`), ``checkpoint_path``,
             and the :func:`vitfast.load_checkpoint` options ``patch_resample``, ``trust_pickle``, ``reset_head``.
+
+    ``"hf-hub:ORG/NAME"`` and ``"local-dir:PATH"`` build a model saved in timm's Hub layout (config.json +
+    weights; by :func:`vitfast.save_pretrained` or timm); ``pretrained=True`` loads its weights, as in timm.
     """
+    if name.startswith(("hf-hub:", "local-dir:")):
+        from vitfast.hub import create_from_source
+
+        return create_from_source(name, pretrained=pretrained, **kwargs)
     entry, weights, alias_kwargs = resolve(name)
     if weights is not None and "weights" not in kwargs:
         kwargs["weights"] = weights
