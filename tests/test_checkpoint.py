@@ -364,7 +364,8 @@ def test_strict_loading_names_every_problem() -> None:
         load_checkpoint(target, state)
     message = str(info.value)
     assert "blocks.1.norm2.weight" in message and "blocks.0.attn.extra" in message
-    assert "shape mismatch for blocks.0.mlp.fc1.bias: checkpoint [7], model [1536]" in message
+    assert "blocks.0.mlp.fc1.bias (checkpoint [7], model [1536])" in message
+    assert info.value.report.mismatched == [("blocks.0.mlp.fc1.bias", (7,), (1536,))]
     report = load_checkpoint(target, state, strict=False)
     assert report.missing == ["blocks.1.norm2.weight"] and report.unexpected == ["blocks.0.attn.extra"]
 

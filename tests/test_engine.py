@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import importlib
+import warnings
 
 import pytest
 import torch
@@ -146,7 +147,8 @@ def test_input_is_not_modified_and_model_is_copied() -> None:
     weight = model.head.weight
     image = torch.randn(3, 3, 64, 64)
     saved = image.clone()
-    engine = vitfast.optimize(model, batch_sizes=(4,), dtype=torch.bfloat16, device="cpu")
+    with pytest.warns(UserWarning, match="slower there than float32"):
+        engine = vitfast.optimize(model, batch_sizes=(4,), dtype=torch.bfloat16, device="cpu")
     engine(image)
     torch.testing.assert_close(image, saved, rtol=0, atol=0)
     assert model.head.weight is weight and weight.dtype == torch.float32
@@ -193,7 +195,15 @@ def test_bad_arguments(kwargs, error, message) -> None:
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without a GPU")
 def test_cuda_without_gpu_says_what_to_do() -> None:
     with pytest.raises(RuntimeError, match="device='cpu'"):
-        vitfast.optimize(_small_model())
+        vitfast.optimize(_small_model(), device="cuda")
+
+
+def test_defaults_follow_the_model() -> None:
+    """A CPU model gets a CPU engine in float32 (bf16 matmuls are several times slower on the CPU), with no warning."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        engine = vitfast.optimize(_small_model(), batch_sizes=(1,))
+    assert engine.device == torch.device("cpu") and engine.dtype == torch.float32 and not engine.use_graphs
 
 
 @pytest.mark.parametrize(
