@@ -266,3 +266,27 @@ def test_open_clip_native_tower_attention_and_norms_are_patched() -> None:
         assert tower.vitfast_patch_summary.swapped["MultiheadAttention"] == 2
         with vitfast.use_backend("triton"):
             assert_close_scaled(tower(image), expected, tol=1e-5, what="open_clip tower")
+
+
+def test_a_patched_model_pickles_deep_copies_and_loads_back_patched_or_unpatched(tmp_path) -> None:
+    """torch.save / pickle (multiprocessing's spawn pickles the same way) and copy.deepcopy keep the patched classes."""
+    import pickle
+
+    model = vitfast.patch(_timm_model("eva02_tiny_patch14_224").eval())
+    image = torch.randn(1, 3, 112, 112)
+    with torch.no_grad():
+        expected = model(image)
+    torch.save(model, tmp_path / "model.pt")
+    copies = [
+        copy.deepcopy(model),
+        pickle.loads(pickle.dumps(model)),
+        torch.load(tmp_path / "model.pt", weights_only=False),
+    ]
+    for restored in copies:
+        assert type(restored.blocks[0]) is type(model.blocks[0]) and type(restored.norm) is type(model.norm)
+        with torch.no_grad():
+            torch.testing.assert_close(restored(image), expected, rtol=0, atol=0)
+    unpatched = vitfast.unpatch(copies[-1])
+    assert type(unpatched.blocks[0]).__name__ == "EvaBlock" and not hasattr(unpatched, "vitfast_patch_summary")
+    with torch.no_grad():
+        torch.testing.assert_close(unpatched(image), expected, rtol=1e-6, atol=1e-6)
