@@ -142,9 +142,9 @@ class BenchConfig:
         if not self.batch_sizes or any(b < 1 for b in self.batch_sizes):
             raise ValueError(f"batch sizes must be positive integers, got {self.batch_sizes}.")
         if self.reps is not None and self.reps < 1:
-            raise ValueError(f"reps (timed calls) must be at least 1, got {self.reps}.")
+            raise ValueError(f"reps (--reps, the timed calls) must be at least 1, got {self.reps}.")
         if self.warmup is not None and self.warmup < 0:
-            raise ValueError(f"warmup must be 0 or more calls, got {self.warmup}.")
+            raise ValueError(f"warmup (--warmup) must be 0 or more calls, got {self.warmup}.")
         if not self.models:
             raise ValueError("no model to measure: name at least one (see `vitfast list`).")
         for name in self.models:
