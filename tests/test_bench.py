@@ -243,6 +243,7 @@ def test_tables_from_saved_json_rows(capsys, tmp_path) -> None:
     assert "| vit_base_patch16_224 | 224x224 | bf16 | vitfast | 4.00 | 1.25x |" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_benchmark_suite_runs_its_cpu_cases() -> None:
     """`pytest benchmarks/` must keep working: run its CPU cases once each (timing disabled)."""
     import subprocess

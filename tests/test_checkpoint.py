@@ -83,7 +83,9 @@ def _to_official_eva02(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
     return out
 
 
-@pytest.mark.parametrize("name", ["eva02_base_patch14_224", "eva02_tiny_patch14_224"])
+@pytest.mark.parametrize(
+    "name", [pytest.param("eva02_base_patch14_224", marks=pytest.mark.slow), "eva02_tiny_patch14_224"]
+)
 def test_official_eva02_names(tmp_path, name) -> None:
     source = _model(name, depth=2, num_classes=3)
     official = _to_official_eva02(source.state_dict())

@@ -62,7 +62,9 @@ def test_patched_model_keeps_parameters_and_matches_on_the_reference_path(name) 
     torch.testing.assert_close(_forward_backward(model, image)[0], expected, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("name", list(TIMM_MODELS))
+@pytest.mark.parametrize(
+    "name", [pytest.param(n, marks=pytest.mark.slow) if n == "eva02_base_patch14_224" else n for n in TIMM_MODELS]
+)
 def test_patched_model_on_the_kernels_matches_timm(name) -> None:
     """Through Triton's interpreter on the CPU (fp32), the compiled kernels on a GPU (bf16)."""
     device, dtype = ("cuda", torch.bfloat16) if CUDA else ("cpu", torch.float32)
@@ -125,6 +127,7 @@ def test_grad_checkpointing_still_works_after_patching() -> None:
         torch.testing.assert_close(grad, expected_grads[key], rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.slow
 def test_a_few_training_steps_match_the_unpatched_model() -> None:
     """The convergence check: same seed, same data, a few SGD steps, losses and weights stay together.
 
@@ -183,6 +186,7 @@ def _ddp_worker(rank: int, world_size: int, port: int, results) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_distributed_data_parallel_averages_the_patched_gradients() -> None:
     """Two gloo processes on the CPU (reference path): DDP's averaged gradients equal one process on the full batch."""
     import socket
@@ -204,7 +208,9 @@ def test_distributed_data_parallel_averages_the_patched_gradients() -> None:
             assert_close_scaled(results[rank][name], p.grad, tol=1e-5, what=f"rank {rank} {name}")
 
 
-@pytest.mark.parametrize("name", ["vit_base_patch16_clip_224", "eva02_base_patch14_224"])
+@pytest.mark.parametrize(
+    "name", ["vit_base_patch16_clip_224", pytest.param("eva02_base_patch14_224", marks=pytest.mark.slow)]
+)
 def test_patched_model_under_autocast(name) -> None:
     """bf16 autocast (CPU here, CUDA on a GPU): the kernels take autocast's bf16 activations with fp32 parameters."""
     device = "cuda" if CUDA else "cpu"
