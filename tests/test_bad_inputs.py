@@ -182,7 +182,29 @@ CASES = [
         ["head.weight", "no classifier", "reset_head=True"],
         [],
     ),
+    (
+        "checkpoint as a list",
+        lambda ctx: load_checkpoint(ctx.vit, [ctx.vit.state_dict()]),
+        TypeError,
+        ["file path or a state_dict", "list"],
+        [],
+    ),
+    (
+        "unknown patch resampling",
+        lambda ctx: load_checkpoint(ctx.vit, ctx.vit.state_dict(), patch_resample="nearest"),
+        ValueError,
+        ["patch_resample", "bicubic", "pinv"],
+        [],
+    ),
     # the inference engine
+    ("engine of a non-module", lambda ctx: vitfast.optimize("model"), TypeError, ["torch.nn.Module", "str"], []),
+    (
+        "engine at a fractional batch size",
+        lambda ctx: vitfast.optimize(ctx.vit, batch_sizes=(1.5,)),
+        ValueError,
+        ["batch_sizes", "positive integers", "1.5"],
+        [],
+    ),
     (
         "engine in float64",
         lambda ctx: vitfast.optimize(ctx.vit, dtype=torch.float64),

@@ -497,6 +497,8 @@ def convert_state_dict(
 
 # ---------------------------------------------------------------------------------------------- loading
 
+PATCH_RESAMPLE_METHODS = ("bicubic", "pinv")
+
 # parameters a checkpoint may lack without making it unusable: pretraining heads a fine-tuned release drops
 PRETRAINING_ONLY_KEYS = {
     "mask_token": "MIM mask token",
@@ -560,6 +562,14 @@ def load_checkpoint(
         reset_head: drop the checkpoint's classifier (use when the model has another ``num_classes``).
         trust_pickle: allow arbitrary pickled objects in ``.pth`` files (only for files you trust).
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"load_checkpoint: model must be a torch.nn.Module, got {type(model).__name__}.")
+    if not isinstance(checkpoint, dict | str | os.PathLike):
+        raise TypeError(
+            f"checkpoint must be a file path or a state_dict (a dict of tensors), got {type(checkpoint).__name__}."
+        )
+    if patch_resample not in PATCH_RESAMPLE_METHODS:
+        raise ValueError(f"patch_resample must be one of {PATCH_RESAMPLE_METHODS}, got {patch_resample!r}.")
     if isinstance(checkpoint, dict):
         raw, where = dict(checkpoint), "state_dict"
     else:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
+import numbers
 import statistics
 import warnings
 from collections.abc import Iterable
@@ -147,9 +148,14 @@ class InferenceEngine(nn.Module):
         use_graphs: bool | None = None,
     ) -> None:
         super().__init__()
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"optimize expects a torch.nn.Module, got {type(model).__name__}.")
+        batch_sizes = list(batch_sizes)
+        if not batch_sizes or not all(isinstance(b, numbers.Integral) and not isinstance(b, bool) for b in batch_sizes):
+            raise ValueError(f"batch_sizes must be positive integers, got {batch_sizes}.")
         sizes = sorted({int(b) for b in batch_sizes})
-        if not sizes or sizes[0] < 1:
-            raise ValueError(f"batch_sizes must be positive integers, got {list(batch_sizes)}.")
+        if sizes[0] < 1:
+            raise ValueError(f"batch_sizes must be positive integers, got {batch_sizes}.")
         if on_new_size not in ON_NEW_SIZE:
             raise ValueError(f"on_new_size must be one of {ON_NEW_SIZE}, got {on_new_size!r}.")
         if backend is not None and backend not in (*BACKENDS, *TUNING_CANDIDATES):
