@@ -190,8 +190,12 @@ def _disallowed_globals(path: Path) -> list[str] | None:
     found = _torch_file_globals(path)
     if found is None:
         return None
-    allowed = set(torch.serialization._weights_only_unpickler._get_allowed_globals())
-    allowed |= set(torch.serialization._weights_only_unpickler._get_user_allowed_globals())
+    # torch's own allow-list (private, so guarded): without it, torch's and collections' names count as allowed
+    unpickler = getattr(torch.serialization, "_weights_only_unpickler", None)
+    try:
+        allowed = set(unpickler._get_allowed_globals()) | set(unpickler._get_user_allowed_globals())
+    except AttributeError:
+        allowed = {name for name in found if name.startswith(("torch.", "collections.OrderedDict"))}
     return sorted(found - allowed)
 
 
