@@ -15,6 +15,11 @@ import pytest  # noqa: E402
 
 import vitfast.backend  # noqa: E402
 
+# Under pytest-xdist (`-n 2`, the README's test command) each worker gets its share of the cores: torch's default of
+# one thread per core in every worker oversubscribes them, and its thread pools then spin against each other.
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+
 
 @pytest.fixture(autouse=True, scope="session")
 def _interpreter_rounds_bf16_to_nearest():

@@ -18,6 +18,7 @@ TINY = {"depth": 1, "img_size": 64}
 
 
 def _row(provider: str, batch_size: int, median: float | None, agrees: bool | None = True, **kw) -> Measurement:
+    kw = {"p25_ms": median, "p75_ms": median, **kw}
     return Measurement(
         "vit_base_patch16_224",
         provider,
@@ -26,8 +27,6 @@ def _row(provider: str, batch_size: int, median: float | None, agrees: bool | No
         "infer",
         [224, 224],
         median_ms=median,
-        p25_ms=median,
-        p75_ms=median,
         agrees=agrees,
         max_error=0.0 if agrees else 0.5,
         img_per_s=batch_size / median * 1e3 if median else None,
@@ -243,6 +242,7 @@ def test_tables_from_saved_json_rows(capsys, tmp_path) -> None:
     assert "| vit_base_patch16_224 | 224x224 | bf16 | vitfast | 4.00 | 1.25x |" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_benchmark_suite_runs_its_cpu_cases() -> None:
     """`pytest benchmarks/` must keep working: run its CPU cases once each (timing disabled)."""
     import subprocess
@@ -290,3 +290,17 @@ def test_rows_reach_the_callback_as_each_provider_finishes() -> None:
     with pytest.raises(KeyboardInterrupt):
         bench.run(config, on_result=on_result)
     assert seen == ["timm-eager", "vitfast"]
+
+
+def test_a_speedup_within_the_noise_is_marked() -> None:
+    """On the CPU timm eager and the vitfast reference run the same math: overlapping spreads must not read as a win."""
+    close = [
+        _row("timm-eager", 1, 5.0, p25_ms=4.6, p75_ms=5.4),
+        _row("vitfast", 1, 4.9, p25_ms=4.5, p75_ms=5.3),
+    ]
+    table = format_tables(close)
+    assert "| ~1.02x |" in next(line for line in table.splitlines() if "| vitfast |" in line)
+    assert "~: within the noise" in table
+    apart = [_row("timm-eager", 1, 5.0, p25_ms=4.9, p75_ms=5.1), _row("vitfast", 1, 2.5, p25_ms=2.4, p75_ms=2.6)]
+    table = format_tables(apart)
+    assert "| 2.00x |" in table and "~" not in table

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import importlib
+import warnings
 
 import pytest
 import torch
@@ -34,7 +35,10 @@ def _small_model(**overrides) -> torch.nn.Module:
     return _model("vit_small_patch16_224", img_size=64, **overrides)
 
 
-@pytest.mark.parametrize("name", FAMILIES)
+@pytest.mark.parametrize(
+    "name",
+    [pytest.param(n, marks=pytest.mark.slow) if n.startswith("eva02_") and n.endswith("448") else n for n in FAMILIES],
+)
 def test_fused_forward_matches_model_fp32(name: str) -> None:
     model = _model(name, img_size=112 if "448" not in name else 224)
     engine = vitfast.optimize(model, batch_sizes=(2,), dtype=torch.float32, device="cpu")
@@ -45,7 +49,9 @@ def test_fused_forward_matches_model_fp32(name: str) -> None:
         assert_close_scaled(engine.forward_features(image), model.forward_features(image), tol=1e-5, what=name)
 
 
-@pytest.mark.parametrize("name", ["beitv2_base_patch16_224", "eva02_base_patch14_448"])
+@pytest.mark.parametrize(
+    "name", ["beitv2_base_patch16_224", pytest.param("eva02_base_patch14_448", marks=pytest.mark.slow)]
+)
 def test_bf16_engine_within_rule_5(name: str) -> None:
     """The fused residuals round once where the model rounds twice: the bf16 error must stay within rule 5."""
     model = _model(name, img_size=112)
@@ -146,7 +152,8 @@ def test_input_is_not_modified_and_model_is_copied() -> None:
     weight = model.head.weight
     image = torch.randn(3, 3, 64, 64)
     saved = image.clone()
-    engine = vitfast.optimize(model, batch_sizes=(4,), dtype=torch.bfloat16, device="cpu")
+    with pytest.warns(UserWarning, match="slower there than float32"):
+        engine = vitfast.optimize(model, batch_sizes=(4,), dtype=torch.bfloat16, device="cpu")
     engine(image)
     torch.testing.assert_close(image, saved, rtol=0, atol=0)
     assert model.head.weight is weight and weight.dtype == torch.float32
@@ -193,7 +200,15 @@ def test_bad_arguments(kwargs, error, message) -> None:
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without a GPU")
 def test_cuda_without_gpu_says_what_to_do() -> None:
     with pytest.raises(RuntimeError, match="device='cpu'"):
-        vitfast.optimize(_small_model())
+        vitfast.optimize(_small_model(), device="cuda")
+
+
+def test_defaults_follow_the_model() -> None:
+    """A CPU model gets a CPU engine in float32 (bf16 matmuls are several times slower on the CPU), with no warning."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        engine = vitfast.optimize(_small_model(), batch_sizes=(1,))
+    assert engine.device == torch.device("cpu") and engine.dtype == torch.float32 and not engine.use_graphs
 
 
 @pytest.mark.parametrize(
@@ -214,7 +229,7 @@ def test_bad_inputs(image, error, message) -> None:
     assert engine.captured_sizes() == []  # a rejected input leaves no entry behind
 
 
-@pytest.mark.parametrize("backend", ["triton", "kernels-sdpa"])
+@pytest.mark.parametrize("backend", [pytest.param("triton", marks=pytest.mark.slow), "kernels-sdpa"])
 def test_engine_on_the_triton_kernels_matches_the_reference(backend: str) -> None:
     """The fused sequence on the kernels (interpreter on the CPU): the same ops the GPU engine captures. EVA-02 has
     RoPE: fused into the attention kernel ("triton"), or by the rope_2d_qk kernel before SDPA ("kernels-sdpa")."""
@@ -260,6 +275,7 @@ def _tuning_engine(monkeypatch, times: dict[str, float], corrupt: set[str] = fro
     return engine
 
 
+@pytest.mark.slow
 def test_tuning_keeps_the_fastest_candidate_that_agrees(monkeypatch, caplog) -> None:
     times = {"kernels": 1.0, "kernels-sdpa": 2.0, "reference": 3.0}
     engine = _tuning_engine(monkeypatch, times, corrupt={"kernels"}, failing={"kernels-sdpa"})
@@ -273,6 +289,7 @@ def test_tuning_keeps_the_fastest_candidate_that_agrees(monkeypatch, caplog) -> 
     torch.testing.assert_close(out, expected)
 
 
+@pytest.mark.slow
 def test_tuning_picks_the_fastest(monkeypatch) -> None:
     engine = _tuning_engine(monkeypatch, {"kernels": 2.0, "kernels-sdpa": 1.5, "reference": 3.0})
     engine(torch.randn(1, 3, 64, 64))

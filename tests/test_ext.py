@@ -128,6 +128,7 @@ print("ok")
 """
 
 
+@pytest.mark.slow
 def test_package_runs_with_the_extension_hidden() -> None:
     env = {**os.environ, _ext.DISABLE_ENV: "1"}
     result = subprocess.run(

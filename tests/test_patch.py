@@ -62,7 +62,9 @@ def test_patched_model_keeps_parameters_and_matches_on_the_reference_path(name) 
     torch.testing.assert_close(_forward_backward(model, image)[0], expected, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("name", list(TIMM_MODELS))
+@pytest.mark.parametrize(
+    "name", [pytest.param(n, marks=pytest.mark.slow) if n == "eva02_base_patch14_224" else n for n in TIMM_MODELS]
+)
 def test_patched_model_on_the_kernels_matches_timm(name) -> None:
     """Through Triton's interpreter on the CPU (fp32), the compiled kernels on a GPU (bf16)."""
     device, dtype = ("cuda", torch.bfloat16) if CUDA else ("cpu", torch.float32)
@@ -125,6 +127,7 @@ def test_grad_checkpointing_still_works_after_patching() -> None:
         torch.testing.assert_close(grad, expected_grads[key], rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.slow
 def test_a_few_training_steps_match_the_unpatched_model() -> None:
     """The convergence check: same seed, same data, a few SGD steps, losses and weights stay together.
 
@@ -183,6 +186,7 @@ def _ddp_worker(rank: int, world_size: int, port: int, results) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_distributed_data_parallel_averages_the_patched_gradients() -> None:
     """Two gloo processes on the CPU (reference path): DDP's averaged gradients equal one process on the full batch."""
     import socket
@@ -204,7 +208,9 @@ def test_distributed_data_parallel_averages_the_patched_gradients() -> None:
             assert_close_scaled(results[rank][name], p.grad, tol=1e-5, what=f"rank {rank} {name}")
 
 
-@pytest.mark.parametrize("name", ["vit_base_patch16_clip_224", "eva02_base_patch14_224"])
+@pytest.mark.parametrize(
+    "name", ["vit_base_patch16_clip_224", pytest.param("eva02_base_patch14_224", marks=pytest.mark.slow)]
+)
 def test_patched_model_under_autocast(name) -> None:
     """bf16 autocast (CPU here, CUDA on a GPU): the kernels take autocast's bf16 activations with fp32 parameters."""
     device = "cuda" if CUDA else "cpu"
@@ -266,3 +272,27 @@ def test_open_clip_native_tower_attention_and_norms_are_patched() -> None:
         assert tower.vitfast_patch_summary.swapped["MultiheadAttention"] == 2
         with vitfast.use_backend("triton"):
             assert_close_scaled(tower(image), expected, tol=1e-5, what="open_clip tower")
+
+
+def test_a_patched_model_pickles_deep_copies_and_loads_back_patched_or_unpatched(tmp_path) -> None:
+    """torch.save / pickle (multiprocessing's spawn pickles the same way) and copy.deepcopy keep the patched classes."""
+    import pickle
+
+    model = vitfast.patch(_timm_model("eva02_tiny_patch14_224").eval())
+    image = torch.randn(1, 3, 112, 112)
+    with torch.no_grad():
+        expected = model(image)
+    torch.save(model, tmp_path / "model.pt")
+    copies = [
+        copy.deepcopy(model),
+        pickle.loads(pickle.dumps(model)),
+        torch.load(tmp_path / "model.pt", weights_only=False),
+    ]
+    for restored in copies:
+        assert type(restored.blocks[0]) is type(model.blocks[0]) and type(restored.norm) is type(model.norm)
+        with torch.no_grad():
+            torch.testing.assert_close(restored(image), expected, rtol=0, atol=0)
+    unpatched = vitfast.unpatch(copies[-1])
+    assert type(unpatched.blocks[0]).__name__ == "EvaBlock" and not hasattr(unpatched, "vitfast_patch_summary")
+    with torch.no_grad():
+        torch.testing.assert_close(unpatched(image), expected, rtol=1e-6, atol=1e-6)

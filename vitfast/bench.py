@@ -17,9 +17,11 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import datetime
 import json
 import math
+import os
 import platform
 import statistics
 import subprocess
@@ -107,6 +109,12 @@ PROVIDERS = {
 PEER_LIBRARIES = ("timm", "peer")
 
 
+# CPU defaults: a ViT-B forward takes 0.1-1 s there, so fewer calls than on a GPU keep the default run near a minute
+# on two cores; ten timed calls give a median and an interquartile range that mean something
+CPU_WARMUP = 2
+CPU_REPS = 10
+
+
 @dataclass
 class BenchConfig:
     models: list[str] = field(default_factory=lambda: ["vit_base_patch16_224"])
@@ -131,16 +139,24 @@ class BenchConfig:
         unknown = [p for p in self.providers or [] if p not in PROVIDERS]
         if unknown:
             raise ValueError(f"unknown provider(s) {', '.join(unknown)}; choose from {', '.join(PROVIDERS)}.")
-        if any(b < 1 for b in self.batch_sizes):
-            raise ValueError(f"batch sizes must be positive, got {self.batch_sizes}.")
+        if not self.batch_sizes or any(b < 1 for b in self.batch_sizes):
+            raise ValueError(f"batch sizes must be positive integers, got {self.batch_sizes}.")
+        if self.reps is not None and self.reps < 1:
+            raise ValueError(f"reps (--reps, the timed calls) must be at least 1, got {self.reps}.")
+        if self.warmup is not None and self.warmup < 0:
+            raise ValueError(f"warmup (--warmup) must be 0 or more calls, got {self.warmup}.")
+        if not self.models:
+            raise ValueError("no model to measure: name at least one (see `vitfast list`).")
+        for name in self.models:
+            resolve(name)  # an unknown name fails now, with suggestions, not after the first model's measurements
         return BenchConfig(
             models=list(self.models),
             batch_sizes=list(self.batch_sizes),
             dtype=dtype,
             providers=self.providers or default_providers(device),
             device=device,
-            warmup=self.warmup if self.warmup is not None else (10 if on_gpu else 0),
-            reps=self.reps if self.reps is not None else (50 if on_gpu else 2),
+            warmup=self.warmup if self.warmup is not None else (10 if on_gpu else CPU_WARMUP),
+            reps=self.reps if self.reps is not None else (50 if on_gpu else CPU_REPS),
             train=self.train,
             seed=self.seed,
             overrides=dict(self.overrides),
@@ -561,6 +577,16 @@ def _fmt(value: float | None, digits: int = 2) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
+def _speedup(ours: Measurement, peer: Measurement) -> str:
+    """``peer / ours`` median latency; ``~`` in front when the two interquartile ranges overlap (within the noise:
+    another run may order them the other way)."""
+    ratio = f"{peer.median_ms / ours.median_ms:.2f}x"
+    spreads = (ours.p25_ms, ours.p75_ms, peer.p25_ms, peer.p75_ms)
+    if None not in spreads and ours.p25_ms <= peer.p75_ms and peer.p25_ms <= ours.p75_ms:
+        return "~" + ratio
+    return ratio
+
+
 def format_tables(results: list[Measurement], env: dict[str, Any] | None = None) -> str:
     """Markdown: per model, latency (median ms) per batch size for each provider in the seed documents' shape,
     with vitfast's speed-up over the best agreeing peer, img/s and TF/s at the largest batch; then the details."""
@@ -587,11 +613,11 @@ def format_tables(results: list[Measurement], env: dict[str, Any] | None = None)
         best_peer = {}
         for b in batch_sizes:
             peers = [
-                r.median_ms
+                r
                 for r in model_rows
                 if r.batch_size == b and r.median_ms and r.agrees and PROVIDERS[r.provider].library in PEER_LIBRARIES
             ]
-            best_peer[b] = min(peers) if peers else None
+            best_peer[b] = min(peers, key=lambda r: r.median_ms) if peers else None
         for provider in dict.fromkeys(r.provider for r in model_rows):
             by_bs = {r.batch_size: r for r in model_rows if r.provider == provider}
             cells = []
@@ -607,7 +633,7 @@ def format_tables(results: list[Measurement], env: dict[str, Any] | None = None)
                 for b in batch_sizes:
                     r = by_bs.get(b)
                     ok = r is not None and r.median_ms and r.agrees and best_peer[b]
-                    parts.append(f"{best_peer[b] / r.median_ms:.2f}x" if ok else "-")
+                    parts.append(_speedup(r, best_peer[b]) if ok else "-")
                 speedups = " / ".join(parts)
             top = by_bs.get(largest)
             size = "x".join(map(str, model_rows[0].img_size))
@@ -617,6 +643,9 @@ def format_tables(results: list[Measurement], env: dict[str, Any] | None = None)
                 + " | ".join(cells)
                 + f" | {speedups} | {throughput} |"
             )
+    if any("~" in line for line in lines):
+        lines.append("")
+        lines.append("~: within the noise (the interquartile ranges overlap); another run may order them otherwise.")
     lines += [
         "",
         "| model | bs | provider | median ms | p25-p75 ms | first call s | max err | agrees | peak GB | note |",
@@ -634,6 +663,26 @@ def format_tables(results: list[Measurement], env: dict[str, Any] | None = None)
     return "\n".join(lines)
 
 
+def check_output_path(path: str | Path, option: str) -> None:
+    """Fail before measuring when ``path`` cannot be written (missing folder, a folder, no permission)."""
+    path = Path(path)
+    parent = path.parent if str(path.parent) else Path(".")
+    if path.is_dir():
+        raise ValueError(f"{option} {path} is a folder; give a file name.")
+    if not parent.is_dir():
+        raise ValueError(f"{option} {path}: the folder {parent} does not exist; create it or choose another path.")
+    if not os.access(parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise ValueError(f"{option} {path} is not writable here; choose another path.")
+
+
+def require_matplotlib() -> None:
+    """``--plot`` needs matplotlib: checked before measuring, not after the whole run."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError as exc:
+        raise RuntimeError("--plot needs matplotlib: pip install 'vitfast[plot]' (or pip install matplotlib).") from exc
+
+
 def append_json(path: str | Path, row: Measurement, env: dict[str, Any]) -> None:
     """Append one JSON line: the environment (device, versions, date, commit) and the measurement."""
     with open(path, "a") as f:
@@ -642,25 +691,37 @@ def append_json(path: str | Path, row: Measurement, env: dict[str, Any]) -> None
 
 def read_json(path: str | Path) -> tuple[list[Measurement], dict[str, Any]]:
     """Rows appended by ``--json``: the measurements and the environment of the last one."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"--from-json {path}: no such file (write one with `vitfast bench --json {path}`).")
     fields = set(Measurement.__dataclass_fields__)
+    required = {name for name, f in Measurement.__dataclass_fields__.items() if f.default is dataclasses.MISSING}
     results, env = [], {}
-    for line in Path(path).read_text().splitlines():
-        if line.strip():
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
             record = json.loads(line)
-            results.append(Measurement(**{k: v for k, v in record.items() if k in fields}))
-            env = {k: v for k, v in record.items() if k not in fields}
+        except json.JSONDecodeError as exc:
+            message = f"--from-json {path}, line {number} is not JSON ({exc.msg}); is it a --json file?"
+            raise ValueError(message) from exc
+        if not isinstance(record, dict) or not required <= set(record):
+            raise ValueError(f"--from-json {path}, line {number} is not a `vitfast bench --json` row.")
+        results.append(Measurement(**{k: v for k, v in record.items() if k in fields}))
+        env = {k: v for k, v in record.items() if k not in fields}
+    if not results:
+        raise ValueError(f"--from-json {path} holds no rows.")
     return results, env
 
 
 def plot(results: list[Measurement], path: str | Path) -> None:
     """Latency against batch size, one line per provider, one panel per model (needs matplotlib)."""
-    try:
-        import matplotlib
+    require_matplotlib()
+    import matplotlib
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as exc:
-        raise RuntimeError("--plot needs matplotlib: pip install 'vitfast[plot]' (or pip install matplotlib).") from exc
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     models = list(dict.fromkeys(r.model for r in results))
     figure, axes = plt.subplots(1, len(models), figsize=(5 * len(models), 4), squeeze=False)
     for axis, model in zip(axes[0], models, strict=True):

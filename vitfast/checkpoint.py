@@ -16,10 +16,13 @@ and with ``strict=True`` (the default) any missing, unexpected or mis-shaped key
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import pickle
+import pickletools
 import re
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,7 +49,12 @@ logger = logging.getLogger("vitfast")
 
 
 class CheckpointError(ValueError):
-    """A checkpoint that cannot be read, or whose keys / shapes do not fit the model."""
+    """A checkpoint that cannot be read, or whose keys / shapes do not fit the model.
+
+    From a strict load, ``report`` is the full :class:`LoadReport` (the message shows a summary of it).
+    """
+
+    report: LoadReport | None = None
 
 
 class PretrainedDownloadError(RuntimeError):
@@ -88,6 +96,22 @@ class LoadReport:
         lines += [f"converted: {note}" for note in self.notes]
         return "\n".join(lines) or "all keys loaded"
 
+    def summary(self, shown: int = 4) -> str:
+        """The keys that do not fit, counted, with the first ``shown`` of each kind (a strict load's error)."""
+
+        def first(keys: list[str]) -> str:
+            return ", ".join(keys[:shown]) + (f", ... (+{len(keys) - shown} more)" if len(keys) > shown else "")
+
+        lines = []
+        if self.missing:
+            lines.append(f"{len(self.missing)} missing from the checkpoint: {first(self.missing)}")
+        if self.unexpected:
+            lines.append(f"{len(self.unexpected)} not in the model: {first(self.unexpected)}")
+        if self.mismatched:
+            shapes = [f"{key} (checkpoint {list(got)}, model {list(want)})" for key, got, want in self.mismatched]
+            lines.append(f"{len(self.mismatched)} of another shape: {first(shapes)}")
+        return "\n".join(lines)
+
 
 # ---------------------------------------------------------------------------------------------- reading files
 
@@ -121,14 +145,85 @@ def _read_pdparams(path: Path) -> dict[str, Any]:
     return {"__format__": "paddle", **obj}
 
 
+_STRING_OPS = {"SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE", "SHORT_BINSTRING", "BINSTRING", "STRING"}
+
+
+def _pickle_globals(stream: io.BufferedIOBase, max_pickles: int) -> set[str]:
+    """The globals (``module.name``) that up to ``max_pickles`` consecutive pickles in ``stream`` import.
+
+    Raises when a pickle is malformed. STACK_GLOBAL takes its names from the two strings pushed before it; a name
+    fetched back from the memo is not resolved (it then shows as ``?``), which is enough to tell objects from damage.
+    """
+    found: set[str] = set()
+    for _ in range(max_pickles):
+        if not stream.peek(1):
+            break
+        strings: list[str] = []
+        for opcode, arg, _ in pickletools.genops(stream):
+            if opcode.name == "GLOBAL":
+                found.add(str(arg).replace(" ", "."))
+            elif opcode.name == "STACK_GLOBAL":
+                found.add(".".join(strings[-2:]) if len(strings) >= 2 else "?")
+            elif opcode.name in _STRING_OPS:
+                strings.append(str(arg))
+    return found
+
+
+def _torch_file_globals(path: Path) -> set[str] | None:
+    """Every global a torch checkpoint's pickles import, or None when a pickle in it is malformed (damage)."""
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                name = next((n for n in archive.namelist() if n.endswith("data.pkl")), None)
+                if name is None:
+                    return None
+                return _pickle_globals(io.BufferedReader(io.BytesIO(archive.read(name))), 1)
+        # the legacy format: magic number, protocol, system info, the object, then raw storage bytes
+        with open(path, "rb") as f:
+            return _pickle_globals(io.BufferedReader(f), 4)
+    except Exception:  # a truncated or overwritten stream fails in many ways
+        return None
+
+
+def _disallowed_globals(path: Path) -> list[str] | None:
+    """The globals of ``path`` that ``torch.load(weights_only=True)`` does not allow; None if the file is damaged."""
+    found = _torch_file_globals(path)
+    if found is None:
+        return None
+    # torch's own allow-list (private, so guarded): without it, torch's and collections' names count as allowed
+    unpickler = getattr(torch.serialization, "_weights_only_unpickler", None)
+    try:
+        allowed = set(unpickler._get_allowed_globals()) | set(unpickler._get_user_allowed_globals())
+    except AttributeError:
+        allowed = {name for name in found if name.startswith(("torch.", "collections.OrderedDict"))}
+    return sorted(found - allowed)
+
+
 def _read_torch(path: Path, trust_pickle: bool) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        if not trust_pickle:
+        found = _disallowed_globals(path)
+        if found is None:
+            # a truncated or overwritten pickle also fails the weights-only unpickler: that is damage, and
+            # trust_pickle would not help (it would only unpickle garbage with the safety off)
             raise CheckpointError(
-                f"{path} holds Python objects besides tensors, which torch.load(weights_only=True) refuses "
-                f"({exc}). If you trust the file's source, pass trust_pickle=True."
+                f"could not read checkpoint {path}: its pickle data is malformed. The file is truncated or corrupt: "
+                "download or copy it again."
+            ) from exc
+        if not found:  # well formed, only torch-allowed globals, yet refused (e.g. a pickle protocol it lacks)
+            detail = re.search(r"WeightsUnpickler error:\s*(.+?)\n", str(exc))
+            raise CheckpointError(
+                f"torch.load(weights_only=True) refuses {path} ({detail[1] if detail else exc}) although it names no "
+                "disallowed Python object; if the file was not written by torch.save and you trust its source, pass "
+                "trust_pickle=True."
+            ) from exc
+        if not trust_pickle:
+            shown = ", ".join(found[:8]) + (f", ... ({len(found)} in all)" if len(found) > 8 else "")
+            raise CheckpointError(
+                f"{path} holds Python objects besides tensors ({shown}), which torch.load(weights_only=True) refuses "
+                "because unpickling them can run code. If you trust the file's source, pass trust_pickle=True "
+                "(or allow just these with torch.serialization.add_safe_globals)."
             ) from exc
         return torch.load(path, map_location="cpu", weights_only=False)
 
@@ -406,12 +501,48 @@ def convert_state_dict(
 
 # ---------------------------------------------------------------------------------------------- loading
 
+PATCH_RESAMPLE_METHODS = ("bicubic", "pinv")
+
 # parameters a checkpoint may lack without making it unusable: pretraining heads a fine-tuned release drops
 PRETRAINING_ONLY_KEYS = {
     "mask_token": "MIM mask token",
     "lm_head.weight": "MIM regression head",
     "lm_head.bias": "MIM regression head",
 }
+
+
+def _size_of(sd: dict[str, torch.Tensor]) -> tuple[int | None, int]:
+    """(embedding width, number of blocks) of a timm-layout state_dict."""
+    patch = sd.get("patch_embed.proj.weight")
+    depth = len({m[1] for k in sd for m in [re.match(r"blocks\.(\d+)\.", k)] if m})
+    return (int(patch.shape[0]) if patch is not None else None), depth
+
+
+_SIZE_NAMES = {(192, 12): "Ti", (384, 12): "S", (768, 12): "B", (1024, 24): "L", (1280, 32): "H", (1408, 40): "g"}
+
+
+def _likely_cause(sd: dict[str, torch.Tensor], target: dict[str, torch.Tensor], report: LoadReport) -> str | None:
+    """One sentence on why a checkpoint does not fit: another model size, or a checkpoint without a classifier."""
+    got, want = _size_of(sd), _size_of(target)
+    if got[0] is not None and got != want:
+
+        def describe(size: tuple[int | None, int]) -> str:
+            name = _SIZE_NAMES.get(size)  # type: ignore[arg-type]
+            return f"width {size[0]}, depth {size[1]}" + (f": ViT-{name} size" if name else "")
+
+        return (
+            f"the checkpoint is for another model size ({describe(got)}) than this model ({describe(want)}); "
+            "create the model the checkpoint was trained as."
+        )
+    head_keys = {"head.weight", "head.bias"}
+    if head_keys & set(report.missing) and not (set(report.missing) - head_keys):
+        return (
+            "the checkpoint has no classifier (a pretraining, MIM or headless checkpoint): pass reset_head=True to "
+            "keep this model's newly initialized head, or create the model with num_classes=0."
+        )
+    if any(key.startswith("head.") for key, _, _ in report.mismatched):
+        return "the classifier has another number of classes: pass reset_head=True to keep this model's new head."
+    return None
 
 
 def load_checkpoint(
@@ -435,6 +566,14 @@ def load_checkpoint(
         reset_head: drop the checkpoint's classifier (use when the model has another ``num_classes``).
         trust_pickle: allow arbitrary pickled objects in ``.pth`` files (only for files you trust).
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"load_checkpoint: model must be a torch.nn.Module, got {type(model).__name__}.")
+    if not isinstance(checkpoint, dict | str | os.PathLike):
+        raise TypeError(
+            f"checkpoint must be a file path or a state_dict (a dict of tensors), got {type(checkpoint).__name__}."
+        )
+    if patch_resample not in PATCH_RESAMPLE_METHODS:
+        raise ValueError(f"patch_resample must be one of {PATCH_RESAMPLE_METHODS}, got {patch_resample!r}.")
     if isinstance(checkpoint, dict):
         raw, where = dict(checkpoint), "state_dict"
     else:
@@ -456,7 +595,14 @@ def load_checkpoint(
         (k, tuple(sd[k].shape), tuple(target[k].shape)) for k in shared if sd[k].shape != target[k].shape
     ]
     if strict and not report.ok:
-        raise CheckpointError(f"checkpoint {where} does not fit {type(model).__name__}:\n{report}")
+        cause = _likely_cause(sd, target, report)
+        error = CheckpointError(
+            f"checkpoint {where} does not fit {type(model).__name__}:\n{report.summary()}"
+            + (f"\nLikely cause: {cause}" if cause else "")
+            + "\n(the full list: the exception's .report, or load_checkpoint(..., strict=False) to load what fits)"
+        )
+        error.report = report
+        raise error
     loadable = {k: v for k, v in sd.items() if k in target and v.shape == target[k].shape}
     model.load_state_dict(loadable, strict=False)
     if report.initialized:

@@ -89,12 +89,20 @@ def _csv(kind):
 def _cmd_bench(args: argparse.Namespace) -> int:
     from vitfast import bench
 
+    # everything that can fail is checked before anything is measured
+    if args.plot:
+        bench.require_matplotlib()
+        bench.check_output_path(args.plot, "--plot")
+    if args.json:
+        bench.check_output_path(args.json, "--json")
     if args.from_json:
         results, env = bench.read_json(args.from_json)
         print(bench.format_tables(results, env))
         if args.plot:
             bench.plot(results, args.plot)
         return 0
+    if args.img_size is not None and args.img_size < 1:
+        raise ValueError(f"--img-size must be a positive number of pixels, got {args.img_size}.")
 
     config = bench.BenchConfig(
         models=args.models or ["vit_base_patch16_224"],
@@ -107,6 +115,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         train=args.train,
         overrides={"img_size": args.img_size} if args.img_size else {},
     )
+    config.resolved()  # unknown models / providers, bad counts: an error now, not after a model was measured
     env = bench.environment()
     on_result = (lambda row: bench.append_json(args.json, row, env)) if args.json else None
     results = bench.run(config, on_result=on_result)
@@ -132,8 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], help="default: bf16 on GPU, fp32 on CPU")
     bench.add_argument("--providers", type=_csv(str), help="comma-separated subset of: " + ", ".join(_provider_names()))
     bench.add_argument("--device", help="cuda or cpu (default: cuda when available)")
-    bench.add_argument("--warmup", type=int, help="untimed calls after the first (default 10 on GPU, 0 on CPU)")
-    bench.add_argument("--reps", type=int, help="timed calls (default 50 on GPU, 2 on CPU)")
+    bench.add_argument("--warmup", type=int, help="untimed calls after the first (default 10 on GPU, 2 on CPU)")
+    bench.add_argument("--reps", type=int, help="timed calls (default 50 on GPU, 10 on CPU)")
     bench.add_argument("--img-size", type=int, help="input size for every model (default: each model's own)")
     bench.add_argument("--train", action="store_true", help="time one optimizer step (fwd + bwd + AdamW) instead")
     bench.add_argument("--json", metavar="PATH", help="append one JSON line per measurement (with versions, date)")

@@ -23,7 +23,9 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
+import numbers
 import statistics
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -54,8 +56,8 @@ _GEMM_ALIGNMENT = 8  # elements: 16 bytes of bf16 / fp16
 def optimize(
     model: nn.Module,
     batch_sizes: Iterable[int] = (1, 4, 8),
-    dtype: torch.dtype = torch.bfloat16,
-    device: torch.device | str = "cuda",
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
     *,
     on_new_size: str = "eager",
     copy_outputs: bool = True,
@@ -73,7 +75,10 @@ def optimize(
             captured size (padded) or, above the largest, as ``on_new_size`` says.
         dtype: weights and activations (``torch.bfloat16``, ``torch.float16`` or ``torch.float32``). Float inputs
             are cast to it on the copy into the static buffer; uint8 images stay uint8 (normalized by the model).
-        device: where the engine runs. CUDA graphs need a CUDA device; on the CPU the engine runs eagerly.
+            Default: ``torch.bfloat16`` on a CUDA device, ``torch.float32`` elsewhere (CPU bf16 matmuls run several
+            times slower than fp32 ones; asking for a 16-bit dtype on the CPU warns so).
+        device: where the engine runs. Default: the device of the model's parameters. CUDA graphs need a CUDA
+            device; on the CPU the engine runs eagerly.
         on_new_size: ``"eager"`` runs a batch larger than every captured size without a graph; ``"capture"`` captures
             a graph for that exact size (and keeps it).
         copy_outputs: ``True`` returns a fresh tensor per call. ``False`` returns a view of the engine's static output
@@ -102,6 +107,21 @@ def optimize(
     )
 
 
+def _default_device_and_dtype(
+    model: nn.Module, device: torch.device | str | None, dtype: torch.dtype | None
+) -> tuple[torch.device, torch.dtype]:
+    """``optimize``'s defaults: the model's own device, and bf16 on CUDA / fp32 elsewhere (the fast dtype there)."""
+    if device is None:
+        first = next(iter(model.parameters()), None)
+        device = first.device if first is not None else torch.device("cpu")
+    device = torch.device(device)
+    if dtype is None:
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        raise ValueError(f"dtype must be torch.bfloat16, torch.float16 or torch.float32, got {dtype}.")
+    return device, dtype
+
+
 @dataclass
 class _Captured:
     """One graph: its static input and output, and the graph (None when running without graphs)."""
@@ -118,8 +138,8 @@ class InferenceEngine(nn.Module):
         self,
         model: nn.Module,
         batch_sizes: Iterable[int] = (1, 4, 8),
-        dtype: torch.dtype = torch.bfloat16,
-        device: torch.device | str = "cuda",
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
         *,
         on_new_size: str = "eager",
         copy_outputs: bool = True,
@@ -128,18 +148,21 @@ class InferenceEngine(nn.Module):
         use_graphs: bool | None = None,
     ) -> None:
         super().__init__()
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"optimize expects a torch.nn.Module, got {type(model).__name__}.")
+        batch_sizes = list(batch_sizes)
+        if not batch_sizes or not all(isinstance(b, numbers.Integral) and not isinstance(b, bool) for b in batch_sizes):
+            raise ValueError(f"batch_sizes must be positive integers, got {batch_sizes}.")
         sizes = sorted({int(b) for b in batch_sizes})
-        if not sizes or sizes[0] < 1:
-            raise ValueError(f"batch_sizes must be positive integers, got {list(batch_sizes)}.")
-        if dtype not in (torch.bfloat16, torch.float16, torch.float32):
-            raise ValueError(f"dtype must be torch.bfloat16, torch.float16 or torch.float32, got {dtype}.")
+        if sizes[0] < 1:
+            raise ValueError(f"batch_sizes must be positive integers, got {batch_sizes}.")
         if on_new_size not in ON_NEW_SIZE:
             raise ValueError(f"on_new_size must be one of {ON_NEW_SIZE}, got {on_new_size!r}.")
         if backend is not None and backend not in (*BACKENDS, *TUNING_CANDIDATES):
             raise ValueError(
                 f"unknown vitfast backend {backend!r}; choose one of {', '.join((*BACKENDS, *TUNING_CANDIDATES[:2]))}."
             )
-        device = torch.device(device)
+        device, dtype = _default_device_and_dtype(model, device, dtype)
         if device.type == "cuda" and not torch.cuda.is_available():
             raise RuntimeError(
                 "optimize(device='cuda') needs a CUDA GPU, and torch.cuda.is_available() is False here; pass "
@@ -147,6 +170,12 @@ class InferenceEngine(nn.Module):
             )
         if use_graphs and device.type != "cuda":
             raise ValueError(f"CUDA graphs need a CUDA device; the engine runs on {device}.")
+        if device.type == "cpu" and dtype != torch.float32:
+            warnings.warn(
+                f"optimize(dtype={dtype}) on the CPU: 16-bit matmuls run several times slower there than float32 "
+                "ones (the default on the CPU); pass dtype=torch.float32 unless you need the 16-bit numbers.",
+                stacklevel=3,
+            )
         self.batch_sizes = sizes
         self.dtype = dtype
         self.device = device

@@ -284,13 +284,39 @@ def _rule_for(module: nn.Module, rules) -> tuple[str, Callable] | None:
     return None
 
 
+def _forward_for(kind: str) -> Callable:
+    forwards = {rule_kind: forward for _, rule_kind, forward in _timm_rules()}
+    forwards |= {"layer_norm": _layer_norm_forward, "multihead_attention": _multihead_attention_forward}
+    return forwards[kind]
+
+
+def _new_patched(original: type, kind: str) -> nn.Module:
+    """Unpickling a patched module: an empty instance of its patched class (pickle then restores its state)."""
+    cls = _patched_class(original, kind, _forward_for(kind))
+    return cls.__new__(cls)
+
+
+def _reduce_patched(self: nn.Module, protocol: int) -> tuple:
+    # the patched classes are made at run time, so pickle cannot find them by name: a patched module is pickled as
+    # (its original class, the kind of patch), which torch.save, copy.deepcopy and multiprocessing all use
+    cls = type(self)
+    return _new_patched, (getattr(cls, _ORIGINAL), cls._vitfast_kind), self.__getstate__()
+
+
 def _patched_class(original: type, kind: str, forward: Callable) -> type:
     key = (original, kind)
     if key not in _classes:
         _classes[key] = type(
             f"Vitfast{original.__name__}",
             (original,),
-            {"forward": forward, _ORIGINAL: original, "__module__": __name__, "__doc__": original.__doc__},
+            {
+                "forward": forward,
+                _ORIGINAL: original,
+                "_vitfast_kind": kind,
+                "__reduce_ex__": _reduce_patched,
+                "__module__": __name__,
+                "__doc__": original.__doc__,
+            },
         )
     return _classes[key]
 

@@ -18,6 +18,9 @@ from vitfast.models import get_entry
 
 MIM_ONLY_KEYS = set(PRETRAINING_ONLY_KEYS)
 TIMM_MODELS = [name for name in vitfast.list_models() if get_entry(name).timm_name]
+# widths of 1024 and more at 336 px and above, and every giant / huge: 8-25 s each on two cores
+SLOW_MODELS = {"eva_giant_patch14_224", "eva_giant_patch14_336", "eva_giant_patch14_560", "mae_vit_huge_patch14"}
+SLOW_MODELS |= {n for n in TIMM_MODELS if "large_patch14_clip" in n}
 NUM_CLASSES = 7
 
 
@@ -55,7 +58,9 @@ def _compare(ours, reference, image: torch.Tensor, what: str) -> None:
         assert_close_scaled(ours(image), reference(image), what=f"{what} logits")
 
 
-@pytest.mark.parametrize("name", TIMM_MODELS)
+@pytest.mark.parametrize(
+    "name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW_MODELS else n for n in TIMM_MODELS]
+)
 def test_matches_timm_at_default_and_other_size(name: str) -> None:
     default = vitfast.create_model(name, depth=0)
     img_size, patch = default.config.img_size, default.config.patch_size
@@ -69,7 +74,14 @@ def test_matches_timm_at_default_and_other_size(name: str) -> None:
     _compare(ours, reference, torch.randn(2, 3, *other), f"{name} at {other}")
 
 
-@pytest.mark.parametrize("name", ["vit_small_patch16_224", "eva02_tiny_patch14_224", "beitv2_base_patch16_224"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "vit_small_patch16_224",
+        "eva02_tiny_patch14_224",
+        pytest.param("beitv2_base_patch16_224", marks=pytest.mark.slow),
+    ],
+)
 def test_matches_timm_at_full_depth(name: str) -> None:
     ours, reference = _build_pair(name, depth=12)
     _compare(ours, reference, torch.randn(2, 3, 224, 224), f"{name} full depth")

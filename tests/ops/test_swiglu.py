@@ -94,7 +94,7 @@ def test_swiglu_packed(dtype, width) -> None:
     _compare(sw._swiglu_packed_triton, sw.swiglu_packed_ref, {"x": x}, f"packed {dtype} h={width}")
 
 
-@pytest.mark.parametrize("width", [2730, 75])
+@pytest.mark.parametrize("width", [pytest.param(2730, marks=pytest.mark.slow), 75])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_swiglu_layer_norm(dtype, width) -> None:
     gate, up = torch.randn(*ROWS, width).to(dtype), torch.randn(*ROWS, width).to(dtype)

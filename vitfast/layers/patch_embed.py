@@ -52,6 +52,8 @@ class PatchEmbed(nn.Module):
                 f"the mean/std in model.pretrained_cfg), got {x.dtype}."
             )
         batch, channels, height, width = x.shape
+        if batch == 0:
+            raise ValueError(f"the image batch is empty (shape {tuple(x.shape)}); pass at least one image.")
         if channels != self.in_chans:
             raise ValueError(
                 f"expected {self.in_chans} input channels, got {channels} (input shape {tuple(x.shape)}); "

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,6 +39,52 @@ __all__ = ["ViTConfig", "VisionTransformer"]
 MLP_KINDS = ("gelu", "quick_gelu", "swiglu", "swiglu_packed")
 POS_EMBED_KINDS = ("learn", "sincos", "none")
 GLOBAL_POOLS = ("token", "avg", "")
+
+
+def _check_sizes(cfg: ViTConfig) -> None:
+    """Sizes, counts and rates of a config: whole numbers where a layer count or width is meant, in range.
+
+    Checked once, here, where every family's model is configured: a bad value would otherwise surface deep inside
+    torch (a modulo by zero, a float given to range()) or, worse, build a model that silently computes nonsense.
+    """
+
+    def whole(value: Any) -> bool:
+        return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+    def number(value: Any) -> bool:
+        return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+    sizes = list(cfg.img_size) if isinstance(cfg.img_size, tuple | list) else [cfg.img_size]
+    problems = [
+        f"{name} must be a positive whole number, got {value!r}"
+        for name, values in (
+            ("img_size", sizes),
+            ("patch_size", [cfg.patch_size]),
+            ("in_chans", [cfg.in_chans]),
+            ("embed_dim", [cfg.embed_dim]),
+            ("num_heads", [cfg.num_heads]),
+        )
+        for value in values
+        if not (whole(value) and value > 0)
+    ]
+    problems += [
+        f"{name} must be a whole number >= 0, got {value!r}"
+        for name, value in (("depth", cfg.depth), ("num_classes", cfg.num_classes), ("mim_head_dim", cfg.mim_head_dim))
+        if not (whole(value) and value >= 0)
+    ]
+    width_ok = whole(cfg.embed_dim) and cfg.embed_dim > 0
+    if not (number(cfg.mlp_ratio) and cfg.mlp_ratio > 0 and (not width_ok or int(cfg.embed_dim * cfg.mlp_ratio) > 0)):
+        problems.append(f"mlp_ratio must be a positive number giving an MLP width >= 1, got {cfg.mlp_ratio!r}")
+    if not (number(cfg.norm_eps) and cfg.norm_eps > 0):
+        problems.append(f"norm_eps must be a positive number, got {cfg.norm_eps!r}")
+    for name in ("drop_rate", "pos_drop_rate", "proj_drop_rate", "attn_drop_rate", "drop_path_rate"):
+        value = getattr(cfg, name)
+        if not (number(value) and 0 <= value < 1):
+            problems.append(f"{name} must be a probability in [0, 1), got {value!r}")
+    if not problems and whole(cfg.patch_size) and any(size < cfg.patch_size for size in sizes):
+        problems.append(f"img_size {cfg.img_size} is smaller than one patch ({cfg.patch_size} pixels)")
+    if problems:
+        raise ValueError(f"invalid model configuration: {'; '.join(problems)}.")
 
 
 @dataclass
@@ -81,6 +128,7 @@ class ViTConfig:
     fix_init: bool = False  # BEiT init: divide attn.proj and mlp.fc2 weights by sqrt(2 * layer)
 
     def __post_init__(self) -> None:
+        _check_sizes(self)
         self.img_size = to_2tuple(self.img_size)
         self.rope_ref_grid = to_2tuple(self.rope_ref_grid)
         checks = [
@@ -348,5 +396,10 @@ class VisionTransformer(nn.Module):
         """EVA-02 MIM pretraining forward: ``lm_head`` of the normalized masked patch tokens ``[num_masked, D_t]``."""
         if self.lm_head is None:
             raise ValueError("this model has no MIM head; build it with mim_head_dim > 0 (e.g. an eva02_*_mim model).")
+        if not isinstance(mask, torch.Tensor):  # None would run unmasked and regress every token, silently
+            raise TypeError(
+                f"forward_mim needs a bool mask [batch, num_patches] (True: masked), got {type(mask).__name__}; "
+                "vitfast.BlockMaskGenerator(grid, mask_ratio=0.4)(batch_size) makes one."
+            )
         tokens = self.forward_features(x, mask=mask)[:, self.num_prefix_tokens :]
         return self.lm_head(tokens[mask])
