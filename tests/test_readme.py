@@ -52,8 +52,17 @@ def _pil_image(seed: int):
     return Image.fromarray(pixels.numpy())
 
 
+def _image_folders(namespace: dict) -> None:
+    """photos/ with two JPEGs, and imagenet/val in the ImageFolder layout (two ImageNet synsets, one image each)."""
+    for path, seed in (("photos/a.jpg", 3), ("photos/b.jpg", 4), ("imagenet/val/n01440764/x.jpg", 5),
+                       ("imagenet/val/n01443537/y.jpg", 6)):  # fmt: skip
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        _pil_image(seed).save(path)
+
+
 # what each snippet (found by a line it holds) takes for granted; a new snippet that needs setup gets a row here
 SETUP = {
+    "records = vitfast.predict(": _image_folders,
     'vitfast.load_checkpoint(model, "eva02_L_pt_m38m_p14.pt"': lambda ns: torch.save(
         vitfast.create_model("eva02_large_patch14_224_mim").state_dict(), "eva02_L_pt_m38m_p14.pt"
     ),
@@ -101,6 +110,11 @@ def one_block_models_and_local_weights(monkeypatch, tmp_path) -> None:
     monkeypatch.setattr(timm.models._builder, "load_pretrained", lambda model, *args, **kwargs: None)
     create_timm_model = timm.create_model
     monkeypatch.setattr(timm, "create_model", lambda name, **kwargs: create_timm_model(name, **{"depth": 1, **kwargs}))
+    # push_to_hub against a stand-in client: the real one would need the network and a token
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", lambda self, *args, **kwargs: None)
+    monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", lambda self, *args, **kwargs: "https://hub/commit")
     monkeypatch.chdir(tmp_path)
 
 
