@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from vitfast import ops
+from vitfast.layers.pos_embed import resample_patch_embed
 
 __all__ = ["PatchEmbed", "to_2tuple"]
 
@@ -39,6 +40,12 @@ class PatchEmbed(nn.Module):
         self.patch_size = to_2tuple(patch_size)
         self.in_chans = in_chans
         self.dynamic_img_size = dynamic_img_size
+        # timm's PatchEmbed attributes, read by code written for timm: tokens come out flattened ([B, N, D]), the
+        # input size is enforced unless dynamic, and inputs are never padded (sizes must divide by the patch)
+        self.flatten = True
+        self.output_fmt = "NCHW"
+        self.strict_img_size = not dynamic_img_size
+        self.dynamic_img_pad = False
         self.set_img_size(img_size)
         self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=self.patch_size, stride=self.patch_size, bias=bias)
 
@@ -71,6 +78,36 @@ class PatchEmbed(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return ops.patch_embed(x, self.proj.weight, self.proj.bias)
+
+    def feat_ratio(self, as_scalar: bool = True) -> int | tuple[int, int]:
+        return max(self.patch_size) if as_scalar else self.patch_size
+
+    def dynamic_feat_size(self, img_size: tuple[int, int]) -> tuple[int, int]:
+        return img_size[0] // self.patch_size[0], img_size[1] // self.patch_size[1]
+
+    @torch.no_grad()
+    def set_input_size(
+        self, img_size: int | tuple[int, int] | None = None, patch_size: int | tuple[int, int] | None = None
+    ) -> None:
+        """timm's ``PatchEmbed.set_input_size``: a new patch size and / or nominal image size.
+
+        A new patch size resamples the kernel with the FlexiViT pseudo-inverse, as timm does.
+        """
+        patch_size = self.patch_size if patch_size is None else to_2tuple(patch_size)
+        if patch_size != self.patch_size:
+            self._resample_kernel(patch_size)
+        self.set_img_size(self.img_size if img_size is None else img_size)
+
+    def _resample_kernel(self, patch_size: tuple[int, int]) -> None:
+        old = self.proj
+        proj = nn.Conv2d(
+            self.in_chans, old.out_channels, kernel_size=patch_size, stride=patch_size, bias=old.bias is not None
+        ).to(device=old.weight.device, dtype=old.weight.dtype)
+        proj.weight.copy_(resample_patch_embed(old.weight, patch_size, method="pinv"))
+        if old.bias is not None:
+            proj.bias.copy_(old.bias)
+        self.proj = proj
+        self.patch_size = patch_size
 
     def set_img_size(self, img_size: int | tuple[int, int]) -> None:
         """Set the nominal input size (the size the position embeddings are stored for)."""
