@@ -217,3 +217,14 @@ def test_vit_huge_patch14_224_resolves_like_timm() -> None:
     assert (ours.embed_dim, ours.config.patch_size, ours.num_classes) == (1280, 14, reference.num_classes)
     assert ours.pretrained_cfg["hf_hub_id"] == "timm/vit_huge_patch14_224.mae"
     assert sorted(ours.state_dict()) == sorted(reference.state_dict())
+
+
+def test_torchscript_and_fx_say_what_to_use_instead_and_jit_trace_works() -> None:
+    ours, _, image = _tiny_pair("eva02_tiny_patch14_224")
+    with pytest.raises(TypeError, match=r"torch.jit.script.*torch.export or ONNX"):
+        torch.jit.script(ours)
+    with pytest.raises(TypeError, match=r"torch.fx symbolic tracing.*torch.export or ONNX"):
+        torch.fx.symbolic_trace(ours)
+    with torch.no_grad(), vitfast.use_backend("reference"):
+        traced = torch.jit.trace(ours, (image,))
+        assert_close_scaled(traced(image), ours(image), what="torch.jit.trace")

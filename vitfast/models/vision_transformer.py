@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.fx
 from torch import nn
 
 from vitfast import ops
@@ -263,6 +264,16 @@ class VisionTransformer(nn.Module):
 
     # ------------------------------------------------------------------ timm-style API
 
+    _NOT_SCRIPTABLE = (
+        "vitfast models do not support {what}: each op picks its implementation (reference / Triton / "
+        "CUDA) in Python at call time and validates input shapes with Python control flow. Export with "
+        "torch.export or ONNX instead (vitfast.export.export_model, `vitfast export MODEL OUT`), which trace the "
+        "reference path; torch.jit.trace and torch.compile also work."
+    )
+
+    def __prepare_scriptable__(self) -> nn.Module:
+        raise TypeError(self._NOT_SCRIPTABLE.format(what="torch.jit.script (TorchScript)"))
+
     @property
     def default_cfg(self) -> dict[str, Any]:
         return self.pretrained_cfg
@@ -344,6 +355,8 @@ class VisionTransformer(nn.Module):
     # ------------------------------------------------------------------ forward
 
     def _embed(self, x: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, tuple[int, int]]:
+        if isinstance(x, torch.fx.Proxy):
+            raise TypeError(self._NOT_SCRIPTABLE.format(what="torch.fx symbolic tracing"))
         grid = self.patch_embed.grid_size_for(x)
         pos_embed = self.pos_embed
         if pos_embed is not None and grid != self.patch_embed.grid_size:
