@@ -18,7 +18,7 @@ import torch
 from timm.optim import create_optimizer_v2
 
 import vitfast
-from tests.helpers import assert_close_scaled
+from tests.helpers import assert_close_scaled, randomize_
 from tests.models.test_parity_timm import MIM_ONLY_KEYS, NUM_CLASSES, TIMM_MODELS, _build_pair
 from vitfast.models import get_entry
 from vitfast.training import param_groups_layer_decay
@@ -228,3 +228,27 @@ def test_torchscript_and_fx_say_what_to_use_instead_and_jit_trace_works() -> Non
     with torch.no_grad(), vitfast.use_backend("reference"):
         traced = torch.jit.trace(ours, (image,))
         assert_close_scaled(traced(image), ours(image), what="torch.jit.trace")
+
+
+@pytest.mark.parametrize("in_chans", [1, 4])
+def test_pretrained_weights_adapt_to_other_input_channels_like_timm(in_chans: int, tmp_path, monkeypatch) -> None:
+    """The RGB patch kernel of a (mocked, local) pretrained file is summed / tiled as timm's adapt_input_conv does."""
+    from safetensors.torch import save_file
+    from timm.models import adapt_input_conv
+
+    import vitfast.checkpoint
+
+    rgb = randomize_(vitfast.create_model("vit_small_patch16_224", depth=1, **TINY, img_size=32))
+    weights_file = tmp_path / "model.safetensors"
+    save_file({k: v.contiguous() for k, v in rgb.state_dict().items()}, str(weights_file))
+    monkeypatch.setattr(vitfast.checkpoint, "_download", lambda weights: str(weights_file))
+
+    arch = dict(depth=1, img_size=32, in_chans=in_chans, **TINY)
+    ours = vitfast.create_model("vit_small_patch16_224", pretrained=True, **arch)
+    reference = timm.create_model("vit_small_patch16_224", **arch)
+    state = dict(rgb.state_dict())
+    state["patch_embed.proj.weight"] = adapt_input_conv(in_chans, state["patch_embed.proj.weight"])
+    reference.load_state_dict(state)
+    image = torch.randn(2, in_chans, 32, 32)
+    with torch.no_grad():
+        assert_close_scaled(ours.eval()(image), reference.eval()(image), what=f"in_chans={in_chans}")

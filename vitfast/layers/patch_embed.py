@@ -8,7 +8,7 @@ from torch import nn
 from vitfast import ops
 from vitfast.layers.pos_embed import resample_patch_embed
 
-__all__ = ["PatchEmbed", "to_2tuple"]
+__all__ = ["PatchEmbed", "adapt_input_channels", "to_2tuple"]
 
 
 def to_2tuple(value: int | tuple[int, int] | list[int]) -> tuple[int, int]:
@@ -18,6 +18,27 @@ def to_2tuple(value: int | tuple[int, int] | list[int]) -> tuple[int, int]:
     if len(value) != 2:
         raise ValueError(f"expected an int or a pair of ints, got {value!r}.")
     return value
+
+
+def adapt_input_channels(weight: torch.Tensor, in_chans: int) -> torch.Tensor:
+    """Adapt a patch kernel ``[D, C, p, p]`` trained on ``C`` channels to ``in_chans`` inputs, as timm does.
+
+    One channel: the sum over the ``C`` channels (a grey image through an RGB kernel). Otherwise the kernel's channels
+    are tiled up to ``in_chans`` and scaled by ``C / in_chans`` so that an input repeating its channels gives the
+    same response.
+    """
+    source_chans = weight.shape[1]
+    if in_chans < 1:
+        raise ValueError(f"in_chans must be >= 1, got {in_chans}.")
+    if in_chans == source_chans:
+        return weight
+    adapted = weight.float()
+    if in_chans == 1:
+        adapted = adapted.sum(dim=1, keepdim=True)
+    else:
+        repeats = -(-in_chans // source_chans)
+        adapted = adapted.repeat(1, repeats, 1, 1)[:, :in_chans] * (source_chans / in_chans)
+    return adapted.to(weight.dtype)
 
 
 class PatchEmbed(nn.Module):
