@@ -252,3 +252,24 @@ def test_pretrained_weights_adapt_to_other_input_channels_like_timm(in_chans: in
     image = torch.randn(2, in_chans, 32, 32)
     with torch.no_grad():
         assert_close_scaled(ours.eval()(image), reference.eval()(image), what=f"in_chans={in_chans}")
+
+
+def test_dynamic_img_pad_matches_timm() -> None:
+    ours, reference = _build_pair(
+        "vit_base_patch16_224", depth=2, img_size=64, dynamic_img_size=True, dynamic_img_pad=True, **TINY
+    )
+    assert ours.patch_embed.dynamic_img_pad and not ours.patch_embed.strict_img_size
+    image = torch.randn(2, 3, 70, 90)  # pads to 80x96: a 5x6 grid
+    with torch.no_grad():
+        assert_close_scaled(ours(image), reference(image), what="dynamic_img_pad logits")
+        _assert_trees_close(
+            ours.forward_intermediates(image, indices=1),
+            reference.forward_intermediates(image, indices=1),
+            "dynamic_img_pad forward_intermediates",
+        )
+        # uint8 images are normalized before the padding, so the padding is zeros of the normalized image
+        pixels = torch.randint(0, 256, (2, 3, 70, 90), dtype=torch.uint8)
+        mean, std = (torch.tensor(ours.pretrained_cfg[k]).view(-1, 1, 1) for k in ("mean", "std"))
+        assert_close_scaled(ours(pixels), reference((pixels / 255.0 - mean) / std), what="uint8 + dynamic_img_pad")
+    with pytest.raises(ValueError, match="dynamic_img_pad=True"):
+        vitfast.create_model("vit_base_patch16_224", depth=1, dynamic_img_size=True, **TINY)(image)

@@ -56,17 +56,18 @@ class PatchEmbed(nn.Module):
         embed_dim: int = 768,
         bias: bool = True,
         dynamic_img_size: bool = False,
+        dynamic_img_pad: bool = False,
     ) -> None:
         super().__init__()
         self.patch_size = to_2tuple(patch_size)
         self.in_chans = in_chans
         self.dynamic_img_size = dynamic_img_size
-        # timm's PatchEmbed attributes, read by code written for timm: tokens come out flattened ([B, N, D]), the
-        # input size is enforced unless dynamic, and inputs are never padded (sizes must divide by the patch)
+        # timm's PatchEmbed attributes, read by code written for timm: tokens come out flattened ([B, N, D]) and
+        # the input size is enforced unless dynamic
         self.flatten = True
         self.output_fmt = "NCHW"
         self.strict_img_size = not dynamic_img_size
-        self.dynamic_img_pad = False
+        self.dynamic_img_pad = dynamic_img_pad
         self.set_img_size(img_size)
         self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=self.patch_size, stride=self.patch_size, bias=bias)
 
@@ -85,17 +86,24 @@ class PatchEmbed(nn.Module):
                 f"expected {self.in_chans} input channels, got {channels} (input shape {tuple(x.shape)}); "
                 "images must be [B, C, H, W] with C channels first."
             )
-        if height % self.patch_size[0] or width % self.patch_size[1]:
+        if not self.dynamic_img_pad and (height % self.patch_size[0] or width % self.patch_size[1]):
             raise ValueError(
                 f"input size {height}x{width} is not divisible by the patch size "
-                f"{self.patch_size[0]}x{self.patch_size[1]}; resize or crop to a multiple of it."
+                f"{self.patch_size[0]}x{self.patch_size[1]}; resize or crop to a multiple of it, or build the "
+                "model with dynamic_img_size=True, dynamic_img_pad=True to zero-pad the right and bottom edges."
             )
         if not self.dynamic_img_size and (height, width) != self.img_size:
             raise ValueError(
                 f"input size {height}x{width} does not match the model's {self.img_size[0]}x{self.img_size[1]}; "
                 "resize the input, build the model with img_size=..., or pass dynamic_img_size=True."
             )
-        return height // self.patch_size[0], width // self.patch_size[1]
+        return self.dynamic_feat_size((height, width))
+
+    def pad_to_patches(self, x: torch.Tensor) -> torch.Tensor:
+        """Zero-pad the right and bottom of ``x`` to a multiple of the patch size (``dynamic_img_pad``)."""
+        pad_h = -x.shape[-2] % self.patch_size[0]
+        pad_w = -x.shape[-1] % self.patch_size[1]
+        return nn.functional.pad(x, (0, pad_w, 0, pad_h)) if pad_h or pad_w else x
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return ops.patch_embed(x, self.proj.weight, self.proj.bias)
@@ -104,6 +112,8 @@ class PatchEmbed(nn.Module):
         return max(self.patch_size) if as_scalar else self.patch_size
 
     def dynamic_feat_size(self, img_size: tuple[int, int]) -> tuple[int, int]:
+        if self.dynamic_img_pad:
+            return -(-img_size[0] // self.patch_size[0]), -(-img_size[1] // self.patch_size[1])
         return img_size[0] // self.patch_size[0], img_size[1] // self.patch_size[1]
 
     @torch.no_grad()

@@ -78,6 +78,7 @@ class ViTConfig:
     attn_drop_rate: float = 0.0
     drop_path_rate: float = 0.0
     dynamic_img_size: bool = False
+    dynamic_img_pad: bool = False  # zero-pad inputs to a multiple of the patch size (with dynamic_img_size)
     head_init_scale: float | None = None
     fix_init: bool = False  # BEiT init: divide attn.proj and mlp.fc2 weights by sqrt(2 * layer)
 
@@ -186,6 +187,7 @@ class VisionTransformer(nn.Module):
             cfg.embed_dim,
             bias=(not cfg.pre_norm) if cfg.patch_bias is None else cfg.patch_bias,
             dynamic_img_size=cfg.dynamic_img_size,
+            dynamic_img_pad=cfg.dynamic_img_pad,
         )
         grid = self.patch_embed.grid_size
         self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.embed_dim))
@@ -365,6 +367,13 @@ class VisionTransformer(nn.Module):
         mean, std = (
             (self.pretrained_cfg["mean"], self.pretrained_cfg["std"]) if x.dtype == torch.uint8 else (None, None)
         )
+        if self.patch_embed.dynamic_img_pad:
+            if mean is not None:  # pad with zeros of the normalized image, as timm pads its float input
+                stats = dict(device=x.device, dtype=torch.float32)
+                mean_t, std_t = (torch.tensor(v, **stats).view(-1, 1, 1) for v in (mean, std))
+                x = ((x.float() / 255.0 - mean_t) / std_t).to(self.patch_embed.proj.weight.dtype)
+                mean = std = None
+            x = self.patch_embed.pad_to_patches(x)
         proj = self.patch_embed.proj
         if mask is None:  # patch GEMM, bias, class token and position embedding in one op
             return self.pos_drop(
