@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import os
 
 import pytest
 import timm
@@ -30,14 +31,17 @@ TINY = dict(embed_dim=64, num_heads=2)
 
 
 def _tiny_size(name: str) -> tuple[int, int]:
-    patch = vitfast.create_model(name, depth=0).config.patch_size
+    with torch.device("meta"):
+        patch = vitfast.create_model(name, depth=0).config.patch_size
     return 4 * patch, 5 * patch
 
 
 def _distinct_tiny_models() -> list[str]:
     seen, names = set(), []
     for name in TIMM_MODELS:
-        config = vitfast.create_model(name, depth=0, img_size=_tiny_size(name), num_classes=NUM_CLASSES, **TINY).config
+        with torch.device("meta"):
+            model = vitfast.create_model(name, depth=0, img_size=_tiny_size(name), num_classes=NUM_CLASSES, **TINY)
+        config = model.config
         key = (get_entry(name).timm_name.split("_")[0], repr(sorted(dataclasses.asdict(config).items())))
         if key not in seen:
             seen.add(key)
@@ -273,3 +277,39 @@ def test_dynamic_img_pad_matches_timm() -> None:
         assert_close_scaled(ours(pixels), reference((pixels / 255.0 - mean) / std), what="uint8 + dynamic_img_pad")
     with pytest.raises(ValueError, match="dynamic_img_pad=True"):
         vitfast.create_model("vit_base_patch16_224", depth=1, dynamic_img_size=True, **TINY)(image)
+
+
+def _full_size_models(max_params: float = 100e6) -> list[str]:
+    """Models with a timm counterpart up to ``max_params``, one per distinct full-size architecture."""
+    seen, names = set(), []
+    for name in TIMM_MODELS:
+        with torch.device("meta"):  # shapes only: counting parameters allocates nothing
+            model = vitfast.create_model(name)
+        params = sum(p.numel() for p in model.parameters())
+        key = repr(sorted(dataclasses.asdict(model.config).items()))
+        if params <= max_params and key not in seen:
+            seen.add(key)
+            names.append(name)
+    return names
+
+
+# The whole sweep (28 architectures) takes ~6 min on 2 busy cores, beyond the CI budget: CI runs the three cheapest
+# (~11 s), VITFAST_TEST_FULL_SIZE=1 runs them all.
+FULL_SIZE_IN_CI = ("vit_small_patch32_224", "vit_base_patch32_224", "eva02_tiny_patch14_224")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", _full_size_models())
+def test_full_size_forward_matches_timm(name: str) -> None:
+    """Full width, depth and input size (batch 1): the tiny checks above cannot see a size-specific error."""
+    if name not in FULL_SIZE_IN_CI and not os.environ.get("VITFAST_TEST_FULL_SIZE"):
+        pytest.skip("full-size sweep: set VITFAST_TEST_FULL_SIZE=1 (about 6 minutes on 2 cores)")
+    entry = get_entry(name)
+    reference = timm.create_model(entry.timm_name, **{**entry.timm_kwargs, "num_classes": NUM_CLASSES}).eval()
+    randomize_(reference)
+    ours = vitfast.create_model(name, num_classes=NUM_CLASSES).eval()
+    result = ours.load_state_dict(reference.state_dict(), strict=False)
+    assert set(result.missing_keys) <= MIM_ONLY_KEYS and not result.unexpected_keys, result
+    image = torch.randn(1, 3, *ours.config.img_size, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert_close_scaled(ours(image), reference(image), what=f"{name} full size")
