@@ -43,6 +43,8 @@ TIMM_MODELS = {
     "beitv2_base_patch16_224": dict(depth=2, img_size=32, embed_dim=64, num_heads=2),
     "eva02_tiny_patch14_224": dict(depth=2, img_size=28),
     "vit_base_patch16_224": dict(depth=2, img_size=32, embed_dim=64, num_heads=2, global_pool="avg", fc_norm=True),
+    # headless, class-token pooling (MAE's encoder): nothing after the final norm, so the top layer is block L
+    "vit_large_patch16_224": dict(depth=2, img_size=32, embed_dim=64, num_heads=2, num_classes=0),
 }
 
 

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from vitfast.layers.patch_embed import adapt_input_channels
 from vitfast.layers.pos_embed import resample_abs_pos_embed, resample_patch_embed
 from vitfast.layers.rel_pos import NUM_EXTRA, resize_rel_pos_bias_table
 
@@ -460,6 +461,10 @@ def _adapt_shapes(
         sd["pos_embed"] = resample_abs_pos_embed(old, grid, None, model.num_prefix_tokens)
         report.notes.append(f"pos_embed resampled from {old.shape[1] - 1} to {grid[0]}x{grid[1]} patches")
     key = "patch_embed.proj.weight"
+    if key in sd and key in target and sd[key].ndim == 4 and sd[key].shape[1] != target[key].shape[1]:
+        old_chans = sd[key].shape[1]
+        sd[key] = adapt_input_channels(sd[key], target[key].shape[1])
+        report.notes.append(f"patch kernel adapted from {old_chans} to {target[key].shape[1]} input channels")
     if key in sd and key in target and sd[key].shape[-2:] != target[key].shape[-2:]:
         old_size = tuple(sd[key].shape[-2:])
         sd[key] = resample_patch_embed(sd[key], tuple(target[key].shape[-2:]), method=patch_resample)

@@ -125,6 +125,51 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from vitfast.export import DTYPES, export_model, verify_export
+    from vitfast.models import create_model
+
+    overrides: dict = {"img_size": args.img_size} if args.img_size else {}
+    if args.checkpoint:
+        overrides["checkpoint_path"] = args.checkpoint
+    model = create_model(args.model, pretrained=args.pretrained, **overrides)
+    path = export_model(
+        model, args.out, format=args.format, batch=args.batch, batch_size=args.batch_size, dtype=DTYPES[args.dtype]
+    )
+    input_size = list(model.pretrained_cfg["input_size"])
+    print(f"wrote {path} ({args.format}, {args.batch} batch, {args.dtype}, input {input_size})")
+    if args.no_verify:
+        return 0
+    # a static export runs only at the traced batch size; a dynamic one is checked at another
+    check_batch = args.batch_size + 1 if args.batch == "dynamic" else args.batch_size
+    check = verify_export(model, path, format=args.format, batch_size=check_batch)
+    print(
+        f"checked against the eager model: max |export - eager| = {check['max_abs_error']:.3e} "
+        f"({check['scaled_error']:.3e} of the output scale), output shape {list(check['shape'])}"
+    )
+    return 0
+
+
+def _add_export_parser(commands: argparse._SubParsersAction) -> None:
+    export = commands.add_parser(
+        "export",
+        help="export a model to ONNX or torch.export (reference path), checked against eager",
+        description="Trace the plain-PyTorch reference path (whatever the backend) and write an ONNX file "
+        "(torch.onnx dynamo exporter; checked with onnxruntime) or a torch.export program (.pt2).",
+    )
+    export.add_argument("model", help="model name, name.tag or alias")
+    export.add_argument("out", help="output file (.onnx or .pt2)")
+    export.add_argument("--format", choices=["onnx", "torch-export"], default="onnx")
+    export.add_argument("--batch", choices=["static", "dynamic"], default="static", help="batch dimension")
+    export.add_argument("--batch-size", type=int, default=1, help="traced batch size (default 1; dynamic: 2)")
+    export.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32")
+    export.add_argument("--img-size", type=int, help="input size (default: the model's)")
+    export.add_argument("--pretrained", action="store_true", help="load the registered pretrained weights")
+    export.add_argument("--checkpoint", metavar="PATH", help="load weights from this file")
+    export.add_argument("--no-verify", action="store_true", help="skip the check against the eager model")
+    export.set_defaults(func=_cmd_export)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vitfast", description="Fast, timm-compatible Vision Transformers.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -166,6 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--json", action="store_true", help="print a JSON record")
     info.set_defaults(func=_cmd_info)
     _add_app_commands(commands)
+    _add_export_parser(commands)
     return parser
 
 

@@ -73,7 +73,9 @@ def param_groups_layer_decay(
     ``Eva``): layer 0 holds what comes before the blocks (``cls_token``, ``reg_token``, ``mask_token``,
     ``pos_embed``, ``patch_embed``, ``norm_pre``, a shared ``rel_pos_bias``); ``blocks.<i>.*`` is layer ``i + 1``;
     everything else (``norm``, ``fc_norm``, ``head``, ``lm_head``) is layer ``L + 1``. A parameter of layer ``k``
-    gets ``lr_scale = layer_decay ** (L + 1 - k)``: 1 for the head, ``layer_decay ** (L + 1)`` for the embeddings.
+    gets ``lr_scale = layer_decay ** (K - k)``, where ``K`` is the highest layer that holds parameters: 1 for the
+    head, ``layer_decay ** (L + 1)`` for the embeddings of a model with a head. A headless model (``num_classes=0``,
+    MAE) with ``final_norm_in_last_block=True`` has nothing after block ``L``, so ``K = L`` there, as in timm.
 
     ``final_norm_in_last_block=True`` puts the final ``norm.*`` in layer ``L`` instead, as timm's ``group_matcher``
     does (its ``MATCH_PREV_GROUP`` on ``^norm``); the default follows the official BEiT / MAE / EVA code. With it, the
@@ -108,11 +110,14 @@ def param_groups_layer_decay(
     if hasattr(model, "no_weight_decay"):
         no_decay_patterns += list(model.no_weight_decay())
 
+    # the top layer is the last one that holds parameters (frozen ones included, as timm's grouping counts them)
+    layers = {name: _layer_id(name, num_layers, final_norm_in_last_block) for name, _ in named}
+    top_layer = max(layers.values())
     groups: dict[tuple[int, bool], dict[str, Any]] = {}
     for name, param in named:
         if not param.requires_grad:
             continue
-        layer = _layer_id(name, num_layers, final_norm_in_last_block)
+        layer = layers[name]
         decays = not (
             param.ndim <= 1
             or _no_weight_decay_by_name(name)
@@ -123,7 +128,7 @@ def param_groups_layer_decay(
             {
                 "params": [],
                 "weight_decay": weight_decay if decays else 0.0,
-                lr_scale_key: layer_decay ** (num_layers + 1 - layer),
+                lr_scale_key: layer_decay ** (top_layer - layer),
                 "layer_id": layer,
             },
         )

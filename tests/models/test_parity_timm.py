@@ -9,11 +9,11 @@ from __future__ import annotations
 import pytest
 import timm
 import torch
+from timm.layers import resize_rel_pos_bias_table
 
 import vitfast
 from tests.helpers import assert_close_scaled, randomize_
 from vitfast.checkpoint import PRETRAINING_ONLY_KEYS
-from vitfast.layers import resize_rel_pos_bias_table
 from vitfast.models import get_entry
 
 MIM_ONLY_KEYS = set(PRETRAINING_ONLY_KEYS)
@@ -110,7 +110,8 @@ def test_beit_dynamic_img_size_resizes_the_relative_position_tables() -> None:
     reference = timm.create_model("beitv2_base_patch16_224", depth=2, num_classes=NUM_CLASSES, img_size=new_size).eval()
     state = ours.state_dict()
     for key in [k for k in state if k.endswith("relative_position_bias_table")]:
-        state[key] = resize_rel_pos_bias_table(state[key], (14, 14), new_window)
+        new_shape = ((2 * new_window[0] - 1) * (2 * new_window[1] - 1) + 3, state[key].shape[1])
+        state[key] = resize_rel_pos_bias_table(state[key], new_window, new_shape, old_window_size=(14, 14))
     reference.load_state_dict(state, strict=True)
     _compare(ours, reference, torch.randn(2, 3, *new_size), "beitv2 dynamic")
 
@@ -120,6 +121,10 @@ def test_set_input_size_matches_timm() -> None:
     ours.set_input_size((280, 196))
     reference.set_input_size((280, 196))
     _compare(ours, reference, torch.randn(2, 3, 280, 196), "eva02_tiny after set_input_size")
+    ours, reference = _build_pair("beitv2_base_patch16_224", depth=2)
+    ours.set_input_size((288, 160))
+    reference.set_input_size((288, 160))
+    _compare(ours, reference, torch.randn(2, 3, 288, 160), "beitv2_base after set_input_size")
     ours, reference = _build_pair("vit_base_patch16_224", depth=1)
     ours.set_input_size(384)
     reference.set_input_size((384, 384))

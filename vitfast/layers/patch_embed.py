@@ -6,8 +6,9 @@ import torch
 from torch import nn
 
 from vitfast import ops
+from vitfast.layers.pos_embed import resample_patch_embed
 
-__all__ = ["PatchEmbed", "to_2tuple"]
+__all__ = ["PatchEmbed", "adapt_input_channels", "to_2tuple"]
 
 
 def to_2tuple(value: int | tuple[int, int] | list[int]) -> tuple[int, int]:
@@ -17,6 +18,27 @@ def to_2tuple(value: int | tuple[int, int] | list[int]) -> tuple[int, int]:
     if len(value) != 2:
         raise ValueError(f"expected an int or a pair of ints, got {value!r}.")
     return value
+
+
+def adapt_input_channels(weight: torch.Tensor, in_chans: int) -> torch.Tensor:
+    """Adapt a patch kernel ``[D, C, p, p]`` trained on ``C`` channels to ``in_chans`` inputs, as timm does.
+
+    One channel: the sum over the ``C`` channels (a grey image through an RGB kernel). Otherwise the kernel's channels
+    are tiled up to ``in_chans`` and scaled by ``C / in_chans`` so that an input repeating its channels gives the
+    same response.
+    """
+    source_chans = weight.shape[1]
+    if in_chans < 1:
+        raise ValueError(f"in_chans must be >= 1, got {in_chans}.")
+    if in_chans == source_chans:
+        return weight
+    adapted = weight.float()
+    if in_chans == 1:
+        adapted = adapted.sum(dim=1, keepdim=True)
+    else:
+        repeats = -(-in_chans // source_chans)
+        adapted = adapted.repeat(1, repeats, 1, 1)[:, :in_chans] * (source_chans / in_chans)
+    return adapted.to(weight.dtype)
 
 
 class PatchEmbed(nn.Module):
@@ -34,11 +56,18 @@ class PatchEmbed(nn.Module):
         embed_dim: int = 768,
         bias: bool = True,
         dynamic_img_size: bool = False,
+        dynamic_img_pad: bool = False,
     ) -> None:
         super().__init__()
         self.patch_size = to_2tuple(patch_size)
         self.in_chans = in_chans
         self.dynamic_img_size = dynamic_img_size
+        # timm's PatchEmbed attributes, read by code written for timm: tokens come out flattened ([B, N, D]) and
+        # the input size is enforced unless dynamic
+        self.flatten = True
+        self.output_fmt = "NCHW"
+        self.strict_img_size = not dynamic_img_size
+        self.dynamic_img_pad = dynamic_img_pad
         self.set_img_size(img_size)
         self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=self.patch_size, stride=self.patch_size, bias=bias)
 
@@ -59,20 +88,59 @@ class PatchEmbed(nn.Module):
                 f"expected {self.in_chans} input channels, got {channels} (input shape {tuple(x.shape)}); "
                 "images must be [B, C, H, W] with C channels first."
             )
-        if height % self.patch_size[0] or width % self.patch_size[1]:
+        if not self.dynamic_img_pad and (height % self.patch_size[0] or width % self.patch_size[1]):
             raise ValueError(
                 f"input size {height}x{width} is not divisible by the patch size "
-                f"{self.patch_size[0]}x{self.patch_size[1]}; resize or crop to a multiple of it."
+                f"{self.patch_size[0]}x{self.patch_size[1]}; resize or crop to a multiple of it, or build the "
+                "model with dynamic_img_size=True, dynamic_img_pad=True to zero-pad the right and bottom edges."
             )
         if not self.dynamic_img_size and (height, width) != self.img_size:
             raise ValueError(
                 f"input size {height}x{width} does not match the model's {self.img_size[0]}x{self.img_size[1]}; "
                 "resize the input, build the model with img_size=..., or pass dynamic_img_size=True."
             )
-        return height // self.patch_size[0], width // self.patch_size[1]
+        return self.dynamic_feat_size((height, width))
+
+    def pad_to_patches(self, x: torch.Tensor) -> torch.Tensor:
+        """Zero-pad the right and bottom of ``x`` to a multiple of the patch size (``dynamic_img_pad``)."""
+        pad_h = -x.shape[-2] % self.patch_size[0]
+        pad_w = -x.shape[-1] % self.patch_size[1]
+        return nn.functional.pad(x, (0, pad_w, 0, pad_h)) if pad_h or pad_w else x
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return ops.patch_embed(x, self.proj.weight, self.proj.bias)
+
+    def feat_ratio(self, as_scalar: bool = True) -> int | tuple[int, int]:
+        return max(self.patch_size) if as_scalar else self.patch_size
+
+    def dynamic_feat_size(self, img_size: tuple[int, int]) -> tuple[int, int]:
+        if self.dynamic_img_pad:
+            return -(-img_size[0] // self.patch_size[0]), -(-img_size[1] // self.patch_size[1])
+        return img_size[0] // self.patch_size[0], img_size[1] // self.patch_size[1]
+
+    @torch.no_grad()
+    def set_input_size(
+        self, img_size: int | tuple[int, int] | None = None, patch_size: int | tuple[int, int] | None = None
+    ) -> None:
+        """timm's ``PatchEmbed.set_input_size``: a new patch size and / or nominal image size.
+
+        A new patch size resamples the kernel with the FlexiViT pseudo-inverse, as timm does.
+        """
+        patch_size = self.patch_size if patch_size is None else to_2tuple(patch_size)
+        if patch_size != self.patch_size:
+            self._resample_kernel(patch_size)
+        self.set_img_size(self.img_size if img_size is None else img_size)
+
+    def _resample_kernel(self, patch_size: tuple[int, int]) -> None:
+        old = self.proj
+        proj = nn.Conv2d(
+            self.in_chans, old.out_channels, kernel_size=patch_size, stride=patch_size, bias=old.bias is not None
+        ).to(device=old.weight.device, dtype=old.weight.dtype)
+        proj.weight.copy_(resample_patch_embed(old.weight, patch_size, method="pinv"))
+        if old.bias is not None:
+            proj.bias.copy_(old.bias)
+        self.proj = proj
+        self.patch_size = patch_size
 
     def set_img_size(self, img_size: int | tuple[int, int]) -> None:
         """Set the nominal input size (the size the position embeddings are stored for)."""

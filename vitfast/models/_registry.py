@@ -248,6 +248,11 @@ def pretrained_cfg(entry: ModelEntry, weights: Weights | None, model: nn.Module)
         "std": std,
         "license": weights.license if weights else None,
         "timm_name": entry.timm_name,
+        # the fields timm's helpers read: in_chans adaptation (first_conv), layer grouping and head reset (classifier)
+        "pool_size": None,
+        "fixed_input_size": True,
+        "first_conv": "patch_embed.proj",
+        "classifier": "head",
     }
 
 
@@ -312,6 +317,8 @@ def create_model(name: str, pretrained: bool = False, **kwargs: Any) -> nn.Modul
         **kwargs: architecture overrides (``depth``, ``embed_dim``, ``num_heads``, ``img_size``, ``num_classes``,
             ``drop_path_rate``, ``dynamic_img_size``, ... see :class:`vitfast.ViTConfig`), ``checkpoint_path``,
             and the :func:`vitfast.load_checkpoint` options ``patch_resample``, ``trust_pickle``, ``reset_head``.
+            ``features_only=True`` (with ``out_indices``, default the last 3 blocks) returns timm's feature getter:
+            a module whose forward gives the listed blocks' patch tokens as ``[B, C, H / p, W / p]`` maps.
 
     ``"hf-hub:ORG/NAME"`` and ``"local-dir:PATH"`` build a model saved in timm's Hub layout (config.json +
     weights; by :func:`vitfast.save_pretrained` or timm); ``pretrained=True`` loads its weights, as in timm.
@@ -323,4 +330,19 @@ def create_model(name: str, pretrained: bool = False, **kwargs: Any) -> nn.Modul
     entry, weights, alias_kwargs = resolve(name)
     if weights is not None and "weights" not in kwargs:
         kwargs["weights"] = weights
-    return entry.fn(pretrained=pretrained, **{**alias_kwargs, **kwargs})
+    features_only = kwargs.pop("features_only", False)
+    feature_kwargs = {key: kwargs.pop(key) for key in ("out_indices", "feature_cls") if key in kwargs}
+    if feature_kwargs and not features_only:
+        raise TypeError(f"{', '.join(feature_kwargs)} only apply with features_only=True.")
+    model = entry.fn(pretrained=pretrained, **{**alias_kwargs, **kwargs})
+    if features_only:
+        from vitfast.models.features import FeatureGetterNet
+
+        feature_cls = feature_kwargs.pop("feature_cls", "getter")
+        if feature_cls != "getter":
+            raise ValueError(
+                f"feature_cls={feature_cls!r} is not supported: vitfast models give features through "
+                "forward_intermediates, as timm's ViTs do (feature_cls='getter', the default)."
+            )
+        model = FeatureGetterNet(model, out_indices=feature_kwargs.get("out_indices", 3))
+    return model

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.fx
 from torch import nn
 
 from vitfast import ops
@@ -34,7 +35,7 @@ from vitfast.layers import (
 )
 from vitfast.layers.rel_pos import relative_position_index
 
-__all__ = ["ViTConfig", "VisionTransformer"]
+__all__ = ["ViTConfig", "VisionTransformer", "feature_take_indices"]
 
 MLP_KINDS = ("gelu", "quick_gelu", "swiglu", "swiglu_packed")
 POS_EMBED_KINDS = ("learn", "sincos", "none")
@@ -124,6 +125,7 @@ class ViTConfig:
     attn_drop_rate: float = 0.0
     drop_path_rate: float = 0.0
     dynamic_img_size: bool = False
+    dynamic_img_pad: bool = False  # zero-pad inputs to a multiple of the patch size (with dynamic_img_size)
     head_init_scale: float | None = None
     fix_init: bool = False  # BEiT init: divide attn.proj and mlp.fc2 weights by sqrt(2 * layer)
 
@@ -165,6 +167,31 @@ class ViTConfig:
         return cls(**{**base, **overrides})
 
 
+def feature_take_indices(
+    num_blocks: int, indices: int | list[int] | tuple[int, ...] | None = None
+) -> tuple[list[int], int]:
+    """timm's ``indices`` convention -> (absolute block indices, the largest one).
+
+    ``None``: every block; an int ``n``: the last ``n``; a sequence: those indices, negative ones counted from the end.
+    """
+    if indices is None:
+        indices = num_blocks
+    if isinstance(indices, int):
+        if not 0 < indices <= num_blocks:
+            raise ValueError(f"indices={indices} asks for the last {indices} blocks; the model has {num_blocks}.")
+        take = list(range(num_blocks - indices, num_blocks))
+    else:
+        take = []
+        for index in indices:
+            absolute = num_blocks + index if index < 0 else index
+            if not 0 <= absolute < num_blocks:
+                raise ValueError(f"block index {index} is out of range for a model with {num_blocks} blocks.")
+            take.append(absolute)
+        if not take:
+            raise ValueError("indices is empty; pass None (all blocks), an int (the last n) or block indices.")
+    return take, max(take)
+
+
 def _build_mlp(cfg: ViTConfig) -> nn.Module:
     hidden = cfg.mlp_hidden_dim
     if cfg.mlp == "swiglu":
@@ -195,7 +222,11 @@ class VisionTransformer(nn.Module):
         self.global_pool = cfg.global_pool
         self.num_features = self.head_hidden_size = self.embed_dim = cfg.embed_dim
         self.num_prefix_tokens = 1
+        self.num_reg_tokens = 0
+        self.has_class_token = True
+        self.no_embed_class = False
         self.dynamic_img_size = cfg.dynamic_img_size
+        self.grad_checkpointing = False
 
         self.patch_embed = PatchEmbed(
             cfg.img_size,
@@ -204,6 +235,7 @@ class VisionTransformer(nn.Module):
             cfg.embed_dim,
             bias=(not cfg.pre_norm) if cfg.patch_bias is None else cfg.patch_bias,
             dynamic_img_size=cfg.dynamic_img_size,
+            dynamic_img_pad=cfg.dynamic_img_pad,
         )
         grid = self.patch_embed.grid_size
         self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.embed_dim))
@@ -240,6 +272,10 @@ class VisionTransformer(nn.Module):
             )
             block = Block(cfg.embed_dim, attn, _build_mlp(cfg), cfg.norm_eps, cfg.layer_scale_init, rate)
             self.blocks.append(block)
+        reduction = self.patch_embed.patch_size[0]
+        self.feature_info = [
+            dict(module=f"blocks.{i}", num_chs=cfg.embed_dim, reduction=reduction) for i in range(cfg.depth)
+        ]
 
         use_fc_norm = cfg.global_pool == "avg" if cfg.fc_norm is None else cfg.fc_norm
         self.norm = nn.Identity() if use_fc_norm else LayerNorm(cfg.embed_dim, eps=cfg.norm_eps)
@@ -278,6 +314,16 @@ class VisionTransformer(nn.Module):
 
     # ------------------------------------------------------------------ timm-style API
 
+    _NOT_SCRIPTABLE = (
+        "vitfast models do not support {what}: each op picks its implementation (reference / Triton / "
+        "CUDA) in Python at call time and validates input shapes with Python control flow. Export with "
+        "torch.export or ONNX instead (vitfast.export.export_model, `vitfast export MODEL OUT`), which trace the "
+        "reference path; torch.jit.trace and torch.compile also work."
+    )
+
+    def __prepare_scriptable__(self) -> nn.Module:
+        raise TypeError(self._NOT_SCRIPTABLE.format(what="torch.jit.script (TorchScript)"))
+
     @property
     def default_cfg(self) -> dict[str, Any]:
         return self.pretrained_cfg
@@ -288,8 +334,20 @@ class VisionTransformer(nn.Module):
         names |= {n for n, _ in self.named_parameters() if n.endswith("relative_position_bias_table")}
         return {n for n, _ in self.named_parameters() if n in names}
 
+    def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
+        """timm's parameter-group regexes: the stem is layer 0, block ``i`` layer ``i + 1``, the final norm joins
+        the last block (timm's ``MATCH_PREV_GROUP``) and what no regex matches (head, ``fc_norm``) comes last.
+
+        ``timm.optim.create_optimizer_v2(model, layer_decay=...)`` and ``timm.optim.param_groups_layer_decay`` read it.
+        """
+        return dict(
+            stem=r"^cls_token|reg_token|mask_token|pos_embed|patch_embed|norm_pre|rel_pos_bias",
+            blocks=[(r"^blocks\.(\d+)", None), (r"^norm", (99999,))],
+        )
+
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute block activations in backward (saves memory); applies also when blocks are called directly."""
+        self.grad_checkpointing = enable
         for block in self.blocks:
             block.grad_checkpointing = enable
 
@@ -312,12 +370,24 @@ class VisionTransformer(nn.Module):
         self.pretrained_cfg = {**self.pretrained_cfg, "num_classes": num_classes}
 
     @torch.no_grad()
-    def set_input_size(self, img_size: int | tuple[int, int]) -> None:
-        """Change the nominal input size, resampling the position embedding and relative position tables."""
+    def set_input_size(
+        self, img_size: int | tuple[int, int] | None = None, patch_size: int | tuple[int, int] | None = None
+    ) -> None:
+        """Change the nominal input size and / or the patch size, as timm's ``set_input_size``.
+
+        The position embedding is resampled (bicubic) and the BEiT relative position tables resized (BEiT's
+        geometric interpolation) to the new grid; a new patch size resamples the patch kernel with the FlexiViT
+        pseudo-inverse (timm's ``resample_patch_embed``).
+        """
         old_grid = self.patch_embed.grid_size
-        self.patch_embed.set_img_size(img_size)
+        self.patch_embed.set_input_size(img_size=img_size, patch_size=patch_size)
+        patch = self.patch_embed.patch_size
+        self.config.patch_size = patch[0] if patch[0] == patch[1] else patch
+        for info in self.feature_info:
+            info["reduction"] = patch[0]
         new_grid = self.patch_embed.grid_size
         self.config.img_size = self.patch_embed.img_size
+        self.pretrained_cfg = {**self.pretrained_cfg, "input_size": (self.config.in_chans, *self.patch_embed.img_size)}
         if new_grid == old_grid:
             return
         if self.pos_embed is not None:
@@ -331,11 +401,12 @@ class VisionTransformer(nn.Module):
                 attn.relative_position_bias_table = nn.Parameter(table)
                 attn.window_size = new_grid
                 attn.relative_position_index = relative_position_index(new_grid, device=table.device)
-        self.pretrained_cfg = {**self.pretrained_cfg, "input_size": (self.config.in_chans, *self.patch_embed.img_size)}
 
     # ------------------------------------------------------------------ forward
 
     def _embed(self, x: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, tuple[int, int]]:
+        if isinstance(x, torch.fx.Proxy):
+            raise TypeError(self._NOT_SCRIPTABLE.format(what="torch.fx symbolic tracing"))
         grid = self.patch_embed.grid_size_for(x)
         pos_embed = self.pos_embed
         if pos_embed is not None and grid != self.patch_embed.grid_size:
@@ -344,6 +415,13 @@ class VisionTransformer(nn.Module):
         mean, std = (
             (self.pretrained_cfg["mean"], self.pretrained_cfg["std"]) if x.dtype == torch.uint8 else (None, None)
         )
+        if self.patch_embed.dynamic_img_pad:
+            if mean is not None:  # pad with zeros of the normalized image, as timm pads its float input
+                stats = dict(device=x.device, dtype=torch.float32)
+                mean_t, std_t = (torch.tensor(v, **stats).view(-1, 1, 1) for v in (mean, std))
+                x = ((x.float() / 255.0 - mean_t) / std_t).to(self.patch_embed.proj.weight.dtype)
+                mean = std = None
+            x = self.patch_embed.pad_to_patches(x)
         proj = self.patch_embed.proj
         if mask is None:  # patch GEMM, bias, class token and position embedding in one op
             return self.pos_drop(
@@ -376,6 +454,79 @@ class VisionTransformer(nn.Module):
         for block in self.blocks:
             x = block(x, grid=grid, rope=rope)
         return self.norm(x)
+
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: int | list[int] | tuple[int, ...] | None = None,
+        return_prefix_tokens: bool = False,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+        output_dict: bool = False,
+    ) -> list[Any] | tuple[torch.Tensor, list[Any]] | dict[str, Any]:
+        """Block outputs for dense tasks, with timm's signature and outputs.
+
+        Args:
+            x: image batch ``[B, C, H, W]``.
+            indices: ``None`` all blocks, an int ``n`` the last ``n`` blocks, a sequence the listed block indices
+                (negative counts from the end).
+            return_prefix_tokens: pair each intermediate with its prefix (class) tokens ``[B, 1, C]``.
+            norm: apply the final ``norm`` to each intermediate.
+            stop_early: skip the blocks after the last requested one.
+            output_fmt: ``"NCHW"`` (patch tokens as a ``[B, C, H / p, W / p]`` map) or ``"NLC"`` (``[B, N, C]``).
+            intermediates_only: return only the intermediates.
+            output_dict: return ``{"image_intermediates", "image_intermediates_prefix"?, "image_features"?}``.
+
+        Returns:
+            ``(final normalized tokens, intermediates)``, the intermediates alone, or the dict.
+        """
+        if output_fmt not in ("NCHW", "NLC"):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}.")
+        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
+        batch = x.shape[0]
+        x, grid = self._embed(x, None)
+        x = self.norm_pre(x)
+        rope = self.rope.table(grid, device=x.device) if self.rope is not None else None
+        blocks = self.blocks[: max_index + 1] if stop_early else self.blocks
+        intermediates = []
+        for i, block in enumerate(blocks):
+            x = block(x, grid=grid, rope=rope)
+            if i in take_indices:
+                intermediates.append(self.norm(x) if norm else x)
+        prefix_tokens = [y[:, : self.num_prefix_tokens] for y in intermediates]
+        intermediates = [y[:, self.num_prefix_tokens :] for y in intermediates]
+        if output_fmt == "NCHW":
+            intermediates = [y.reshape(batch, *grid, -1).permute(0, 3, 1, 2).contiguous() for y in intermediates]
+        if output_dict:
+            result: dict[str, Any] = {"image_intermediates": intermediates}
+            if return_prefix_tokens:
+                result["image_intermediates_prefix"] = prefix_tokens
+            if not intermediates_only:
+                result["image_features"] = self.norm(x)
+            return result
+        if return_prefix_tokens:
+            intermediates = list(zip(intermediates, prefix_tokens, strict=True))
+        if intermediates_only:
+            return intermediates
+        return self.norm(x), intermediates
+
+    def prune_intermediate_layers(
+        self, indices: int | list[int] | tuple[int, ...] = 1, prune_norm: bool = False, prune_head: bool = True
+    ) -> list[int]:
+        """Drop the blocks after the last of ``indices`` (and the final norm / the head), as timm does.
+
+        Returns the absolute block indices kept for :meth:`forward_intermediates`.
+        """
+        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
+        self.blocks = self.blocks[: max_index + 1]
+        if prune_norm:
+            self.norm = nn.Identity()
+        if prune_head:
+            self.fc_norm = nn.Identity()
+            self.reset_classifier(0, "")
+        return take_indices
 
     def pool(self, x: torch.Tensor) -> torch.Tensor:
         if self.global_pool == "avg":

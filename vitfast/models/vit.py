@@ -16,6 +16,7 @@ _SIZES = {
     "small": dict(embed_dim=384, depth=12, num_heads=6),
     "base": dict(embed_dim=768, depth=12, num_heads=12),
     "large": dict(embed_dim=1024, depth=24, num_heads=16),
+    "huge": dict(embed_dim=1280, depth=32, num_heads=16),
 }
 
 
@@ -162,6 +163,19 @@ def vit_base_patch32_384(pretrained: bool = False, **kwargs: Any) -> VisionTrans
 def vit_large_patch16_224(pretrained: bool = False, **kwargs: Any) -> VisionTransformer:
     """ViT-L/16 at 224x224."""
     return _vit("vit_large_patch16_224", "large", 16, 224, pretrained, kwargs)
+
+
+@register_model(
+    "vit",
+    weights=[  # timm's default tag for this name is the MAE encoder (no classifier)
+        timm_weights("vit_huge_patch14_224", "mae", 0, 224, 0.9, "imagenet", license="cc-by-nc-4.0"),
+        timm_weights("vit_huge_patch14_224", "orig_in21k", 0, 224, 0.9, "inception", license="apache-2.0"),
+    ],
+    timm="vit_huge_patch14_224",
+)
+def vit_huge_patch14_224(pretrained: bool = False, **kwargs: Any) -> VisionTransformer:
+    """ViT-H/14 at 224x224 (head dim 80), timm's name for the MAE and original in21k encoders."""
+    return _vit("vit_huge_patch14_224", "huge", 14, 224, pretrained, kwargs)
 
 
 @register_model(

@@ -78,6 +78,11 @@ def attention_ref(
     bias = None
     if rel_pos_bias_table is not None:
         bias = gather_rel_pos_bias(rel_pos_bias_table, rel_pos_index).unsqueeze(0).to(q.dtype)
+        if torch.compiler.is_exporting() and dropout_p == 0.0:
+            # torch.onnx's decomposition of SDPA with a float mask (its CPU flash kernel) breaks the export of the
+            # reshape after it ("Cannot view a tensor ..."; timm's Beit fails alike): export the attention as matmuls
+            scores = (q * (q.shape[-1] ** -0.5 if scale is None else scale)) @ k.transpose(-2, -1)
+            return (scores + bias).softmax(dim=-1) @ v
     return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout_p, scale=scale)
 
 
