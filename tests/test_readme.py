@@ -60,8 +60,19 @@ def _image_folders(namespace: dict) -> None:
         _pil_image(seed).save(path)
 
 
+# Depth of the models the snippets build (one block, for speed) unless a snippet's setup needs more
+DEPTH = {"blocks": 1}
+
+
+def _backbone_snippet(namespace: dict) -> None:
+    """It names blocks 3, 7 and 11: the models keep their 12 blocks here (at 224 px, a few seconds on the CPU)."""
+    DEPTH["blocks"] = 12
+    namespace.update(images=torch.randn(1, 3, 224, 224))
+
+
 # what each snippet (found by a line it holds) takes for granted; a new snippet that needs setup gets a row here
 SETUP = {
+    "model.forward_intermediates(images, indices=[3, 7, 11])": _backbone_snippet,
     "records = vitfast.predict(": _image_folders,
     'vitfast.load_checkpoint(model, "eva02_L_pt_m38m_p14.pt"': lambda ns: torch.save(
         vitfast.create_model("eva02_large_patch14_224_mim").state_dict(), "eva02_L_pt_m38m_p14.pt"
@@ -94,8 +105,9 @@ def one_block_models_and_local_weights(monkeypatch, tmp_path) -> None:
     monkeypatch.setattr(
         ViTConfig,
         "from_kwargs",
-        classmethod(lambda cls, base, overrides: from_kwargs(cls, base, {"depth": 1, **overrides})),
+        classmethod(lambda cls, base, overrides: from_kwargs(cls, base, {"depth": DEPTH["blocks"], **overrides})),
     )
+    monkeypatch.setitem(DEPTH, "blocks", 1)
 
     def local_weights(model, weights, **kwargs):
         """The real load path (file -> conversion -> strict load) on random weights of the model's own shapes."""
