@@ -30,6 +30,7 @@ from vitfast.ops._triton import (
     num_sms,
     tl,
     triton,
+    triton_op,
 )
 
 __all__ = [
@@ -519,7 +520,7 @@ def _layer_norm_bwd_reference(
     return dx.to(x.dtype), dbranch.to(branch.dtype if branch is not None else x.dtype), dgamma, dweight, dbias
 
 
-@torch.library.triton_op("vitfast::layer_norm_fwd", mutates_args=())
+@triton_op("vitfast::layer_norm_fwd")
 def _layer_norm_fwd_op(
     x: torch.Tensor,
     branch: torch.Tensor | None,
@@ -533,7 +534,7 @@ def _layer_norm_fwd_op(
     return layer_norm_fwd(x, branch, gamma, weight, bias, eps)
 
 
-@torch.library.triton_op("vitfast::layer_norm_bwd", mutates_args=())
+@triton_op("vitfast::layer_norm_bwd")
 def _layer_norm_bwd_op(
     d_out: torch.Tensor | None,
     d_residual: torch.Tensor | None,
@@ -556,20 +557,20 @@ def layer_norm_setup_context(ctx, inputs, output) -> None:
     ctx.save_for_backward(x if branch is None else residual_out, branch, gamma, weight, bias, rstd)
 
 
-def layer_norm_backward_with(bwd_op: str) -> Callable:
-    """The autograd backward of a ``layer_norm_fwd``-shaped op, computed by ``torch.ops.vitfast.<bwd_op>``.
+def layer_norm_backward_with(bwd_op: str | Callable) -> Callable:
+    """The autograd backward of a ``layer_norm_fwd``-shaped op, computed by ``bwd_op``.
 
-    Shared by the Triton op here and the CUDA C++ op (:mod:`vitfast.ops.layer_norm_ext`), whose schemas match; the op
-    is looked up at call time, so the compiled extension may load after this module.
+    Shared by the Triton op here (``bwd_op`` the :class:`~vitfast.ops._triton.EagerOp` itself, so that an eager
+    backward skips the dispatcher too) and the CUDA C++ op (:mod:`vitfast.ops.layer_norm_ext`), whose schemas match;
+    a name is looked up in ``torch.ops.vitfast`` at call time, so the compiled extension may load after this module.
     """
 
     def backward(ctx, d_out, d_residual, _d_mean, _d_rstd):
         normalized, branch, gamma, weight, bias, rstd = ctx.saved_tensors
         if branch is None:
             d_residual = None  # the empty residual_out placeholder of the plain variant carries no gradient
-        dx, dbranch, dgamma, dweight, dbias = getattr(torch.ops.vitfast, bwd_op)(
-            d_out, d_residual, normalized, branch, gamma, weight, bias, rstd
-        )
+        bwd = getattr(torch.ops.vitfast, bwd_op) if isinstance(bwd_op, str) else bwd_op
+        dx, dbranch, dgamma, dweight, dbias = bwd(d_out, d_residual, normalized, branch, gamma, weight, bias, rstd)
 
         def present(grad: torch.Tensor, tensor: torch.Tensor | None) -> torch.Tensor | None:
             return grad if tensor is not None else None
@@ -586,7 +587,7 @@ def layer_norm_backward_with(bwd_op: str) -> Callable:
     return backward
 
 
-_layer_norm_backward = layer_norm_backward_with("layer_norm_bwd")
+_layer_norm_backward = layer_norm_backward_with(_layer_norm_bwd_op)
 
 
 _layer_norm_fwd_op.register_autograd(_layer_norm_backward, setup_context=layer_norm_setup_context)
@@ -618,7 +619,7 @@ if HAS_TRITON:
         if reason is not None:
             log_fallback("layer_norm", reason)
             return layer_norm_ref(x, weight, bias, eps)
-        return torch.ops.vitfast.layer_norm_fwd(x, None, None, weight, bias, eps)[0]
+        return _layer_norm_fwd_op(x, None, None, weight, bias, eps)[0]
 
     def _layer_norm_residual_triton(
         x: torch.Tensor,
@@ -634,7 +635,7 @@ if HAS_TRITON:
         if reason is not None:
             log_fallback("layer_norm_residual", reason)
             return layer_norm_residual_ref(x, branch, gamma, weight, bias, eps)
-        out, residual_out, _mean, _rstd = torch.ops.vitfast.layer_norm_fwd(x, branch, gamma, weight, bias, eps)
+        out, residual_out, _mean, _rstd = _layer_norm_fwd_op(x, branch, gamma, weight, bias, eps)
         return out, residual_out
 
     register_impl("layer_norm", "triton", _layer_norm_triton)
