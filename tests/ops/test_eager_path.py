@@ -100,3 +100,15 @@ def test_eager_and_registered_paths_agree(wants_grad: str) -> None:
 def test_mutating_ops_are_refused() -> None:
     with pytest.raises(ValueError, match="mutate nothing"):
         triton_glue.triton_op("vitfast::_never_registered", mutates_args=("x",))
+
+
+def test_residual_without_layer_scale_hands_dx_to_branch() -> None:
+    """``x + branch`` has one gradient for both: the backward returns dx itself, no second copy written."""
+    x, branch, weight, bias = _inputs()
+    with use_backend("triton"):
+        out, residual = ops.layer_norm_residual(x, branch, None, weight, bias)
+    grad_x, grad_branch = torch.autograd.grad(out.square().sum() + residual.sum(), (x, branch))
+    assert grad_x.data_ptr() == grad_branch.data_ptr()
+    expected_out, expected_residual = ln.layer_norm_residual_ref(x, branch, None, weight, bias)
+    expected = torch.autograd.grad(expected_out.square().sum() + expected_residual.sum(), x)[0]
+    torch.testing.assert_close(grad_x, expected)

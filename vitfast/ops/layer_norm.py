@@ -195,9 +195,12 @@ def _layer_norm_bwd_kernel(
         weight = tl.load(weight_ptr + col, mask=col_mask, other=0.0).to(tl.float32)
     if HAS_GAMMA:
         gamma = tl.load(gamma_ptr + col, mask=col_mask, other=0.0).to(tl.float32)
-    dweight_acc = tl.zeros([BLOCK_ROWS, BLOCK_C], dtype=tl.float32)
-    dbias_acc = tl.zeros([BLOCK_ROWS, BLOCK_C], dtype=tl.float32)
-    dgamma_acc = tl.zeros([BLOCK_ROWS, BLOCK_C], dtype=tl.float32)
+    # 1-D accumulators: each row block's tile is summed over its rows (a tree) before it is added, so a program holds
+    # BLOCK_C fp32 values per parameter instead of a BLOCK_ROWS x BLOCK_C tile (122-124 registers, 2 CTAs per SM at
+    # C=768 with 2-D ones: benchmarks/results/2026-12-01_kernel_report.md)
+    dweight_acc = tl.zeros([BLOCK_C], dtype=tl.float32)
+    dbias_acc = tl.zeros([BLOCK_C], dtype=tl.float32)
+    dgamma_acc = tl.zeros([BLOCK_C], dtype=tl.float32)
     first_row = pid * rows_per_program
     for block_start in range(first_row, first_row + rows_per_program, BLOCK_ROWS):
         row = block_start + tl.arange(0, BLOCK_ROWS)
@@ -215,11 +218,11 @@ def _layer_norm_bwd_kernel(
             d_out = d_out.to(tl.float32)
             if HAS_WEIGHT:
                 d_x_hat = d_out * weight[None, :]
-                dweight_acc += d_out * x_hat
+                dweight_acc += tl.sum(d_out * x_hat, axis=0)
             else:
                 d_x_hat = d_out
             if HAS_BIAS:
-                dbias_acc += d_out
+                dbias_acc += tl.sum(d_out, axis=0)
             # dx = rstd * (d_x_hat - mean(d_x_hat) - x_hat * mean(d_x_hat * x_hat)), means over the row
             mean_d_x_hat = tl.sum(d_x_hat, axis=1) / cols
             mean_d_x_hat_x_hat = tl.sum(d_x_hat * x_hat, axis=1) / cols
@@ -233,7 +236,7 @@ def _layer_norm_bwd_kernel(
         if HAS_BRANCH:
             if HAS_GAMMA:
                 branch = tl.load(branch_ptr + row_offset * branch_row_stride + col[None, :], mask=mask, other=0.0)
-                dgamma_acc += dx * branch.to(tl.float32)
+                dgamma_acc += tl.sum(dx * branch.to(tl.float32), axis=0)
                 dbranch = dx * gamma[None, :]
             else:
                 dbranch = dx
@@ -241,11 +244,11 @@ def _layer_norm_bwd_kernel(
                 dbranch_ptr + row_offset * cols + col[None, :], dbranch.to(dbranch_ptr.dtype.element_ty), mask=mask
             )
     if HAS_WEIGHT:
-        tl.store(dweight_partial_ptr + pid * cols + col, tl.sum(dweight_acc, axis=0), mask=col_mask)
+        tl.store(dweight_partial_ptr + pid * cols + col, dweight_acc, mask=col_mask)
     if HAS_BIAS:
-        tl.store(dbias_partial_ptr + pid * cols + col, tl.sum(dbias_acc, axis=0), mask=col_mask)
+        tl.store(dbias_partial_ptr + pid * cols + col, dbias_acc, mask=col_mask)
     if HAS_GAMMA:
-        tl.store(dgamma_partial_ptr + pid * cols + col, tl.sum(dgamma_acc, axis=0), mask=col_mask)
+        tl.store(dgamma_partial_ptr + pid * cols + col, dgamma_acc, mask=col_mask)
 
 
 def _block_sizes(cols: int) -> tuple[int, int, int]:
@@ -395,8 +398,9 @@ def layer_norm_bwd(
 
     - ``x``: the tensor that was normalized, ``[..., C]`` (``residual_out`` in the residual variant); ``rstd``: its
       fp32 ``x.shape[:-1]`` statistic from :func:`layer_norm_fwd` (the mean is recomputed from ``x``).
-    - ``d_out``: gradient of ``out``, ``d_residual``: of ``residual_out`` (residual variant only); ``x``'s shape,
-      either may be None (no gradient).
+    - ``d_out``: gradient of ``out``, ``d_residual``: of ``residual_out``, added to ``dx``; ``x``'s shape, either may
+      be None (no gradient). ``d_residual`` without ``branch``: the residual variant without a layer scale, whose
+      ``dbranch`` is ``dx`` itself, so the autograd backward asks for no copy of it.
     - ``branch``, ``gamma``, ``weight``, ``bias``: the forward's inputs (``bias`` is only looked at for its presence
       and dtype).
     - ``dx``: ``x``'s shape and dtype, the gradient of the forward's ``x``. ``dbranch`` (``branch``'s dtype),
@@ -406,8 +410,6 @@ def layer_norm_bwd(
     cols = _check_x(x)
     if gamma is not None and branch is None:
         raise ValueError("layer_norm: gamma (the layer scale of the branch) needs a branch.")
-    if d_residual is not None and branch is None:
-        raise ValueError("layer_norm: d_residual (the gradient of residual_out) needs a branch.")
     for name, t in (("d_out", d_out), ("d_residual", d_residual), ("branch", branch)):
         _check_activation(name, t, x.shape, x.device)
     for name, param in (("gamma", gamma), ("weight", weight), ("bias", bias)):
@@ -569,8 +571,18 @@ def layer_norm_backward_with(bwd_op: str | Callable) -> Callable:
         normalized, branch, gamma, weight, bias, rstd = ctx.saved_tensors
         if branch is None:
             d_residual = None  # the empty residual_out placeholder of the plain variant carries no gradient
-        bwd = getattr(torch.ops.vitfast, bwd_op) if isinstance(bwd_op, str) else bwd_op
-        dx, dbranch, dgamma, dweight, dbias = bwd(d_out, d_residual, normalized, branch, gamma, weight, bias, rstd)
+        if isinstance(bwd_op, str):
+            dx, dbranch, dgamma, dweight, dbias = getattr(torch.ops.vitfast, bwd_op)(
+                d_out, d_residual, normalized, branch, gamma, weight, bias, rstd
+            )
+        elif branch is not None and gamma is None:
+            # residual_out = x + branch: branch's gradient is dx; autograd takes one tensor for both, as for an add
+            dx, _, dgamma, dweight, dbias = bwd_op(d_out, d_residual, normalized, None, None, weight, bias, rstd)
+            dbranch = dx.to(branch.dtype)
+        else:
+            dx, dbranch, dgamma, dweight, dbias = bwd_op(
+                d_out, d_residual, normalized, branch, gamma, weight, bias, rstd
+            )
 
         def present(grad: torch.Tensor, tensor: torch.Tensor | None) -> torch.Tensor | None:
             return grad if tensor is not None else None
