@@ -658,7 +658,7 @@ def layer_norm(
     x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float = 1e-6
 ) -> torch.Tensor:
     """LayerNorm over the last dimension through the current backend."""
-    return dispatch("layer_norm", x.device)(x, weight, bias, eps)
+    return dispatch("layer_norm", x.device, x.shape[-1] if x.ndim else None)(x, weight, bias, eps)
 
 
 def layer_norm_residual(
@@ -674,4 +674,6 @@ def layer_norm_residual(
     The pre-norm block step ``x = x + gamma * branch(...); y = norm(x)`` in one pass; ``gamma`` is the optional
     layer-scale vector ``[C]``. See :func:`layer_norm_residual_ref` for the precision contract.
     """
-    return dispatch("layer_norm_residual", x.device)(x, branch, gamma, weight, bias, eps)
+    return dispatch("layer_norm_residual", x.device, x.shape[-1] if x.ndim else None)(
+        x, branch, gamma, weight, bias, eps
+    )
