@@ -10,7 +10,11 @@ The backend is looked up every time an op is called, so switching it never requi
   extension where it is present and the reference otherwise: the Triton kernels lose to PyTorch's own kernels in
   eager mode (each Triton op call costs tens of microseconds of host time, and some backward kernels are slow; H100,
   2026-11-22: ViT-B/16 eager 7.9 vs 4.0 ms at batch 1). They win inside CUDA graphs at small batch, where
-  :func:`vitfast.optimize` measures and picks them.
+  :func:`vitfast.optimize` measures and picks them. In training (a call under grad mode) ``"auto"`` follows
+  :data:`TRAINING_TABLE` instead: an implementation runs only where a GPU measured it faster than PyTorch at forward
+  + backward, per op and width range, on that device; PyTorch everywhere else. The table has no cell yet, so
+  training runs PyTorch; run inference under ``torch.inference_mode()`` / ``torch.no_grad()`` to get the inference
+  choice.
 
 Set it with :func:`set_backend`, the :func:`use_backend` context manager, or the ``VITFAST_BACKEND`` environment
 variable (read once, at the first op call).
@@ -22,15 +26,19 @@ one-time debug log, never an error.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 
 __all__ = [
     "BACKENDS",
+    "TRAINING_TABLE",
+    "TrainingCell",
     "dispatch",
     "get_backend",
     "implementations",
@@ -161,19 +169,66 @@ def override_impl(op: str, fn: Callable) -> Iterator[None]:
             _overrides[op] = previous
 
 
-def _auto_candidates(device: torch.device) -> tuple[str, ...]:
+@dataclass(frozen=True)
+class TrainingCell:
+    """One measured cell of ``"auto"``'s training table: ``backend`` beat PyTorch at forward + backward of ``op``.
+
+    ``min_width`` / ``max_width``: the range of the op's last dimension the measurement covers (inclusive);
+    ``device``: ``torch.cuda.get_device_name()`` of the GPU it ran on (the cell applies to that device only);
+    ``measured``: ISO date; ``source``: the results file under ``benchmarks/results/`` that holds the timings.
+    """
+
+    op: str
+    backend: str
+    min_width: int
+    max_width: int
+    device: str
+    measured: str
+    source: str
+
+    def covers(self, op: str, width: int | None) -> bool:
+        return op == self.op and width is not None and self.min_width <= width <= self.max_width
+
+
+# Empty: no GPU has measured forward + backward of the current kernels faster than PyTorch. The last measurement
+# (H100, 2026-11-22, benchmarks/results/2026-11-22_h100_ext.md) had both the CUDA C++ and the Triton LayerNorm
+# slower than PyTorch at forward + backward at every shape (e.g. (12608, 768) bf16: 0.69 and 1.53 vs 0.21 ms), and
+# the kernels have been rebuilt since. A cell is added only from a GPU run, with its device, date and results file.
+TRAINING_TABLE: tuple[TrainingCell, ...] = ()
+
+
+@functools.cache
+def _device_name(device_index: int) -> str:
+    return torch.cuda.get_device_name(device_index)
+
+
+def _training_choice(op: str, device: torch.device, width: int | None) -> tuple[str, ...]:
+    cells = [cell for cell in TRAINING_TABLE if cell.covers(op, width)] if device.type == "cuda" else []
+    if not cells:
+        return ()
+    name = _device_name(device.index if device.index is not None else torch.cuda.current_device())
+    return tuple(cell.backend for cell in cells if cell.device == name)
+
+
+def _auto_candidates(op: str, device: torch.device, width: int | None) -> tuple[str, ...]:
+    if torch.is_grad_enabled():
+        return _training_choice(op, device, width)
     return ("cuda",) if device.type == "cuda" else ()
 
 
-def dispatch(op: str, device: torch.device) -> Callable:
-    """The implementation of ``op`` that should run for tensors on ``device`` under the current backend."""
+def dispatch(op: str, device: torch.device, width: int | None = None) -> Callable:
+    """The implementation of ``op`` that should run for tensors on ``device`` under the current backend.
+
+    ``width``: the size of the op's last dimension, which ``"auto"``'s training table looks up (None: no cell
+    applies, PyTorch runs in training).
+    """
     if op in _overrides:
         return _overrides[op]
     impls = _impls[op]
     chosen = get_backend()
     if chosen == "reference":
         return impls["reference"]
-    candidates = _auto_candidates(device) if chosen == "auto" else (chosen,)
+    candidates = _auto_candidates(op, device, width) if chosen == "auto" else (chosen,)
     for name in candidates:
         if name in impls:
             return impls[name]

@@ -195,6 +195,51 @@ def _glu_mlp_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return self.drop2(self.fc2(self.norm(self.drop1(hidden))))
 
 
+class _RecomputedFromInput(torch.autograd.Function):
+    """``fn(h, *params)`` saving only ``h``: backward runs ``fn`` again (same autocast state) and differentiates it.
+
+    For a cheap elementwise step feeding a GEMM (timm ``Mlp``'s activation then ``fc2``): ``fc2`` would save the
+    activation and the activation its input, two tensors of the hidden width; this keeps one. Every step of ``fn``
+    must be deterministic (no active dropout), so the recomputation is the forward bit for bit.
+    """
+
+    @staticmethod
+    def forward(ctx, fn: Callable, h: torch.Tensor, *params: torch.Tensor) -> torch.Tensor:
+        ctx.fn = fn
+        device_type = h.device.type
+        ctx.autocast = (device_type, torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type))
+        ctx.save_for_backward(h, *params)
+        return fn(h, *params)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        h, *params = ctx.saved_tensors
+        device_type, autocast_enabled, autocast_dtype = ctx.autocast
+        saved = (h, *params)
+        inputs = [t.detach().requires_grad_(w) for t, w in zip(saved, ctx.needs_input_grad[1:], strict=True)]
+        with torch.enable_grad(), torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast_enabled):
+            out = ctx.fn(*inputs)
+        wanted = [t for t in inputs if t.requires_grad]
+        grads = iter(torch.autograd.grad(out, wanted, grad, allow_unused=True) if wanted else ())
+        return None, *(next(grads) if t.requires_grad else None for t in inputs)
+
+
+def _mlp_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """timm ``Mlp``: ``fc2(act(fc1(x)))`` with the activation recomputed in backward instead of saved."""
+    dropout_active = self.training and isinstance(self.drop1, nn.Dropout) and self.drop1.p > 0
+    plain = isinstance(self.drop1, nn.Dropout | nn.Identity) and isinstance(self.norm, nn.Identity)
+    if dropout_active or not plain or not isinstance(self.fc2, nn.Linear) or not torch.is_grad_enabled():
+        return _original_forward(self, x)
+    hidden = self.fc1(x)
+    act, fc2 = self.act, self.fc2
+
+    def activation_then_fc2(h: torch.Tensor, weight: torch.Tensor, *bias: torch.Tensor) -> torch.Tensor:
+        return F.linear(act(h), weight, bias[0] if bias else None)
+
+    params = (fc2.weight,) if fc2.bias is None else (fc2.weight, fc2.bias)
+    return self.drop2(_RecomputedFromInput.apply(activation_then_fc2, hidden, *params))
+
+
 def _layer_scale(module: nn.Module) -> tuple[bool, torch.Tensor | None]:
     """(usable, gamma) for timm's ``ls1``: Identity -> no gamma; LayerScale -> its gamma; anything else unusable."""
     if isinstance(module, nn.Identity):
@@ -239,7 +284,7 @@ def _gamma_block_forward(self: nn.Module, x: torch.Tensor, *args, **kwargs) -> t
 def _timm_rules() -> list[tuple[type, str, Callable]]:
     """(module class, kind, patched forward), most specific first; empty without timm."""
     try:
-        from timm.layers import GluMlp, SwiGLU
+        from timm.layers import GluMlp, Mlp, SwiGLU
         from timm.layers.attention import Attention as TimmAttention
         from timm.models.beit import Attention as BeitAttention
         from timm.models.beit import Block as BeitBlock
@@ -253,6 +298,7 @@ def _timm_rules() -> list[tuple[type, str, Callable]]:
         (TimmAttention, "attention", _vit_attention_forward),
         (SwiGLU, "swiglu", _swiglu_forward),
         (GluMlp, "glu_mlp", _glu_mlp_forward),
+        (Mlp, "mlp", _mlp_forward),
         (BeitBlock, "beit_block", _gamma_block_forward),
         (EvaBlock, "eva_block", _gamma_block_forward),
         (VitBlock, "vit_block", _vit_block_forward),
@@ -349,8 +395,6 @@ def _reason_left_alone(module: nn.Module) -> str | None:
         return "not a LayerNorm over the last dimension of its input (the kernel's contract)"
     if name == "PatchEmbed":
         return "the fused patch embedding needs the model's class token and position embedding (vitfast models)"
-    if name == "Mlp":
-        return "GELU MLP: Linear + GELU stay in PyTorch (no fused kernel yet)"
     if name in {"LayerScale", "DropPath", "RelativePositionBias", "RotaryEmbeddingCat"}:
         return None  # folded into a patched block or attention, or kept as it is
     if "Attention" in name or "Block" in name or "Mlp" in name or "GLU" in name:

@@ -32,8 +32,10 @@ __all__ = [
     "log_fallback",
     "next_power_of_2",
     "num_sms",
+    "plain_eager",
     "tl",
     "triton",
+    "triton_op",
     "widen_bf16_dot",
 ]
 
@@ -120,7 +122,7 @@ def launch(kernel: Any, grid: tuple[int, ...], *args: Any, **kwargs: Any) -> Non
     values = (*args, *kwargs.values())
     if INTERPRETER and any(_is_fake(a) for a in values):
         return
-    if _plain_eager(values):
+    if plain_eager(values):
         # Plain eager call (CUDA-graph capture included): launch directly. Through wrap_triton, each eager launch
         # dispatches a higher-order op, which cost ~80 us of host time per kernel on an H100 host (2026-11-22:
         # vit_base_patch16_224 bs 1 eager on the kernels 10.5 ms vs 5.1 ms on the reference path), far more than
@@ -133,11 +135,93 @@ def launch(kernel: Any, grid: tuple[int, ...], *args: Any, **kwargs: Any) -> Non
 _PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
 
 
-def _plain_eager(values: tuple[Any, ...]) -> bool:
-    """No tracing in progress: not compiling, no dispatch mode (make_fx, fake tensors), only plain tensors."""
+def plain_eager(args: tuple[Any, ...]) -> bool:
+    """Whether a call may skip ``torch.library``'s dispatch: nothing traces it and no transform wraps it.
+
+    Nothing compiling (dynamo), no dispatch mode (fake tensors, make_fx, FlopCounter, opcheck's checks), no functorch
+    transform (vmap, grad, functionalize) and only plain tensors (no FakeTensor, DTensor or other subclass) among the
+    arguments. Anything else goes through the registered op, which is what those tools are built to see.
+    """
     if torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None:
         return False
-    return all(type(v) in _PLAIN_TENSORS for v in values if isinstance(v, torch.Tensor))
+    if torch._C._functorch.peek_interpreter_stack() is not None:
+        return False
+    return all(type(a) in _PLAIN_TENSORS for a in args if isinstance(a, torch.Tensor))
+
+
+class _EagerAutograd(torch.autograd.Function):
+    """The autograd node of an :class:`EagerOp` called eagerly: its registered setup_context and backward, unchanged.
+
+    Same contract as the node ``register_autograd`` builds (one gradient per output, zeros for outputs that got
+    none, ``ctx.needs_input_grad`` per op input), without the dispatcher's redispatch around the forward.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, op: EagerOp, *args: Any) -> Any:
+        output = op.fn(*args)
+        op.setup_context(ctx, args, output)
+        ctx.eager_op = op
+        return output
+
+    @staticmethod
+    def backward(ctx: Any, *grads: Any) -> Any:
+        needs_input_grad = ctx.needs_input_grad
+        ctx.needs_input_grad = needs_input_grad[1:]
+        try:
+            result = ctx.eager_op.backward(ctx, *grads)
+        finally:
+            ctx.needs_input_grad = needs_input_grad
+        return (None, *result) if isinstance(result, tuple) else (None, result)
+
+
+class EagerOp:
+    """A ``torch.library.triton_op`` that an untraced eager call runs without the dispatcher.
+
+    Calling it: under tracing (:func:`plain_eager` false) it is the registered op, what torch.compile, opcheck,
+    make_fx and functorch see, unchanged. Otherwise the op's Python body runs directly, inside one
+    :class:`_EagerAutograd` node when a gradient is wanted. ``torch.library``'s dispatch of a Python op (schema
+    parse, autograd redispatch, generated Function) cost more host time than the op's launcher and Triton's launch
+    together (benchmarks/results/2026-12-01_host_overhead.md), against ~5 us for an aten op.
+    """
+
+    def __init__(self, op: Any, fn: Callable) -> None:
+        self.op = op
+        self.fn = fn
+        self.backward: Callable | None = None
+        self.setup_context: Callable | None = None
+
+    def register_autograd(self, backward: Callable, *, setup_context: Callable) -> None:
+        self.op.register_autograd(backward, setup_context=setup_context)
+        self.backward = backward
+        self.setup_context = setup_context
+
+    def __getattr__(self, name: str) -> Any:  # register_fake, register_kernel, ... of the CustomOpDef
+        return getattr(self.op, name)
+
+    def __call__(self, *args: Any) -> Any:
+        if not plain_eager(args):
+            return self.op(*args)
+        if (
+            self.backward is not None
+            and torch.is_grad_enabled()
+            and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)
+        ):
+            return _EagerAutograd.apply(self, *args)
+        return self.fn(*args)
+
+
+def triton_op(name: str, *, mutates_args: tuple[str, ...] = ()) -> Callable[[Callable], EagerOp]:
+    """``torch.library.triton_op(name, mutates_args=...)`` returning an :class:`EagerOp` (the eager launch path).
+
+    Ops that mutate an argument stay on the dispatcher: the direct path does not bump version counters.
+    """
+    if mutates_args:
+        raise ValueError(f"{name}: the eager launch path takes only ops that mutate nothing.")
+
+    def register(fn: Callable) -> EagerOp:
+        return EagerOp(torch.library.triton_op(name, mutates_args=mutates_args)(fn), fn)
+
+    return register
 
 
 def kernel_can_run(*tensors: torch.Tensor | None) -> bool:

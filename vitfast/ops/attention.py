@@ -41,6 +41,7 @@ from vitfast.ops._triton import (
     next_power_of_2,
     tl,
     triton,
+    triton_op,
     widen_bf16_dot,
 )
 from vitfast.ops.rope import _check_qk, rope_2d_qk, rope_2d_ref
@@ -609,7 +610,7 @@ def _attention_bwd_reference(
 # ------------------------------------------------------------------------------------------------------ registration
 
 
-@torch.library.triton_op("vitfast::attention_fwd", mutates_args=())
+@triton_op("vitfast::attention_fwd")
 def _attention_fwd_op(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -625,7 +626,7 @@ def _attention_fwd_op(
     return attention_fwd(*args)
 
 
-@torch.library.triton_op("vitfast::attention_bwd", mutates_args=())
+@triton_op("vitfast::attention_bwd")
 def _attention_bwd_op(
     grad_out: torch.Tensor,
     q: torch.Tensor,
@@ -660,7 +661,7 @@ def _attention_backward(ctx, grad_out: torch.Tensor, _grad_lse: torch.Tensor | N
     q, k, v, out, lse, rel_pos_bias_table, rel_pos_index = ctx.saved_tensors
     # the bias table's gradient only when it is wanted
     table_grad = rel_pos_bias_table is not None and ctx.needs_input_grad[4]
-    grad_q, grad_k, grad_v, grad_table = torch.ops.vitfast.attention_bwd(
+    grad_q, grad_k, grad_v, grad_table = _attention_bwd_op(
         grad_out, q, k, v, out, lse, ctx.scale, rel_pos_bias_table, rel_pos_index, table_grad
     )
     return grad_q, grad_k, grad_v, None, grad_table if table_grad else None, None
@@ -730,7 +731,7 @@ if HAS_TRITON:
             return attention_ref(q, k, v, scale, rope, num_prefix_tokens, rel_pos_bias_table, rel_pos_index, dropout_p)
         q, k = _rotated(q, k, rope, num_prefix_tokens)
         scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-        out, _ = torch.ops.vitfast.attention_fwd(q, k, v, scale, rel_pos_bias_table, rel_pos_index)
+        out, _ = _attention_fwd_op(q, k, v, scale, rel_pos_bias_table, rel_pos_index)
         return out
 
     register_impl("attention", "triton", _attention_triton)

@@ -30,6 +30,7 @@ from vitfast.ops._triton import (
     num_sms,
     tl,
     triton,
+    triton_op,
 )
 
 __all__ = [
@@ -194,9 +195,12 @@ def _layer_norm_bwd_kernel(
         weight = tl.load(weight_ptr + col, mask=col_mask, other=0.0).to(tl.float32)
     if HAS_GAMMA:
         gamma = tl.load(gamma_ptr + col, mask=col_mask, other=0.0).to(tl.float32)
-    dweight_acc = tl.zeros([BLOCK_ROWS, BLOCK_C], dtype=tl.float32)
-    dbias_acc = tl.zeros([BLOCK_ROWS, BLOCK_C], dtype=tl.float32)
-    dgamma_acc = tl.zeros([BLOCK_ROWS, BLOCK_C], dtype=tl.float32)
+    # 1-D accumulators: each row block's tile is summed over its rows (a tree) before it is added, so a program holds
+    # BLOCK_C fp32 values per parameter instead of a BLOCK_ROWS x BLOCK_C tile (122-124 registers, 2 CTAs per SM at
+    # C=768 with 2-D ones: benchmarks/results/2026-12-01_kernel_report.md)
+    dweight_acc = tl.zeros([BLOCK_C], dtype=tl.float32)
+    dbias_acc = tl.zeros([BLOCK_C], dtype=tl.float32)
+    dgamma_acc = tl.zeros([BLOCK_C], dtype=tl.float32)
     first_row = pid * rows_per_program
     for block_start in range(first_row, first_row + rows_per_program, BLOCK_ROWS):
         row = block_start + tl.arange(0, BLOCK_ROWS)
@@ -214,11 +218,11 @@ def _layer_norm_bwd_kernel(
             d_out = d_out.to(tl.float32)
             if HAS_WEIGHT:
                 d_x_hat = d_out * weight[None, :]
-                dweight_acc += d_out * x_hat
+                dweight_acc += tl.sum(d_out * x_hat, axis=0)
             else:
                 d_x_hat = d_out
             if HAS_BIAS:
-                dbias_acc += d_out
+                dbias_acc += tl.sum(d_out, axis=0)
             # dx = rstd * (d_x_hat - mean(d_x_hat) - x_hat * mean(d_x_hat * x_hat)), means over the row
             mean_d_x_hat = tl.sum(d_x_hat, axis=1) / cols
             mean_d_x_hat_x_hat = tl.sum(d_x_hat * x_hat, axis=1) / cols
@@ -232,7 +236,7 @@ def _layer_norm_bwd_kernel(
         if HAS_BRANCH:
             if HAS_GAMMA:
                 branch = tl.load(branch_ptr + row_offset * branch_row_stride + col[None, :], mask=mask, other=0.0)
-                dgamma_acc += dx * branch.to(tl.float32)
+                dgamma_acc += tl.sum(dx * branch.to(tl.float32), axis=0)
                 dbranch = dx * gamma[None, :]
             else:
                 dbranch = dx
@@ -240,11 +244,11 @@ def _layer_norm_bwd_kernel(
                 dbranch_ptr + row_offset * cols + col[None, :], dbranch.to(dbranch_ptr.dtype.element_ty), mask=mask
             )
     if HAS_WEIGHT:
-        tl.store(dweight_partial_ptr + pid * cols + col, tl.sum(dweight_acc, axis=0), mask=col_mask)
+        tl.store(dweight_partial_ptr + pid * cols + col, dweight_acc, mask=col_mask)
     if HAS_BIAS:
-        tl.store(dbias_partial_ptr + pid * cols + col, tl.sum(dbias_acc, axis=0), mask=col_mask)
+        tl.store(dbias_partial_ptr + pid * cols + col, dbias_acc, mask=col_mask)
     if HAS_GAMMA:
-        tl.store(dgamma_partial_ptr + pid * cols + col, tl.sum(dgamma_acc, axis=0), mask=col_mask)
+        tl.store(dgamma_partial_ptr + pid * cols + col, dgamma_acc, mask=col_mask)
 
 
 def _block_sizes(cols: int) -> tuple[int, int, int]:
@@ -394,8 +398,9 @@ def layer_norm_bwd(
 
     - ``x``: the tensor that was normalized, ``[..., C]`` (``residual_out`` in the residual variant); ``rstd``: its
       fp32 ``x.shape[:-1]`` statistic from :func:`layer_norm_fwd` (the mean is recomputed from ``x``).
-    - ``d_out``: gradient of ``out``, ``d_residual``: of ``residual_out`` (residual variant only); ``x``'s shape,
-      either may be None (no gradient).
+    - ``d_out``: gradient of ``out``, ``d_residual``: of ``residual_out``, added to ``dx``; ``x``'s shape, either may
+      be None (no gradient). ``d_residual`` without ``branch``: the residual variant without a layer scale, whose
+      ``dbranch`` is ``dx`` itself, so the autograd backward asks for no copy of it.
     - ``branch``, ``gamma``, ``weight``, ``bias``: the forward's inputs (``bias`` is only looked at for its presence
       and dtype).
     - ``dx``: ``x``'s shape and dtype, the gradient of the forward's ``x``. ``dbranch`` (``branch``'s dtype),
@@ -405,8 +410,6 @@ def layer_norm_bwd(
     cols = _check_x(x)
     if gamma is not None and branch is None:
         raise ValueError("layer_norm: gamma (the layer scale of the branch) needs a branch.")
-    if d_residual is not None and branch is None:
-        raise ValueError("layer_norm: d_residual (the gradient of residual_out) needs a branch.")
     for name, t in (("d_out", d_out), ("d_residual", d_residual), ("branch", branch)):
         _check_activation(name, t, x.shape, x.device)
     for name, param in (("gamma", gamma), ("weight", weight), ("bias", bias)):
@@ -519,7 +522,7 @@ def _layer_norm_bwd_reference(
     return dx.to(x.dtype), dbranch.to(branch.dtype if branch is not None else x.dtype), dgamma, dweight, dbias
 
 
-@torch.library.triton_op("vitfast::layer_norm_fwd", mutates_args=())
+@triton_op("vitfast::layer_norm_fwd")
 def _layer_norm_fwd_op(
     x: torch.Tensor,
     branch: torch.Tensor | None,
@@ -533,7 +536,7 @@ def _layer_norm_fwd_op(
     return layer_norm_fwd(x, branch, gamma, weight, bias, eps)
 
 
-@torch.library.triton_op("vitfast::layer_norm_bwd", mutates_args=())
+@triton_op("vitfast::layer_norm_bwd")
 def _layer_norm_bwd_op(
     d_out: torch.Tensor | None,
     d_residual: torch.Tensor | None,
@@ -556,20 +559,30 @@ def layer_norm_setup_context(ctx, inputs, output) -> None:
     ctx.save_for_backward(x if branch is None else residual_out, branch, gamma, weight, bias, rstd)
 
 
-def layer_norm_backward_with(bwd_op: str) -> Callable:
-    """The autograd backward of a ``layer_norm_fwd``-shaped op, computed by ``torch.ops.vitfast.<bwd_op>``.
+def layer_norm_backward_with(bwd_op: str | Callable) -> Callable:
+    """The autograd backward of a ``layer_norm_fwd``-shaped op, computed by ``bwd_op``.
 
-    Shared by the Triton op here and the CUDA C++ op (:mod:`vitfast.ops.layer_norm_ext`), whose schemas match; the op
-    is looked up at call time, so the compiled extension may load after this module.
+    Shared by the Triton op here (``bwd_op`` the :class:`~vitfast.ops._triton.EagerOp` itself, so that an eager
+    backward skips the dispatcher too) and the CUDA C++ op (:mod:`vitfast.ops.layer_norm_ext`), whose schemas match;
+    a name is looked up in ``torch.ops.vitfast`` at call time, so the compiled extension may load after this module.
     """
 
     def backward(ctx, d_out, d_residual, _d_mean, _d_rstd):
         normalized, branch, gamma, weight, bias, rstd = ctx.saved_tensors
         if branch is None:
             d_residual = None  # the empty residual_out placeholder of the plain variant carries no gradient
-        dx, dbranch, dgamma, dweight, dbias = getattr(torch.ops.vitfast, bwd_op)(
-            d_out, d_residual, normalized, branch, gamma, weight, bias, rstd
-        )
+        if isinstance(bwd_op, str):
+            dx, dbranch, dgamma, dweight, dbias = getattr(torch.ops.vitfast, bwd_op)(
+                d_out, d_residual, normalized, branch, gamma, weight, bias, rstd
+            )
+        elif branch is not None and gamma is None:
+            # residual_out = x + branch: branch's gradient is dx; autograd takes one tensor for both, as for an add
+            dx, _, dgamma, dweight, dbias = bwd_op(d_out, d_residual, normalized, None, None, weight, bias, rstd)
+            dbranch = dx.to(branch.dtype)
+        else:
+            dx, dbranch, dgamma, dweight, dbias = bwd_op(
+                d_out, d_residual, normalized, branch, gamma, weight, bias, rstd
+            )
 
         def present(grad: torch.Tensor, tensor: torch.Tensor | None) -> torch.Tensor | None:
             return grad if tensor is not None else None
@@ -586,7 +599,7 @@ def layer_norm_backward_with(bwd_op: str) -> Callable:
     return backward
 
 
-_layer_norm_backward = layer_norm_backward_with("layer_norm_bwd")
+_layer_norm_backward = layer_norm_backward_with(_layer_norm_bwd_op)
 
 
 _layer_norm_fwd_op.register_autograd(_layer_norm_backward, setup_context=layer_norm_setup_context)
@@ -618,7 +631,7 @@ if HAS_TRITON:
         if reason is not None:
             log_fallback("layer_norm", reason)
             return layer_norm_ref(x, weight, bias, eps)
-        return torch.ops.vitfast.layer_norm_fwd(x, None, None, weight, bias, eps)[0]
+        return _layer_norm_fwd_op(x, None, None, weight, bias, eps)[0]
 
     def _layer_norm_residual_triton(
         x: torch.Tensor,
@@ -634,7 +647,7 @@ if HAS_TRITON:
         if reason is not None:
             log_fallback("layer_norm_residual", reason)
             return layer_norm_residual_ref(x, branch, gamma, weight, bias, eps)
-        out, residual_out, _mean, _rstd = torch.ops.vitfast.layer_norm_fwd(x, branch, gamma, weight, bias, eps)
+        out, residual_out, _mean, _rstd = _layer_norm_fwd_op(x, branch, gamma, weight, bias, eps)
         return out, residual_out
 
     register_impl("layer_norm", "triton", _layer_norm_triton)
@@ -645,7 +658,7 @@ def layer_norm(
     x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float = 1e-6
 ) -> torch.Tensor:
     """LayerNorm over the last dimension through the current backend."""
-    return dispatch("layer_norm", x.device)(x, weight, bias, eps)
+    return dispatch("layer_norm", x.device, x.shape[-1] if x.ndim else None)(x, weight, bias, eps)
 
 
 def layer_norm_residual(
@@ -661,4 +674,6 @@ def layer_norm_residual(
     The pre-norm block step ``x = x + gamma * branch(...); y = norm(x)`` in one pass; ``gamma`` is the optional
     layer-scale vector ``[C]``. See :func:`layer_norm_residual_ref` for the precision contract.
     """
-    return dispatch("layer_norm_residual", x.device)(x, branch, gamma, weight, bias, eps)
+    return dispatch("layer_norm_residual", x.device, x.shape[-1] if x.ndim else None)(
+        x, branch, gamma, weight, bias, eps
+    )

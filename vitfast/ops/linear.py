@@ -17,7 +17,17 @@ import torch
 import torch.nn.functional as F
 
 from vitfast.backend import dispatch, register_impl
-from vitfast.ops._triton import HAS_TRITON, INTERPRETER, KERNEL_DTYPES, kernel_can_run, launch, log_fallback, tl, triton
+from vitfast.ops._triton import (
+    HAS_TRITON,
+    INTERPRETER,
+    KERNEL_DTYPES,
+    kernel_can_run,
+    launch,
+    log_fallback,
+    tl,
+    triton,
+    triton_op,
+)
 
 __all__ = ["ACTIVATIONS", "linear", "linear_ref"]
 
@@ -151,7 +161,7 @@ def linear_fwd(
     return out.reshape(*x.shape[:-1], n)
 
 
-@torch.library.triton_op("vitfast::linear_fwd", mutates_args=())
+@triton_op("vitfast::linear_fwd")
 def _linear_fwd_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, activation: int) -> torch.Tensor:
     act = ACTIVATIONS[activation]
     if not kernel_can_run(x, weight, bias):
@@ -197,7 +207,7 @@ if HAS_TRITON:
             return linear_ref(x, weight, bias, activation)
         if activation not in ACTIVATIONS:
             raise ValueError(f"unknown activation {activation!r}; choose one of {ACTIVATIONS}.")
-        return torch.ops.vitfast.linear_fwd(x, weight, bias, ACTIVATIONS.index(activation))
+        return _linear_fwd_op(x, weight, bias, ACTIVATIONS.index(activation))
 
     register_impl("linear", "triton", _linear_triton)
 

@@ -25,6 +25,7 @@ from vitfast.ops._triton import (
     log_fallback,
     tl,
     triton,
+    triton_op,
     widen_bf16_dot,
 )
 
@@ -668,7 +669,7 @@ def _kernel_covers(weight: torch.Tensor, *tensors: torch.Tensor | None) -> bool:
     return kernel_can_run(weight, *tensors) and weight.dtype in KERNEL_DTYPES
 
 
-@torch.library.triton_op("vitfast::patch_embed_fwd", mutates_args=())
+@triton_op("vitfast::patch_embed_fwd")
 def _patch_embed_fwd_op(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -683,7 +684,7 @@ def _patch_embed_fwd_op(
     return patch_embed_fwd(x, weight, bias, pos_embed, cls_token, mean, std)
 
 
-@torch.library.triton_op("vitfast::patch_embed_bwd", mutates_args=())
+@triton_op("vitfast::patch_embed_bwd")
 def _patch_embed_bwd_op(
     grad_out: torch.Tensor,
     x: torch.Tensor,
@@ -711,7 +712,7 @@ def _patch_embed_setup_context(ctx, inputs, output) -> None:
 def _patch_embed_backward(ctx, grad_out: torch.Tensor):
     x, weight, mean, std = ctx.saved_tensors
     needs_x_grad, needs_weight_grad = ctx.needs_input_grad[:2]
-    d_x, d_weight, d_bias, d_tokens = torch.ops.vitfast.patch_embed_bwd(
+    d_x, d_weight, d_bias, d_tokens = _patch_embed_bwd_op(
         grad_out, x, weight, mean, std, ctx.num_prefix, needs_x_grad, needs_weight_grad
     )
     d_pos = d_tokens[d_tokens.shape[0] - ctx.pos_len :].unsqueeze(0) if ctx.pos_len else None
@@ -755,7 +756,7 @@ def _patch_embed_tokens_triton(
     else:
         mean_t = _channel_stats(mean, torch.float32, x.device)
         std_t = _channel_stats(std, torch.float32, x.device)
-        return torch.ops.vitfast.patch_embed_fwd(x, weight, bias, pos_embed, cls_token, mean_t, std_t)
+        return _patch_embed_fwd_op(x, weight, bias, pos_embed, cls_token, mean_t, std_t)
     log_fallback("patch_embed_tokens", reason)
     return patch_embed_tokens_ref(x, weight, bias, pos_embed, cls_token, mean, std)
 

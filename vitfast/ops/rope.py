@@ -35,6 +35,7 @@ from vitfast.ops._triton import (
     next_power_of_2,
     tl,
     triton,
+    triton_op,
 )
 
 __all__ = ["rope_2d", "rope_2d_qk", "rope_2d_qk_fwd", "rope_2d_qk_ref", "rope_2d_ref", "rope_2d_table"]
@@ -211,7 +212,7 @@ def rope_2d_qk_fwd(
     return q_out, k_out
 
 
-@torch.library.triton_op("vitfast::rope_2d_qk", mutates_args=())
+@triton_op("vitfast::rope_2d_qk")
 def _rope_2d_qk_op(
     q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_prefix_tokens: int, inverse: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -234,7 +235,7 @@ def _rope_2d_qk_setup_context(ctx, inputs, output) -> None:
 
 def _rope_2d_qk_backward(ctx, grad_q: torch.Tensor, grad_k: torch.Tensor):
     cos, sin = ctx.saved_tensors
-    d_q, d_k = torch.ops.vitfast.rope_2d_qk(grad_q, grad_k, cos, sin, ctx.num_prefix_tokens, not ctx.inverse)
+    d_q, d_k = _rope_2d_qk_op(grad_q, grad_k, cos, sin, ctx.num_prefix_tokens, not ctx.inverse)
     return d_q, d_k, None, None, None, None
 
 
@@ -254,7 +255,7 @@ def _rope_2d_qk_triton(
     if reason is not None:
         log_fallback("rope_2d_qk", reason)
         return rope_2d_qk_ref(q, k, cos, sin, num_prefix_tokens)
-    return torch.ops.vitfast.rope_2d_qk(q, k, cos, sin, num_prefix_tokens, False)
+    return _rope_2d_qk_op(q, k, cos, sin, num_prefix_tokens, False)
 
 
 register_impl("rope_2d", "reference", rope_2d_ref)

@@ -41,6 +41,7 @@ from vitfast.ops._triton import (
     num_sms,
     tl,
     triton,
+    triton_op,
 )
 
 __all__ = [
@@ -705,35 +706,35 @@ def swiglu_layer_norm_bwd(
     return d_gate, d_up, partials.sum(1)
 
 
-@torch.library.triton_op("vitfast::swiglu_fwd", mutates_args=())
+@triton_op("vitfast::swiglu_fwd")
 def _swiglu_fwd_op(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     if not kernel_can_run(gate, up):
         return swiglu_ref(gate, up)
     return swiglu_fwd(gate, up)
 
 
-@torch.library.triton_op("vitfast::swiglu_bwd", mutates_args=())
+@triton_op("vitfast::swiglu_bwd")
 def _swiglu_bwd_op(grad: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if not kernel_can_run(grad, gate, up):
         return _swiglu_bwd_reference(grad, gate, up)
     return swiglu_bwd(grad, gate, up)
 
 
-@torch.library.triton_op("vitfast::swiglu_packed_fwd", mutates_args=())
+@triton_op("vitfast::swiglu_packed_fwd")
 def _swiglu_packed_fwd_op(x: torch.Tensor) -> torch.Tensor:
     if not kernel_can_run(x):
         return swiglu_packed_ref(x)
     return swiglu_packed_fwd(x)
 
 
-@torch.library.triton_op("vitfast::swiglu_packed_bwd", mutates_args=())
+@triton_op("vitfast::swiglu_packed_bwd")
 def _swiglu_packed_bwd_op(grad: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     if not kernel_can_run(grad, x):
         return torch.cat(_swiglu_bwd_reference(grad, *x.chunk(2, dim=-1)), dim=-1)
     return swiglu_packed_bwd(grad, x)
 
 
-@torch.library.triton_op("vitfast::swiglu_layer_norm_fwd", mutates_args=())
+@triton_op("vitfast::swiglu_layer_norm_fwd")
 def _swiglu_layer_norm_fwd_op(
     gate: torch.Tensor, up: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float, width: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -743,7 +744,7 @@ def _swiglu_layer_norm_fwd_op(
     return swiglu_layer_norm_fwd(gate, up, weight, bias, eps, width)
 
 
-@torch.library.triton_op("vitfast::swiglu_layer_norm_bwd", mutates_args=())
+@triton_op("vitfast::swiglu_layer_norm_bwd")
 def _swiglu_layer_norm_bwd_op(
     grad: torch.Tensor,
     gate: torch.Tensor,
@@ -764,12 +765,12 @@ def _swiglu_setup_context(ctx, inputs, output) -> None:
 
 def _swiglu_backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     gate, up = ctx.saved_tensors
-    return torch.ops.vitfast.swiglu_bwd(grad, gate, up)
+    return _swiglu_bwd_op(grad, gate, up)
 
 
 def _swiglu_packed_backward(ctx, grad: torch.Tensor) -> torch.Tensor:
     (x,) = ctx.saved_tensors
-    return torch.ops.vitfast.swiglu_packed_bwd(grad, x)
+    return _swiglu_packed_bwd_op(grad, x)
 
 
 def _swiglu_layer_norm_setup_context(ctx, inputs, output) -> None:
@@ -782,7 +783,7 @@ def _swiglu_layer_norm_setup_context(ctx, inputs, output) -> None:
 
 def _swiglu_layer_norm_backward(ctx, grad: torch.Tensor, _grad_mean: torch.Tensor, _grad_rstd: torch.Tensor):
     gate, up, weight, mean, rstd = ctx.saved_tensors
-    d_gate, d_up, d_params = torch.ops.vitfast.swiglu_layer_norm_bwd(grad, gate, up, weight, mean, rstd, ctx.width)
+    d_gate, d_up, d_params = _swiglu_layer_norm_bwd_op(grad, gate, up, weight, mean, rstd, ctx.width)
     if weight.dtype == ctx.bias_dtype:
         d_params = d_params.to(weight.dtype)  # one cast for both (none for fp32 parameters)
         return d_gate, d_up, d_params[0], d_params[1], None, None
@@ -812,7 +813,7 @@ def _swiglu_triton(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     if reason is not None:
         log_fallback("swiglu", reason)
         return swiglu_ref(gate, up)
-    return torch.ops.vitfast.swiglu_fwd(gate, up)
+    return _swiglu_fwd_op(gate, up)
 
 
 def _swiglu_packed_triton(x: torch.Tensor) -> torch.Tensor:
@@ -820,7 +821,7 @@ def _swiglu_packed_triton(x: torch.Tensor) -> torch.Tensor:
     if reason is not None:
         log_fallback("swiglu_packed", reason)
         return swiglu_packed_ref(x)
-    return torch.ops.vitfast.swiglu_packed_fwd(x)
+    return _swiglu_packed_fwd_op(x)
 
 
 def _swiglu_layer_norm_triton(
@@ -846,7 +847,7 @@ def _swiglu_layer_norm_triton(
     if reason is not None:
         log_fallback("swiglu_layer_norm", reason)
         return swiglu_layer_norm_ref(gate, up, weight, bias, eps, width)
-    return torch.ops.vitfast.swiglu_layer_norm_fwd(gate, up, weight, bias, eps, width or gate.shape[-1])[0]
+    return _swiglu_layer_norm_fwd_op(gate, up, weight, bias, eps, width or gate.shape[-1])[0]
 
 
 register_impl("swiglu", "reference", swiglu_ref)
