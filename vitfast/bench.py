@@ -326,7 +326,10 @@ def _liger_layer_norm_residual(x, branch, gamma, weight, bias, eps):
     return _liger_layer_norm(residual, weight, bias, eps), residual
 
 
-def _liger_swiglu_layer_norm(gate, up, weight, bias, eps):
+def _liger_swiglu_layer_norm(gate, up, weight, bias, eps, width=None):
+    if width is not None:  # rows zero-padded past the norm's width: the peer normalizes the true width
+        out = _liger_swiglu_layer_norm(gate[..., :width], up[..., :width], weight[:width], bias[:width], eps)
+        return F.pad(out, (0, gate.shape[-1] - width))
     return _liger_layer_norm(_liger_swiglu(gate, up), weight, bias, eps)
 
 
