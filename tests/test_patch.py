@@ -128,6 +128,41 @@ def test_grad_checkpointing_still_works_after_patching() -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_unaligned_swiglu_width_runs_padded_with_timm_results(backend, monkeypatch) -> None:
+    """EVA-02-L's MLP (hidden int(dim * 8 / 3): 2730 at dim 1024, 341 at dim 128) runs its GEMMs at the next multiple
+    of 8 (one concatenated fc1 GEMM, padded weights per call); outputs and every parameter gradient match timm's
+    unpadded model, and the parameters keep timm's shapes."""
+    model = timm.create_model(
+        "eva02_large_patch14_224", pretrained=False, depth=1, num_classes=7, img_size=56, embed_dim=128, num_heads=2
+    )
+    # fp64 on the reference path, fp32 on the kernels (they take no fp64); the patched attention rotates with fp32
+    # RoPE tables, as on every patched path (test_patched_model_keeps_parameters_and_matches_on_the_reference_path)
+    dtype = torch.float64 if backend == "reference" else torch.float32
+    model = randomize_(model).to(dtype)
+    mlp = model.blocks[0].mlp
+    width = mlp.fc1_g.out_features
+    assert width % 8, "the case needs an unaligned hidden width"
+    shapes = {name: p.shape for name, p in model.named_parameters()}
+    image = torch.randn(2, 3, 56, 56, dtype=dtype)
+    expected, expected_grads = _forward_backward(model, image)
+    vitfast.patch(model)
+    hidden_widths = []
+    original_linear = torch.nn.functional.linear
+    monkeypatch.setattr(
+        torch.nn.functional, "linear", lambda x, w, b=None: hidden_widths.append(w.shape) or original_linear(x, w, b)
+    )
+    out, grads = _forward_backward(model, image, backend)
+    monkeypatch.undo()
+    assert (2 * (width + (-width % 8)), 128) in hidden_widths, "fc1 did not run as one padded GEMM"
+    assert {name: p.shape for name, p in model.named_parameters()} == shapes
+    assert_close_scaled(out, expected, tol=1e-6, what="logits")
+    assert grads.keys() == expected_grads.keys()
+    for key, grad in grads.items():
+        assert grad.shape == expected_grads[key].shape, key
+        assert_close_scaled(grad, expected_grads[key], tol=1e-5, what=f"grad {key}")
+
+
 def test_a_few_training_steps_match_the_unpatched_model() -> None:
     """The convergence check: same seed, same data, a few SGD steps, losses and weights stay together.
 

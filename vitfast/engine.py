@@ -39,6 +39,7 @@ from vitfast.layers.mlp import Mlp, SwiGLU, SwiGLUPacked
 from vitfast.layers.pos_embed import resample_abs_pos_embed
 from vitfast.models.vision_transformer import VisionTransformer
 from vitfast.ops.attention import attention_graph_policy
+from vitfast.ops.swiglu import aligned_width
 
 __all__ = ["InferenceEngine", "optimize"]
 
@@ -50,7 +51,6 @@ ON_NEW_SIZE = ("eager", "capture")
 # SDPA); plain PyTorch. The fastest replay is kept.
 TUNING_CANDIDATES = ("kernels", "kernels-sdpa", "reference")
 _KINDS = ("forward", "features")
-_GEMM_ALIGNMENT = 8  # elements: 16 bytes of bf16 / fp16
 
 
 def optimize(
@@ -396,7 +396,7 @@ class _FusedBlock:
             # same reason). Gate and up each get zero rows up to the next multiple of 8, so that both halves of the
             # fc1 output start aligned, and fc2 zero columns to read the zero-padded hidden: the same sums, exactly.
             self.width = mlp.fc1_g.out_features
-            self.padded_width = -(-self.width // _GEMM_ALIGNMENT) * _GEMM_ALIGNMENT
+            self.padded_width = aligned_width(self.width)
             pad = self.padded_width - self.width
             self.fc1_weight = torch.cat(
                 [F.pad(mlp.fc1_g.weight, (0, 0, 0, pad)), F.pad(mlp.fc1_x.weight, (0, 0, 0, pad))]

@@ -45,6 +45,7 @@ from vitfast.ops._triton import (
 )
 
 __all__ = [
+    "aligned_width",
     "swiglu",
     "swiglu_layer_norm",
     "swiglu_layer_norm_ref",
@@ -54,6 +55,11 @@ __all__ = [
 ]
 
 MAX_LAYER_NORM_WIDTH = 8192  # one row in registers; wider rows run the reference
+
+
+def aligned_width(width: int) -> int:
+    """``width`` rounded up to a multiple of 8 elements: rows of 16 bytes in 16-bit dtypes (the padded layout)."""
+    return -(-width // 8) * 8
 
 
 def swiglu_ref(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
