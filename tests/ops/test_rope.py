@@ -69,6 +69,10 @@ CASES = {
     "odd_grid_contiguous": (2, 3, (5, 9), 64, 1, "contiguous"),
     "head_dim_88": (1, 2, (7, 7), 88, 1, "packed"),
     "head_dim_32_no_prefix": (2, 1, (9, 11), 32, 0, "contiguous"),
+    # the token counts of EVA-02 at 336 and 448 (577 and 1025: many token blocks, a masked tail) and 12 heads (EVA-02-B:
+    # not a power of 2, the head block padded)
+    "eva02_336_12_heads": (1, 12, (24, 24), 64, 1, "packed"),
+    "eva02_448": (1, 1, (32, 32), 64, 1, "packed"),
 }
 
 

@@ -112,8 +112,9 @@ def test_swiglu_layer_norm_padded(dtype, padded_params) -> None:
     hidden = torch.randn(*ROWS, 2 * padded).to(dtype)  # random padding: the kernel must ignore it, not rely on zeros
     gate, up = hidden[..., :padded], hidden[..., padded:]
     weight, bias = _params(width, dtype)
-    if padded_params:
-        weight, bias = F.pad(weight, (0, padded - width)), F.pad(bias, (0, padded - width))
+    if padded_params:  # padded to the rows' width; the padding holds values the op must ignore, not zeros
+        noise = torch.randn(2, padded - width).to(dtype)
+        weight, bias = torch.cat([weight, noise[0]]), torch.cat([bias, noise[1]])
 
     def kernel(gate, up, weight, bias):
         return sw._swiglu_layer_norm_triton(gate, up, weight, bias, EPS, width)

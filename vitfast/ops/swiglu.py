@@ -284,17 +284,26 @@ def _swiglu_layer_norm_fwd_kernel(
 
 
 @triton.jit
+def _true_width_weight(weight_ptr, cols, col_mask, param_cols):
+    """The norm's weight in fp32, zero past its true width: loaded over ``param_cols`` (16-byte loads when the
+    parameters are padded too), the padding then zeroed whatever it holds."""
+    weight = tl.load(weight_ptr + cols, mask=cols < param_cols, other=0.0, eviction_policy="evict_last")
+    return tl.where(col_mask, weight.to(tl.float32), 0.0)
+
+
+@triton.jit
 def _swiglu_ln_bwd_tile(
-    grad_ptr, gate_ptr, up_ptr, rows, cols, mask, valid, mean, rstd, grad_row_stride, gate_row_stride, up_row_stride,
+    grad_ptr, gate_ptr, up_ptr, rows, cols, mask, mean, rstd, grad_row_stride, gate_row_stride, up_row_stride,
     EVICTION: tl.constexpr,
 ):  # fmt: skip
     """One tile of the sub-LN backward's inputs, loaded: fp32 ``(grad, normalized, gate, up, sigmoid(gate))``, the
     product recomputed exactly as the forward computed it (rounding included), so that it matches the saved
-    statistics; ``grad`` and ``normalized`` zero outside the norm's width."""
+    statistics. Zero outside ``mask``; in padding columns inside it, whatever the inputs give (the caller's weight,
+    zero there, and its final column mask keep them out of every result)."""
     grad = tl.load(
         grad_ptr + rows[:, None] * grad_row_stride + cols[None, :], mask=mask, other=0.0, eviction_policy=EVICTION
     )
-    grad = tl.where(valid, grad.to(tl.float32), 0.0)
+    grad = grad.to(tl.float32)
     gate = tl.load(
         gate_ptr + rows[:, None] * gate_row_stride + cols[None, :], mask=mask, other=0.0, eviction_policy=EVICTION
     ).to(tl.float32)
@@ -303,7 +312,7 @@ def _swiglu_ln_bwd_tile(
     ).to(tl.float32)
     sigmoid = tl.sigmoid(gate)
     product = (gate * sigmoid * up).to(gate_ptr.dtype.element_ty).to(tl.float32)
-    normalized = tl.where(valid, (product - mean[:, None]) * rstd[:, None], 0.0)
+    normalized = (product - mean[:, None]) * rstd[:, None]
     return grad, normalized, gate, up, sigmoid
 
 
@@ -335,7 +344,6 @@ def _swiglu_layer_norm_bwd_kernel(
     program = tl.program_id(0)
     cols = tl.arange(0, BLOCK_N)
     col_mask = cols < n_cols
-    weight = tl.load(weight_ptr + cols, mask=cols < param_cols, other=0.0).to(tl.float32)
     d_weight = tl.zeros((BLOCK_N,), dtype=tl.float32)
     d_bias = tl.zeros((BLOCK_N,), dtype=tl.float32)
     # int64 row bounds make the row indices int64 too: row * stride overflows int32 for large batches.
@@ -345,35 +353,39 @@ def _swiglu_layer_norm_bwd_kernel(
         rows = tile_start + tl.arange(0, BLOCK_M)
         row_mask = rows < row_end
         mask = row_mask[:, None] & (cols < padded_cols)[None, :]
-        valid = row_mask[:, None] & col_mask[None, :]
         mean = tl.load(mean_ptr + rows, mask=row_mask, other=0.0)
         rstd = tl.load(rstd_ptr + rows, mask=row_mask, other=0.0)
         # Two passes over the tile: the row reductions, then the gradients, each loading grad, gate and up and
         # recomputing what it needs (the second loads hit L1 / L2: HBM traffic is unchanged). Holding the tile's
         # fp32 values through the reductions instead cost ~230 registers per thread at 4096-wide rows: one CTA
-        # of 8 warps per SM.
+        # of 8 warps per SM. Padding columns need no 2-D mask (another ~30 registers): the weight reads 0 there, so
+        # they drop out of both row sums, and the column mask at the end zeroes their gradients.
         grad, normalized, _, _, _ = _swiglu_ln_bwd_tile(
-            grad_ptr, gate_ptr, up_ptr, rows, cols, mask, valid, mean, rstd,
+            grad_ptr, gate_ptr, up_ptr, rows, cols, mask, mean, rstd,
             grad_row_stride, gate_row_stride, up_row_stride, "evict_last",  # kept for the second pass
         )  # fmt: skip
         d_weight += tl.sum(grad * normalized, axis=0)
         d_bias += tl.sum(grad, axis=0)
+        # the weight is read again where it is used (an L1 hit) rather than held in registers through the loop
+        weight = _true_width_weight(weight_ptr, cols, col_mask, param_cols)
         weighted_grad = grad * weight[None, :]
         mean_weighted_grad = tl.sum(weighted_grad, axis=1) / n_cols
         mean_projection = tl.sum(normalized * weighted_grad, axis=1) / n_cols
         grad, normalized, gate, up, sigmoid = _swiglu_ln_bwd_tile(
-            grad_ptr, gate_ptr, up_ptr, rows, cols, mask, valid, mean, rstd,
+            grad_ptr, gate_ptr, up_ptr, rows, cols, mask, mean, rstd,
             grad_row_stride, gate_row_stride, up_row_stride, "evict_first",  # the tile's last use
         )  # fmt: skip
-        d_product = grad * weight[None, :] - normalized * mean_projection[:, None] - mean_weighted_grad[:, None]
-        d_product = tl.where(valid, d_product * rstd[:, None], 0.0)  # the padding does not feed the output
+        d_product = grad * _true_width_weight(weight_ptr, cols, col_mask, param_cols)[None, :]
+        d_product = d_product - normalized * mean_projection[:, None] - mean_weighted_grad[:, None]
+        d_product = tl.where(col_mask[None, :], d_product * rstd[:, None], 0.0)  # the padding feeds no output
         d_up = d_product * gate * sigmoid
         d_gate = d_product * up * sigmoid * (1.0 + gate * (1.0 - sigmoid))
         offsets = rows[:, None] * d_gate_row_stride + cols[None, :]
         tl.store(d_gate_ptr + offsets, d_gate.to(d_gate_ptr.dtype.element_ty), mask=mask)
         offsets = rows[:, None] * d_up_row_stride + cols[None, :]
         tl.store(d_up_ptr + offsets, d_up.to(d_up_ptr.dtype.element_ty), mask=mask)
-    # zeros past n_cols (grad is masked to the true width): the padded parameters' gradients
+    # zeros past n_cols: the padded parameters' gradients
+    d_weight, d_bias = tl.where(col_mask, d_weight, 0.0), tl.where(col_mask, d_bias, 0.0)
     tl.store(partial_d_weight_ptr + program * param_cols + cols, d_weight, mask=cols < param_cols)
     tl.store(partial_d_bias_ptr + program * param_cols + cols, d_bias, mask=cols < param_cols)
 
