@@ -45,14 +45,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 BF16, FP32 = torch.bfloat16, torch.float32
 
 
-class Recorder(sm90.Recorder):
-    """Records launches with the pass (``fwd`` / ``bwd``) the case was in when it made them."""
-
-    phase = "fwd"
-
-    def __call__(self, kernel: Any, grid: tuple, *args: Any, **kwargs: Any) -> None:
-        super().__call__(kernel, grid, *args, **kwargs)
-        self.launches[-1].phase = self.phase
+Recorder = sm90.Recorder
 
 
 # ------------------------------------------------------------------------------------------------------------ cases

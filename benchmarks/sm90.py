@@ -145,6 +145,7 @@ class Launch:
     grid: tuple[int, ...]
     args: tuple
     kwargs: dict
+    phase: str = "fwd"  # the pass of the op that made the launch
 
     @property
     def name(self) -> str:
@@ -156,13 +157,15 @@ class Launch:
 
 
 class Recorder:
-    """Stands in for ``vitfast.ops._triton.launch`` in the op modules: keeps each launch instead of running it."""
+    """Stands in for ``vitfast.ops._triton.launch`` in the op modules: keeps each launch instead of running it, with
+    the pass (``phase``: ``"fwd"`` / ``"bwd"``, set by the caller) it was made in."""
 
     def __init__(self) -> None:
         self.launches: list[Launch] = []
+        self.phase = "fwd"
 
     def __call__(self, kernel: Any, grid: tuple, *args: Any, **kwargs: Any) -> None:
-        self.launches.append(Launch(kernel, tuple(grid), args, kwargs))
+        self.launches.append(Launch(kernel, tuple(grid), args, kwargs, self.phase))
 
 
 def fake(*shape: int, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:

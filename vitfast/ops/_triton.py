@@ -213,7 +213,7 @@ class EagerOp:
 def triton_op(name: str, *, mutates_args: tuple[str, ...] = ()) -> Callable[[Callable], EagerOp]:
     """``torch.library.triton_op(name, mutates_args=...)`` returning an :class:`EagerOp` (the eager launch path).
 
-    Ops that mutate an argument stay on the dispatcher: the direct path does not bump version counters.
+    Only for ops that mutate nothing (anything else raises): the direct path does not bump version counters.
     """
     if mutates_args:
         raise ValueError(f"{name}: the eager launch path takes only ops that mutate nothing.")
