@@ -6,9 +6,11 @@
   ``normed = LayerNorm(residual_out)``; both are returned.
 
 One pair of Triton kernels serves both: constexpr flags switch the residual add, the layer scale and the affine
-parameters on and off. Statistics (mean, rstd) are always fp32; outputs take the input's dtype. The kernels hold a
-whole row in registers, so widths up to :data:`MAX_WIDTH` run there; anything else (wider rows, fp64, tensors the
-kernels cannot take) runs the reference through the dispatch.
+parameters on and off. Statistics (mean, rstd) are always fp32, saved by the forward and read back by the backward;
+outputs take the input's dtype. The backward's programs each write fp32 partial sums of the parameter gradients,
+which a third kernel adds up and casts in one launch. The kernels hold a whole row in registers, so widths up to
+:data:`MAX_WIDTH` run there; anything else (wider rows, fp64, tensors the kernels cannot take) runs the reference
+through the dispatch.
 """
 
 from __future__ import annotations
@@ -61,8 +63,9 @@ _PROGRAMS_PER_SM = 4
 _REDUCE_COLS = 32
 _REDUCE_ROWS = 32
 # Longest run of fp32 additions in sequence in a parameter-gradient sum, whose rounding error grows with the run (at
-# 64, dgamma over a few hundred rows came out above 2x PyTorch's cascade-summed error in ~1 of 200 random shapes);
-# the backward's per-program partial sums then meet in a pairwise torch.sum.
+# 64, dgamma over a few hundred rows came out above 2x PyTorch's cascade-summed error in ~1 of 200 random shapes),
+# inside one backward program; the programs' partial sums then meet in _layer_norm_bwd_reduce_kernel (element-wise
+# over tiles of _REDUCE_ROWS partial rows, then a tree over a tile's rows).
 _MAX_CHAIN = 16
 
 
@@ -563,7 +566,7 @@ def layer_norm_bwd(
             BIAS_SLOT=bias_slot,
             BLOCK_P=_REDUCE_ROWS,
             BLOCK_COLS=reduce_cols,
-            num_warps=4,
+            num_warps=4,  # 8 fp32 values per thread of the 32 x 32 tile: two 128-bit loads
         )
     return dx, dbranch, dgamma, dweight, dbias
 
