@@ -61,11 +61,20 @@ def _layer_norm(rec: Recorder, width: int, rows: int, residual: bool, gamma: boo
     weight, bias = fake(width, dtype=dtype), fake(width, dtype=dtype)
     branch = fake(rows, width, dtype=dtype) if residual else None
     scale = fake(width, dtype=dtype) if gamma else None
-    out, residual_out, _mean, rstd = ops.layer_norm_fwd(x, branch, scale, weight, bias, 1e-6)
+    out, residual_out, mean, rstd = ops.layer_norm_fwd(x, branch, scale, weight, bias, 1e-6)
     rec.phase = "bwd"
     d_residual = torch.empty_like(out) if residual else None
+    # as the autograd glue calls it: without a layer scale, dbranch is dx and the branch is not passed
     ops.layer_norm_bwd(
-        torch.empty_like(out), d_residual, residual_out if residual else x, branch, scale, weight, bias, rstd
+        torch.empty_like(out),
+        d_residual,
+        residual_out if residual else x,
+        branch if gamma else None,
+        scale,
+        weight,
+        bias,
+        mean,
+        rstd,
     )
 
 
@@ -257,6 +266,13 @@ def _ln_bwd(a: dict, grid: tuple) -> dict:
     return {"bytes": rows * cols * size * activations + 4 * rows, "flops": 12 * rows * cols}
 
 
+def _ln_bwd_reduce(a: dict, grid: tuple) -> dict:
+    params = grid[1]
+    # the parameter gradients written; the fp32 partial sums read are the backward's scratch, not counted
+    written = params * a["cols"] * max(a[name].element_size() for name in ("dgamma_ptr", "dweight_ptr", "dbias_ptr"))
+    return {"bytes": written, "flops": params * a["programs"] * a["cols"]}
+
+
 def _attention_dims(a: dict, grid: tuple) -> tuple[int, int, int]:
     return grid[1], a["seq_len"], a["HEAD_DIM"]  # batch * heads, tokens, head dim
 
@@ -348,6 +364,7 @@ def _linear(a: dict, grid: tuple) -> dict:
 FLOORS: dict[str, Callable[[dict, tuple], dict]] = {
     "_layer_norm_fwd_kernel": _ln_fwd,
     "_layer_norm_bwd_kernel": _ln_bwd,
+    "_layer_norm_bwd_reduce_kernel": _ln_bwd_reduce,
     "_attention_fwd_kernel": _attention_fwd,
     "_attention_bwd_dq_kernel": _attention_dq,
     "_attention_bwd_dkdv_kernel": _attention_dkdv,
@@ -390,6 +407,9 @@ def finest_grain(launch: sm90.Launch) -> tuple[int, str]:
         return a["rows"], "one row per program"
     if name in ("_swiglu_layer_norm_fwd_kernel", "_swiglu_layer_norm_bwd_kernel"):
         return a["n_rows"], "one row per program"
+    if name == "_layer_norm_bwd_reduce_kernel":
+        # a program per 128-byte line of fp32 columns and parameter (narrower, its loads would waste sectors)
+        return math.ceil(a["cols"] / 32) * launch.grid[1], "32 columns of one parameter per program"
     if name in ("_swiglu_fwd_kernel", "_swiglu_bwd_kernel"):
         return math.ceil(a["n_rows"] * a["n_cols"] / 1024), "1024 elements per program"
     if name == "_rope_qk_kernel":
@@ -444,6 +464,8 @@ def aligned_rows(row: dict) -> bool:
 def _row_bytes(launch: sm90.Launch) -> int | None:
     a = launch.named_args()
     name = launch.name
+    if name == "_layer_norm_bwd_reduce_kernel":
+        return a["cols"] * a["partial_ptr"].element_size()  # the fp32 partial-sum rows it reads
     if name.startswith("_layer_norm"):
         return a["cols"] * a["x_ptr"].element_size()
     if name.startswith("_swiglu_layer_norm"):

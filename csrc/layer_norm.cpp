@@ -1,20 +1,18 @@
-// vitfast::layer_norm_ext_fwd / _bwd: argument checks shared with the CUDA kernels, and the CPU twin.
+// vitfast::layer_norm_ext_fwd: argument checks shared with the CUDA kernels, and the CPU twin.
 //
-// Same semantics as the Triton op vitfast::layer_norm_fwd / _bwd (vitfast/ops/layer_norm.py):
+// Same semantics as the Triton op vitfast::layer_norm_fwd (vitfast/ops/layer_norm.py):
 //   fwd(x, branch?, gamma?, weight?, bias?, eps) -> (out, residual_out, mean, rstd)
 //     residual variant (branch given): residual_out = x + gamma * branch computed in fp32 (one fused multiply-add)
 //     and rounded once to x's dtype; out = LayerNorm(residual_out) (the rounded tensor the next block receives).
 //     Plain variant: out = LayerNorm(x), residual_out an empty [0]. mean / rstd: fp32 statistics of the normalized
 //     tensor, shape x.shape[:-1].
-//   bwd(d_out?, d_residual?, x, branch?, gamma?, weight?, bias?, rstd) -> (dx, dbranch, dgamma, dweight, dbias)
-//     x: the tensor the forward normalized (residual_out in the residual variant); absent inputs get an empty [0].
-// The twin runs simple loops: fp32 element math with fp64 row statistics and fp64 parameter-gradient sums.
+// Its gradient is the Triton op vitfast::layer_norm_bwd's, on the statistics this op returns (the autograd formula,
+// vitfast/ops/layer_norm_ext.py, says why there is no C++ backward).
+// The twin runs simple loops: fp32 element math with fp64 row statistics.
 #include <ATen/ops/empty.h>
-#include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
 #include <cmath>
-#include <cstring>
 #include <vector>
 
 #include "vitfast_ext.h"
@@ -76,22 +74,6 @@ int64_t check_layer_norm_fwd(const at::Tensor& x, const std::optional<at::Tensor
   return cols;
 }
 
-int64_t check_layer_norm_bwd(const std::optional<at::Tensor>& d_out, const std::optional<at::Tensor>& d_residual,
-                             const at::Tensor& x, const std::optional<at::Tensor>& branch,
-                             const std::optional<at::Tensor>& gamma, const std::optional<at::Tensor>& weight,
-                             const std::optional<at::Tensor>& bias, const at::Tensor& rstd) {
-  const int64_t cols = check_layer_norm_fwd(x, branch, gamma, weight, bias);
-  TORCH_CHECK_VALUE(!d_residual.has_value() || branch.has_value(),
-                    "layer_norm_ext: d_residual (the gradient of residual_out) needs a branch.");
-  check_activation("d_out", d_out, x);
-  check_activation("d_residual", d_residual, x);
-  const auto stat_shape = x.sizes().slice(0, x.dim() - 1);
-  TORCH_CHECK_VALUE(rstd.sizes() == stat_shape && rstd.scalar_type() == at::kFloat && rstd.device() == x.device(),
-                    "layer_norm_ext: rstd must be float32 of shape ", stat_shape, " on ", x.device(), ", got ",
-                    rstd.scalar_type(), " ", rstd.sizes(), " on ", rstd.device(), ".");
-  return cols;
-}
-
 at::Tensor as_rows(const at::Tensor& t, int64_t cols) {
   at::Tensor rows = t.reshape({-1, cols});
   return rows.stride(1) == 1 || cols == 1 ? rows : rows.contiguous();
@@ -114,12 +96,7 @@ at::Tensor float_rows(const at::Tensor& t, int64_t cols) {
   return at::empty(rows.sizes(), rows.options().dtype(at::kFloat)).copy_(rows);
 }
 
-at::Tensor empty_like_param(const std::optional<at::Tensor>& p, const at::Tensor& x) {
-  return at::empty({p.has_value() ? x.size(-1) : 0}, x.options().dtype(p.has_value() ? p->scalar_type()
-                                                                                     : x.scalar_type()));
-}
-
-// Centers a row of fp32 values (in place), with its fp64 mean: the same statistic the forward and backward use.
+// Centers a row of fp32 values (in place), with its fp64 mean.
 double center_row(float* values, int64_t cols) {
   double sum = 0.0;
   for (int64_t c = 0; c < cols; ++c) {
@@ -191,102 +168,17 @@ LayerNormFwdResult layer_norm_ext_fwd_cpu(const at::Tensor& x, const std::option
   return {out_values.view(x.sizes()).to(x.scalar_type()), residual_out, mean, rstd};
 }
 
-LayerNormBwdResult layer_norm_ext_bwd_cpu(const std::optional<at::Tensor>& d_out,
-                                          const std::optional<at::Tensor>& d_residual, const at::Tensor& x,
-                                          const std::optional<at::Tensor>& branch,
-                                          const std::optional<at::Tensor>& gamma,
-                                          const std::optional<at::Tensor>& weight,
-                                          const std::optional<at::Tensor>& bias, const at::Tensor& rstd) {
-  const int64_t cols = check_layer_norm_bwd(d_out, d_residual, x, branch, gamma, weight, bias, rstd);
-  at::Tensor values = float_rows(x, cols);
-  const int64_t rows = values.size(0);
-  at::Tensor dx = at::zeros({rows, cols}, x.options().dtype(at::kFloat));
-  at::Tensor dbranch_values = branch.has_value() ? at::empty({rows, cols}, dx.options()) : dx;
-  std::vector<double> dgamma(gamma.has_value() ? cols : 0), dweight(weight.has_value() ? cols : 0),
-      dbias(bias.has_value() ? cols : 0);
-  const std::vector<float> w = param_values(weight), g = param_values(gamma);
-  const at::Tensor rstd_values = rstd.reshape({-1}).contiguous();
-  float* v = values.data_ptr<float>();
-  float* dx_ptr = dx.data_ptr<float>();
-  if (d_out.has_value()) {
-    const at::Tensor d_out_values = float_rows(*d_out, cols);
-    const float* dy = d_out_values.data_ptr<float>();
-    std::vector<double> x_hat(cols), d_x_hat(cols);
-    for (int64_t r = 0; r < rows; ++r) {
-      float* row = v + r * cols;
-      center_row(row, cols);
-      const double row_rstd = rstd_values.data_ptr<float>()[r];
-      double sum_d_x_hat = 0.0, sum_d_x_hat_x_hat = 0.0;
-      for (int64_t c = 0; c < cols; ++c) {
-        const double grad = dy[r * cols + c];
-        x_hat[c] = row[c] * row_rstd;
-        d_x_hat[c] = w.empty() ? grad : grad * w[c];
-        sum_d_x_hat += d_x_hat[c];
-        sum_d_x_hat_x_hat += d_x_hat[c] * x_hat[c];
-        if (!dweight.empty()) {
-          dweight[c] += grad * x_hat[c];
-        }
-        if (!dbias.empty()) {
-          dbias[c] += grad;
-        }
-      }
-      const double mean_d_x_hat = sum_d_x_hat / static_cast<double>(cols);
-      const double mean_d_x_hat_x_hat = sum_d_x_hat_x_hat / static_cast<double>(cols);
-      for (int64_t c = 0; c < cols; ++c) {
-        dx_ptr[r * cols + c] =
-            static_cast<float>((d_x_hat[c] - mean_d_x_hat - x_hat[c] * mean_d_x_hat_x_hat) * row_rstd);
-      }
-    }
-  }
-  if (d_residual.has_value()) {
-    dx.add_(float_rows(*d_residual, cols));
-  }
-  if (branch.has_value()) {
-    const at::Tensor branch_values = float_rows(*branch, cols);
-    const float* bv = branch_values.data_ptr<float>();
-    float* db = dbranch_values.data_ptr<float>();
-    for (int64_t r = 0; r < rows; ++r) {
-      for (int64_t c = 0; c < cols; ++c) {
-        const float grad = dx_ptr[r * cols + c];
-        if (g.empty()) {
-          db[r * cols + c] = grad;
-        } else {
-          db[r * cols + c] = grad * g[c];
-          dgamma[c] += static_cast<double>(grad) * bv[r * cols + c];
-        }
-      }
-    }
-  }
-  auto param_grad = [&](const std::vector<double>& sums, const std::optional<at::Tensor>& p) {
-    at::Tensor grad = empty_like_param(p, x);
-    if (p.has_value()) {
-      at::Tensor values = at::empty({cols}, x.options().dtype(at::kDouble));
-      std::memcpy(values.data_ptr<double>(), sums.data(), sizeof(double) * sums.size());
-      grad.copy_(values);
-    }
-    return grad;
-  };
-  at::Tensor dbranch = branch.has_value() ? dbranch_values.view(x.sizes()).to(x.scalar_type())
-                                          : at::empty({0}, x.options());
-  return {dx.view(x.sizes()).to(x.scalar_type()), dbranch, param_grad(dgamma, gamma), param_grad(dweight, weight),
-          param_grad(dbias, bias)};
-}
-
 }  // namespace
 
-// Fake (meta) implementations and the autograd formula are registered from Python (vitfast/ops/layer_norm_ext.py).
+// The fake (meta) implementation and the autograd formula are registered from Python (vitfast/ops/layer_norm_ext.py).
 TORCH_LIBRARY_FRAGMENT(vitfast, m) {
   m.def(
       "layer_norm_ext_fwd(Tensor x, Tensor? branch, Tensor? gamma, Tensor? weight, Tensor? bias, float eps) -> "
       "(Tensor, Tensor, Tensor, Tensor)");
-  m.def(
-      "layer_norm_ext_bwd(Tensor? d_out, Tensor? d_residual, Tensor x, Tensor? branch, Tensor? gamma, "
-      "Tensor? weight, Tensor? bias, Tensor rstd) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(vitfast, CPU, m) {
   m.impl("layer_norm_ext_fwd", &layer_norm_ext_fwd_cpu);
-  m.impl("layer_norm_ext_bwd", &layer_norm_ext_bwd_cpu);
 }
 
 }  // namespace vitfast

@@ -53,7 +53,6 @@ inline int multiprocessor_count(int device) {
 #endif
 
 using LayerNormFwdResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
-using LayerNormBwdResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
 // ---- preprocess --------------------------------------------------------------------------------------------------
 
@@ -73,15 +72,11 @@ inline float normalize_byte(int value, float mean, float std) {
 
 // ---- layer_norm_ext ----------------------------------------------------------------------------------------------
 
-// Checks of the forward's / backward's arguments (same rules as the Triton op vitfast::layer_norm_fwd, plus: branch
+// Checks of the forward's arguments (same rules as the Triton op vitfast::layer_norm_fwd, plus: branch
 // in x's dtype, parameters in x's dtype or fp32); return the row width.
 int64_t check_layer_norm_fwd(const at::Tensor& x, const std::optional<at::Tensor>& branch,
                              const std::optional<at::Tensor>& gamma, const std::optional<at::Tensor>& weight,
                              const std::optional<at::Tensor>& bias);
-int64_t check_layer_norm_bwd(const std::optional<at::Tensor>& d_out, const std::optional<at::Tensor>& d_residual,
-                             const at::Tensor& x, const std::optional<at::Tensor>& branch,
-                             const std::optional<at::Tensor>& gamma, const std::optional<at::Tensor>& weight,
-                             const std::optional<at::Tensor>& bias, const at::Tensor& rstd);
 
 // `t` as [rows, cols] with unit column stride (a copy only when no such view exists).
 at::Tensor as_rows(const at::Tensor& t, int64_t cols);

@@ -1,4 +1,4 @@
-// LayerNorm kernels (plain and with the pre-norm residual add), forward and backward, for layer_norm.cu.
+// LayerNorm kernels (plain and with the pre-norm residual add), forward only, for layer_norm.cu.
 //
 // Layout: a row group of TPR threads normalizes one row at a time, holding it in registers as fp32 values, ITERS
 // vectors of V elements per thread; element (i, j) of thread t is column (i * TPR + t) * V + j, so a row group's
@@ -6,11 +6,7 @@
 //   - warp per row (TPR 32, RPB 4 row groups per block): rows up to 32 * 48 columns, reductions by warp shuffles only;
 //   - block per row (TPR 512, RPB 1): wider rows, up to kLayerNormMaxWidth, reductions through shared memory.
 // Statistics are fp32 and computed as the Triton kernels do: mean, then a correction from the centered sum, then the
-// variance of the centered values; the backward recomputes the mean with the same code, so it sees the same value.
-//
-// The backward reduces the parameter gradients deterministically: each thread adds its columns' terms over its row
-// group's rows into its own shared-memory slots (no atomics), the block adds its row groups' slots in a fixed order and
-// writes one row of partial sums per block, and the launcher sums those rows (torch.sum, a fixed tree).
+// variance of the centered values. The gradient is the Triton backward's (vitfast::layer_norm_bwd), which reads them.
 #pragma once
 
 #include <c10/util/BFloat16.h>
@@ -39,41 +35,18 @@ struct FwdArgs {
   bool gamma_f32, weight_f32, bias_f32;  // parameter dtype: fp32, else the activations' dtype
 };
 
-struct BwdArgs {
-  const void* d_out;       // nullptr: no gradient of out
-  const void* d_residual;  // nullptr: no gradient of residual_out
-  const void* x;           // the normalized tensor
-  const void* branch;
-  const void* gamma;
-  const void* weight;
-  const float* rstd;
-  void* dx;
-  void* dbranch;
-  float* partial;  // [params, gridDim.x, cols] partial sums of the parameter gradients
-  int64_t rows;
-  int cols;
-  int64_t d_out_stride, d_residual_stride, x_stride, branch_stride;
-  bool gamma_f32, weight_f32;
-  int params;                                    // parameter gradients accumulated (0..3)
-  int gamma_slot, weight_slot, bias_slot;  // index among them, -1 when absent
-};
-
 using FwdKernel = void (*)(FwdArgs);
-using BwdKernel = void (*)(BwdArgs);
 
 struct KernelChoice {
-  void* kernel;  // FwdKernel or BwdKernel
+  void* kernel;  // a FwdKernel
   int threads_per_row;
   int rows_per_block;
-  int slots;  // accumulator slots per row group: ITERS * V * TPR
 };
 
 // The kernel for rows of `elems` values per thread (a bucket: 8, 16, 24, 32, 48 with a warp per row; 8 or 16 with a
 // block per row) loaded `vector` at a time (16 bytes / element, or 1).
 template <typename T>
 KernelChoice select_fwd(int vector, int elems, bool block_per_row);
-template <typename T>
-KernelChoice select_bwd(int vector, int elems, bool block_per_row);
 // defined by layer_norm_<dtype>.cu
 template <>
 KernelChoice select_fwd<float>(int vector, int elems, bool block_per_row);
@@ -81,12 +54,6 @@ template <>
 KernelChoice select_fwd<c10::Half>(int vector, int elems, bool block_per_row);
 template <>
 KernelChoice select_fwd<c10::BFloat16>(int vector, int elems, bool block_per_row);
-template <>
-KernelChoice select_bwd<float>(int vector, int elems, bool block_per_row);
-template <>
-KernelChoice select_bwd<c10::Half>(int vector, int elems, bool block_per_row);
-template <>
-KernelChoice select_bwd<c10::BFloat16>(int vector, int elems, bool block_per_row);
 
 #ifdef __CUDACC__
 
@@ -270,151 +237,9 @@ __global__ void __launch_bounds__(TPR* RPB) layer_norm_fwd_kernel(const FwdArgs 
   }
 }
 
-template <typename T, int V, int ITERS, int TPR, int RPB>
-__global__ void __launch_bounds__(TPR* RPB) layer_norm_bwd_kernel(const BwdArgs a) {
-  constexpr int kSlots = ITERS * V * TPR;
-  extern __shared__ float accumulators[];  // [RPB][params][kSlots]; slot (i * V + j) * TPR + tid
-  __shared__ float buffer[TPR / 32];
-  const int tid = threadIdx.x;
-  float* acc = accumulators + threadIdx.y * a.params * kSlots;
-  for (int k = 0; k < a.params; ++k) {
-#pragma unroll
-    for (int s = 0; s < ITERS * V; ++s) {
-      acc[k * kSlots + s * TPR + tid] = 0.0f;
-    }
-  }
-  for (int64_t row = static_cast<int64_t>(blockIdx.x) * RPB + threadIdx.y; row < a.rows;
-       row += static_cast<int64_t>(gridDim.x) * RPB) {
-    float dx[ITERS][V];
-    if (a.d_out != nullptr) {
-      float x_hat[ITERS][V], d_x_hat[ITERS][V];
-      const T* x = static_cast<const T*>(a.x) + row * a.x_stride;
-      const T* d_out = static_cast<const T*>(a.d_out) + row * a.d_out_stride;
-#pragma unroll
-      for (int i = 0; i < ITERS; ++i) {
-        const int col = (i * TPR + tid) * V;
-        if (col < a.cols) {
-          load<T, V>(x + col, x_hat[i]);
-        } else {
-#pragma unroll
-          for (int j = 0; j < V; ++j) {
-            x_hat[i][j] = 0.0f;
-          }
-        }
-      }
-      center<V, ITERS, TPR>(x_hat, a.cols, buffer);
-      const float rstd = a.rstd[row];
-      float sum_d_x_hat = 0.0f, sum_d_x_hat_x_hat = 0.0f;
-#pragma unroll
-      for (int i = 0; i < ITERS; ++i) {
-        const int col = (i * TPR + tid) * V;
-        if (col < a.cols) {
-          float grad[V], weight[V];
-          load<T, V>(d_out + col, grad);
-          if (a.weight != nullptr) {
-            load_param<T, V>(a.weight, a.weight_f32, col, weight);
-          }
-#pragma unroll
-          for (int j = 0; j < V; ++j) {
-            const int slot = (i * V + j) * TPR + tid;
-            x_hat[i][j] *= rstd;
-            d_x_hat[i][j] = a.weight != nullptr ? grad[j] * weight[j] : grad[j];
-            sum_d_x_hat += d_x_hat[i][j];
-            sum_d_x_hat_x_hat += d_x_hat[i][j] * x_hat[i][j];
-            if (a.weight_slot >= 0) {
-              acc[a.weight_slot * kSlots + slot] += grad[j] * x_hat[i][j];
-            }
-            if (a.bias_slot >= 0) {
-              acc[a.bias_slot * kSlots + slot] += grad[j];
-            }
-          }
-        } else {
-#pragma unroll
-          for (int j = 0; j < V; ++j) {
-            d_x_hat[i][j] = 0.0f;
-          }
-        }
-      }
-      const float mean_d_x_hat = row_sum<TPR>(sum_d_x_hat, buffer) / a.cols;
-      const float mean_d_x_hat_x_hat = row_sum<TPR>(sum_d_x_hat_x_hat, buffer) / a.cols;
-#pragma unroll
-      for (int i = 0; i < ITERS; ++i) {
-#pragma unroll
-        for (int j = 0; j < V; ++j) {
-          dx[i][j] = (d_x_hat[i][j] - mean_d_x_hat - x_hat[i][j] * mean_d_x_hat_x_hat) * rstd;
-        }
-      }
-    } else {
-#pragma unroll
-      for (int i = 0; i < ITERS; ++i) {
-#pragma unroll
-        for (int j = 0; j < V; ++j) {
-          dx[i][j] = 0.0f;
-        }
-      }
-    }
-#pragma unroll
-    for (int i = 0; i < ITERS; ++i) {
-      const int col = (i * TPR + tid) * V;
-      if (col >= a.cols) {
-        continue;
-      }
-      if (a.d_residual != nullptr) {
-        float grad[V];
-        load<T, V>(static_cast<const T*>(a.d_residual) + row * a.d_residual_stride + col, grad);
-#pragma unroll
-        for (int j = 0; j < V; ++j) {
-          dx[i][j] += grad[j];
-        }
-      }
-      store<T, V>(static_cast<T*>(a.dx) + row * a.cols + col, dx[i]);
-      if (a.branch != nullptr) {
-        float dbranch[V];
-        if (a.gamma != nullptr) {
-          float branch[V], gamma[V];
-          load<T, V>(static_cast<const T*>(a.branch) + row * a.branch_stride + col, branch);
-          load_param<T, V>(a.gamma, a.gamma_f32, col, gamma);
-#pragma unroll
-          for (int j = 0; j < V; ++j) {
-            acc[a.gamma_slot * kSlots + (i * V + j) * TPR + tid] += dx[i][j] * branch[j];
-            dbranch[j] = dx[i][j] * gamma[j];
-          }
-        } else {
-#pragma unroll
-          for (int j = 0; j < V; ++j) {
-            dbranch[j] = dx[i][j];
-          }
-        }
-        store<T, V>(static_cast<T*>(a.dbranch) + row * a.cols + col, dbranch);
-      }
-    }
-  }
-  __syncthreads();
-  // this block's partial sums: its row groups' slots added in row-group order
-  for (int k = 0; k < a.params; ++k) {
-    for (int slot = threadIdx.y * TPR + tid; slot < kSlots; slot += TPR * RPB) {
-      const int t = slot % TPR, element = slot / TPR;
-      const int col = ((element / V) * TPR + t) * V + element % V;
-      if (col < a.cols) {
-        float sum = 0.0f;
-#pragma unroll
-        for (int r = 0; r < RPB; ++r) {
-          sum += accumulators[(r * a.params + k) * kSlots + slot];
-        }
-        a.partial[(static_cast<int64_t>(k) * gridDim.x + blockIdx.x) * a.cols + col] = sum;
-      }
-    }
-  }
-}
-
 template <typename T, int V, int ELEMS, int TPR, int RPB>
 KernelChoice fwd_choice() {
-  return {reinterpret_cast<void*>(&layer_norm_fwd_kernel<T, V, ELEMS / V, TPR, RPB>), TPR, RPB, ELEMS * TPR};
-}
-
-template <typename T, int V, int ELEMS, int TPR, int RPB>
-KernelChoice bwd_choice() {
-  return {reinterpret_cast<void*>(&layer_norm_bwd_kernel<T, V, ELEMS / V, TPR, RPB>), TPR, RPB, ELEMS * TPR};
+  return {reinterpret_cast<void*>(&layer_norm_fwd_kernel<T, V, ELEMS / V, TPR, RPB>), TPR, RPB};
 }
 
 // Register buckets (values per thread). A warp per row: 8..48, i.e. rows up to 256 / 512 / 768 / 1024 / 1536 wide
@@ -439,36 +264,12 @@ KernelChoice select_fwd_vector(int elems, bool block_per_row) {
   }
 }
 
-template <typename T, int V>
-KernelChoice select_bwd_vector(int elems, bool block_per_row) {
-  if (block_per_row) {
-    return elems <= 8 ? bwd_choice<T, V, 8, 512, 1>() : bwd_choice<T, V, 16, 512, 1>();
-  }
-  switch (elems) {
-    case 8:
-      return bwd_choice<T, V, 8, 32, 4>();
-    case 16:
-      return bwd_choice<T, V, 16, 32, 4>();
-    case 24:
-      return bwd_choice<T, V, 24, 32, 4>();
-    case 32:
-      return bwd_choice<T, V, 32, 32, 4>();
-    default:
-      return bwd_choice<T, V, 48, 32, 4>();
-  }
-}
-
 // One translation unit per dtype (layer_norm_<dtype>.cu) compiles these, so that a build compiles them in parallel.
 #define VITFAST_LAYER_NORM_INSTANTIATE(T)                                          \
   template <>                                                                      \
   KernelChoice select_fwd<T>(int vector, int elems, bool block_per_row) {          \
     return vector > 1 ? select_fwd_vector<T, 16 / sizeof(T)>(elems, block_per_row) \
                       : select_fwd_vector<T, 1>(elems, block_per_row);             \
-  }                                                                                \
-  template <>                                                                      \
-  KernelChoice select_bwd<T>(int vector, int elems, bool block_per_row) {          \
-    return vector > 1 ? select_bwd_vector<T, 16 / sizeof(T)>(elems, block_per_row) \
-                      : select_bwd_vector<T, 1>(elems, block_per_row);             \
   }
 
 #endif  // __CUDACC__

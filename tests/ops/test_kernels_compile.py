@@ -183,8 +183,6 @@ def test_no_synchronous_global_loads_in_the_key_loop(report: dict, kernel: str, 
 
 
 _FILL_REASONS = {
-    "_layer_norm_fwd_kernel": "4 rows of 768 per program: 50 CTAs for ViT-B/16's 197 rows at batch 1",
-    "_layer_norm_bwd_kernel": "4 rows of 768 per program: 50 CTAs for ViT-B/16's 197 rows at batch 1",
     "_patch_embed_fwd_kernel": "128-row x 128-wide output tiles: 12 / 78 CTAs at ViT-B/16 batch 1 / 8",
     "_patch_embed_bwd_dw_kernel": "128 x 128 weight-gradient tiles and few row splits: 36 / 72 CTAs at batch 1 / 8",
     "_patch_embed_bwd_dx_kernel": "128-row tiles of the image gradient: 12 / 78 CTAs at ViT-B/16 batch 1 / 8",

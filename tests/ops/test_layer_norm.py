@@ -118,7 +118,7 @@ def _cases(*groups: tuple[torch.dtype, tuple[int, ...]]) -> list:
     _cases(
         (torch.float32, (50, 384, 768, 1024, 1408, 2730)),
         (torch.float16, (50, 384, 768, 2730)),
-        (torch.bfloat16, (384, 1408)),
+        (torch.bfloat16, (384, 1280, 1408)),
     ),
 )
 def test_layer_norm_kernel(dtype, cols) -> None:
@@ -128,12 +128,20 @@ def test_layer_norm_kernel(dtype, cols) -> None:
 
 
 @pytest.mark.parametrize(
-    "dtype, cols", _cases((torch.float32, (50, 768, 2730)), (torch.float16, (768,)), (torch.bfloat16, (1024,)))
+    "dtype, cols",
+    _cases((torch.float32, (50, 768, 2730)), (torch.float16, (768,)), (torch.bfloat16, (1024,))),
 )
 def test_layer_norm_residual_kernel(dtype, cols) -> None:
     x, branch = torch.randn(*ROWS, cols).to(dtype), torch.randn(*ROWS, cols).to(dtype)
     params = _params(cols, dtype, gamma=True)
     _check_residual(x, branch, params, ln._layer_norm_residual_triton, f"{dtype} C={cols}")
+
+
+@pytest.mark.parametrize("dtype, cols", _cases((torch.float16, (1001,)), (torch.bfloat16, (768,))))
+def test_layer_norm_residual_without_layer_scale(dtype, cols) -> None:
+    """``x + branch`` (ViT, EVA-02): branch's gradient is dx itself, no copy; an odd width, batch 1's 197 rows."""
+    x, branch = torch.randn(197, cols).to(dtype), torch.randn(197, cols).to(dtype)
+    _check_residual(x, branch, _params(cols, dtype), ln._layer_norm_residual_triton, f"{dtype} C={cols} no gamma")
 
 
 @pytest.mark.parametrize("gamma", [True, False])
@@ -171,11 +179,11 @@ def test_layer_norm_bwd_op_without_output_gradients() -> None:
     """Autograd hands the backward zeros for unused outputs; called directly, the op takes None for either."""
     x, branch = torch.randn(41, 96), torch.randn(41, 96)
     gamma, weight, bias = _params(96, torch.float32, gamma=True).values()
-    _out, residual, _mean, rstd = torch.ops.vitfast.layer_norm_fwd(x, branch, gamma, weight, bias, EPS)
+    _out, residual, mean, rstd = torch.ops.vitfast.layer_norm_fwd(x, branch, gamma, weight, bias, EPS)
     d_out, d_residual = torch.randn(41, 96), torch.randn(41, 96)
     for given_d_out, given_d_residual in ((None, d_residual), (d_out, None), (None, None)):
         grads = torch.ops.vitfast.layer_norm_bwd(
-            given_d_out, given_d_residual, residual, branch, gamma, weight, bias, rstd
+            given_d_out, given_d_residual, residual, branch, gamma, weight, bias, mean, rstd
         )
         expected = torch.ops.vitfast.layer_norm_bwd(
             torch.zeros_like(d_out) if given_d_out is None else d_out,
@@ -185,6 +193,7 @@ def test_layer_norm_bwd_op_without_output_gradients() -> None:
             gamma,
             weight,
             bias,
+            mean,
             rstd,
         )
         for got, want in zip(grads, expected, strict=True):
@@ -208,17 +217,33 @@ def test_layer_norm_strided_and_mixed_dtype_inputs() -> None:
     _check_residual(sliced, branch.bfloat16(), params, ln._layer_norm_residual_triton, "fp32 x, bf16 branch")
 
 
-def test_gpu_block_sizes_and_grid_through_the_interpreter(monkeypatch) -> None:
-    """The GPU tile (one 4096-wide row per program, or several narrow rows) and the GPU backward grid (here for a
-    2-SM device, so that programs loop over several row blocks) run the same kernels correctly."""
+# (rows, cols): BLOCK_ROWS, then the backward's (programs, rows per program), on a 2-SM device (8 programs wanted)
+_GPU_CONFIGS = {(37, 768): (4, (5, 8)), (7, 768): (1, (7, 1))}
+
+
+@pytest.mark.parametrize("rows, cols", list(_GPU_CONFIGS))
+def test_gpu_block_sizes_and_grid_through_the_interpreter(monkeypatch, rows, cols) -> None:
+    """The GPU launch configuration run through the interpreter, here for a 2-SM device: the GPU tile (4 rows of 768
+    per program, fewer when that leaves an SM under 4 programs: 7 rows, one each), the GPU backward grid (37 rows: 5
+    programs looping over two row blocks each) and the reduction's 32-column programs run the same kernels
+    correctly."""
     monkeypatch.setattr(ln, "_TILE", 4096)
-    assert ln._block_sizes(2730)[:2] == (1, 4096) and ln._block_sizes(768)[:2] == (4, 1024)
-    gpu_grid = ln._bwd_grid
-    monkeypatch.setattr(ln, "_bwd_grid", lambda rows, block_rows, sm_count: gpu_grid(rows, block_rows, 2))
-    assert ln._bwd_grid(37, 1, None) == (4, 10, 1) and ln._bwd_grid(37, 4, None) == (4, 12, 4)
-    for cols in (2730, 768):
-        x, branch = torch.randn(37, cols), torch.randn(37, cols)
-        _check_residual(x, branch, _params(cols, torch.float32, gamma=True), ln._layer_norm_residual_triton, "tile")
+    monkeypatch.setattr(ln, "_sm_count", lambda device: 2)
+    block_rows = ln._block_sizes(cols, rows, 2)[0]
+    assert (block_rows, ln._bwd_grid(rows, block_rows, 2)[:2]) == _GPU_CONFIGS[rows, cols]
+    x, branch = torch.randn(rows, cols), torch.randn(rows, cols)
+    _check_residual(x, branch, _params(cols, torch.float32, gamma=True), ln._layer_norm_residual_triton, "tile")
+    params = _params(cols, torch.float32)
+    _check_plain(x, params["weight"], params["bias"], ln._layer_norm_triton, "tile")
+
+
+def test_batch_1_fills_the_gpu(monkeypatch) -> None:
+    """ViT-B/16 at batch 1 (197 rows of 768) on 132 SMs: a row per program, forward and backward."""
+    monkeypatch.setattr(ln, "_TILE", 4096)  # the GPU's
+    block_rows = ln._block_sizes(768, 197, 132)[0]
+    assert block_rows == 1 and ln._bwd_grid(197, block_rows, 132)[0] == 197
+    # at batch 64 the backward's programs still fill every SM several times over
+    assert ln._bwd_grid(64 * 197, ln._block_sizes(768, 64 * 197, 132)[0], 132)[0] >= 3 * 132
 
 
 @pytest.mark.parametrize("rows", [1, 3, 591, 8 * 1025, 256 * 1025])
@@ -231,7 +256,7 @@ def test_bwd_grid_covers_every_row_once(rows, block_rows, sm_count) -> None:
     sequential = rows_per_program // tile_rows if sm_count else rows_per_program  # the interpreter: every row
     assert sequential <= ln._MAX_CHAIN
     if sm_count:  # the machine is kept busy: rounding rows_per_program up loses at most half the wanted programs
-        assert 2 * programs >= min(2 * sm_count, -(-rows // block_rows))
+        assert 2 * programs >= min(ln._PROGRAMS_PER_SM * sm_count, -(-rows // block_rows))
 
 
 @settings(max_examples=6, deadline=None)
@@ -275,15 +300,16 @@ def test_opcheck_cpu() -> None:
     leaves = [t.requires_grad_() for t in (x, branch, gamma, weight, bias)]
     torch.library.opcheck(torch.ops.vitfast.layer_norm_fwd, (*leaves, EPS), test_utils=CPU_OPCHECK)
     torch.library.opcheck(torch.ops.vitfast.layer_norm_fwd, (x, None, None, None, bias, EPS), test_utils=CPU_OPCHECK)
-    _out, residual, _mean, rstd = torch.ops.vitfast.layer_norm_fwd(*(t.detach() for t in leaves), EPS)
+    _out, residual, mean, rstd = torch.ops.vitfast.layer_norm_fwd(*(t.detach() for t in leaves), EPS)
     d_out, d_residual = torch.randn_like(x), torch.randn_like(x)
     detached = [t.detach() for t in (branch, gamma, weight, bias)]
     torch.library.opcheck(
-        torch.ops.vitfast.layer_norm_bwd, (d_out, d_residual, residual, *detached, rstd), test_utils=CPU_OPCHECK
+        torch.ops.vitfast.layer_norm_bwd, (d_out, d_residual, residual, *detached, mean, rstd), test_utils=CPU_OPCHECK
     )
+    _out, _residual, mean, rstd = torch.ops.vitfast.layer_norm_fwd(x.detach(), None, None, None, None, EPS)
     torch.library.opcheck(
         torch.ops.vitfast.layer_norm_bwd,
-        (d_out, None, x.detach(), None, None, None, None, rstd),
+        (d_out, None, x.detach(), None, None, None, None, mean, rstd),
         test_utils=CPU_OPCHECK,
     )
 
@@ -298,7 +324,7 @@ def test_ops_run_the_pytorch_twins_where_kernels_cannot(monkeypatch) -> None:
         out, residual, mean, rstd = torch.ops.vitfast.layer_norm_fwd(*fwd_args, EPS)
         normalized = fwd_args[0] if fwd_args[1] is None else residual
         grads = torch.ops.vitfast.layer_norm_bwd(
-            d_out, d_residual if fwd_args[1] is not None else None, normalized, *fwd_args[1:], rstd
+            d_out, d_residual if fwd_args[1] is not None else None, normalized, *fwd_args[1:], mean, rstd
         )
         return (out, residual, mean, rstd, *grads)
 
@@ -360,11 +386,13 @@ def test_bad_input_messages() -> None:
         fwd(torch.randn(2, ln.MAX_WIDTH + 1), None, None, None, None, EPS)
     with pytest.raises(ValueError, match="bias must be float16, bfloat16 or float32"):
         fwd(x, None, None, None, torch.randn(16, dtype=torch.float64), EPS)
-    rstd = torch.rand(4)
+    mean, rstd = torch.randn(4), torch.rand(4)
     with pytest.raises(ValueError, match=r"rstd must be float32 of shape \(4,\)"):
-        bwd(x, None, x, None, None, None, None, rstd.half())
+        bwd(x, None, x, None, None, None, None, mean, rstd.half())
+    with pytest.raises(ValueError, match=r"mean must be float32 of shape \(4,\) on cpu, got torch.float32 \(3,\)"):
+        bwd(x, None, x, None, None, None, None, mean[:3], rstd)
     with pytest.raises(ValueError, match=r"d_out must have x's shape"):
-        bwd(x[:3], None, x, None, None, None, None, rstd)
+        bwd(x[:3], None, x, None, None, None, None, mean, rstd)
 
 
 def test_empty_rows() -> None:
@@ -396,12 +424,14 @@ def test_opcheck_full_on_gpu() -> None:
         leaves = [t.requires_grad_() for t in (x, branch, gamma, weight, bias)]
         torch.library.opcheck(torch.ops.vitfast.layer_norm_fwd, (*leaves, EPS))
         torch.library.opcheck(torch.ops.vitfast.layer_norm_fwd, (x, None, None, weight, None, EPS))
-        _out, residual, _mean, rstd = torch.ops.vitfast.layer_norm_fwd(*(t.detach() for t in leaves), EPS)
+        _out, residual, mean, rstd = torch.ops.vitfast.layer_norm_fwd(*(t.detach() for t in leaves), EPS)
         d_out, d_residual = torch.randn_like(x), torch.randn_like(x)
         detached = [t.detach() for t in (branch, gamma, weight, bias)]
-        torch.library.opcheck(torch.ops.vitfast.layer_norm_bwd, (d_out, d_residual, residual, *detached, rstd))
+        torch.library.opcheck(torch.ops.vitfast.layer_norm_bwd, (d_out, d_residual, residual, *detached, mean, rstd))
+        _out, _residual, mean, rstd = torch.ops.vitfast.layer_norm_fwd(x.detach(), None, None, weight, None, EPS)
         torch.library.opcheck(
-            torch.ops.vitfast.layer_norm_bwd, (d_out, None, x.detach(), None, None, weight.detach(), None, rstd)
+            torch.ops.vitfast.layer_norm_bwd,
+            (d_out, None, x.detach(), None, None, weight.detach(), None, mean, rstd),
         )
 
 

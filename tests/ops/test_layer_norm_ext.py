@@ -1,4 +1,5 @@
-"""LayerNorm of the compiled extension (vitfast::layer_norm_ext_fwd / _bwd): C++ CPU twin here, CUDA kernel on a GPU.
+"""LayerNorm of the compiled extension (vitfast::layer_norm_ext_fwd): C++ CPU twin here, CUDA kernel on a GPU; its
+gradients are the Triton backward's (vitfast::layer_norm_bwd, through the interpreter here) on its statistics.
 
 Outputs and every gradient against fp64, with STYLE rule 5's bound (at most twice the error of PyTorch in the same
 dtype, plus the dtype's epsilon): F.layer_norm for the plain op; eager ``x + gamma * branch`` then F.layer_norm for the
@@ -146,35 +147,6 @@ def test_statistics_and_matching_the_triton_op() -> None:
     triton_body = ln._layer_norm_fwd_reference(x, branch, gamma, weight, bias, EPS)
     for got, want in zip((out, residual, mean, rstd), triton_body, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    d_out, d_residual = torch.randn_like(x), torch.randn_like(x)
-    grads = torch.ops.vitfast.layer_norm_ext_bwd(d_out, d_residual, residual, branch, gamma, weight, bias, rstd)
-    triton_grads = ln._layer_norm_bwd_reference(d_out, d_residual, residual, branch, gamma, weight, bias, rstd)
-    for got, want in zip(grads, triton_grads, strict=True):
-        assert got.dtype == want.dtype and got.shape == want.shape
-        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-3)
-
-
-def test_bwd_without_output_gradients() -> None:
-    x, branch = torch.randn(41, 96), torch.randn(41, 96)
-    gamma, weight, bias = _params(96, torch.float32, gamma=True).values()
-    _out, residual, _mean, rstd = torch.ops.vitfast.layer_norm_ext_fwd(x, branch, gamma, weight, bias, EPS)
-    d_out, d_residual = torch.randn(41, 96), torch.randn(41, 96)
-    bwd = torch.ops.vitfast.layer_norm_ext_bwd
-    for given_d_out, given_d_residual in ((None, d_residual), (d_out, None), (None, None)):
-        grads = bwd(given_d_out, given_d_residual, residual, branch, gamma, weight, bias, rstd)
-        expected = bwd(
-            torch.zeros_like(d_out) if given_d_out is None else d_out,
-            torch.zeros_like(d_residual) if given_d_residual is None else d_residual,
-            residual,
-            branch,
-            gamma,
-            weight,
-            bias,
-            rstd,
-        )
-        for got, want in zip(grads, expected, strict=True):
-            torch.testing.assert_close(got, want, rtol=0, atol=0)
-    assert all(g.abs().max() == 0 for g in (grads[0], grads[2], grads[3]))
 
 
 def test_empty_rows_and_outputs_of_absent_inputs() -> None:
@@ -184,15 +156,10 @@ def test_empty_rows_and_outputs_of_absent_inputs() -> None:
     assert out.shape == x.shape and residual.shape == (0,) and mean.shape == rstd.shape == (0, 7)
     out.sum().backward()
     assert torch.equal(weight.grad, torch.zeros(32))
-    x = torch.randn(4, 16).half()
-    _dx, dbranch, dgamma, dweight, dbias = torch.ops.vitfast.layer_norm_ext_bwd(
-        x, None, x, None, None, None, None, torch.ones(4)
-    )
-    assert all(t.shape == (0,) and t.dtype == torch.float16 for t in (dbranch, dgamma, dweight, dbias))
 
 
 def test_bad_input_messages() -> None:
-    fwd, bwd = torch.ops.vitfast.layer_norm_ext_fwd, torch.ops.vitfast.layer_norm_ext_bwd
+    fwd = torch.ops.vitfast.layer_norm_ext_fwd
     x = torch.randn(4, 16)
     with pytest.raises(ValueError, match=r"weight must have shape \(16,\), got \[15\]"):
         fwd(x, None, None, torch.randn(15), None, EPS)
@@ -208,41 +175,27 @@ def test_bad_input_messages() -> None:
         fwd(torch.randn(2, ext.MAX_WIDTH + 1), None, None, None, None, EPS)
     with pytest.raises(ValueError, match="bias must be float32 or x's dtype Half, got BFloat16"):
         fwd(x.half(), None, None, None, torch.randn(16).bfloat16(), EPS)
-    rstd = torch.rand(4)
-    with pytest.raises(ValueError, match=r"rstd must be float32 of shape \[4\]"):
-        bwd(x, None, x, None, None, None, None, rstd.half())
-    with pytest.raises(ValueError, match="d_residual .* needs a branch"):
-        bwd(x, x, x, None, None, None, None, rstd)
-    with pytest.raises(ValueError, match="d_out must have x's shape"):
-        bwd(x[:3], None, x, None, None, None, None, rstd)
 
 
 def test_opcheck_and_compile_cpu() -> None:
+    """The forward op's schema, fake and autograd registration; compiled, the same outputs. The AOT checks of the
+    backward cannot run here: under the interpreter, tracing cannot capture a Triton kernel (the Triton op's own
+    tests skip them too); test_cuda_opcheck_compile_and_dispatch runs them on a GPU."""
     x, branch = torch.randn(2, 13, 70), torch.randn(2, 13, 70)
     gamma, weight, bias = _params(70, torch.float32, gamma=True).values()
-    leaves = [t.requires_grad_() for t in (x, branch, gamma, weight, bias)]
-    fwd, bwd = torch.ops.vitfast.layer_norm_ext_fwd, torch.ops.vitfast.layer_norm_ext_bwd
-    torch.library.opcheck(fwd, (*leaves, EPS), test_utils=CPU_OPCHECK)
+    fwd = torch.ops.vitfast.layer_norm_ext_fwd
+    leaves = [t.clone().requires_grad_() for t in (x, branch, gamma, weight, bias)]
+    with_grad = tuple(name for name in CPU_OPCHECK if name != "test_aot_dispatch_dynamic")
+    torch.library.opcheck(fwd, (*leaves, EPS), test_utils=with_grad)
+    torch.library.opcheck(fwd, (x, branch, gamma, weight, bias, EPS), test_utils=CPU_OPCHECK)
     torch.library.opcheck(fwd, (x, None, None, None, bias, EPS), test_utils=CPU_OPCHECK)
-    _out, residual, _mean, rstd = fwd(*(t.detach() for t in leaves), EPS)
-    detached = [t.detach() for t in (branch, gamma, weight, bias)]
-    torch.library.opcheck(
-        bwd, (torch.randn_like(x), torch.randn_like(x), residual, *detached, rstd), test_utils=CPU_OPCHECK
-    )
-    torch.library.opcheck(
-        bwd, (torch.randn_like(x), None, x.detach(), None, None, None, None, rstd), test_utils=CPU_OPCHECK
-    )
 
     def block(x, branch, gamma, weight, bias):
         normed, residual = ext.layer_norm_residual_ext(x, branch, gamma, weight, bias, EPS)
         return (normed * residual).sum()
 
     compiled = torch.compile(block, backend="aot_eager", fullgraph=True)
-    inputs = [t.detach().clone().requires_grad_() for t in leaves]
-    compiled(*inputs).backward()
-    block(*leaves).backward()
-    for got, want in zip(inputs, leaves, strict=True):
-        torch.testing.assert_close(got.grad, want.grad, rtol=0, atol=0)
+    torch.testing.assert_close(compiled(x, branch, gamma, weight, bias), block(x, branch, gamma, weight, bias))
 
 
 # ---- dispatch ---------------------------------------------------------------------------------------------------
@@ -318,11 +271,12 @@ def test_cuda_deterministic_and_matches_twin() -> None:
         gamma, weight, bias = _params(768, torch.bfloat16, gamma=True, device="cuda").values()
         fwd = torch.ops.vitfast.layer_norm_ext_fwd(x, branch, gamma, weight, bias, EPS)
         d_out, d_residual = torch.randn_like(x), torch.randn_like(x)
-        bwd = [
-            torch.ops.vitfast.layer_norm_ext_bwd(d_out, d_residual, fwd[1], branch, gamma, weight, bias, fwd[3])
+        leaves = [t.clone().requires_grad_() for t in (x, branch, gamma, weight, bias)]
+        grads = [
+            torch.autograd.grad(ext.layer_norm_residual_ext(*leaves, EPS), leaves, (d_out, d_residual))
             for _ in range(2)
         ]
-    for first, second in zip(*bwd, strict=True):
+    for first, second in zip(*grads, strict=True):
         assert torch.equal(first, second)
     twin = torch.ops.vitfast.layer_norm_ext_fwd(*(t.cpu() for t in (x, branch, gamma, weight, bias)), EPS)
     assert torch.equal(fwd[1].cpu(), twin[1])  # the residual: x + gamma * branch rounded once, on both devices

@@ -6,14 +6,14 @@
   ``normed = LayerNorm(residual_out)``; both are returned.
 
 One pair of Triton kernels serves both: constexpr flags switch the residual add, the layer scale and the affine
-parameters on and off. Statistics (mean, rstd) are always fp32; outputs take the input's dtype. The kernels hold a
-whole row in registers, so widths up to :data:`MAX_WIDTH` run there; anything else (wider rows, fp64, tensors the
-kernels cannot take) runs the reference through the dispatch.
+parameters on and off. Statistics (mean, rstd) are always fp32, saved by the forward and read back by the backward;
+outputs take the input's dtype. The backward's programs each write fp32 partial sums of the parameter gradients,
+which a third kernel adds up and casts in one launch. The kernels hold a whole row in registers, so widths up to
+:data:`MAX_WIDTH` run there; anything else (wider rows, fp64, tensors the kernels cannot take) runs the reference
+through the dispatch.
 """
 
 from __future__ import annotations
-
-from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +36,7 @@ from vitfast.ops._triton import (
 __all__ = [
     "MAX_WIDTH",
     "layer_norm",
+    "layer_norm_backward",
     "layer_norm_bwd",
     "layer_norm_fwd",
     "layer_norm_ref",
@@ -50,9 +51,21 @@ MAX_WIDTH = 8192
 _TILE = 65536 if INTERPRETER else 4096
 # Narrow rows per program at most (only widths <= 64 on a GPU reach it).
 _MAX_BLOCK_ROWS = 64
+# Programs per SM the launchers aim for. Below it, a program takes fewer rows (down to one), so that ViT-B/16's 197
+# rows at batch 1 give 197 programs, not 50 of 4 rows, and the backward's grid has at least this many programs.
+# More programs would not add bandwidth: the backward's equal-sized programs leave no tail to balance, and each
+# one adds a row of fp32 parameter-gradient partials per parameter, written and read again (ViT-B/16 batch 64:
+# 526 programs, weight and bias, 6.5 MB against the residual backward's 77 MB).
+_PROGRAMS_PER_SM = 4
+# The reduction of the parameter-gradient partials: fp32 columns per program (one 128-byte line per row) and
+# partial rows per tile (each column's sum is a tree over a tile's rows, added over tiles in sequence). The
+# interpreter takes whole rows per program (its cost is per program, see _TILE).
+_REDUCE_COLS = 32
+_REDUCE_ROWS = 32
 # Longest run of fp32 additions in sequence in a parameter-gradient sum, whose rounding error grows with the run (at
-# 64, dgamma over a few hundred rows came out above 2x PyTorch's cascade-summed error in ~1 of 200 random shapes);
-# the backward's per-program partial sums then meet in a pairwise torch.sum.
+# 64, dgamma over a few hundred rows came out above 2x PyTorch's cascade-summed error in ~1 of 200 random shapes),
+# inside one backward program; the programs' partial sums then meet in _layer_norm_bwd_reduce_kernel (element-wise
+# over tiles of _REDUCE_ROWS partial rows, then a tree over a tile's rows).
 _MAX_CHAIN = 16
 
 
@@ -164,12 +177,11 @@ def _layer_norm_bwd_kernel(
     branch_ptr,
     gamma_ptr,
     weight_ptr,
+    mean_ptr,
     rstd_ptr,
     dx_ptr,
     dbranch_ptr,
-    dgamma_partial_ptr,
-    dweight_partial_ptr,
-    dbias_partial_ptr,
+    partial_ptr,
     rows,
     cols,
     rows_per_program,
@@ -183,21 +195,21 @@ def _layer_norm_bwd_kernel(
     HAS_GAMMA: tl.constexpr,
     HAS_WEIGHT: tl.constexpr,
     HAS_BIAS: tl.constexpr,
+    GAMMA_SLOT: tl.constexpr,
+    WEIGHT_SLOT: tl.constexpr,
+    BIAS_SLOT: tl.constexpr,
     BLOCK_ROWS: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
     # Each program walks rows_per_program consecutive rows (a multiple of BLOCK_ROWS) and keeps its share of the
-    # parameter gradients in fp32 registers; it writes one row of partial sums that the launcher adds up.
+    # parameter gradients in fp32 registers; it writes one row of partial sums per parameter into
+    # partial_ptr[slot, program, :], which _layer_norm_bwd_reduce_kernel adds up.
     pid = tl.program_id(0)
+    programs = tl.num_programs(0)
     col = tl.arange(0, BLOCK_C)
     col_mask = col < cols
-    if HAS_WEIGHT:
-        weight = tl.load(weight_ptr + col, mask=col_mask, other=0.0).to(tl.float32)
-    if HAS_GAMMA:
-        gamma = tl.load(gamma_ptr + col, mask=col_mask, other=0.0).to(tl.float32)
     # 1-D accumulators: each row block's tile is summed over its rows (a tree) before it is added, so a program holds
-    # BLOCK_C fp32 values per parameter instead of a BLOCK_ROWS x BLOCK_C tile (122-124 registers, 2 CTAs per SM at
-    # C=768 with 2-D ones: benchmarks/results/2026-12-01_kernel_report.md)
+    # BLOCK_C fp32 values per parameter instead of a BLOCK_ROWS x BLOCK_C tile
     dweight_acc = tl.zeros([BLOCK_C], dtype=tl.float32)
     dbias_acc = tl.zeros([BLOCK_C], dtype=tl.float32)
     dgamma_acc = tl.zeros([BLOCK_C], dtype=tl.float32)
@@ -209,14 +221,17 @@ def _layer_norm_bwd_kernel(
         row_offset = row.to(tl.int64)[:, None]
         dx = tl.zeros([BLOCK_ROWS, BLOCK_C], dtype=tl.float32)
         if HAS_D_OUT:
-            x = tl.load(x_ptr + row_offset * x_row_stride + col[None, :], mask=mask, other=0.0).to(tl.float32)
-            # the mean is recomputed (the row is loaded anyway) exactly as the forward computed it
-            centered, _mean = _center_rows(x, mask, cols)
+            # the forward's statistics read back; x_hat needs no mask: past the row's end d_out reads 0, which takes
+            # those columns out of every sum below, and their dx is never stored
+            mean = tl.load(mean_ptr + row, mask=row_mask, other=0.0)
             rstd = tl.load(rstd_ptr + row, mask=row_mask, other=0.0)
-            x_hat = centered * rstd[:, None]
+            x = tl.load(x_ptr + row_offset * x_row_stride + col[None, :], mask=mask, other=0.0).to(tl.float32)
+            x_hat = (x - mean[:, None]) * rstd[:, None]
             d_out = tl.load(d_out_ptr + row_offset * d_out_row_stride + col[None, :], mask=mask, other=0.0)
             d_out = d_out.to(tl.float32)
             if HAS_WEIGHT:
+                # read where used (an L1 hit after the first row block) rather than held through the loop
+                weight = tl.load(weight_ptr + col, mask=col_mask, other=0.0).to(tl.float32)
                 d_x_hat = d_out * weight[None, :]
                 dweight_acc += tl.sum(d_out * x_hat, axis=0)
             else:
@@ -233,55 +248,102 @@ def _layer_norm_bwd_kernel(
             )
             dx += d_residual.to(tl.float32)
         tl.store(dx_ptr + row_offset * cols + col[None, :], dx.to(dx_ptr.dtype.element_ty), mask=mask)
-        if HAS_BRANCH:
-            if HAS_GAMMA:
-                branch = tl.load(branch_ptr + row_offset * branch_row_stride + col[None, :], mask=mask, other=0.0)
-                dgamma_acc += tl.sum(dx * branch.to(tl.float32), axis=0)
-                dbranch = dx * gamma[None, :]
-            else:
-                dbranch = dx
+        if HAS_GAMMA:
+            branch = tl.load(branch_ptr + row_offset * branch_row_stride + col[None, :], mask=mask, other=0.0)
+            dgamma_acc += tl.sum(dx * branch.to(tl.float32), axis=0)
+            gamma = tl.load(gamma_ptr + col, mask=col_mask, other=0.0).to(tl.float32)
+            dbranch = dx * gamma[None, :]
             tl.store(
                 dbranch_ptr + row_offset * cols + col[None, :], dbranch.to(dbranch_ptr.dtype.element_ty), mask=mask
             )
+        elif HAS_BRANCH:
+            tl.store(dbranch_ptr + row_offset * cols + col[None, :], dx.to(dbranch_ptr.dtype.element_ty), mask=mask)
     if HAS_WEIGHT:
-        tl.store(dweight_partial_ptr + pid * cols + col, dweight_acc, mask=col_mask)
+        tl.store(partial_ptr + (WEIGHT_SLOT * programs + pid) * cols + col, dweight_acc, mask=col_mask)
     if HAS_BIAS:
-        tl.store(dbias_partial_ptr + pid * cols + col, dbias_acc, mask=col_mask)
+        tl.store(partial_ptr + (BIAS_SLOT * programs + pid) * cols + col, dbias_acc, mask=col_mask)
     if HAS_GAMMA:
-        tl.store(dgamma_partial_ptr + pid * cols + col, dgamma_acc, mask=col_mask)
+        tl.store(partial_ptr + (GAMMA_SLOT * programs + pid) * cols + col, dgamma_acc, mask=col_mask)
 
 
-def _block_sizes(cols: int) -> tuple[int, int, int]:
-    """``(BLOCK_ROWS, BLOCK_C, num_warps)`` for rows of width ``cols``.
+@triton.jit
+def _layer_norm_bwd_reduce_kernel(
+    partial_ptr,
+    dgamma_ptr,
+    dweight_ptr,
+    dbias_ptr,
+    programs,
+    cols,
+    GAMMA_SLOT: tl.constexpr,
+    WEIGHT_SLOT: tl.constexpr,
+    BIAS_SLOT: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    BLOCK_COLS: tl.constexpr,
+):
+    # Program (i, slot): columns [i * BLOCK_COLS, ...) of one parameter's gradient, the sum over the backward's
+    # programs of their partial rows, cast to the parameter's dtype. A [BLOCK_P, BLOCK_COLS] accumulator adds tiles
+    # element-wise (programs / BLOCK_P additions in sequence per element) and is summed over its rows once at the end.
+    slot = tl.program_id(1)
+    col = tl.program_id(0) * BLOCK_COLS + tl.arange(0, BLOCK_COLS)
+    col_mask = col < cols
+    acc = tl.zeros([BLOCK_P, BLOCK_COLS], dtype=tl.float32)
+    for start in range(0, programs, BLOCK_P):
+        partial_row = start + tl.arange(0, BLOCK_P)
+        offsets = (slot * programs + partial_row).to(tl.int64)[:, None] * cols + col[None, :]
+        acc += tl.load(partial_ptr + offsets, mask=(partial_row < programs)[:, None] & col_mask[None, :], other=0.0)
+    total = tl.sum(acc, axis=0)
+    if slot == GAMMA_SLOT:
+        tl.store(dgamma_ptr + col, total.to(dgamma_ptr.dtype.element_ty), mask=col_mask)
+    if slot == WEIGHT_SLOT:
+        tl.store(dweight_ptr + col, total.to(dweight_ptr.dtype.element_ty), mask=col_mask)
+    if slot == BIAS_SLOT:
+        tl.store(dbias_ptr + col, total.to(dbias_ptr.dtype.element_ty), mask=col_mask)
+
+
+def _block_sizes(cols: int, rows: int, sm_count: int | None) -> tuple[int, int, int]:
+    """``(BLOCK_ROWS, BLOCK_C, num_warps)`` for ``rows`` rows of width ``cols``, forward and backward.
 
     BLOCK_C: the whole row, so the mean and variance are one in-register reduction. BLOCK_ROWS: narrow rows are
     packed several to a program so that each program still moves a tile of ~``_TILE`` elements (a 768-wide row alone
-    would leave the launch dominated by many tiny programs). num_warps: ~16 elements per thread and tensor, which
-    keeps the backward's three fp32 accumulators and its operands in registers (up to 16 warps for 8192 wide rows).
+    would leave a large launch dominated by many tiny programs), but on a GPU (``sm_count`` given) halved, down to
+    one row, while that gives fewer than ``_PROGRAMS_PER_SM`` programs per SM: few rows (batch 1) then spread over
+    every SM. num_warps: ~16 elements per thread and tensor (two 128-bit accesses per 16-bit tensor, four per fp32
+    one), which keeps the backward's fp32 accumulators and its operands in registers (up to 16 warps for 8192 wide
+    rows), 8 in tiles under 2048 elements.
     """
     block_c = next_power_of_2(cols)
     block_rows = max(1, min(_MAX_BLOCK_ROWS, _TILE // block_c))
-    num_warps = min(16, max(1, block_rows * block_c // 512))
+    if sm_count is not None:
+        while block_rows > 1 and triton.cdiv(rows, block_rows) < _PROGRAMS_PER_SM * sm_count:
+            block_rows //= 2
+    tile = block_rows * block_c
+    # small tiles (one row up to 1024 wide) get up to 4 warps at 8 elements per thread, still one 16-byte access per
+    # 16-bit tensor: a lone 1024-wide row on 2 warps spilled 8 bytes in the residual backward (ptxas, sm_90)
+    num_warps = min(16, max(1, tile // 512, min(4, tile // 256)))
     return block_rows, block_c, num_warps
 
 
 def _bwd_grid(rows: int, block_rows: int, sm_count: int | None) -> tuple[int, int, int]:
     """``(programs, rows_per_program, BLOCK_ROWS)`` of the backward; each program writes one row of partial sums.
 
-    On a GPU (``sm_count`` given), at least two programs per SM (a ~4096-element tile at ~16 elements per thread
-    leaves registers for two), so the grid fills the machine in one wave and the partial sums amortize over many
-    rows; more when a program would otherwise add more than ``_MAX_CHAIN`` row blocks in sequence (a tile's rows add
-    up as a tree). The interpreter (``sm_count`` None) adds a tile's rows in sequence too (numpy), so there a program
-    takes at most ``_MAX_CHAIN`` rows.
+    On a GPU (``sm_count`` given), ``_PROGRAMS_PER_SM`` programs per SM, or one per row block when there are fewer
+    (``_block_sizes`` already shrank the row blocks so that batch-1 rows give more programs than SMs); more when a
+    program would otherwise add more than ``_MAX_CHAIN`` row blocks in sequence (a tile's rows add up as a tree).
+    The interpreter (``sm_count`` None) adds a tile's rows in sequence too (numpy), so there a program takes at most
+    ``_MAX_CHAIN`` rows.
     """
     if sm_count is not None:
-        programs = max(2 * sm_count, triton.cdiv(triton.cdiv(rows, block_rows), _MAX_CHAIN))
+        programs = max(_PROGRAMS_PER_SM * sm_count, triton.cdiv(triton.cdiv(rows, block_rows), _MAX_CHAIN))
     else:
         block_rows = min(block_rows, _MAX_CHAIN)
         programs = triton.cdiv(rows, _MAX_CHAIN)
     row_blocks = triton.cdiv(rows, block_rows)
     rows_per_program = triton.cdiv(row_blocks, max(1, min(row_blocks, programs))) * block_rows
     return triton.cdiv(rows, rows_per_program), rows_per_program, block_rows
+
+
+def _sm_count(device: torch.device) -> int | None:
+    return num_sms(device) if device.type == "cuda" else None
 
 
 def _as_rows(t: torch.Tensor, cols: int) -> torch.Tensor:
@@ -355,7 +417,7 @@ def layer_norm_fwd(
     if rows == 0:
         return out, residual_out, mean, rstd
     branch_rows = _as_rows(branch, cols) if branch is not None else x_rows
-    block_rows, block_c, num_warps = _block_sizes(cols)
+    block_rows, block_c, num_warps = _block_sizes(cols, rows, _sm_count(x.device))
     launch(
         _layer_norm_fwd_kernel,
         (triton.cdiv(rows, block_rows),),
@@ -392,20 +454,22 @@ def layer_norm_bwd(
     gamma: torch.Tensor | None,
     weight: torch.Tensor | None,
     bias: torch.Tensor | None,
+    mean: torch.Tensor,
     rstd: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Launch the backward kernel: ``(dx, dbranch, dgamma, dweight, dbias)``.
+    """Launch the backward kernel and the reduction of its partial sums: ``(dx, dbranch, dgamma, dweight, dbias)``.
 
-    - ``x``: the tensor that was normalized, ``[..., C]`` (``residual_out`` in the residual variant); ``rstd``: its
-      fp32 ``x.shape[:-1]`` statistic from :func:`layer_norm_fwd` (the mean is recomputed from ``x``).
+    - ``x``: the tensor that was normalized, ``[..., C]`` (``residual_out`` in the residual variant); ``mean``,
+      ``rstd``: its fp32 ``x.shape[:-1]`` statistics from :func:`layer_norm_fwd`, read back (not recomputed).
     - ``d_out``: gradient of ``out``, ``d_residual``: of ``residual_out``, added to ``dx``; ``x``'s shape, either may
       be None (no gradient). ``d_residual`` without ``branch``: the residual variant without a layer scale, whose
       ``dbranch`` is ``dx`` itself, so the autograd backward asks for no copy of it.
     - ``branch``, ``gamma``, ``weight``, ``bias``: the forward's inputs (``bias`` is only looked at for its presence
-      and dtype).
+      and dtype; ``branch`` is read only with ``gamma``).
     - ``dx``: ``x``'s shape and dtype, the gradient of the forward's ``x``. ``dbranch`` (``branch``'s dtype),
       ``dgamma``, ``dweight``, ``dbias`` (their parameter's dtype): empty ``[0]`` when that input is None.
-      Parameter gradients are reduced over the rows in fp32.
+      Parameter gradients are reduced over the rows in fp32: per-program partial sums, then one launch that adds
+      them up and casts them, all parameters at once.
     """
     cols = _check_x(x)
     if gamma is not None and branch is None:
@@ -414,69 +478,97 @@ def layer_norm_bwd(
         _check_activation(name, t, x.shape, x.device)
     for name, param in (("gamma", gamma), ("weight", weight), ("bias", bias)):
         _check_param(name, param, cols, x.device)
-    if rstd.shape != x.shape[:-1] or rstd.dtype != torch.float32 or rstd.device != x.device:
-        raise ValueError(
-            f"layer_norm: rstd must be float32 of shape {tuple(x.shape[:-1])} on {x.device}, got "
-            f"{rstd.dtype} {tuple(rstd.shape)} on {rstd.device}."
-        )
+    for name, stat in (("mean", mean), ("rstd", rstd)):
+        if stat.shape != x.shape[:-1] or stat.dtype != torch.float32 or stat.device != x.device:
+            raise ValueError(
+                f"layer_norm: {name} must be float32 of shape {tuple(x.shape[:-1])} on {x.device}, got "
+                f"{stat.dtype} {tuple(stat.shape)} on {stat.device}."
+            )
 
     x_rows = _as_rows(x, cols)
     rows = x_rows.shape[0]
-    block_rows, block_c, num_warps = _block_sizes(cols)
-    sm_count = num_sms(x.device) if x.device.type == "cuda" else None
+    sm_count = _sm_count(x.device)
+    block_rows, block_c, num_warps = _block_sizes(cols, rows, sm_count)
     programs, rows_per_program, block_rows = _bwd_grid(rows, block_rows, sm_count) if rows else (0, 1, block_rows)
+    # the present parameters' rows of partial sums, stacked in one buffer (slot -1: absent)
+    params = (gamma, weight, bias)
+    slots = [-1, -1, -1]
+    for i in (i for i, param in enumerate(params) if param is not None):
+        slots[i] = max(slots) + 1
+    gamma_slot, weight_slot, bias_slot = slots
+    n_params = max(slots) + 1
 
-    def partial_sums(param: torch.Tensor | None) -> torch.Tensor:
-        return torch.empty((programs if param is not None else 0, cols), dtype=torch.float32, device=x.device)
+    def param_grad(param: torch.Tensor | None) -> torch.Tensor:
+        if param is None:
+            return torch.empty((0,), dtype=x.dtype, device=x.device)
+        # no rows: nothing to add up, and no kernel writes it
+        return torch.zeros_like(param) if programs == 0 else torch.empty_like(param)
 
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    # without gamma, dbranch is dx (the autograd glue hands dx itself on, this op's outputs may not alias)
     dbranch = torch.empty(
         x.shape if branch is not None else (0,), dtype=branch.dtype if branch is not None else x.dtype, device=x.device
     )
-    dgamma_partial, dweight_partial, dbias_partial = partial_sums(gamma), partial_sums(weight), partial_sums(bias)
-    if programs:
-        d_out_rows = _as_rows(d_out, cols) if d_out is not None else x_rows
-        d_residual_rows = _as_rows(d_residual, cols) if d_residual is not None else x_rows
-        branch_rows = _as_rows(branch, cols) if branch is not None else x_rows
+    dgamma, dweight, dbias = (param_grad(param) for param in params)
+    if programs == 0:
+        return dx, dbranch, dgamma, dweight, dbias
+    partial = torch.empty((n_params, programs, cols), dtype=torch.float32, device=x.device)
+    d_out_rows = _as_rows(d_out, cols) if d_out is not None else x_rows
+    d_residual_rows = _as_rows(d_residual, cols) if d_residual is not None else x_rows
+    branch_rows = _as_rows(branch, cols) if branch is not None else x_rows
+    launch(
+        _layer_norm_bwd_kernel,
+        (programs,),
+        d_out_rows,
+        d_residual_rows,
+        x_rows,
+        branch_rows,
+        gamma if gamma is not None else x_rows,  # stand-ins for absent tensors are never read (constexpr flags)
+        weight if weight is not None else x_rows,
+        mean,
+        rstd,
+        dx,
+        dbranch if branch is not None else dx,
+        partial if n_params else rstd,
+        rows,
+        cols,
+        rows_per_program,
+        d_out_rows.stride(0),
+        d_residual_rows.stride(0),
+        x_rows.stride(0),
+        branch_rows.stride(0),
+        HAS_D_OUT=d_out is not None,
+        HAS_D_RESIDUAL=d_residual is not None,
+        HAS_BRANCH=branch is not None,
+        HAS_GAMMA=gamma is not None,
+        HAS_WEIGHT=weight is not None,
+        HAS_BIAS=bias is not None,
+        GAMMA_SLOT=gamma_slot,
+        WEIGHT_SLOT=weight_slot,
+        BIAS_SLOT=bias_slot,
+        BLOCK_ROWS=block_rows,
+        BLOCK_C=block_c,
+        num_warps=num_warps,
+    )
+    if n_params:
+        reduce_cols = _REDUCE_COLS if sm_count is not None else next_power_of_2(cols)
         launch(
-            _layer_norm_bwd_kernel,
-            (programs,),
-            d_out_rows,
-            d_residual_rows,
-            x_rows,
-            branch_rows,
-            gamma if gamma is not None else x_rows,  # stand-ins for absent tensors are never read (constexpr flags)
-            weight if weight is not None else x_rows,
-            rstd,
-            dx,
-            dbranch if branch is not None else dx,
-            dgamma_partial if gamma is not None else rstd,
-            dweight_partial if weight is not None else rstd,
-            dbias_partial if bias is not None else rstd,
-            rows,
+            _layer_norm_bwd_reduce_kernel,
+            (triton.cdiv(cols, reduce_cols), n_params),
+            partial,
+            dgamma if gamma is not None else partial,  # stand-ins: never written (their slot is -1)
+            dweight if weight is not None else partial,
+            dbias if bias is not None else partial,
+            programs,
             cols,
-            rows_per_program,
-            d_out_rows.stride(0),
-            d_residual_rows.stride(0),
-            x_rows.stride(0),
-            branch_rows.stride(0),
-            HAS_D_OUT=d_out is not None,
-            HAS_D_RESIDUAL=d_residual is not None,
-            HAS_BRANCH=branch is not None,
-            HAS_GAMMA=gamma is not None,
-            HAS_WEIGHT=weight is not None,
-            HAS_BIAS=bias is not None,
-            BLOCK_ROWS=block_rows,
-            BLOCK_C=block_c,
-            num_warps=num_warps,
+            GAMMA_SLOT=gamma_slot,
+            WEIGHT_SLOT=weight_slot,
+            BIAS_SLOT=bias_slot,
+            BLOCK_P=_REDUCE_ROWS,
+            BLOCK_COLS=reduce_cols,
+            num_warps=4,  # 8 fp32 values per thread of the 32 x 32 tile: two 128-bit loads
         )
-
-    def reduce(partial: torch.Tensor, param: torch.Tensor | None) -> torch.Tensor:
-        if param is None:
-            return torch.empty((0,), dtype=x.dtype, device=x.device)
-        return partial.sum(dim=0).to(param.dtype)
-
-    return dx, dbranch, reduce(dgamma_partial, gamma), reduce(dweight_partial, weight), reduce(dbias_partial, bias)
+    return dx, dbranch, dgamma, dweight, dbias
 
 
 def _layer_norm_fwd_reference(
@@ -503,10 +595,11 @@ def _layer_norm_bwd_reference(
     gamma: torch.Tensor | None,
     weight: torch.Tensor | None,
     bias: torch.Tensor | None,
+    mean: torch.Tensor,
     rstd: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """:func:`layer_norm_bwd` in PyTorch (fp32 math), for tensors the kernels cannot take (same outputs)."""
-    x_hat = (x.float() - x.float().mean(-1, keepdim=True)) * rstd.unsqueeze(-1)
+    x_hat = (x.float() - mean.unsqueeze(-1)) * rstd.unsqueeze(-1)
     d_out = d_out.float() if d_out is not None else torch.zeros_like(x_hat)
     d_x_hat = d_out * weight.float() if weight is not None else d_out
     dx = d_x_hat - d_x_hat.mean(-1, keepdim=True) - x_hat * (d_x_hat * x_hat).mean(-1, keepdim=True)
@@ -545,64 +638,49 @@ def _layer_norm_bwd_op(
     gamma: torch.Tensor | None,
     weight: torch.Tensor | None,
     bias: torch.Tensor | None,
+    mean: torch.Tensor,
     rstd: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    if not kernel_can_run(d_out, d_residual, x, branch, gamma, weight, bias, rstd):
-        return _layer_norm_bwd_reference(d_out, d_residual, x, branch, gamma, weight, bias, rstd)
-    return layer_norm_bwd(d_out, d_residual, x, branch, gamma, weight, bias, rstd)
+    if not kernel_can_run(d_out, d_residual, x, branch, gamma, weight, bias, mean, rstd):
+        return _layer_norm_bwd_reference(d_out, d_residual, x, branch, gamma, weight, bias, mean, rstd)
+    return layer_norm_bwd(d_out, d_residual, x, branch, gamma, weight, bias, mean, rstd)
 
 
 def layer_norm_setup_context(ctx, inputs, output) -> None:
     x, branch, gamma, weight, bias, _eps = inputs
-    _out, residual_out, _mean, rstd = output
+    _out, residual_out, mean, rstd = output
     # the backward needs the tensor that was normalized: residual_out in the residual variant
-    ctx.save_for_backward(x if branch is None else residual_out, branch, gamma, weight, bias, rstd)
+    ctx.save_for_backward(x if branch is None else residual_out, branch, gamma, weight, bias, mean, rstd)
 
 
-def layer_norm_backward_with(bwd_op: str | Callable) -> Callable:
-    """The autograd backward of a ``layer_norm_fwd``-shaped op, computed by ``bwd_op``.
+def layer_norm_backward(ctx, d_out, d_residual, _d_mean, _d_rstd):
+    """The autograd backward of a ``layer_norm_fwd``-shaped op (saved by :func:`layer_norm_setup_context`).
 
-    Shared by the Triton op here (``bwd_op`` the :class:`~vitfast.ops._triton.EagerOp` itself, so that an eager
-    backward skips the dispatcher too) and the CUDA C++ op (:mod:`vitfast.ops.layer_norm_ext`), whose schemas match;
-    a name is looked up in ``torch.ops.vitfast`` at call time, so the compiled extension may load after this module.
+    Shared by the Triton op here and the CUDA C++ forward (:mod:`vitfast.ops.layer_norm_ext`), whose statistics are
+    the same; it calls the :class:`~vitfast.ops._triton.EagerOp` itself, so that an eager backward skips the
+    dispatcher too.
     """
-
-    def backward(ctx, d_out, d_residual, _d_mean, _d_rstd):
-        normalized, branch, gamma, weight, bias, rstd = ctx.saved_tensors
-        if branch is None:
-            d_residual = None  # the empty residual_out placeholder of the plain variant carries no gradient
-        if isinstance(bwd_op, str):
-            dx, dbranch, dgamma, dweight, dbias = getattr(torch.ops.vitfast, bwd_op)(
-                d_out, d_residual, normalized, branch, gamma, weight, bias, rstd
-            )
-        elif branch is not None and gamma is None:
-            # residual_out = x + branch: branch's gradient is dx; autograd takes one tensor for both, as for an add
-            dx, _, dgamma, dweight, dbias = bwd_op(d_out, d_residual, normalized, None, None, weight, bias, rstd)
-            dbranch = dx.to(branch.dtype)
-        else:
-            dx, dbranch, dgamma, dweight, dbias = bwd_op(
-                d_out, d_residual, normalized, branch, gamma, weight, bias, rstd
-            )
-
-        def present(grad: torch.Tensor, tensor: torch.Tensor | None) -> torch.Tensor | None:
-            return grad if tensor is not None else None
-
-        return (
-            dx,
-            present(dbranch, branch),
-            present(dgamma, gamma),
-            present(dweight, weight),
-            present(dbias, bias),
-            None,
+    normalized, branch, gamma, weight, bias, mean, rstd = ctx.saved_tensors
+    if branch is None:
+        d_residual = None  # the empty residual_out placeholder of the plain variant carries no gradient
+    if branch is not None and gamma is None:
+        # residual_out = x + branch: branch's gradient is dx; autograd takes one tensor for both, as for an add
+        dx, _, dgamma, dweight, dbias = _layer_norm_bwd_op(
+            d_out, d_residual, normalized, None, None, weight, bias, mean, rstd
+        )
+        dbranch = dx.to(branch.dtype)
+    else:
+        dx, dbranch, dgamma, dweight, dbias = _layer_norm_bwd_op(
+            d_out, d_residual, normalized, branch, gamma, weight, bias, mean, rstd
         )
 
-    return backward
+    def present(grad: torch.Tensor, tensor: torch.Tensor | None) -> torch.Tensor | None:
+        return grad if tensor is not None else None
+
+    return dx, present(dbranch, branch), present(dgamma, gamma), present(dweight, weight), present(dbias, bias), None
 
 
-_layer_norm_backward = layer_norm_backward_with(_layer_norm_bwd_op)
-
-
-_layer_norm_fwd_op.register_autograd(_layer_norm_backward, setup_context=layer_norm_setup_context)
+_layer_norm_fwd_op.register_autograd(layer_norm_backward, setup_context=layer_norm_setup_context)
 
 
 def _uncovered(x: torch.Tensor, *others: torch.Tensor | None) -> str | None:

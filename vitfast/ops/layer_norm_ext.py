@@ -1,13 +1,22 @@
-"""LayerNorm in CUDA C++ (the compiled extension): the Python side of ``vitfast::layer_norm_ext_fwd`` / ``_bwd``.
+"""LayerNorm in CUDA C++ (the compiled extension): the Python side of ``vitfast::layer_norm_ext_fwd``.
 
 Same semantics as the Triton op in :mod:`vitfast.ops.layer_norm` (plain LayerNorm, and the pre-norm residual
 variant ``(LayerNorm(x + gamma * branch), x + gamma * branch)`` with the residual rounded once to x's dtype, fp32
 statistics); see csrc/layer_norm.cpp for the op contract and csrc/cuda/layer_norm.cuh for the kernels (a warp per
-row up to 1536 columns with 16-byte vector loads, a block per row up to :data:`MAX_WIDTH`; deterministic parameter
-gradients). Ops of other names than the Triton ones (``vitfast::layer_norm_fwd`` is the Triton op), so both can be
-loaded and compared.
+row up to 1536 columns with 16-byte vector loads, a block per row up to :data:`MAX_WIDTH`). An op of another name
+than the Triton one (``vitfast::layer_norm_fwd`` is the Triton op), so both can be loaded and compared.
 
-When the extension is loaded this module registers the ops' fake implementations and autograd formula, and, when the
+There is no C++ backward: the op's autograd formula is the Triton op's
+(:func:`~vitfast.ops.layer_norm.layer_norm_backward`, ``vitfast::layer_norm_bwd``), on the statistics this forward
+saves, computed as the Triton forward computes them. The C++ backward it replaced added each element's
+parameter-gradient terms into shared memory once per row (a shared load and store per parameter and element;
+37-74 KB of accumulators per 4-row block at widths 768-1536) and then summed its partial rows with a torch launch
+per parameter; forward + backward measured 1.5-5x PyTorch's on an H100 (:func:`prefer_cuda_kernel`). Rebuilt the
+Triton kernel's way (register accumulators, a row block's terms summed as a tree, one reduction launch) it would be
+the same algorithm moving the same bytes as the rebuilt Triton backward: a second copy to keep equal, with nothing
+left for it to win.
+
+When the extension is loaded this module registers the op's fake implementation and autograd formula, and, when the
 extension holds the CUDA kernels, the ``"cuda"`` backend implementations of ``"layer_norm"`` and
 ``"layer_norm_residual"``. Under backend ``"cuda"`` they run the C++ kernel wherever it covers the call (else the
 Triton implementation, itself falling back to the reference); under ``"auto"`` they run it when no gradient is needed
@@ -25,7 +34,7 @@ import torch
 
 from vitfast import _ext, backend
 from vitfast.ops._triton import KERNEL_DTYPES, log_fallback
-from vitfast.ops.layer_norm import layer_norm_backward_with, layer_norm_setup_context
+from vitfast.ops.layer_norm import layer_norm_backward, layer_norm_setup_context
 
 __all__ = [
     "MAX_WIDTH",
@@ -57,17 +66,6 @@ def _fwd_fake(x, branch, gamma, weight, bias, eps):
     stats = x.new_empty(x.shape[:-1], dtype=torch.float32)
     residual_out = x.new_empty(x.shape) if branch is not None else x.new_empty(0)
     return x.new_empty(x.shape), residual_out, stats, torch.empty_like(stats)
-
-
-def _bwd_fake(d_out, d_residual, x, branch, gamma, weight, bias, rstd):
-    def param_grad(param):
-        return x.new_empty(param.shape, dtype=param.dtype) if param is not None else x.new_empty(0)
-
-    dbranch = x.new_empty(x.shape) if branch is not None else x.new_empty(0)
-    return x.new_empty(x.shape), dbranch, param_grad(gamma), param_grad(weight), param_grad(bias)
-
-
-_backward = layer_norm_backward_with("layer_norm_ext_bwd")
 
 
 def layer_norm_ext(
@@ -157,9 +155,8 @@ def register_ext() -> None:
     """Register the ops' Python side once the extension is loaded (at import, or by ``_ext.load_jit``)."""
     if _ext.HAS_EXT and not _registered["ops"]:
         torch.library.register_fake("vitfast::layer_norm_ext_fwd", _fwd_fake)
-        torch.library.register_fake("vitfast::layer_norm_ext_bwd", _bwd_fake)
         torch.library.register_autograd(
-            "vitfast::layer_norm_ext_fwd", _backward, setup_context=layer_norm_setup_context
+            "vitfast::layer_norm_ext_fwd", layer_norm_backward, setup_context=layer_norm_setup_context
         )
         _registered["ops"] = True
     if _ext.HAS_EXT_CUDA and not _registered["cuda"]:
