@@ -55,7 +55,8 @@ for b in json.load(open(sys.argv[1]))["benchmarks"]:
     gbps = b.get("extra_info", {}).get("GB/s")
     print(f"{b['name'][12:]:<70} {b['stats']['median'] * 1e6:9.1f} us" + (f"  {gbps:7.0f} GB/s" if gbps else ""))
 PY
-      ;;
+      # "auto"'s training cells: where the kernels beat eager PyTorch at forward + backward in this run
+      python3 -m benchmarks.training_table "$OUT/ops.json" --results "$OUT/training_table.md" 2>&1 | tail -12 ;;
     kernels)
       # the kernel report's launches run on this GPU: measured time beside each floor (fraction of floor), ~3 min
       timeout 300 python3 -m benchmarks.kernel_report --gpu --gpu-peaks H200 --out-dir "$OUT" 2>&1 | tail -20 ;;

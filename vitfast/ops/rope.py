@@ -275,4 +275,4 @@ def rope_2d_qk(
     Triton kernel (one pass over both, contiguous outputs) for ``[B, H, N, D]`` on a GPU, else :func:`rope_2d_ref`
     twice. Gradients flow to ``q`` and ``k``; the tables are constants."""
     _check_qk(q, k, cos, sin, num_prefix_tokens)
-    return dispatch("rope_2d_qk", q.device)(q, k, cos, sin, num_prefix_tokens)
+    return dispatch("rope_2d_qk", q.device, q.shape[-1])(q, k, cos, sin, num_prefix_tokens)

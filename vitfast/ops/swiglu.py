@@ -942,14 +942,14 @@ if HAS_TRITON:
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """Split-form SwiGLU through the current backend."""
-    return dispatch("swiglu", gate.device)(gate, up)
+    return dispatch("swiglu", gate.device, gate.shape[-1] if gate.ndim else None)(gate, up)
 
 
 def swiglu_packed(x: torch.Tensor) -> torch.Tensor:
     """Packed-form SwiGLU through the current backend."""
     if x.shape[-1] % 2:
         raise ValueError(f"packed SwiGLU needs an even last dimension, got {x.shape[-1]}.")
-    return dispatch("swiglu_packed", x.device)(x)
+    return dispatch("swiglu_packed", x.device, x.shape[-1] // 2 if x.ndim else None)(x)
 
 
 def swiglu_layer_norm(
@@ -995,4 +995,5 @@ def swiglu_layer_norm(
         raise ValueError(
             f"swiglu_layer_norm: gate and up must have one shape, got {tuple(gate.shape)} and {tuple(up.shape)}."
         )
-    return dispatch("swiglu_layer_norm", gate.device)(gate, up, weight, bias, eps, width)
+    true_width = width if width is not None else (gate.shape[-1] if gate.ndim else None)
+    return dispatch("swiglu_layer_norm", gate.device, true_width)(gate, up, weight, bias, eps, width)
