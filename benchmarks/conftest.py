@@ -27,3 +27,16 @@ def _no_tf32():
     if CUDA:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     yield
+
+
+def pytest_benchmark_update_machine_info(config, machine_info):
+    """The GPU and library versions in the JSON report (benchmarks/training_table.py reads the device name)."""
+    machine_info["torch"] = torch.__version__
+    try:
+        import triton
+
+        machine_info["triton"] = triton.__version__
+    except ImportError:  # optional (STYLE rule 6): the reference runs
+        machine_info["triton"] = None
+    if CUDA:
+        machine_info["cuda_device"] = torch.cuda.get_device_name()

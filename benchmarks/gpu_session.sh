@@ -55,7 +55,8 @@ for b in json.load(open(sys.argv[1]))["benchmarks"]:
     gbps = b.get("extra_info", {}).get("GB/s")
     print(f"{b['name'][12:]:<70} {b['stats']['median'] * 1e6:9.1f} us" + (f"  {gbps:7.0f} GB/s" if gbps else ""))
 PY
-      ;;
+      # "auto"'s training cells: where the kernels beat eager PyTorch at forward + backward in this run
+      python3 -m benchmarks.training_table "$OUT/ops.json" --results "$OUT/training_table.md" 2>&1 | tail -12 ;;
     layer_norm)
       # Triton LayerNorm fwd + bwd vs PyTorch, bf16, (8200, 1024) and (12608, 768): rule 5 and times, ~1 min
       timeout 150 python3 benchmarks/gpu_layer_norm_check.py --json "$OUT/layer_norm.jsonl" 2>&1 | tail -10 ;;

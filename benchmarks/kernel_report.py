@@ -203,6 +203,7 @@ def _cases() -> list[Case]:
             for kind in ("sub-LN", "split", "packed")
         ),
         _case(eva, "swiglu", "sub-LN h=2730 padded to 2736", _swiglu, "sub-LN padded", eva_rows, 2730, BF16),
+        _case("EVA-02-B/448 bs 8", "swiglu", "sub-LN h=2048", _swiglu, "sub-LN", eva_rows, 2048, BF16),
     ]
     ref = "REFERENCE s4 bs 8"
     cases += [

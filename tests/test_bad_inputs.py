@@ -196,6 +196,21 @@ CASES = [
         ["patch_resample", "bicubic", "pinv"],
         [],
     ),
+    # image preprocessing
+    (
+        "eval transform to int8",
+        lambda ctx: vitfast.transforms.for_model(ctx.vit, dtype=torch.int8),
+        ValueError,
+        ["dtype", "floating-point", "int8"],
+        [],
+    ),
+    (
+        "preprocess with a zero std",
+        lambda ctx: vitfast.ops.preprocess(torch.zeros(1, 16, 16, 3, dtype=torch.uint8), (0.5,) * 3, (0.5, 0, 0.5)),
+        ValueError,
+        ["std", "positive", "0.0"],
+        [],
+    ),
     # the inference engine
     ("engine of a non-module", lambda ctx: vitfast.optimize("model"), TypeError, ["torch.nn.Module", "str"], []),
     (

@@ -12,9 +12,10 @@ The backend is looked up every time an op is called, so switching it never requi
   2026-11-22: ViT-B/16 eager 7.9 vs 4.0 ms at batch 1). They win inside CUDA graphs at small batch, where
   :func:`vitfast.optimize` measures and picks them. In training (a call under grad mode) ``"auto"`` follows
   :data:`TRAINING_TABLE` instead: an implementation runs only where a GPU measured it faster than PyTorch at forward
-  + backward, per op and width range, on that device; PyTorch everywhere else. The table has no cell yet, so
-  training runs PyTorch; run inference under ``torch.inference_mode()`` / ``torch.no_grad()`` to get the inference
-  choice.
+  + backward, per op and width range, on that device, in eager mode (under ``torch.compile`` the reference, which
+  inductor fuses); PyTorch everywhere else. ``python -m benchmarks.training_table`` turns a GPU run of the op
+  benchmarks into cells. The table has no cell yet, so training runs PyTorch; run inference under
+  ``torch.inference_mode()`` / ``torch.no_grad()`` to get the inference choice.
 
 Set it with :func:`set_backend`, the :func:`use_backend` context manager, or the ``VITFAST_BACKEND`` environment
 variable (read once, at the first op call).
@@ -203,7 +204,11 @@ def _device_name(device_index: int) -> str:
 
 
 def _training_choice(op: str, device: torch.device, width: int | None) -> tuple[str, ...]:
-    cells = [cell for cell in TRAINING_TABLE if cell.covers(op, width)] if device.type == "cuda" else []
+    # The cells compare eager calls. Under torch.compile the reference is what inductor fuses with its neighbours,
+    # which no cell has measured against: PyTorch there.
+    if device.type != "cuda" or torch.compiler.is_compiling():
+        return ()
+    cells = [cell for cell in TRAINING_TABLE if cell.covers(op, width)]
     if not cells:
         return ()
     name = _device_name(device.index if device.index is not None else torch.cuda.current_device())

@@ -126,6 +126,15 @@ class EvalTransform:
     device: torch.device | str | None = None
 
     def __post_init__(self) -> None:
+        if not isinstance(self.dtype, torch.dtype) or not self.dtype.is_floating_point:
+            raise ValueError(
+                f"dtype must be a floating-point torch.dtype (the normalized pixels), got {self.dtype!r}; use "
+                "torch.float32, torch.float16 or torch.bfloat16."
+            )
+        if not 0.0 < self.crop_pct <= 1.0:
+            raise ValueError(f"crop_pct must be in (0, 1], got {self.crop_pct}.")
+        if any(not math.isfinite(s) or s <= 0 for s in self.std):
+            raise ValueError(f"std must be positive and finite per channel, got {tuple(self.std)}.")
         if self.crop_mode not in CROP_MODES:
             raise ValueError(f"crop_mode {self.crop_mode!r} is not supported; supported: {', '.join(CROP_MODES)}.")
         if self.interpolation not in INTERPOLATIONS:

@@ -159,3 +159,17 @@ def test_full_shape_and_compile_on_gpu() -> None:
     v = torch.randn_like(q)
     compiled = torch.compile(attend, fullgraph=True)
     torch.testing.assert_close(compiled(q, k, v), attend(q, k, v), atol=2e-2, rtol=2e-2)
+
+
+def test_alignment_hint_only_where_every_hinted_stride_allows_it(monkeypatch) -> None:
+    """The kernel tells Triton that q's and k's row offsets are multiples of 16 bytes (128-bit loads at D = 88) only
+    when the batch, token and head strides all are: a hint that is false would make misaligned vector loads."""
+    launches = []
+    monkeypatch.setattr(rope, "launch", lambda kernel, grid, *args, **kwargs: launches.append(kwargs))
+    cos, sin = ops.rope_2d_table((4, 4), 88)
+    packed = torch.zeros(2, 17, 3, 2, 88, dtype=torch.bfloat16).permute(2, 0, 3, 1, 4)  # [3, B, H, N, D] views
+    rope.rope_2d_qk_fwd(packed[0], packed[1], cos, sin, 1)
+    flat = torch.zeros(2 * 2 * 17 * 88 + 4, dtype=torch.bfloat16)
+    odd_batch = flat.as_strided((2, 2, 17, 88), (2993, 17 * 88, 88, 1))  # token, head strides 8k; batch odd
+    rope.rope_2d_qk_fwd(odd_batch, odd_batch, cos, sin, 1)
+    assert [kwargs["STRIDE_MULTIPLE"] for kwargs in launches] == [8, 1]

@@ -25,6 +25,7 @@ same results.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -46,7 +47,12 @@ def _stats(name: str, values: Stats) -> list[float]:
     values = values.tolist() if isinstance(values, torch.Tensor) else list(values)
     if len(values) != 3:
         raise ValueError(f"preprocess: {name} needs one value per channel (3), got {len(values)}.")
-    return [float(v) for v in values]
+    values = [float(v) for v in values]
+    # comparisons rather than math.isfinite, which dynamo does not trace (NaN fails both)
+    if not all(-math.inf < v < math.inf for v in values) or (name == "std" and min(values) <= 0):
+        what = "positive and finite" if name == "std" else "finite"
+        raise ValueError(f"preprocess: {name} must be {what} per channel, got {values}.")
+    return values
 
 
 def preprocess_ref(

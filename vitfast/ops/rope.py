@@ -104,12 +104,6 @@ def _rope_qk_kernel(
     """
     pid_n = tl.program_id(0)
     off_b = tl.program_id(1).to(tl.int64)
-    # Triton proves 16-byte alignment from integer arguments divisible by 16 only; head strides like 88 are
-    # multiples of 8 elements (16 bytes) too, which the launcher checks and says here
-    stride_qn = tl.multiple_of(stride_qn, STRIDE_MULTIPLE)
-    stride_qh = tl.multiple_of(stride_qh, STRIDE_MULTIPLE)
-    stride_kn = tl.multiple_of(stride_kn, STRIDE_MULTIPLE)
-    stride_kh = tl.multiple_of(stride_kh, STRIDE_MULTIPLE)
     tokens = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)[:, None, None]  # [BLOCK_N, 1, 1]
     heads = tl.arange(0, BLOCK_H)[None, :, None]  # [1, BLOCK_H, 1]
     channels = tl.arange(0, 2 * BLOCK_PAIRS)[None, None, :]  # [1, 1, 2 * BLOCK_PAIRS]
@@ -124,9 +118,14 @@ def _rope_qk_kernel(
         sin = -sin
     rows = tokens.to(tl.int64)
     out_offsets = off_b * stride_ob + rows * stride_on + heads * HEAD_DIM + channels
-    q = tl.load(Q + off_b * stride_qb + rows * stride_qn + heads * stride_qh + channels, mask=mask, other=0.0)
+    # Triton proves 16-byte alignment from integer arguments divisible by 16 only; head strides like 88 are
+    # multiples of 8 elements (16 bytes) too, which the launcher checks and says here, on the row offsets (a hint
+    # on the scalar strides did not reach the loads: D = 88 loaded 16 bits at a time)
+    q_rows = tl.multiple_of(off_b * stride_qb + rows * stride_qn + heads * stride_qh, [STRIDE_MULTIPLE] * 3)
+    q = tl.load(Q + q_rows + channels, mask=mask, other=0.0)
     tl.store(QOut + out_offsets, _rotate_pairs(q, cos, sin, BLOCK_N, BLOCK_H, BLOCK_PAIRS), mask=mask)
-    k = tl.load(K + off_b * stride_kb + rows * stride_kn + heads * stride_kh + channels, mask=mask, other=0.0)
+    k_rows = tl.multiple_of(off_b * stride_kb + rows * stride_kn + heads * stride_kh, [STRIDE_MULTIPLE] * 3)
+    k = tl.load(K + k_rows + channels, mask=mask, other=0.0)
     tl.store(KOut + out_offsets, _rotate_pairs(k, cos, sin, BLOCK_N, BLOCK_H, BLOCK_PAIRS), mask=mask)
 
 
@@ -200,7 +199,7 @@ def rope_2d_qk_fwd(
     block_n = max(1, _TILE // (block_h * 2 * block_pairs))
     pair_stride = cos.stride(1) * (2 if cos.shape[-1] == head_dim else 1)
     vector = 16 // q.element_size()  # elements in 16 bytes
-    strides = (q.stride(2), q.stride(1), k.stride(2), k.stride(1))
+    strides = (q.stride(0), q.stride(2), q.stride(1), k.stride(0), k.stride(2), k.stride(1))  # the hinted offsets
     stride_multiple = vector if all(stride % vector == 0 for stride in strides) else 1
     launch(
         _rope_qk_kernel, (triton.cdiv(seq_len, block_n), batch), q, k, q_out, k_out, cos, sin,
@@ -276,4 +275,4 @@ def rope_2d_qk(
     Triton kernel (one pass over both, contiguous outputs) for ``[B, H, N, D]`` on a GPU, else :func:`rope_2d_ref`
     twice. Gradients flow to ``q`` and ``k``; the tables are constants."""
     _check_qk(q, k, cos, sin, num_prefix_tokens)
-    return dispatch("rope_2d_qk", q.device)(q, k, cos, sin, num_prefix_tokens)
+    return dispatch("rope_2d_qk", q.device, q.shape[-1])(q, k, cos, sin, num_prefix_tokens)

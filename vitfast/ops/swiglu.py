@@ -317,6 +317,55 @@ def _swiglu_ln_bwd_tile(
 
 
 @triton.jit
+def _swiglu_ln_bwd_sums(
+    grad_ptr, gate_ptr, up_ptr, weight_ptr, rows, row_mask, mean, rstd, chunk_start, n_cols, padded_cols, param_cols,
+    grad_row_stride, gate_row_stride, up_row_stride, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """The first pass over one column chunk of a row tile: its share of the two row sums that the gradient needs
+    (``sum(w * g)``, ``sum(normalized * w * g)``) and of the parameter gradients (``sum_rows(g * normalized)``,
+    ``sum_rows(g)``). The padding columns need no 2-D mask: the weight reads 0 there, so they drop out of the row
+    sums, and the caller zeroes the parameter gradients past the true width."""
+    cols = chunk_start + tl.arange(0, BLOCK_N)
+    mask = row_mask[:, None] & (cols < padded_cols)[None, :]
+    grad, normalized, _, _, _ = _swiglu_ln_bwd_tile(
+        grad_ptr, gate_ptr, up_ptr, rows, cols, mask, mean, rstd,
+        grad_row_stride, gate_row_stride, up_row_stride, "evict_last",  # kept for the second pass
+    )  # fmt: skip
+    weighted_grad = grad * _true_width_weight(weight_ptr, cols, cols < n_cols, param_cols)[None, :]
+    return (
+        tl.sum(weighted_grad, axis=1),
+        tl.sum(normalized * weighted_grad, axis=1),
+        tl.sum(grad * normalized, axis=0),
+        tl.sum(grad, axis=0),
+    )
+
+
+@triton.jit
+def _swiglu_ln_bwd_grads(
+    grad_ptr, gate_ptr, up_ptr, weight_ptr, d_gate_ptr, d_up_ptr, rows, row_mask, mean, rstd, mean_weighted_grad,
+    mean_projection, chunk_start, n_cols, padded_cols, param_cols, grad_row_stride, gate_row_stride, up_row_stride,
+    d_gate_row_stride, d_up_row_stride, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """The second pass over one column chunk of a row tile: ``d_gate`` and ``d_up`` written (zeros in the padding)."""
+    cols = chunk_start + tl.arange(0, BLOCK_N)
+    col_mask = cols < n_cols
+    mask = row_mask[:, None] & (cols < padded_cols)[None, :]
+    grad, normalized, gate, up, sigmoid = _swiglu_ln_bwd_tile(
+        grad_ptr, gate_ptr, up_ptr, rows, cols, mask, mean, rstd,
+        grad_row_stride, gate_row_stride, up_row_stride, "evict_first",  # the tile's last use
+    )  # fmt: skip
+    d_product = grad * _true_width_weight(weight_ptr, cols, col_mask, param_cols)[None, :]
+    d_product = d_product - normalized * mean_projection[:, None] - mean_weighted_grad[:, None]
+    d_product = tl.where(col_mask[None, :], d_product * rstd[:, None], 0.0)  # the padding feeds no output
+    d_up = d_product * gate * sigmoid
+    d_gate = d_product * up * sigmoid * (1.0 + gate * (1.0 - sigmoid))
+    offsets = rows[:, None] * d_gate_row_stride + cols[None, :]
+    tl.store(d_gate_ptr + offsets, d_gate.to(d_gate_ptr.dtype.element_ty), mask=mask)
+    offsets = rows[:, None] * d_up_row_stride + cols[None, :]
+    tl.store(d_up_ptr + offsets, d_up.to(d_up_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _swiglu_layer_norm_bwd_kernel(
     grad_ptr,
     gate_ptr,
@@ -339,53 +388,47 @@ def _swiglu_layer_norm_bwd_kernel(
     d_gate_row_stride,
     d_up_row_stride,
     BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    BLOCK_N: tl.constexpr,  # a column chunk
+    CHUNKS: tl.constexpr,  # a power of two >= the chunks of a row
 ):
+    # The row is walked in column chunks of BLOCK_N, twice per row tile: the row sums first, then the gradients (the
+    # second loads hit L1 / L2: HBM traffic is unchanged). A whole-row block would be a power of two (4096 for
+    # EVA-02-L's 2736): a third of its registers and arithmetic padding. The parameter-gradient sums of all chunks
+    # are one [CHUNKS, BLOCK_N] accumulator, each chunk's share added to its row (Triton carries no list of tensors
+    # through a loop; unrolled per-chunk code had the compiler hoist every chunk's loads: ~150 registers).
     program = tl.program_id(0)
-    cols = tl.arange(0, BLOCK_N)
-    col_mask = cols < n_cols
-    d_weight = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    d_bias = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    chunk_ids = tl.arange(0, CHUNKS)[:, None]
+    d_weight = tl.zeros((CHUNKS, BLOCK_N), dtype=tl.float32)
+    d_bias = tl.zeros((CHUNKS, BLOCK_N), dtype=tl.float32)
     # int64 row bounds make the row indices int64 too: row * stride overflows int32 for large batches.
     row_start = program.to(tl.int64) * rows_per_program
     row_end = tl.minimum(row_start + rows_per_program, n_rows)
     for tile_start in range(row_start, row_end, BLOCK_M):
         rows = tile_start + tl.arange(0, BLOCK_M)
         row_mask = rows < row_end
-        mask = row_mask[:, None] & (cols < padded_cols)[None, :]
         mean = tl.load(mean_ptr + rows, mask=row_mask, other=0.0)
         rstd = tl.load(rstd_ptr + rows, mask=row_mask, other=0.0)
-        # Two passes over the tile: the row reductions, then the gradients, each loading grad, gate and up and
-        # recomputing what it needs (the second loads hit L1 / L2: HBM traffic is unchanged). Holding the tile's
-        # fp32 values through the reductions instead cost ~230 registers per thread at 4096-wide rows: one CTA
-        # of 8 warps per SM. Padding columns need no 2-D mask (another ~30 registers): the weight reads 0 there, so
-        # they drop out of both row sums, and the column mask at the end zeroes their gradients.
-        grad, normalized, _, _, _ = _swiglu_ln_bwd_tile(
-            grad_ptr, gate_ptr, up_ptr, rows, cols, mask, mean, rstd,
-            grad_row_stride, gate_row_stride, up_row_stride, "evict_last",  # kept for the second pass
-        )  # fmt: skip
-        d_weight += tl.sum(grad * normalized, axis=0)
-        d_bias += tl.sum(grad, axis=0)
-        # the weight is read again where it is used (an L1 hit) rather than held in registers through the loop
-        weight = _true_width_weight(weight_ptr, cols, col_mask, param_cols)
-        weighted_grad = grad * weight[None, :]
-        mean_weighted_grad = tl.sum(weighted_grad, axis=1) / n_cols
-        mean_projection = tl.sum(normalized * weighted_grad, axis=1) / n_cols
-        grad, normalized, gate, up, sigmoid = _swiglu_ln_bwd_tile(
-            grad_ptr, gate_ptr, up_ptr, rows, cols, mask, mean, rstd,
-            grad_row_stride, gate_row_stride, up_row_stride, "evict_first",  # the tile's last use
-        )  # fmt: skip
-        d_product = grad * _true_width_weight(weight_ptr, cols, col_mask, param_cols)[None, :]
-        d_product = d_product - normalized * mean_projection[:, None] - mean_weighted_grad[:, None]
-        d_product = tl.where(col_mask[None, :], d_product * rstd[:, None], 0.0)  # the padding feeds no output
-        d_up = d_product * gate * sigmoid
-        d_gate = d_product * up * sigmoid * (1.0 + gate * (1.0 - sigmoid))
-        offsets = rows[:, None] * d_gate_row_stride + cols[None, :]
-        tl.store(d_gate_ptr + offsets, d_gate.to(d_gate_ptr.dtype.element_ty), mask=mask)
-        offsets = rows[:, None] * d_up_row_stride + cols[None, :]
-        tl.store(d_up_ptr + offsets, d_up.to(d_up_ptr.dtype.element_ty), mask=mask)
-    # zeros past n_cols: the padded parameters' gradients
-    d_weight, d_bias = tl.where(col_mask, d_weight, 0.0), tl.where(col_mask, d_bias, 0.0)
+        sum_wg = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        sum_nwg = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        for chunk in range(0, tl.cdiv(padded_cols, BLOCK_N)):
+            s_wg, s_nwg, dw, db = _swiglu_ln_bwd_sums(
+                grad_ptr, gate_ptr, up_ptr, weight_ptr, rows, row_mask, mean, rstd, chunk * BLOCK_N, n_cols,
+                padded_cols, param_cols, grad_row_stride, gate_row_stride, up_row_stride, BLOCK_N,
+            )  # fmt: skip
+            sum_wg += s_wg
+            sum_nwg += s_nwg
+            d_weight = tl.where(chunk_ids == chunk, d_weight + dw[None, :], d_weight)
+            d_bias = tl.where(chunk_ids == chunk, d_bias + db[None, :], d_bias)
+        mean_weighted_grad = sum_wg / n_cols
+        mean_projection = sum_nwg / n_cols
+        for chunk in range(0, tl.cdiv(padded_cols, BLOCK_N)):
+            _swiglu_ln_bwd_grads(
+                grad_ptr, gate_ptr, up_ptr, weight_ptr, d_gate_ptr, d_up_ptr, rows, row_mask, mean, rstd,
+                mean_weighted_grad, mean_projection, chunk * BLOCK_N, n_cols, padded_cols, param_cols,
+                grad_row_stride, gate_row_stride, up_row_stride, d_gate_row_stride, d_up_row_stride, BLOCK_N,
+            )  # fmt: skip
+    cols = chunk_ids * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
+    d_weight, d_bias = tl.where(cols < n_cols, d_weight, 0.0), tl.where(cols < n_cols, d_bias, 0.0)  # the padding's
     tl.store(partial_d_weight_ptr + program * param_cols + cols, d_weight, mask=cols < param_cols)
     tl.store(partial_d_bias_ptr + program * param_cols + cols, d_bias, mask=cols < param_cols)
 
@@ -584,11 +627,28 @@ def _check_layer_norm(
     return width, padded_width, param_width
 
 
-def _backward_num_warps(block_m: int, block_n: int) -> int:
-    # 8 fp32 elements per thread and live tile. At 16 per thread (the forward's choice) the backward sat at ~230
-    # registers at 4096-wide rows (offline sm_90 compile): one CTA of 8 warps per SM; here ~105, one CTA of 16 warps
-    # (the same residency as two CTAs of 8).
-    return min(max(block_m * block_n // 256, 4), 16)
+def _backward_chunks(padded_width: int) -> tuple[int, int]:
+    """``(BLOCK_N, chunks)`` of the sub-LN backward: a row in at most four power-of-two column chunks, at least 1024
+    wide (2736 -> 3 x 1024, 2048 -> 2 x 1024, 8192 -> 4 x 2048)."""
+    block_n = min(next_power_of_2(padded_width), max(1024, next_power_of_2(triton.cdiv(padded_width, 4))))
+    return block_n, triton.cdiv(padded_width, block_n)
+
+
+def _vector_rows(padded_width: int, dtype: torch.dtype) -> bool:
+    """Whether rows of this width start on 16-byte boundaries, so that 16-bit rows load in 128-bit accesses."""
+    return padded_width * torch.finfo(dtype).bits % 128 == 0 and dtype != torch.float32
+
+
+def _backward_launch(block_m: int, block_n: int, padded_width: int, dtype: torch.dtype) -> dict:
+    """Warps and register cap of the sub-LN backward (offline sm_90 compile at EVA-02-L's rows, 2026-12-01).
+
+    16-byte rows: 8 elements per thread of a chunk tile (one 128-bit access per array), capped at 128 registers,
+    two CTAs of 8 warps per SM; ptxas alone took 117-154 (154 at the true width 2730 in the padded 2736 layout,
+    one CTA). Other rows load scalars anyway: 4 elements per thread, twice the warps.
+    """
+    if _vector_rows(padded_width, dtype):
+        return {"num_warps": min(max(block_m * block_n // 256, 4), 16), "maxnreg": 128}
+    return {"num_warps": min(max(block_m * block_n // 128, 4), 16)}
 
 
 def _row_num_warps(block_m: int, block_n: int) -> int:
@@ -687,8 +747,9 @@ def swiglu_layer_norm_bwd(
     n_rows = gate_rows.shape[0]
     if n_rows == 0:
         return d_gate, d_up, torch.zeros((2, param_width), dtype=torch.float32, device=gate.device)
-    block_n = next_power_of_2(padded_width)  # the whole row in one block: the reductions over it need all of it
-    block_m = _rows_per_tile(block_n)
+    block_n, num_chunks = _backward_chunks(padded_width)
+    # half the forward's tile height: tiles of 2048 elements per chunk (2 x 1024 at EVA-02-L), 8 per thread at 8 warps
+    block_m = max(1, _rows_per_tile(block_n) // 2)
     rows_per_program = triton.cdiv(n_rows, _layer_norm_bwd_programs(n_rows, block_m, gate.device))
     rows_per_program = triton.cdiv(rows_per_program, block_m) * block_m  # <= _MAX_CHAIN: block_m is a power of 2
     n_programs = triton.cdiv(n_rows, rows_per_program)
@@ -719,7 +780,9 @@ def swiglu_layer_norm_bwd(
         padded_width,
         BLOCK_M=block_m,
         BLOCK_N=block_n,
-        num_warps=_backward_num_warps(block_m, block_n),
+        CHUNKS=next_power_of_2(num_chunks),
+        num_stages=1,
+        **_backward_launch(block_m, block_n, padded_width, gate.dtype),
     )
     return d_gate, d_up, partials.sum(1)
 
@@ -879,14 +942,14 @@ if HAS_TRITON:
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """Split-form SwiGLU through the current backend."""
-    return dispatch("swiglu", gate.device)(gate, up)
+    return dispatch("swiglu", gate.device, gate.shape[-1] if gate.ndim else None)(gate, up)
 
 
 def swiglu_packed(x: torch.Tensor) -> torch.Tensor:
     """Packed-form SwiGLU through the current backend."""
     if x.shape[-1] % 2:
         raise ValueError(f"packed SwiGLU needs an even last dimension, got {x.shape[-1]}.")
-    return dispatch("swiglu_packed", x.device)(x)
+    return dispatch("swiglu_packed", x.device, x.shape[-1] // 2 if x.ndim else None)(x)
 
 
 def swiglu_layer_norm(
@@ -932,4 +995,5 @@ def swiglu_layer_norm(
         raise ValueError(
             f"swiglu_layer_norm: gate and up must have one shape, got {tuple(gate.shape)} and {tuple(up.shape)}."
         )
-    return dispatch("swiglu_layer_norm", gate.device)(gate, up, weight, bias, eps, width)
+    true_width = width if width is not None else (gate.shape[-1] if gate.ndim else None)
+    return dispatch("swiglu_layer_norm", gate.device, true_width)(gate, up, weight, bias, eps, width)
