@@ -13,6 +13,11 @@ with the fused sub-LN; widths that are not a multiple of 8 zero-padded to one, s
 ``GluMlp`` with SiLU (packed); the ViT ``Block``, BEiT ``Block`` and ``EvaBlock`` (first residual add, layer scale
 and ``norm2`` fused); and ``nn.MultiheadAttention`` called as batch-first self-attention without masks or weights
 (open_clip's native towers: their attention and LayerNorms are patched, their blocks are not).
+
+Training saves less by default (``patch(model, recompute=True)``, :mod:`vitfast.layers.recompute`): a patched
+LayerNorm's output carries how it was made, and the patched q/k/v or fc1 GEMM that reads it saves the LayerNorm's
+inputs instead and recomputes it in backward; the patched blocks save the residual stream's terms rather than their
+sum; fc2 recomputes its activation from fc1's output. A module with hooks on the way keeps its module call.
 """
 
 from __future__ import annotations

@@ -226,5 +226,6 @@ class ResidualNorm(torch.autograd.Function):
         d_gamma = None
         if gamma is not None and ctx.needs_input_grad[3]:
             rows = tuple(range(d_residual.ndim - 1))
-            d_gamma = (d_residual.float() * branch.float()).sum(rows).to(gamma.dtype)
+            dtype = torch.promote_types(d_residual.dtype, torch.float32)  # fp32 sums at least, as the fused op
+            d_gamma = (d_residual.to(dtype) * branch.to(dtype)).sum(rows).to(gamma.dtype)
         return None, d_residual.to(x.dtype), d_branch.to(branch.dtype), d_gamma, None, None
