@@ -89,6 +89,17 @@ def test_a_tag_goes_stale_when_its_tensor_or_inputs_change_in_place() -> None:
     torch.testing.assert_close(out, F.linear(normed, linear_weight))
 
 
+def test_a_tag_does_not_keep_its_inputs_alive() -> None:
+    """Features a caller keeps (a tagged LayerNorm output) do not hold the LayerNorm's input once it is gone."""
+    x = torch.randn(4, 8)
+    normed = tag_normalization(
+        ops.layer_norm(x, None, None, 1e-6), lambda *a: ops.layer_norm(*a, 1e-6), (x, None, None)
+    )
+    assert normalization_of(normed).inputs[0] is x
+    del x
+    assert normalization_of(normed) is None
+
+
 @pytest.mark.parametrize("with_gamma", [False, True])
 @pytest.mark.parametrize("consumer", ["recomputing", "plain"])
 def test_residual_norm_gives_the_fused_op_gradients(with_gamma, consumer) -> None:

@@ -21,6 +21,7 @@ is the forward bit for bit (same inputs, same autocast state).
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -151,6 +152,15 @@ class Normalization:
     fn: Callable
     inputs: tuple[torch.Tensor | None, ...]
     versions: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class _Tag:
+    # weak references: a tagged tensor kept by the caller (features returned by a model) must not keep its
+    # LayerNorm's input alive after the GEMM that reads it has run
+    fn: Callable
+    inputs: tuple[weakref.ref | None, ...]
+    versions: tuple[int, ...]
     output_version: int
 
 
@@ -160,17 +170,22 @@ def _versions(tensors: Sequence[torch.Tensor | None]) -> tuple[int, ...]:
 
 def tag_normalization(output: torch.Tensor, fn: Callable, inputs: Sequence[torch.Tensor | None]) -> torch.Tensor:
     """Record on ``output`` that it is ``fn(*inputs)``, so that the GEMM reading it can recompute it in backward."""
-    inputs = tuple(inputs)
-    setattr(output, _TAG, Normalization(fn, inputs, _versions(inputs), output._version))
+    refs = tuple(None if t is None else weakref.ref(t) for t in inputs)
+    setattr(output, _TAG, _Tag(fn, refs, _versions(inputs), output._version))
     return output
 
 
 def normalization_of(x: torch.Tensor) -> Normalization | None:
-    """The recipe :func:`tag_normalization` put on ``x``, if it still describes ``x`` (nothing changed in place)."""
-    recipe = getattr(x, _TAG, None)
-    if recipe is None or x._version != recipe.output_version or _versions(recipe.inputs) != recipe.versions:
+    """The recipe :func:`tag_normalization` put on ``x``, if it still describes ``x`` (its inputs alive, nothing
+    changed in place since)."""
+    tag = getattr(x, _TAG, None)
+    if tag is None or x._version != tag.output_version:
         return None
-    return recipe
+    inputs = tuple(None if ref is None else ref() for ref in tag.inputs)
+    dead = any(ref is not None and t is None for t, ref in zip(inputs, tag.inputs, strict=True))
+    if dead or _versions(inputs) != tag.versions:
+        return None
+    return Normalization(tag.fn, inputs, tag.versions)
 
 
 def normalized_linear(x: torch.Tensor, weights: Callable | None, params: Sequence[torch.Tensor | None]):
