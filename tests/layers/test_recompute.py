@@ -128,3 +128,26 @@ def test_residual_norm_gives_the_fused_op_gradients(with_gamma, consumer) -> Non
         out = F.linear(normed, weight)
     for grad, reference in zip(torch.autograd.grad(loss(normed, residual, out), inputs), expected, strict=True):
         assert_close_scaled(grad, reference, tol=1e-12, what=f"{consumer} grad")
+
+
+def test_the_forward_runs_its_steps_in_grad_mode_as_the_recomputation_does(monkeypatch) -> None:
+    """``"auto"`` picks implementations by grad mode: the steps run inside the Functions' forwards (where autograd
+    turns grad mode off) see it on, as in backward, so both run the same implementation."""
+    grad_modes = []
+
+    def gelu(h):
+        grad_modes.append(torch.is_grad_enabled())
+        return F.gelu(h)
+
+    x, weight = _leaves((3, 8), (4, 8))
+    out = recomputed_linear(gelu, (x,), None, (weight, None))
+    out.sum().backward()
+    assert grad_modes == [True, True]
+
+    fused = ops.layer_norm_residual
+    monkeypatch.setattr(
+        ops, "layer_norm_residual", lambda *args: grad_modes.append(torch.is_grad_enabled()) or fused(*args)
+    )
+    x, branch = _leaves((3, 8), (3, 8))
+    normed, residual = ResidualNorm.apply(1e-6, x, branch, None, None, None)
+    assert grad_modes[2:] == [True] and normed.grad_fn is not None

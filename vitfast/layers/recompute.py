@@ -12,7 +12,8 @@ Extra work in backward, per GEMM that uses it: the prologue once more (a LayerNo
 ``[N, C]``; GELU / SwiGLU / SwiGLU + sub-LN: read the hidden input, write ``[N, hidden]``) and the weight build (a
 copy of the weight) -- no GEMM runs twice. The prologue's backward is the op's own (autograd through the recomputed
 call). Everything recomputed must be deterministic (no active dropout), which the callers check, so the recomputation
-is the forward bit for bit (same inputs, same autocast state).
+is the forward bit for bit (same inputs, same autocast state, and grad mode on in both, so that the backend's
+``"auto"``, which chooses by grad mode, runs the same implementation).
 
 :class:`ResidualNorm` is the pre-norm residual step ``(LayerNorm(x + gamma * branch), x + gamma * branch)`` saving
 ``x`` and ``branch`` rather than the sum: when the normalized output is consumed by :class:`RecomputedLinear`
@@ -56,6 +57,13 @@ def _cast(t: torch.Tensor | None, dtype: torch.dtype | None) -> torch.Tensor | N
     return t.to(dtype)
 
 
+def _as_in_training(fn: Callable, *args):
+    """``fn(*args)`` in grad mode on detached tensors (so no graph is built): the backend's ``"auto"`` picks its
+    implementations by grad mode, and the forward must run the one the backward's recomputation will run."""
+    with torch.enable_grad():
+        return fn(*(arg.detach() if isinstance(arg, torch.Tensor) else arg for arg in args))
+
+
 def _detached(tensors: Sequence[torch.Tensor | None], needs_grad: Sequence[bool]) -> list[torch.Tensor | None]:
     return [t if t is None else t.detach().requires_grad_(need) for t, need in zip(tensors, needs_grad, strict=True)]
 
@@ -74,7 +82,7 @@ class RecomputedLinear(torch.autograd.Function):
         device_type = tensors[0].device.type
         ctx.autocast = _autocast_state(device_type)
         ctx.prologue, ctx.weights, ctx.num_inputs = prologue, weights, num_inputs
-        activation = prologue(*inputs) if computed is None else computed
+        activation = _as_in_training(prologue, *inputs) if computed is None else computed
         weight, bias = weights(*params)
         ctx.gemm_dtype = ctx.autocast[2] if ctx.autocast[1] and activation.dtype in _AUTOCAST_TYPES else None
         ctx.save_for_backward(*tensors)
@@ -217,7 +225,7 @@ class ResidualNorm(torch.autograd.Function):
         ctx.eps = eps
         ctx.autocast = _autocast_state(x.device.type)
         ctx.save_for_backward(x, branch, gamma, weight, bias)
-        return ops.layer_norm_residual(x, branch, gamma, weight, bias, eps)
+        return _as_in_training(ops.layer_norm_residual, x, branch, gamma, weight, bias, eps)
 
     @staticmethod
     def backward(ctx, d_normed: torch.Tensor | None, d_residual: torch.Tensor | None):
