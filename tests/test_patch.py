@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 
 import pytest
 import timm
@@ -32,11 +33,30 @@ def _timm_model(name: str, **extra) -> torch.nn.Module:
 
 
 def _forward_backward(model, image, backend="reference"):
+    """Output and gradients, of every parameter and of the input (key ``"input"``), for a fixed random cotangent."""
     model.zero_grad(set_to_none=True)
+    image = image.detach().requires_grad_()
     with vitfast.use_backend(backend):
         out = model(image)
     out.backward(torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(out))
-    return out.detach(), {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
+    grads = {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
+    return out.detach(), grads | {"input": image.grad}
+
+
+def _autograd_nodes(out: torch.Tensor) -> set[str]:
+    """Names of the autograd nodes ``out`` was computed through."""
+    names, seen, stack = set(), set(), [out.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.add(node.name())
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return names
+
+
+RECOMPUTING_NODES = {"RecomputedLinearBackward", "ResidualNormBackward"}
 
 
 @pytest.mark.parametrize("name", list(TIMM_MODELS))
@@ -51,6 +71,7 @@ def test_patched_model_keeps_parameters_and_matches_on_the_reference_path(name) 
     assert model.vitfast_patch_summary.swapped, "nothing was swapped"
     assert dict(model.named_parameters()) == params, "the same Parameter objects, under the same names"
     assert list(model.state_dict()) == keys
+    assert _autograd_nodes(model(image)) >= RECOMPUTING_NODES, "recompute (the default) did not run"
     out, grads = _forward_backward(model, image)
     assert_close_scaled(out, expected, tol=1e-6, what=f"{name} logits")
     assert grads.keys() == expected_grads.keys()
@@ -78,6 +99,62 @@ def test_patched_model_on_the_kernels_matches_timm(name) -> None:
     assert_kernel_close(actual, expected, baseline, what=f"{name} logits")
     for key, grad in actual_grads.items():
         assert_kernel_close(grad, expected_grads[key], baseline_grads[key], what=f"{name} grad {key}")
+
+
+def test_recompute_false_saves_what_the_ops_save_with_the_same_results() -> None:
+    model = _timm_model("vit_base_patch16_224")
+    image = torch.randn(2, 3, 112, 112)
+    recomputing = vitfast.patch(copy.deepcopy(model))
+    plain = vitfast.patch(copy.deepcopy(model), recompute=False)
+    assert not RECOMPUTING_NODES & _autograd_nodes(plain(image))
+    assert "_RecomputedFromInputBackward" not in _autograd_nodes(plain(image))
+    expected, expected_grads = _forward_backward(recomputing, image)
+    out, grads = _forward_backward(plain, image)
+    assert_close_scaled(out, expected, tol=1e-6, what="logits")
+    for key, grad in grads.items():
+        assert_close_scaled(grad, expected_grads[key], tol=1e-5, what=f"grad {key}")
+    with torch.no_grad():  # nothing is saved without grad: the plain forward
+        assert recomputing(image).grad_fn is None
+    assert "_vitfast_recompute" not in vars(vitfast.unpatch(recomputing).blocks[0])
+
+
+def _block_and_kwargs(name: str):
+    """The second block of a tiny two-block model, its input and the keyword arguments the model passes it."""
+    model = _timm_model(name)
+    with torch.no_grad():
+        tokens = model._pos_embed(model.patch_embed(torch.randn(2, 3, 112, 112)))
+    kwargs = {}
+    if isinstance(tokens, tuple):  # EVA's returns (tokens, RoPE table)
+        tokens, rope = tokens
+        kwargs = {"rope": rope}
+    return model.blocks[1], tokens, kwargs
+
+
+@pytest.mark.parametrize("name", ["vit_base_patch16_224", "eva02_base_patch14_224"])
+@pytest.mark.parametrize("use_reentrant", [False, True])
+def test_activation_checkpointing_around_a_patched_block_keeps_its_gradients(name, use_reentrant) -> None:
+    """torch.utils.checkpoint around a recomputing block: the forward runs twice (once without saving, or without
+    grad when reentrant), the gradients of the block's parameters and input are those of the plain call."""
+    block, tokens, kwargs = _block_and_kwargs(name)
+    cotangent = torch.randn(tokens.shape)
+
+    def gradients(run):  # by .backward(): reentrant checkpointing refuses torch.autograd.grad
+        x = tokens.clone().requires_grad_()
+        block.zero_grad(set_to_none=True)
+        out = run(x)
+        out.backward(cotangent)
+        return out.detach(), [x.grad, *(p.grad for p in block.parameters())]
+
+    expected, expected_grads = gradients(lambda x: block(x, **kwargs))
+    vitfast.patch(block)
+    patched, patched_grads = gradients(lambda x: block(x, **kwargs))
+    call = functools.partial(block, **kwargs)  # reentrant checkpointing passes no keyword arguments on
+    checkpointed, grads = gradients(lambda x: torch.utils.checkpoint.checkpoint(call, x, use_reentrant=use_reentrant))
+    torch.testing.assert_close(checkpointed, patched, rtol=0, atol=0)
+    assert_close_scaled(patched, expected, tol=1e-6, what="block output")
+    for grad, patched_grad, expected_grad in zip(grads, patched_grads, expected_grads, strict=True):
+        torch.testing.assert_close(grad, patched_grad, rtol=1e-6, atol=1e-7)
+        assert_close_scaled(grad, expected_grad, tol=1e-5, what="checkpointed block grad")
 
 
 def test_patch_twice_is_a_no_op_and_the_summary_says_what_was_left_alone(capsys) -> None:

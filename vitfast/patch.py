@@ -13,6 +13,11 @@ with the fused sub-LN; widths that are not a multiple of 8 zero-padded to one, s
 ``GluMlp`` with SiLU (packed); the ViT ``Block``, BEiT ``Block`` and ``EvaBlock`` (first residual add, layer scale
 and ``norm2`` fused); and ``nn.MultiheadAttention`` called as batch-first self-attention without masks or weights
 (open_clip's native towers: their attention and LayerNorms are patched, their blocks are not).
+
+Training saves less by default (``patch(model, recompute=True)``, :mod:`vitfast.layers.recompute`): a patched
+LayerNorm's output carries how it was made, and the patched q/k/v or fc1 GEMM that reads it saves the LayerNorm's
+inputs instead and recomputes it in backward; the patched blocks save the residual stream's terms rather than their
+sum; fc2 recomputes its activation from fc1's output. A module with hooks on the way keeps its module call.
 """
 
 from __future__ import annotations
@@ -27,16 +32,31 @@ from torch import nn
 
 from vitfast import ops
 from vitfast.backend import set_backend
+from vitfast.layers.recompute import (
+    ResidualNorm,
+    has_hooks,
+    normalized_linear,
+    recomputed_linear,
+    tag_normalization,
+)
 from vitfast.ops.swiglu import aligned_width
 
 __all__ = ["PatchSummary", "patch", "unpatch"]
 
 _ORIGINAL = "_vitfast_original_class"
+_RECOMPUTE = "_vitfast_recompute"
 _classes: dict[tuple[type, str], type] = {}
 
 
 def _original_forward(module: nn.Module, *args, **kwargs):
     return getattr(type(module), _ORIGINAL).forward(module, *args, **kwargs)
+
+
+def _recomputing(module: nn.Module) -> bool:
+    """Whether ``module`` (patched with ``recompute=True``) saves less and recomputes in backward on this call: only
+    when autograd records (nothing to save otherwise), and not under torch.compile, whose partitioner chooses what
+    to save and recompute in the graphs it builds."""
+    return module.__dict__.get(_RECOMPUTE, False) and torch.is_grad_enabled() and not torch.compiler.is_compiling()
 
 
 def _only_defaults(args: tuple, kwargs: dict) -> bool:
@@ -47,21 +67,60 @@ def _only_defaults(args: tuple, kwargs: dict) -> bool:
 # --------------------------------------------------------------------------------------------- forwards
 
 
+def _layer_norm_of(eps: float) -> Callable:
+    def layer_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None) -> torch.Tensor:
+        return ops.layer_norm(x, weight, bias, eps)
+
+    return layer_norm
+
+
 def _layer_norm_forward(self: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
-    return ops.layer_norm(x, self.weight, self.bias, self.eps)
+    out = ops.layer_norm(x, self.weight, self.bias, self.eps)
+    if _recomputing(self):  # the GEMM that reads it (qkv, fc1) then saves x, not out
+        tag_normalization(out, _layer_norm_of(self.eps), (x, self.weight, self.bias))
+    return out
 
 
 def _qkv_heads(self: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """q, k, v ``[B, H, N, D]`` as strided views of the projection (timm's fused, q/v-bias and split layouts)."""
     batch, tokens, _ = x.shape
+    recompute = _recomputing(self)
     if getattr(self, "qkv", None) is None:  # EVA-02 B/L: separate projections, run as one GEMM
         projections = (self.q_proj, self.k_proj, self.v_proj)
-        qkv = F.linear(x, torch.cat([proj.weight for proj in projections]), _concatenated_bias(projections))
+        if recompute:
+            params = [proj.weight for proj in projections] + [proj.bias for proj in projections]
+            qkv = normalized_linear(x, _stacked_projections(0), params)
+        else:
+            qkv = F.linear(x, torch.cat([proj.weight for proj in projections]), _concatenated_bias(projections))
     elif getattr(self, "q_bias", None) is None:
-        qkv = self.qkv(x)
+        if recompute and not has_hooks(self.qkv):
+            qkv = normalized_linear(x, None, (self.qkv.weight, self.qkv.bias))
+        else:
+            qkv = self.qkv(x)
+    elif recompute:
+        qkv = normalized_linear(x, _with_qkv_bias, (self.qkv.weight, self.q_bias, self.k_bias, self.v_bias))
     else:
         qkv = F.linear(x, self.qkv.weight, torch.cat((self.q_bias, self.k_bias, self.v_bias)))
     return qkv.reshape(batch, tokens, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+
+
+def _with_qkv_bias(weight: torch.Tensor, q_bias, k_bias, v_bias) -> tuple[torch.Tensor, torch.Tensor]:
+    return weight, torch.cat((q_bias, k_bias, v_bias))
+
+
+def _stacked_projections(pad: int) -> Callable:
+    """``(*weights, *biases) -> (weight, bias)`` of one GEMM for several projections of one input: the weights
+    stacked, each zero-padded by ``pad`` output rows, the biases likewise (a missing one as zeros; None if all are)."""
+
+    def stacked(*params: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        weights, biases = params[: len(params) // 2], params[len(params) // 2 :]
+        weight = torch.cat([F.pad(w, (0, 0, 0, pad)) for w in weights])
+        if all(b is None for b in biases):
+            return weight, None
+        biases = [b if b is not None else w.new_zeros(w.shape[0]) for w, b in zip(weights, biases, strict=True)]
+        return weight, torch.cat([F.pad(b, (0, pad)) for b in biases])
+
+    return stacked
 
 
 def _concatenated_bias(layers: tuple[nn.Linear, ...], pad: int = 0) -> torch.Tensor | None:
@@ -126,6 +185,10 @@ def _eva_attention_forward(self: nn.Module, x: torch.Tensor, rope: torch.Tensor 
     if rope is not None:  # timm's layout: cat([sin, cos], -1), both repeated per interleaved channel pair
         sin, cos = rope.float().tensor_split(2, dim=-1)
         tables = (cos, sin)
+        if _recomputing(self):
+            # attention saves the rotated q and k (new tensors) and v: a view of v would keep the whole q/k/v
+            # projection alive until backward, a copy of v (one [B, N, C] write) keeps a third of it
+            v = v.transpose(1, 2).contiguous().transpose(1, 2)
     out = ops.attention(
         q,
         k,
@@ -155,7 +218,10 @@ def _multihead_attention_forward(self: nn.MultiheadAttention, query, key, value,
     if not covered:
         return _original_forward(self, query, key, value, *args, **kwargs)
     batch, tokens, _ = query.shape
-    qkv = F.linear(query, self.in_proj_weight, self.in_proj_bias)
+    if _recomputing(self):
+        qkv = normalized_linear(query, None, (self.in_proj_weight, self.in_proj_bias))
+    else:
+        qkv = F.linear(query, self.in_proj_weight, self.in_proj_bias)
     q, k, v = qkv.reshape(batch, tokens, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
     out = ops.attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)
     out = out.transpose(1, 2).reshape(batch, tokens, -1)
@@ -191,12 +257,20 @@ def _swiglu_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
     width = self.fc1_g.out_features
     if fused_norm and self.norm.elementwise_affine and aligned_width(width) != width:
         return self.drop2(_padded_swiglu_mlp(self, x, width))
+    if fused_norm and self.norm.elementwise_affine and _recomputing(self) and not _any_hooks(self):
+        return self.drop2(_recomputed_swiglu_mlp(self, x, width, pad=0))
     gate, up = self.fc1_g(x), self.fc1_x(x)
     if fused_norm:
         hidden = ops.swiglu_layer_norm(gate, up, self.norm.weight, self.norm.bias, self.norm.eps)
     else:
         hidden = self.norm(self.drop1(ops.swiglu(gate, up)))
     return self.drop2(self.fc2(hidden))
+
+
+def _any_hooks(self: nn.Module) -> bool:
+    """Whether a submodule of an MLP has hooks: its functional form (one GEMM for two, the recomputing Functions)
+    would skip them, so the module calls stay."""
+    return any(has_hooks(module) for module in self.modules() if module is not self)
 
 
 def _padded_swiglu_mlp(self: nn.Module, x: torch.Tensor, width: int) -> torch.Tensor:
@@ -207,6 +281,8 @@ def _padded_swiglu_mlp(self: nn.Module, x: torch.Tensor, width: int) -> torch.Te
     padding (``swiglu_layer_norm(width=)``), and fc2's zero columns read them: the same sums. Autograd slices the
     padding's gradients away, so the parameters and the optimizer see timm's shapes only."""
     pad = aligned_width(width) - width
+    if _recomputing(self):
+        return _recomputed_swiglu_mlp(self, x, width, pad)
     weight = torch.cat([F.pad(self.fc1_g.weight, (0, 0, 0, pad)), F.pad(self.fc1_x.weight, (0, 0, 0, pad))])
     gate, up = F.linear(x, weight, _concatenated_bias((self.fc1_g, self.fc1_x), pad)).chunk(2, dim=-1)
     norm = self.norm
@@ -216,61 +292,56 @@ def _padded_swiglu_mlp(self: nn.Module, x: torch.Tensor, width: int) -> torch.Te
     return F.linear(hidden, F.pad(self.fc2.weight, (0, pad)), self.fc2.bias)
 
 
+def _recomputed_swiglu_mlp(self: nn.Module, x: torch.Tensor, width: int, pad: int) -> torch.Tensor:
+    """:func:`_padded_swiglu_mlp`'s computation (``pad`` 0: unpadded) saving fc1's output and the LayerNorm's inputs
+    before it, never the sub-LN's output nor a padded or concatenated weight: both are recomputed in backward."""
+    fc1_g, fc1_x, norm, fc2 = self.fc1_g, self.fc1_x, self.norm, self.fc2
+    params = (fc1_g.weight, fc1_x.weight, fc1_g.bias, fc1_x.bias)
+    gate, up = normalized_linear(x, _stacked_projections(pad), params).chunk(2, dim=-1)
+    eps = norm.eps
+
+    def sub_layer_norm(gate: torch.Tensor, up: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor):
+        if not pad:
+            return ops.swiglu_layer_norm(gate, up, weight, bias, eps)
+        return ops.swiglu_layer_norm(gate, up, F.pad(weight, (0, pad)), F.pad(bias, (0, pad)), eps, width=width)
+
+    def padded_fc2(weight: torch.Tensor, bias: torch.Tensor | None):
+        return F.pad(weight, (0, pad)), bias
+
+    return recomputed_linear(sub_layer_norm, (gate, up, norm.weight, norm.bias), padded_fc2, (fc2.weight, fc2.bias))
+
+
 def _glu_mlp_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
     if not _is_silu(self.act) or getattr(self, "chunk_dim", -1) != -1:
         return _original_forward(self, x)
-    hidden = self.fc1(x)
-    if self.gate_last:
-        up, gate = hidden.chunk(2, dim=-1)
-        hidden = ops.swiglu(gate, up)
-    else:
-        hidden = ops.swiglu_packed(hidden)
-    return self.drop2(self.fc2(self.norm(self.drop1(hidden))))
+    gate_last = self.gate_last
 
+    def activation(hidden: torch.Tensor) -> torch.Tensor:
+        if gate_last:
+            up, gate = hidden.chunk(2, dim=-1)
+            return ops.swiglu(gate, up)
+        return ops.swiglu_packed(hidden)
 
-class _RecomputedFromInput(torch.autograd.Function):
-    """``fn(h, *params)`` saving only ``h``: backward runs ``fn`` again (same autocast state) and differentiates it.
-
-    For a cheap elementwise step feeding a GEMM (timm ``Mlp``'s activation then ``fc2``): ``fc2`` would save the
-    activation and the activation its input, two tensors of the hidden width; this keeps one. Every step of ``fn``
-    must be deterministic (no active dropout), so the recomputation is the forward bit for bit.
-    """
-
-    @staticmethod
-    def forward(ctx, fn: Callable, h: torch.Tensor, *params: torch.Tensor) -> torch.Tensor:
-        ctx.fn = fn
-        device_type = h.device.type
-        ctx.autocast = (device_type, torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type))
-        ctx.save_for_backward(h, *params)
-        return fn(h, *params)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        h, *params = ctx.saved_tensors
-        device_type, autocast_enabled, autocast_dtype = ctx.autocast
-        saved = (h, *params)
-        inputs = [t.detach().requires_grad_(w) for t, w in zip(saved, ctx.needs_input_grad[1:], strict=True)]
-        with torch.enable_grad(), torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast_enabled):
-            out = ctx.fn(*inputs)
-        wanted = [t for t in inputs if t.requires_grad]
-        grads = iter(torch.autograd.grad(out, wanted, grad, allow_unused=True) if wanted else ())
-        return None, *(next(grads) if t.requires_grad else None for t in inputs)
+    plain = isinstance(self.norm, nn.Identity) and not (self.training and self.drop1.p > 0)
+    if plain and _recomputing(self) and not _any_hooks(self):
+        # fc1's output saved once; the activation (fc2's input) recomputed from it in backward
+        hidden = normalized_linear(x, None, (self.fc1.weight, self.fc1.bias))
+        return self.drop2(recomputed_linear(activation, (hidden,), None, (self.fc2.weight, self.fc2.bias)))
+    return self.drop2(self.fc2(self.norm(self.drop1(activation(self.fc1(x))))))
 
 
 def _mlp_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """timm ``Mlp``: ``fc2(act(fc1(x)))`` with the activation recomputed in backward instead of saved."""
+    """timm ``Mlp``: ``fc2(act(fc1(x)))`` saving fc1's output once (the activation, fc2's input, recomputed in
+    backward) and the LayerNorm's inputs rather than its output when ``x`` is one (:func:`normalized_linear`)."""
     dropout_active = self.training and isinstance(self.drop1, nn.Dropout) and self.drop1.p > 0
     plain = isinstance(self.drop1, nn.Dropout | nn.Identity) and isinstance(self.norm, nn.Identity)
-    if dropout_active or not plain or not isinstance(self.fc2, nn.Linear) or not torch.is_grad_enabled():
+    linear = isinstance(self.fc1, nn.Linear) and isinstance(self.fc2, nn.Linear)
+    # the activation runs inside the recomputing Function, which sees only its argument: no parameters of its own
+    stateless = next(self.act.parameters(), None) is None
+    if dropout_active or not (plain and linear and stateless) or not _recomputing(self) or _any_hooks(self):
         return _original_forward(self, x)
-    hidden = self.fc1(x)
-    act, fc2 = self.act, self.fc2
-
-    def activation_then_fc2(h: torch.Tensor, weight: torch.Tensor, *bias: torch.Tensor) -> torch.Tensor:
-        return F.linear(act(h), weight, bias[0] if bias else None)
-
-    params = (fc2.weight,) if fc2.bias is None else (fc2.weight, fc2.bias)
-    return self.drop2(_RecomputedFromInput.apply(activation_then_fc2, hidden, *params))
+    hidden = normalized_linear(x, None, (self.fc1.weight, self.fc1.bias))
+    return self.drop2(recomputed_linear(self.act, (hidden,), None, (self.fc2.weight, self.fc2.bias)))
 
 
 def _layer_scale(module: nn.Module) -> tuple[bool, torch.Tensor | None]:
@@ -284,8 +355,23 @@ def _layer_scale(module: nn.Module) -> tuple[bool, torch.Tensor | None]:
 
 
 def _fused_residual_norm(self: nn.Module, x: torch.Tensor, branch: torch.Tensor, gamma: torch.Tensor | None):
-    """``(norm2(x + gamma * branch), x + gamma * branch)`` in one op (drop path already applied to ``branch``)."""
-    return ops.layer_norm_residual(x, branch, gamma, self.norm2.weight, self.norm2.bias, self.norm2.eps)
+    """``(norm2(x + gamma * branch), x + gamma * branch)`` in one op (drop path already applied to ``branch``).
+
+    Recomputing, the sum is not saved (``x`` is, for the first half of the block, and ``branch``), and the
+    normalized output carries its recipe, so that fc1 recomputes it rather than saving it."""
+    norm = self.norm2
+    if not _recomputing(self):
+        return ops.layer_norm_residual(x, branch, gamma, norm.weight, norm.bias, norm.eps)
+    normed, residual = ResidualNorm.apply(norm.eps, x, branch, gamma, norm.weight, norm.bias)
+    tag_normalization(normed, _residual_layer_norm_of(norm.eps), (x, branch, gamma, norm.weight, norm.bias))
+    return normed, residual
+
+
+def _residual_layer_norm_of(eps: float) -> Callable:
+    def residual_layer_norm(x, branch, gamma, weight, bias) -> torch.Tensor:
+        return ops.layer_norm_residual(x, branch, gamma, weight, bias, eps)[0]
+
+    return residual_layer_norm
 
 
 def _vit_block_forward(self: nn.Module, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
@@ -437,13 +523,20 @@ def _reason_left_alone(module: nn.Module) -> str | None:
     return None  # a container: its children are reported
 
 
-def patch(model: nn.Module, backend: str | None = None, verbose: bool = False) -> nn.Module:
+def patch(model: nn.Module, backend: str | None = None, verbose: bool = False, recompute: bool = True) -> nn.Module:
     """Swap vitfast's fused ops into ``model`` in place and return it (see the module docstring for coverage).
 
     ``backend``: if given, also ``vitfast.set_backend(backend)`` (process-wide; ``"triton"`` runs the Triton kernels,
     ``"auto"`` the fastest measured implementation, which in eager training is PyTorch's today). Patching a patched
-    model is a no-op. ``verbose`` prints the :class:`PatchSummary`, which is also kept
-    as ``model.vitfast_patch_summary``.
+    model is a no-op (to change ``recompute``, :func:`unpatch` first). ``verbose`` prints the :class:`PatchSummary`,
+    which is also kept as ``model.vitfast_patch_summary``.
+
+    ``recompute`` (default True): save less for backward in eager training by recomputing cheap steps there
+    (:mod:`vitfast.layers.recompute`): the LayerNorm outputs that ``qkv`` / ``fc1`` read, the MLP activation (GELU,
+    SwiGLU, SwiGLU + sub-LN) that ``fc2`` reads, the pre-norm residual sum, concatenated / padded weights; RoPE'd
+    attention copies v so that the q/k/v projection is not kept. Same gradients (the recomputation repeats the
+    forward's computation), for a LayerNorm or activation pass per GEMM more in backward and no GEMM twice. False:
+    each op saves what it saves alone. Off under ``torch.compile`` (its partitioner chooses) and without grad.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"vitfast.patch expects a torch.nn.Module, got {type(model).__name__}.")
@@ -464,6 +557,7 @@ def patch(model: nn.Module, backend: str | None = None, verbose: bool = False) -
         kind, forward = rule
         original = type(module)
         module.__class__ = _patched_class(original, kind, forward)
+        module.__dict__[_RECOMPUTE] = bool(recompute)
         summary.swapped[original.__name__] += 1
     model.vitfast_patch_summary = summary
     if verbose:
@@ -477,6 +571,7 @@ def unpatch(model: nn.Module) -> nn.Module:
         original = getattr(type(module), _ORIGINAL, None)
         if original is not None:
             module.__class__ = original
+            module.__dict__.pop(_RECOMPUTE, None)
     if hasattr(model, "vitfast_patch_summary"):
         del model.vitfast_patch_summary
     return model
