@@ -649,8 +649,11 @@ def _layer_norm_bwd_op(
 def layer_norm_setup_context(ctx, inputs, output) -> None:
     x, branch, gamma, weight, bias, _eps = inputs
     _out, residual_out, mean, rstd = output
-    # the backward needs the tensor that was normalized: residual_out in the residual variant
-    ctx.save_for_backward(x if branch is None else residual_out, branch, gamma, weight, bias, mean, rstd)
+    # the backward needs the tensor that was normalized: residual_out in the residual variant; the branch itself only
+    # with a layer scale (its gradient then needs gamma * ..., and dgamma needs the branch), else just its dtype
+    ctx.branch_dtype = None if branch is None else branch.dtype
+    saved_branch = branch if gamma is not None else None
+    ctx.save_for_backward(x if branch is None else residual_out, saved_branch, gamma, weight, bias, mean, rstd)
 
 
 def layer_norm_backward(ctx, d_out, d_residual, _d_mean, _d_rstd):
@@ -661,14 +664,15 @@ def layer_norm_backward(ctx, d_out, d_residual, _d_mean, _d_rstd):
     dispatcher too.
     """
     normalized, branch, gamma, weight, bias, mean, rstd = ctx.saved_tensors
-    if branch is None:
+    has_branch = ctx.branch_dtype is not None
+    if not has_branch:
         d_residual = None  # the empty residual_out placeholder of the plain variant carries no gradient
-    if branch is not None and gamma is None:
+    if has_branch and gamma is None:
         # residual_out = x + branch: branch's gradient is dx; autograd takes one tensor for both, as for an add
         dx, _, dgamma, dweight, dbias = _layer_norm_bwd_op(
             d_out, d_residual, normalized, None, None, weight, bias, mean, rstd
         )
-        dbranch = dx.to(branch.dtype)
+        dbranch = dx.to(ctx.branch_dtype)
     else:
         dx, dbranch, dgamma, dweight, dbias = _layer_norm_bwd_op(
             d_out, d_residual, normalized, branch, gamma, weight, bias, mean, rstd
@@ -677,7 +681,8 @@ def layer_norm_backward(ctx, d_out, d_residual, _d_mean, _d_rstd):
     def present(grad: torch.Tensor, tensor: torch.Tensor | None) -> torch.Tensor | None:
         return grad if tensor is not None else None
 
-    return dx, present(dbranch, branch), present(dgamma, gamma), present(dweight, weight), present(dbias, bias), None
+    dbranch = dbranch if has_branch else None
+    return dx, dbranch, present(dgamma, gamma), present(dweight, weight), present(dbias, bias), None
 
 
 _layer_norm_fwd_op.register_autograd(layer_norm_backward, setup_context=layer_norm_setup_context)
