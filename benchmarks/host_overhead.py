@@ -3,15 +3,17 @@
     python -m benchmarks.host_overhead               # table, plus markdown + JSON under benchmarks/results/
     python -m benchmarks.host_overhead --json X.json # JSON only
 
-Triton's real launch path runs: the public op, the backend dispatch, ``torch.library``'s dispatch of the op, our
-launcher (checks, output allocation, strides), ``JITFunction.run`` (argument binding, specialization key, cache
-lookup) and the compiled kernel's launcher, against the stand-in sm_90 driver of :mod:`benchmarks.sm90`, whose
+Triton's real launch path runs: the public op, the backend dispatch, the eager op path (``EagerOp``: one autograd
+node, no ``torch.library`` dispatch), our launcher (checks, output allocation, strides), the launch cache
+(``JITFunction.run`` on a specialization's first launch only) and the compiled kernel's launcher, against the
+stand-in sm_90 driver of :mod:`benchmarks.sm90`, whose
 launcher unpacks the arguments like Triton's C launcher and then does nothing. Tensors are small CPU tensors that the
 ops are told they may hand to the kernels (the probe patches ``kernel_can_run``); nothing is computed on them.
 
 Per op, median host microseconds per call (spread: min-max of the repeats), split three ways:
 
-- ``triton``: the recorded launch(es) alone, ``kernel[grid](*args)`` (``JITFunction.run`` + the no-op launcher);
+- ``triton``: the recorded launch(es) alone, replayed through vitfast's ``launch`` (the eager check, then the launch
+  cache's call of the compiled kernel's no-op launcher; ``JITFunction.run`` before the cache existed);
 - ``ours``: our launcher function minus ``triton`` (argument checks, allocations, stride and grid arithmetic);
 - ``dispatch``: the public call minus the launcher (backend dispatch, coverage checks, ``torch.library`` / autograd);
 
@@ -241,18 +243,29 @@ def stand_in_gpu() -> Iterator[_LaunchCapture]:
                 module.kernel_can_run = fn
 
 
-def recorded_launches(probe: Probe, capture: _LaunchCapture) -> Callable[[], None]:
+class RecordedLaunches:
+    """The kernel launches one launcher call made, replayed alone through vitfast's ``launch`` (the ``triton``
+    column: the eager check, then the launch cache's compiled-kernel launcher, or ``kernel[grid]`` where it does not
+    apply)."""
+
+    def __init__(self, launch: Callable, launches: list[tuple]) -> None:
+        self._launch = launch
+        self.launches = launches
+
+    @property
+    def count(self) -> int:
+        return len(self.launches)
+
+    def __call__(self) -> None:
+        for kernel, grid, args, kwargs in self.launches:
+            self._launch(kernel, grid, *args, **kwargs)
+
+
+def recorded_launches(probe: Probe, capture: _LaunchCapture) -> RecordedLaunches:
     """Run the probe's launcher once (compiling its kernels on first use) and return a replay of its launches."""
     capture.launches.clear()
     probe.launcher()
-    recorded = list(capture.launches)
-
-    def triton_only() -> None:
-        for kernel, grid, args, kwargs in recorded:
-            kernel[grid](*args, **kwargs)
-
-    triton_only.count = len(recorded)
-    return triton_only
+    return RecordedLaunches(capture._launch, list(capture.launches))
 
 
 def measure(calls: int = 200, repeats: int = 7) -> dict:
