@@ -21,7 +21,8 @@ and, in the same run, the nearest single aten op on fp32 tensors of the same tin
 (dispatch, allocation and a near-empty CPU kernel). ``F.scaled_dot_product_attention`` and ``F.conv2d`` are not
 used: their CPU paths cost far more host time than their CUDA dispatch, so attention is compared with its ``q k^T``
 matmul and the patch embedding with a GEMM. ``ratio`` = public call / aten. ``fwd+bwd`` rows time the public call
-plus ``backward()`` against the same for aten. Ratios hold on a noisy machine; absolute numbers depend on its CPU.
+plus ``backward()`` against the same for aten. Times are the thread's CPU time, so they hold on a shared machine
+(caches shared with other jobs still move them a little); absolute numbers depend on its CPU.
 """
 
 from __future__ import annotations
@@ -176,7 +177,12 @@ def probes() -> list[Probe]:
 
 
 def time_per_call(fn: Callable[[], object], calls: int, repeats: int) -> dict[str, float]:
-    """Median (and min / max over ``repeats``) of the mean host time per call of ``calls`` calls, microseconds."""
+    """Median (and min / max over ``repeats``) of the mean host time per call of ``calls`` calls, microseconds.
+
+    Host time is the calling thread's CPU time (``time.thread_time_ns``): what a launch costs the CPU, without the
+    time the thread waits while other processes hold the cores (wall time on a shared machine moved 2-3x between
+    runs).
+    """
     for _ in range(max(3, calls // 10)):
         fn()
     gc_was_enabled = gc.isenabled()
@@ -184,10 +190,10 @@ def time_per_call(fn: Callable[[], object], calls: int, repeats: int) -> dict[st
     try:
         samples = []
         for _ in range(repeats):
-            start = time.perf_counter_ns()
+            start = time.thread_time_ns()
             for _ in range(calls):
                 fn()
-            samples.append((time.perf_counter_ns() - start) / calls / 1e3)
+            samples.append((time.thread_time_ns() - start) / calls / 1e3)
     finally:
         if gc_was_enabled:
             gc.enable()

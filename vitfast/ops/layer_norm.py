@@ -23,6 +23,7 @@ from vitfast.ops._triton import (
     HAS_TRITON,
     INTERPRETER,
     KERNEL_DTYPES,
+    cdiv,
     kernel_can_run,
     launch,
     log_fallback,
@@ -358,7 +359,7 @@ def layer_norm_fwd(
     block_rows, block_c, num_warps = _block_sizes(cols)
     launch(
         _layer_norm_fwd_kernel,
-        (triton.cdiv(rows, block_rows),),
+        (cdiv(rows, block_rows),),
         x_rows,
         branch_rows,
         gamma if gamma is not None else x_rows,  # stand-ins for absent tensors are never read (constexpr flags)

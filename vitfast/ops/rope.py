@@ -29,6 +29,7 @@ from vitfast.ops._triton import (
     HAS_TRITON,
     INTERPRETER,
     KERNEL_DTYPES,
+    cdiv,
     kernel_can_run,
     launch,
     log_fallback,
@@ -203,7 +204,7 @@ def rope_2d_qk_fwd(
     strides = (q.stride(2), q.stride(1), k.stride(2), k.stride(1))
     stride_multiple = vector if all(stride % vector == 0 for stride in strides) else 1
     launch(
-        _rope_qk_kernel, (triton.cdiv(seq_len, block_n), batch), q, k, q_out, k_out, cos, sin,
+        _rope_qk_kernel, (cdiv(seq_len, block_n), batch), q, k, q_out, k_out, cos, sin,
         q.stride(0), q.stride(2), q.stride(1), k.stride(0), k.stride(2), k.stride(1),
         q_out.stride(0), q_out.stride(2), cos.stride(0), pair_stride, seq_len, num_prefix_tokens,
         HEADS=heads, HEAD_DIM=head_dim, BLOCK_H=block_h, BLOCK_PAIRS=block_pairs, BLOCK_N=block_n,

@@ -34,6 +34,7 @@ from vitfast.ops._triton import (
     HAS_TRITON,
     INTERPRETER,
     KERNEL_DTYPES,
+    cdiv,
     kernel_can_run,
     launch,
     log_fallback,
@@ -451,7 +452,7 @@ def _launch_swiglu_fwd(gate: torch.Tensor, up: torch.Tensor | None, out: torch.T
     if n_rows == 0:
         return
     block_m, block_n = _elementwise_blocks(n_cols)
-    grid = (triton.cdiv(n_rows, block_m), triton.cdiv(n_cols, block_n))
+    grid = (cdiv(n_rows, block_m), cdiv(n_cols, block_n))
     up_row_stride = 0 if up is None else up.stride(0)
     launch(
         _swiglu_fwd_kernel,
@@ -484,7 +485,7 @@ def _launch_swiglu_bwd(
     if n_rows == 0:
         return
     block_m, block_n = _elementwise_blocks(n_cols)
-    grid = (triton.cdiv(n_rows, block_m), triton.cdiv(n_cols, block_n))
+    grid = (cdiv(n_rows, block_m), cdiv(n_cols, block_n))
     launch(
         _swiglu_bwd_kernel,
         grid,
@@ -603,10 +604,10 @@ def _layer_norm_bwd_programs(n_rows: int, block_m: int, device: torch.device) ->
     # 4 programs per SM fill it while the [programs, width] partial-sum buffer stays small, and more when a program
     # would otherwise add over _MAX_CHAIN rows in sequence. The interpreter runs programs one after the other: the
     # fewest that respect _MAX_CHAIN.
-    wanted = triton.cdiv(n_rows, _MAX_CHAIN)
+    wanted = cdiv(n_rows, _MAX_CHAIN)
     if device.type == "cuda":
         wanted = max(wanted, 4 * num_sms(device))
-    return max(1, min(triton.cdiv(n_rows, block_m), wanted))
+    return max(1, min(cdiv(n_rows, block_m), wanted))
 
 
 def swiglu_layer_norm_fwd(
@@ -632,7 +633,7 @@ def swiglu_layer_norm_fwd(
     block_m = _rows_per_tile(block_n)
     launch(
         _swiglu_layer_norm_fwd_kernel,
-        (triton.cdiv(n_rows, block_m),),
+        (cdiv(n_rows, block_m),),
         gate_rows,
         up_rows,
         weight,
@@ -689,9 +690,9 @@ def swiglu_layer_norm_bwd(
         return d_gate, d_up, torch.zeros((2, param_width), dtype=torch.float32, device=gate.device)
     block_n = next_power_of_2(padded_width)  # the whole row in one block: the reductions over it need all of it
     block_m = _rows_per_tile(block_n)
-    rows_per_program = triton.cdiv(n_rows, _layer_norm_bwd_programs(n_rows, block_m, gate.device))
-    rows_per_program = triton.cdiv(rows_per_program, block_m) * block_m  # <= _MAX_CHAIN: block_m is a power of 2
-    n_programs = triton.cdiv(n_rows, rows_per_program)
+    rows_per_program = cdiv(n_rows, _layer_norm_bwd_programs(n_rows, block_m, gate.device))
+    rows_per_program = cdiv(rows_per_program, block_m) * block_m  # <= _MAX_CHAIN: block_m is a power of 2
+    n_programs = cdiv(n_rows, rows_per_program)
     # the weight's and the bias's partial sums in one buffer: one reduction launch for both
     partials = torch.empty((2, n_programs, param_width), dtype=torch.float32, device=gate.device)
     launch(
