@@ -452,8 +452,18 @@ def kernel_can_run(*tensors: torch.Tensor | None) -> bool:
     """Whether the Triton kernels can take these tensors: all on a CUDA GPU, or all on the CPU under the interpreter."""
     if not HAS_TRITON:
         return False
-    devices = {t.device.type for t in tensors if t is not None}
-    return devices == {"cuda"} or (INTERPRETER and devices == {"cpu"})
+    # is_cuda / is_cpu rather than a set of device types: this runs twice per eager call (coverage, then the op)
+    cuda = cpu = False
+    for t in tensors:
+        if t is None:
+            continue
+        if t.is_cuda:
+            cuda = True
+        elif INTERPRETER and t.is_cpu:
+            cpu = True
+        else:
+            return False
+    return cuda != cpu
 
 
 def log_fallback(op: str, reason: str) -> None:

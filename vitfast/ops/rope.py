@@ -193,8 +193,11 @@ def rope_2d_qk_fwd(
     if cos.stride() != sin.stride():  # one offset tile serves both tables
         cos, sin = cos.contiguous(), sin.contiguous()
     batch, heads, seq_len, head_dim = q.shape
-    q_out = torch.empty((batch, seq_len, heads, head_dim), dtype=q.dtype, device=q.device).transpose(1, 2)
-    k_out = torch.empty((batch, seq_len, heads, head_dim), dtype=k.dtype, device=k.device).transpose(1, 2)
+    # the [B, H, N, D] view of a contiguous [B, N, H, D] tensor, allocated as such (an empty and a transpose cost
+    # twice the host time)
+    out_strides = (seq_len * heads * head_dim, head_dim, heads * head_dim, 1)
+    q_out = torch.empty_strided(q.shape, out_strides, dtype=q.dtype, device=q.device)
+    k_out = torch.empty_strided(q.shape, out_strides, dtype=k.dtype, device=k.device)
     if q_out.numel() == 0:
         return q_out, k_out
     block_h, block_pairs = next_power_of_2(heads), next_power_of_2(head_dim // 2)
