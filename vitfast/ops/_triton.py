@@ -239,8 +239,11 @@ class LaunchCache:
             problem = None
             if _RUN_CALL not in " ".join(inspect.getsource(JITFunction.run).split()):
                 problem = "JITFunction.run calls its compiled kernel differently"
-            elif not all(hasattr(knobs.runtime, n) for n in ("launch_enter_hook", "launch_exit_hook", "debug")):
-                problem = "triton.knobs.runtime lacks the launch hooks or the debug flag"
+            elif not all(
+                hasattr(knobs.runtime, name)
+                for name in ("launch_enter_hook", "launch_exit_hook", "debug", "add_stages_inspection_hook")
+            ):
+                problem = "triton.knobs.runtime lacks the launch hooks, the debug flag or the stages hook"
             elif not hasattr(knobs.compilation, "instrumentation_mode"):
                 problem = "triton.knobs.compilation lacks instrumentation_mode"
         except (ImportError, AttributeError, OSError, TypeError) as exc:
@@ -269,8 +272,9 @@ class LaunchCache:
             type(kernel) is not jit_function
             or kernel.pre_run_hooks
             or type(grid) is not tuple
-            or not (_inactive(enter_hook, hook_chain) and _inactive(exit_hook, hook_chain))
-            or getattr(runtime, "add_stages_inspection_hook", None) is not None
+            or not (enter_hook is None or (type(enter_hook) is hook_chain and not enter_hook.calls))
+            or not (exit_hook is None or (type(exit_hook) is hook_chain and not exit_hook.calls))
+            or runtime.add_stages_inspection_hook is not None
         ):
             kernel[grid](*args, **kwargs)
             return
@@ -330,10 +334,6 @@ class LaunchCache:
 
 
 _MISSING = object()
-
-
-def _inactive(hook: Any, hook_chain: type | None) -> bool:
-    return hook is None or (hook_chain is not None and type(hook) is hook_chain and not hook.calls)
 
 
 launch_cache = LaunchCache()
