@@ -187,6 +187,22 @@ def test_launch_hooks_and_wrapped_kernels_go_through_triton(kernel, cache) -> No
     assert len(_RecordingLauncher.calls) == 2 and len(cache.entries) == 1 and cache.misses == 1
 
 
+def test_triton_without_the_stages_hook_is_cached(kernel, cache, monkeypatch) -> None:
+    """Triton 3.6 (the GPU machines') has no ``knobs.runtime.add_stages_inspection_hook``: the launch path is still
+    recognized, and a cached launch never reads the hook (3.8's own ``JITFunction.run`` does, so the miss runs with
+    it present)."""
+    from triton import knobs
+
+    _launch(cache, kernel, _args())
+    with monkeypatch.context() as patch:
+        patch.delattr(type(knobs.runtime), "add_stages_inspection_hook")
+        api = cache._detect()
+        assert api is not False and api[-1] is False
+        cache._api = api
+        _launch(cache, kernel, _args())
+    assert cache.misses == 1 and len(cache.entries) == 1
+
+
 def test_changed_global_raises_as_triton_does(kernel, cache, monkeypatch) -> None:
     _launch(cache, kernel, _args())
     monkeypatch.setitem(globals(), "_OFFSET", tl.constexpr(1.0))

@@ -220,7 +220,7 @@ class LaunchCache:
         self.entries: dict[tuple, _CompiledLaunch] = {}
         self.misses = 0  # launches that went through kernel[grid] to fill an entry (tests count them)
         self._driver: Any = None
-        self._api: Any = None  # (triton.knobs, the driver config, HookChain or None, JITFunction), or False
+        self._api: Any = None  # (knobs, driver config, HookChain or None, JITFunction, has stages hook) or False
 
     def clear(self) -> None:
         self.entries.clear()
@@ -239,11 +239,8 @@ class LaunchCache:
             problem = None
             if _RUN_CALL not in " ".join(inspect.getsource(JITFunction.run).split()):
                 problem = "JITFunction.run calls its compiled kernel differently"
-            elif not all(
-                hasattr(knobs.runtime, name)
-                for name in ("launch_enter_hook", "launch_exit_hook", "debug", "add_stages_inspection_hook")
-            ):
-                problem = "triton.knobs.runtime lacks the launch hooks, the debug flag or the stages hook"
+            elif not all(hasattr(knobs.runtime, n) for n in ("launch_enter_hook", "launch_exit_hook", "debug")):
+                problem = "triton.knobs.runtime lacks the launch hooks or the debug flag"
             elif not hasattr(knobs.compilation, "instrumentation_mode"):
                 problem = "triton.knobs.compilation lacks instrumentation_mode"
         except (ImportError, AttributeError, OSError, TypeError) as exc:
@@ -256,7 +253,9 @@ class LaunchCache:
                 problem,
             )
             return False
-        return knobs, driver, hook_chain, JITFunction
+        # Triton 3.8's pipeline-inspection hook adds to JITFunction.run's key; Triton 3.6 has none
+        stages_hook = hasattr(knobs.runtime, "add_stages_inspection_hook")
+        return knobs, driver, hook_chain, JITFunction, stages_hook
 
     def __call__(self, kernel: Any, grid: tuple[int, ...], args: tuple, kwargs: dict) -> None:
         api = self._api
@@ -265,7 +264,7 @@ class LaunchCache:
         if api is False:
             kernel[grid](*args, **kwargs)
             return
-        knobs, driver, hook_chain, jit_function = api
+        knobs, driver, hook_chain, jit_function, stages_hook = api
         runtime = knobs.runtime
         enter_hook, exit_hook = runtime.launch_enter_hook, runtime.launch_exit_hook
         if (
@@ -274,7 +273,7 @@ class LaunchCache:
             or type(grid) is not tuple
             or not (enter_hook is None or (type(enter_hook) is hook_chain and not enter_hook.calls))
             or not (exit_hook is None or (type(exit_hook) is hook_chain and not exit_hook.calls))
-            or runtime.add_stages_inspection_hook is not None
+            or (stages_hook and runtime.add_stages_inspection_hook is not None)
         ):
             kernel[grid](*args, **kwargs)
             return
