@@ -222,10 +222,6 @@ class LaunchCache:
         self._driver: Any = None
         self._api: Any = None  # (knobs, driver config, HookChain or None, JITFunction, has stages hook) or False
 
-    def clear(self) -> None:
-        self.entries.clear()
-        self._driver = None
-
     def _detect(self) -> Any:
         """Triton's private launch API as this cache uses it, or False (and a debug log) when it differs."""
         try:
