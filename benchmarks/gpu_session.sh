@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device-machine call, run from the repo root: bash benchmarks/gpu_session.sh [sections...]
-# Sections: env tests retest bench engine profile ops kernels (default: env tests bench profile ops). Everything is written
+# Sections: env tests retest bench engine profile ops launch kernels (default: env tests bench profile ops). Everything is written
 # under $OUT (or ./gpu_out). Each section has its own time limit so that one slow part cannot eat the call.
 set -u
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
@@ -56,6 +56,10 @@ for b in json.load(open(sys.argv[1]))["benchmarks"]:
     print(f"{b['name'][12:]:<70} {b['stats']['median'] * 1e6:9.1f} us" + (f"  {gbps:7.0f} GB/s" if gbps else ""))
 PY
       ;;
+    launch)
+      # the launch cache on a real GPU (Triton 3.6 there): cached vs kernel[grid] results bitwise equal, host us per
+      # eager call cache on / off / aten (~1-2 min, mostly compiling)
+      timeout 180 python3 benchmarks/launch_cache_gpu_check.py --json "$OUT/launch_cache.jsonl" 2>&1 | tail -8 ;;
     kernels)
       # the kernel report's launches run on this GPU: measured time beside each floor (fraction of floor), ~3 min
       timeout 300 python3 -m benchmarks.kernel_report --gpu --gpu-peaks H200 --out-dir "$OUT" 2>&1 | tail -20 ;;
