@@ -6,16 +6,17 @@
 Triton's real launch path runs: the public op, the backend dispatch, the eager op path (``EagerOp``: one autograd
 node, no ``torch.library`` dispatch), our launcher (checks, output allocation, strides), the launch cache
 (``JITFunction.run`` on a specialization's first launch only) and the compiled kernel's launcher, against the
-stand-in sm_90 driver of :mod:`benchmarks.sm90`, whose
-launcher unpacks the arguments like Triton's C launcher and then does nothing. Tensors are small CPU tensors that the
-ops are told they may hand to the kernels (the probe patches ``kernel_can_run``); nothing is computed on them.
+stand-in sm_90 driver of :mod:`benchmarks.sm90`, whose launcher unpacks the arguments like Triton's C launcher and
+then does nothing. Tensors are small CPU tensors that the ops are told they may hand to the kernels (the probe
+patches ``kernel_can_run``); nothing is computed on them.
 
 Per op, median host microseconds per call (spread: min-max of the repeats), split three ways:
 
 - ``triton``: the recorded launch(es) alone, replayed through vitfast's ``launch`` (the eager check, then the launch
   cache's call of the compiled kernel's no-op launcher; ``JITFunction.run`` before the cache existed);
 - ``ours``: our launcher function minus ``triton`` (argument checks, allocations, stride and grid arithmetic);
-- ``dispatch``: the public call minus the launcher (backend dispatch, coverage checks, ``torch.library`` / autograd);
+- ``dispatch``: the public call minus the launcher (backend dispatch, coverage checks, the eager op path and its
+  autograd node);
 
 and, in the same run, the nearest single aten op on fp32 tensors of the same tiny shapes with one intra-op thread
 (dispatch, allocation and a near-empty CPU kernel). ``F.scaled_dot_product_attention`` and ``F.conv2d`` are not
