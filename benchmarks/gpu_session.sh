@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device-machine call, run from the repo root: bash benchmarks/gpu_session.sh [sections...]
-# Sections: env tests retest bench engine profile ops kernels layer_norm (default: env tests bench profile ops). Everything is written
+# Sections: env tests retest bench engine profile ops launch kernels layer_norm (default: env tests bench profile ops). Everything is written
 # under $OUT (or ./gpu_out). Each section has its own time limit so that one slow part cannot eat the call.
 set -u
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
@@ -60,6 +60,10 @@ PY
     layer_norm)
       # Triton LayerNorm fwd + bwd vs PyTorch, bf16, (8200, 1024) and (12608, 768): rule 5 and times, ~1 min
       timeout 150 python3 benchmarks/gpu_layer_norm_check.py --json "$OUT/layer_norm.jsonl" 2>&1 | tail -10 ;;
+    launch)
+      # the launch cache on a real GPU (Triton 3.6 there): cached vs kernel[grid] results bitwise equal, host us per
+      # eager call cache on / off / aten (~1-2 min, mostly compiling)
+      timeout 180 python3 benchmarks/launch_cache_gpu_check.py --json "$OUT/launch_cache.jsonl" 2>&1 | tail -8 ;;
     kernels)
       # the kernel report's launches run on this GPU: measured time beside each floor (fraction of floor), ~3 min
       timeout 300 python3 -m benchmarks.kernel_report --gpu --gpu-peaks H200 --out-dir "$OUT" 2>&1 | tail -20 ;;

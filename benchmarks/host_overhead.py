@@ -3,23 +3,27 @@
     python -m benchmarks.host_overhead               # table, plus markdown + JSON under benchmarks/results/
     python -m benchmarks.host_overhead --json X.json # JSON only
 
-Triton's real launch path runs: the public op, the backend dispatch, ``torch.library``'s dispatch of the op, our
-launcher (checks, output allocation, strides), ``JITFunction.run`` (argument binding, specialization key, cache
-lookup) and the compiled kernel's launcher, against the stand-in sm_90 driver of :mod:`benchmarks.sm90`, whose
-launcher unpacks the arguments like Triton's C launcher and then does nothing. Tensors are small CPU tensors that the
-ops are told they may hand to the kernels (the probe patches ``kernel_can_run``); nothing is computed on them.
+Triton's real launch path runs: the public op, the backend dispatch, the eager op path (``EagerOp``: one autograd
+node, no ``torch.library`` dispatch), our launcher (checks, output allocation, strides), the launch cache
+(``JITFunction.run`` on a specialization's first launch only) and the compiled kernel's launcher, against the
+stand-in sm_90 driver of :mod:`benchmarks.sm90`, whose launcher unpacks the arguments like Triton's C launcher and
+then does nothing. Tensors are small CPU tensors that the ops are told they may hand to the kernels (the probe
+patches ``kernel_can_run``); nothing is computed on them.
 
 Per op, median host microseconds per call (spread: min-max of the repeats), split three ways:
 
-- ``triton``: the recorded launch(es) alone, ``kernel[grid](*args)`` (``JITFunction.run`` + the no-op launcher);
+- ``triton``: the recorded launch(es) alone, replayed through vitfast's ``launch`` (the eager check, then the launch
+  cache's call of the compiled kernel's no-op launcher; ``JITFunction.run`` before the cache existed);
 - ``ours``: our launcher function minus ``triton`` (argument checks, allocations, stride and grid arithmetic);
-- ``dispatch``: the public call minus the launcher (backend dispatch, coverage checks, ``torch.library`` / autograd);
+- ``dispatch``: the public call minus the launcher (backend dispatch, coverage checks, the eager op path and its
+  autograd node);
 
 and, in the same run, the nearest single aten op on fp32 tensors of the same tiny shapes with one intra-op thread
 (dispatch, allocation and a near-empty CPU kernel). ``F.scaled_dot_product_attention`` and ``F.conv2d`` are not
 used: their CPU paths cost far more host time than their CUDA dispatch, so attention is compared with its ``q k^T``
 matmul and the patch embedding with a GEMM. ``ratio`` = public call / aten. ``fwd+bwd`` rows time the public call
-plus ``backward()`` against the same for aten. Ratios hold on a noisy machine; absolute numbers depend on its CPU.
+plus ``backward()`` against the same for aten. Times are the thread's CPU time, so they hold on a shared machine
+(caches shared with other jobs still move them a little); absolute numbers depend on its CPU.
 """
 
 from __future__ import annotations
@@ -174,7 +178,12 @@ def probes() -> list[Probe]:
 
 
 def time_per_call(fn: Callable[[], object], calls: int, repeats: int) -> dict[str, float]:
-    """Median (and min / max over ``repeats``) of the mean host time per call of ``calls`` calls, microseconds."""
+    """Median (and min / max over ``repeats``) of the mean host time per call of ``calls`` calls, microseconds.
+
+    Host time is the calling thread's CPU time (``time.thread_time_ns``): what a launch costs the CPU, without the
+    time the thread waits while other processes hold the cores (wall time on a shared machine moved 2-3x between
+    runs).
+    """
     for _ in range(max(3, calls // 10)):
         fn()
     gc_was_enabled = gc.isenabled()
@@ -182,10 +191,10 @@ def time_per_call(fn: Callable[[], object], calls: int, repeats: int) -> dict[st
     try:
         samples = []
         for _ in range(repeats):
-            start = time.perf_counter_ns()
+            start = time.thread_time_ns()
             for _ in range(calls):
                 fn()
-            samples.append((time.perf_counter_ns() - start) / calls / 1e3)
+            samples.append((time.thread_time_ns() - start) / calls / 1e3)
     finally:
         if gc_was_enabled:
             gc.enable()
@@ -241,18 +250,29 @@ def stand_in_gpu() -> Iterator[_LaunchCapture]:
                 module.kernel_can_run = fn
 
 
-def recorded_launches(probe: Probe, capture: _LaunchCapture) -> Callable[[], None]:
+class RecordedLaunches:
+    """The kernel launches one launcher call made, replayed alone through vitfast's ``launch`` (the ``triton``
+    column: the eager check, then the launch cache's compiled-kernel launcher, or ``kernel[grid]`` where it does not
+    apply)."""
+
+    def __init__(self, launch: Callable, launches: list[tuple]) -> None:
+        self._launch = launch
+        self.launches = launches
+
+    @property
+    def count(self) -> int:
+        return len(self.launches)
+
+    def __call__(self) -> None:
+        for kernel, grid, args, kwargs in self.launches:
+            self._launch(kernel, grid, *args, **kwargs)
+
+
+def recorded_launches(probe: Probe, capture: _LaunchCapture) -> RecordedLaunches:
     """Run the probe's launcher once (compiling its kernels on first use) and return a replay of its launches."""
     capture.launches.clear()
     probe.launcher()
-    recorded = list(capture.launches)
-
-    def triton_only() -> None:
-        for kernel, grid, args, kwargs in recorded:
-            kernel[grid](*args, **kwargs)
-
-    triton_only.count = len(recorded)
-    return triton_only
+    return RecordedLaunches(capture._launch, list(capture.launches))
 
 
 def measure(calls: int = 200, repeats: int = 7) -> dict:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -27,6 +28,7 @@ __all__ = [
     "HAS_TRITON",
     "INTERPRETER",
     "KERNEL_DTYPES",
+    "cdiv",
     "kernel_can_run",
     "launch",
     "log_fallback",
@@ -82,6 +84,12 @@ except ImportError:  # the package still imports and runs the reference path
 _logged: set[tuple[str, str]] = set()
 
 
+def cdiv(a: int, b: int) -> int:
+    """``ceil(a / b)`` for launch grids. Not ``triton.cdiv``: since Triton 3.8 that is a ``constexpr_function``, whose
+    host call unwraps its arguments and cost ~2 us (more than the arithmetic by a thousand times)."""
+    return -(-a // b)
+
+
 def next_power_of_2(n: int) -> int:
     return 1 << max(int(n) - 1, 0).bit_length()
 
@@ -114,22 +122,225 @@ def _is_fake(value: Any) -> bool:
 def launch(kernel: Any, grid: tuple[int, ...], *args: Any, **kwargs: Any) -> None:
     """Launch ``kernel`` over ``grid``: through ``torch.library.wrap_triton`` (visible to torch.compile) when traced.
 
-    Under the interpreter, ``wrap_triton`` hands back the plain kernel, which cannot run on the fake tensors that
-    shape propagation (opcheck, make_fx) passes in; the outputs are already allocated, so the launch is skipped.
+    A plain eager launch goes through :data:`launch_cache` (the compiled kernel's launcher, called directly once
+    Triton has compiled the specialization). Under the interpreter, ``wrap_triton`` hands back the plain kernel,
+    which cannot run on the fake tensors that shape propagation (opcheck, make_fx) passes in; the outputs are already
+    allocated, so the launch is skipped.
     """
     if not HAS_TRITON:
         raise RuntimeError("vitfast's Triton kernels need the triton package; pip install triton.")
-    values = (*args, *kwargs.values())
-    if INTERPRETER and any(_is_fake(a) for a in values):
-        return
-    if plain_eager(values):
+    if INTERPRETER:
+        values = (*args, *kwargs.values())
+        if any(_is_fake(a) for a in values):
+            return
+        if _direct.depth or plain_eager(values):
+            kernel[grid](*args, **kwargs)
+            return
+    elif _direct.depth or plain_eager((*args, *kwargs.values())):
         # Plain eager call (CUDA-graph capture included): launch directly. Through wrap_triton, each eager launch
         # dispatches a higher-order op, which cost ~80 us of host time per kernel on an H100 host (2026-11-22:
         # vit_base_patch16_224 bs 1 eager on the kernels 10.5 ms vs 5.1 ms on the reference path), far more than
         # the kernels themselves take.
-        kernel[grid](*args, **kwargs)
+        launch_cache(kernel, grid, args, kwargs)
         return
     torch.library.wrap_triton(kernel)[grid](*args, **kwargs)
+
+
+class _Uncacheable(Exception):
+    """An argument whose specialization the launch cache does not model: that launch goes through ``kernel[grid]``."""
+
+
+def _arg_key(arg: Any) -> Any:
+    """What Triton specializes a runtime argument on, or more (a finer key only costs an extra cache entry).
+
+    Tensors: dtype and 16-byte alignment of the address. Python ints: the integer type the value fits (i32, i64,
+    u64), ``== 1`` (a constant) and divisibility by 16. floats, bools, None: the type alone (Triton passes floats as
+    fp32 and bools as i1 unspecialized; None is a constexpr).
+    """
+    kind = type(arg)
+    if kind is torch.Tensor or kind is torch.nn.Parameter:
+        return arg.dtype, not arg.data_ptr() & 15
+    if kind is int:
+        return (
+            int,
+            arg == 1,
+            not arg & 15,
+            -0x8000_0000 <= arg <= 0x7FFF_FFFF,
+            -0x8000_0000_0000_0000 <= arg <= 0x7FFF_FFFF_FFFF_FFFF,
+        )
+    if kind is float or kind is bool or arg is None:
+        return kind
+    raise _Uncacheable
+
+
+class _CompiledLaunch:
+    """One cached specialization: the compiled kernel's launcher and what ``JITFunction.run`` passes to it."""
+
+    __slots__ = ("constexprs", "function", "globals", "kernel", "launcher", "packed_metadata")
+
+    def __init__(self, kernel: Any, compiled: Any, constexprs: tuple) -> None:
+        self.kernel = kernel  # the cache is keyed by id(kernel): this keeps the id from being reused
+        self.launcher = compiled.run
+        self.function = compiled.function
+        self.packed_metadata = compiled.packed_metadata
+        self.constexprs = constexprs
+        # the globals the kernel read when it compiled, which JITFunction.run checks on every launch (and raises if
+        # one changed)
+        self.globals = tuple((name, value, scope) for (name, _), (value, scope) in kernel.used_global_vals.items())
+
+
+# The call JITFunction.run makes to a compiled kernel, which the cache replays; checked in Triton's source once.
+_RUN_CALL = (
+    "kernel.run(grid_0, grid_1, grid_2, stream, kernel.function, kernel.packed_metadata, launch_metadata,"
+    " knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook, *bound_args.values())"
+)
+
+
+class LaunchCache:
+    """Eager launches straight to the compiled kernel's launcher, skipping ``JITFunction.run`` once it has compiled.
+
+    ``JITFunction.run`` binds the arguments, specializes each one, builds and hashes a string key and reads several
+    knobs on every call, ~20-35 us of host time for our kernels (benchmarks/results/2026-12-01_host_overhead.md),
+    more than aten spends on a whole op. The first launch of a specialization goes through ``kernel[grid](...)``
+    (compiling if needed) and the compiled kernel is kept under a key that determines Triton's own: the kernel, the
+    driver and current device, the debug / instrumentation knobs, every keyword argument (the constexprs,
+    ``num_warps``, ``num_stages``) and :func:`_arg_key` of every positional argument. Later launches with the same key
+    call the launcher with the grid, the current stream and the arguments in the order ``JITFunction.run`` passes
+    them (``bound_args``: the positional arguments, then the constexprs).
+
+    Anything the key does not model goes through ``kernel[grid]``, every time: a kernel that is not a plain
+    ``JITFunction`` (``triton.autotune`` / ``triton.heuristics`` wrap one; they choose the configuration per call), a
+    pre-run hook, launch hooks or a pipeline-inspection hook set in ``triton.knobs`` (profilers such as proton),
+    a callable grid, constexprs passed positionally or left to their defaults, an argument of another type. So does
+    every launch when Triton's launch path is not the one the cache replays (the private API checked once, in
+    ``JITFunction.run``'s source; a debug log says so).
+    """
+
+    def __init__(self) -> None:
+        self.entries: dict[tuple, _CompiledLaunch] = {}
+        self.misses = 0  # launches that went through kernel[grid] to fill an entry (tests count them)
+        self._driver: Any = None
+        self._api: Any = None  # (knobs, driver config, HookChain or None, JITFunction, has stages hook) or False
+
+    def _detect(self) -> Any:
+        """Triton's private launch API as this cache uses it, or False (and a debug log) when it differs."""
+        try:
+            import inspect
+
+            from triton import knobs
+            from triton.runtime.driver import driver
+            from triton.runtime.jit import JITFunction
+
+            hook_chain = getattr(knobs, "HookChain", None)
+            problem = None
+            if _RUN_CALL not in " ".join(inspect.getsource(JITFunction.run).split()):
+                problem = "JITFunction.run calls its compiled kernel differently"
+            elif not all(hasattr(knobs.runtime, n) for n in ("launch_enter_hook", "launch_exit_hook", "debug")):
+                problem = "triton.knobs.runtime lacks the launch hooks or the debug flag"
+            elif not hasattr(knobs.compilation, "instrumentation_mode"):
+                problem = "triton.knobs.compilation lacks instrumentation_mode"
+        except (ImportError, AttributeError, OSError, TypeError) as exc:
+            problem = f"{type(exc).__name__}: {exc}"
+        if problem is not None:
+            logger.debug(
+                "vitfast: Triton %s's launch path is not the one the launch cache replays (%s); every launch goes "
+                "through kernel[grid].",
+                getattr(triton, "__version__", "?"),
+                problem,
+            )
+            return False
+        # Triton 3.8's pipeline-inspection hook adds to JITFunction.run's key; Triton 3.6 has none
+        stages_hook = hasattr(knobs.runtime, "add_stages_inspection_hook")
+        return knobs, driver, hook_chain, JITFunction, stages_hook
+
+    def __call__(self, kernel: Any, grid: tuple[int, ...], args: tuple, kwargs: dict) -> None:
+        api = self._api
+        if api is None:
+            api = self._api = self._detect()
+        if api is False:
+            kernel[grid](*args, **kwargs)
+            return
+        knobs, driver, hook_chain, jit_function, stages_hook = api
+        runtime = knobs.runtime
+        enter_hook, exit_hook = runtime.launch_enter_hook, runtime.launch_exit_hook
+        if (
+            type(kernel) is not jit_function
+            or kernel.pre_run_hooks
+            or type(grid) is not tuple
+            or not (enter_hook is None or (type(enter_hook) is hook_chain and not enter_hook.calls))
+            or not (exit_hook is None or (type(exit_hook) is hook_chain and not exit_hook.calls))
+            or (stages_hook and runtime.add_stages_inspection_hook is not None)
+        ):
+            kernel[grid](*args, **kwargs)
+            return
+        active = driver.active
+        if active is not self._driver:  # a compiled kernel's handles belong to the driver that loaded it
+            self.entries.clear()
+            self._driver = active
+        device = active.get_current_device()
+        try:
+            key = (
+                id(kernel),
+                device,
+                runtime.debug,
+                knobs.compilation.instrumentation_mode,
+                tuple(kwargs.items()),
+                *map(_arg_key, args),
+            )
+            entry = self.entries.get(key)
+        except (_Uncacheable, TypeError):  # TypeError: an unhashable keyword argument
+            kernel[grid](*args, **kwargs)
+            return
+        if entry is None or entry.kernel is not kernel:
+            self._fill(key, kernel, grid, args, kwargs)
+            return
+        for name, value, scope in entry.globals:
+            if scope.get(name, _MISSING) != value:
+                kernel[grid](*args, **kwargs)  # raises Triton's error about the changed global
+                return
+        size = len(grid)
+        entry.launcher(
+            grid[0],
+            grid[1] if size > 1 else 1,
+            grid[2] if size > 2 else 1,
+            active.get_current_stream(device),
+            entry.function,
+            entry.packed_metadata,
+            None,  # launch metadata: only launch hooks read it, and with one set the launch is not cached
+            enter_hook,
+            exit_hook,
+            *args,
+            *entry.constexprs,
+        )
+
+    def _fill(self, key: tuple, kernel: Any, grid: tuple, args: tuple, kwargs: dict) -> None:
+        """Launch through ``kernel[grid]`` (compiling if needed); keep the compiled kernel when it can be replayed."""
+        self.misses += 1
+        compiled = kernel[grid](*args, **kwargs)
+        params = kernel.params
+        if (
+            compiled is None
+            or hasattr(compiled, "result")  # an asynchronous compile's future
+            or any(param.is_constexpr for param in params[: len(args)])
+            or not all(param.is_constexpr and param.name in kwargs for param in params[len(args) :])
+        ):
+            return
+        self.entries[key] = _CompiledLaunch(kernel, compiled, tuple(kwargs[p.name] for p in params[len(args) :]))
+
+
+_MISSING = object()
+
+
+launch_cache = LaunchCache()
+
+
+class _DirectCalls(threading.local):
+    """How deep this thread is inside the body of an :class:`EagerOp` called directly (launches need no check)."""
+
+    depth = 0
+
+
+_direct = _DirectCalls()
 
 
 _PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
@@ -158,7 +369,7 @@ class _EagerAutograd(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, op: EagerOp, *args: Any) -> Any:
-        output = op.fn(*args)
+        output = op.direct(*args)
         op.setup_context(ctx, args, output)
         ctx.eager_op = op
         return output
@@ -198,8 +409,16 @@ class EagerOp:
     def __getattr__(self, name: str) -> Any:  # register_fake, register_kernel, ... of the CustomOpDef
         return getattr(self.op, name)
 
+    def direct(self, *args: Any) -> Any:
+        """The op's body, its launches marked as plain eager (``plain_eager`` was decided once, by the caller)."""
+        _direct.depth += 1
+        try:
+            return self.fn(*args)
+        finally:
+            _direct.depth -= 1
+
     def __call__(self, *args: Any) -> Any:
-        if not plain_eager(args):
+        if not (_direct.depth or plain_eager(args)):
             return self.op(*args)
         if (
             self.backward is not None
@@ -207,7 +426,7 @@ class EagerOp:
             and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)
         ):
             return _EagerAutograd.apply(self, *args)
-        return self.fn(*args)
+        return self.direct(*args)
 
 
 def triton_op(name: str, *, mutates_args: tuple[str, ...] = ()) -> Callable[[Callable], EagerOp]:
@@ -228,8 +447,18 @@ def kernel_can_run(*tensors: torch.Tensor | None) -> bool:
     """Whether the Triton kernels can take these tensors: all on a CUDA GPU, or all on the CPU under the interpreter."""
     if not HAS_TRITON:
         return False
-    devices = {t.device.type for t in tensors if t is not None}
-    return devices == {"cuda"} or (INTERPRETER and devices == {"cpu"})
+    # is_cuda / is_cpu rather than a set of device types: this runs twice per eager call (coverage, then the op)
+    cuda = cpu = False
+    for t in tensors:
+        if t is None:
+            continue
+        if t.is_cuda:
+            cuda = True
+        elif INTERPRETER and t.is_cpu:
+            cpu = True
+        else:
+            return False
+    return cuda != cpu
 
 
 def log_fallback(op: str, reason: str) -> None:

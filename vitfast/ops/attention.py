@@ -35,6 +35,7 @@ from vitfast.ops._triton import (
     HAS_TRITON,
     INTERPRETER,
     KERNEL_DTYPES,
+    cdiv,
     kernel_can_run,
     launch,
     log_fallback,
@@ -452,7 +453,7 @@ def attention_fwd(
     tables, table_strides = _bias_args(q, rel_pos_bias_table, rel_pos_index)
     launch(
         _attention_fwd_kernel,
-        (triton.cdiv(seq_len, blocks["BLOCK_M"]), batch * heads),
+        (cdiv(seq_len, blocks["BLOCK_M"]), batch * heads),
         q, k, v, out, lse, *tables,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *table_strides,
         heads, seq_len, scale * math.log2(math.e),
@@ -515,14 +516,14 @@ def attention_bwd(
     # dQ first: it also writes delta = rowsum(dO * O), which the dK/dV kernel reads
     launch(
         _attention_bwd_dq_kernel,
-        (triton.cdiv(seq_len, dq_blocks["BLOCK_M"]), batch * heads),
+        (cdiv(seq_len, dq_blocks["BLOCK_M"]), batch * heads),
         q, k, v, out, grad_out, lse, delta, dq, grad_bias, *tables,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *grad_out.stride(), *dq.stride(), *table_strides,
         *scalars, BIAS_GRAD=table_grad, **flags, **dq_blocks,
     )  # fmt: skip
     launch(
         _attention_bwd_dkdv_kernel,
-        (triton.cdiv(seq_len, dkdv_blocks["BLOCK_N"]), batch * heads),
+        (cdiv(seq_len, dkdv_blocks["BLOCK_N"]), batch * heads),
         q, k, v, grad_out, lse, delta, dk, dv, *tables,
         *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dk.stride(), *dv.stride(), *table_strides,
         *scalars, **flags, **dkdv_blocks,

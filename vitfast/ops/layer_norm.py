@@ -23,6 +23,7 @@ from vitfast.ops._triton import (
     HAS_TRITON,
     INTERPRETER,
     KERNEL_DTYPES,
+    cdiv,
     kernel_can_run,
     launch,
     log_fallback,
@@ -314,7 +315,7 @@ def _block_sizes(cols: int, rows: int, sm_count: int | None) -> tuple[int, int, 
     block_c = next_power_of_2(cols)
     block_rows = max(1, min(_MAX_BLOCK_ROWS, _TILE // block_c))
     if sm_count is not None:
-        while block_rows > 1 and triton.cdiv(rows, block_rows) < _PROGRAMS_PER_SM * sm_count:
+        while block_rows > 1 and cdiv(rows, block_rows) < _PROGRAMS_PER_SM * sm_count:
             block_rows //= 2
     tile = block_rows * block_c
     # small tiles (one row up to 1024 wide) get up to 4 warps at 8 elements per thread, still one 16-byte access per
@@ -333,13 +334,13 @@ def _bwd_grid(rows: int, block_rows: int, sm_count: int | None) -> tuple[int, in
     ``_MAX_CHAIN`` rows.
     """
     if sm_count is not None:
-        programs = max(_PROGRAMS_PER_SM * sm_count, triton.cdiv(triton.cdiv(rows, block_rows), _MAX_CHAIN))
+        programs = max(_PROGRAMS_PER_SM * sm_count, cdiv(cdiv(rows, block_rows), _MAX_CHAIN))
     else:
         block_rows = min(block_rows, _MAX_CHAIN)
-        programs = triton.cdiv(rows, _MAX_CHAIN)
-    row_blocks = triton.cdiv(rows, block_rows)
-    rows_per_program = triton.cdiv(row_blocks, max(1, min(row_blocks, programs))) * block_rows
-    return triton.cdiv(rows, rows_per_program), rows_per_program, block_rows
+        programs = cdiv(rows, _MAX_CHAIN)
+    row_blocks = cdiv(rows, block_rows)
+    rows_per_program = cdiv(row_blocks, max(1, min(row_blocks, programs))) * block_rows
+    return cdiv(rows, rows_per_program), rows_per_program, block_rows
 
 
 def _sm_count(device: torch.device) -> int | None:
@@ -420,7 +421,7 @@ def layer_norm_fwd(
     block_rows, block_c, num_warps = _block_sizes(cols, rows, _sm_count(x.device))
     launch(
         _layer_norm_fwd_kernel,
-        (triton.cdiv(rows, block_rows),),
+        (cdiv(rows, block_rows),),
         x_rows,
         branch_rows,
         gamma if gamma is not None else x_rows,  # stand-ins for absent tensors are never read (constexpr flags)
@@ -554,7 +555,7 @@ def layer_norm_bwd(
         reduce_cols = _REDUCE_COLS if sm_count is not None else next_power_of_2(cols)
         launch(
             _layer_norm_bwd_reduce_kernel,
-            (triton.cdiv(cols, reduce_cols), n_params),
+            (cdiv(cols, reduce_cols), n_params),
             partial,
             dgamma if gamma is not None else partial,  # stand-ins: never written (their slot is -1)
             dweight if weight is not None else partial,

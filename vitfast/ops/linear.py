@@ -21,6 +21,7 @@ from vitfast.ops._triton import (
     HAS_TRITON,
     INTERPRETER,
     KERNEL_DTYPES,
+    cdiv,
     kernel_can_run,
     launch,
     log_fallback,
@@ -137,7 +138,7 @@ def linear_fwd(
     if m == 0:
         return out.reshape(*x.shape[:-1], n)
     config = _tile_config(m, n, x.dtype)
-    grid = (triton.cdiv(m, config["BLOCK_M"]) * triton.cdiv(n, config["BLOCK_N"]),)
+    grid = (cdiv(m, config["BLOCK_M"]) * cdiv(n, config["BLOCK_N"]),)
     launch(
         _linear_fwd_kernel,
         grid,

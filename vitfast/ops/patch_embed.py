@@ -20,6 +20,7 @@ from vitfast.backend import dispatch, register_impl
 from vitfast.ops._triton import (
     HAS_TRITON,
     KERNEL_DTYPES,
+    cdiv,
     kernel_can_run,
     launch,
     log_fallback,
@@ -471,7 +472,7 @@ def patch_embed_fwd(
     weight_2d = weight.reshape(embed_dim, channels * patch_h * patch_w)
     stats = _scale_shift(x, mean, std)
     scale, shift = stats if stats is not None else (weight, weight)  # unused pointers when NORMALIZE is off
-    grid = (triton.cdiv(num_rows, _FWD_BLOCK_M) * triton.cdiv(embed_dim, _FWD_BLOCK_N),)
+    grid = (cdiv(num_rows, _FWD_BLOCK_M) * cdiv(embed_dim, _FWD_BLOCK_N),)
     launch(
         _patch_embed_fwd_kernel,
         grid,
@@ -557,10 +558,10 @@ def patch_embed_bwd(
 
     d_weight = grad_out.new_empty(0)
     if needs_weight_grad:
-        tiles = triton.cdiv(embed_dim, _DW_BLOCK_D) * triton.cdiv(patch_dim, _DW_BLOCK_K)
-        splits = max(1, min(triton.cdiv(num_rows, _DW_MIN_ROWS_PER_SPLIT), triton.cdiv(_DW_TARGET_PROGRAMS, tiles)))
-        rows_per_split = triton.cdiv(triton.cdiv(max(num_rows, 1), splits), _DW_BLOCK_M) * _DW_BLOCK_M
-        splits = triton.cdiv(max(num_rows, 1), rows_per_split)
+        tiles = cdiv(embed_dim, _DW_BLOCK_D) * cdiv(patch_dim, _DW_BLOCK_K)
+        splits = max(1, min(cdiv(num_rows, _DW_MIN_ROWS_PER_SPLIT), cdiv(_DW_TARGET_PROGRAMS, tiles)))
+        rows_per_split = cdiv(cdiv(max(num_rows, 1), splits), _DW_BLOCK_M) * _DW_BLOCK_M
+        splits = cdiv(max(num_rows, 1), rows_per_split)
         # fp32 partials per split, summed below: deterministic, unlike fp32 atomics; every entry is written unless
         # there are no rows at all
         allocate = torch.empty if num_rows > 0 else torch.zeros
@@ -568,7 +569,7 @@ def patch_embed_bwd(
         if num_rows > 0:
             launch(
                 _patch_embed_bwd_dw_kernel,
-                (triton.cdiv(embed_dim, _DW_BLOCK_D), triton.cdiv(patch_dim, _DW_BLOCK_K), splits),
+                (cdiv(embed_dim, _DW_BLOCK_D), cdiv(patch_dim, _DW_BLOCK_K), splits),
                 grad_out,
                 x,
                 scale,
@@ -604,7 +605,7 @@ def patch_embed_bwd(
         if num_rows > 0:
             launch(
                 _patch_embed_bwd_dx_kernel,
-                (triton.cdiv(num_rows, _DX_BLOCK_M) * triton.cdiv(patch_dim, _DX_BLOCK_K),),
+                (cdiv(num_rows, _DX_BLOCK_M) * cdiv(patch_dim, _DX_BLOCK_K),),
                 grad_out,
                 weight_2d,
                 scale,

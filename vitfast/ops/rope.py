@@ -29,6 +29,7 @@ from vitfast.ops._triton import (
     HAS_TRITON,
     INTERPRETER,
     KERNEL_DTYPES,
+    cdiv,
     kernel_can_run,
     launch,
     log_fallback,
@@ -191,8 +192,11 @@ def rope_2d_qk_fwd(
     if cos.stride() != sin.stride():  # one offset tile serves both tables
         cos, sin = cos.contiguous(), sin.contiguous()
     batch, heads, seq_len, head_dim = q.shape
-    q_out = torch.empty((batch, seq_len, heads, head_dim), dtype=q.dtype, device=q.device).transpose(1, 2)
-    k_out = torch.empty((batch, seq_len, heads, head_dim), dtype=k.dtype, device=k.device).transpose(1, 2)
+    # the [B, H, N, D] view of a contiguous [B, N, H, D] tensor, allocated as such (an empty and a transpose cost
+    # twice the host time)
+    out_strides = (seq_len * heads * head_dim, head_dim, heads * head_dim, 1)
+    q_out = torch.empty_strided(q.shape, out_strides, dtype=q.dtype, device=q.device)
+    k_out = torch.empty_strided(q.shape, out_strides, dtype=k.dtype, device=k.device)
     if q_out.numel() == 0:
         return q_out, k_out
     block_h, block_pairs = next_power_of_2(heads), next_power_of_2(head_dim // 2)
@@ -202,7 +206,7 @@ def rope_2d_qk_fwd(
     strides = (q.stride(0), q.stride(2), q.stride(1), k.stride(0), k.stride(2), k.stride(1))  # the hinted offsets
     stride_multiple = vector if all(stride % vector == 0 for stride in strides) else 1
     launch(
-        _rope_qk_kernel, (triton.cdiv(seq_len, block_n), batch), q, k, q_out, k_out, cos, sin,
+        _rope_qk_kernel, (cdiv(seq_len, block_n), batch), q, k, q_out, k_out, cos, sin,
         q.stride(0), q.stride(2), q.stride(1), k.stride(0), k.stride(2), k.stride(1),
         q_out.stride(0), q_out.stride(2), cos.stride(0), pair_stride, seq_len, num_prefix_tokens,
         HEADS=heads, HEAD_DIM=head_dim, BLOCK_H=block_h, BLOCK_PAIRS=block_pairs, BLOCK_N=block_n,

@@ -34,6 +34,7 @@ from vitfast.ops._triton import (
     HAS_TRITON,
     INTERPRETER,
     KERNEL_DTYPES,
+    cdiv,
     kernel_can_run,
     launch,
     log_fallback,
@@ -494,7 +495,7 @@ def _launch_swiglu_fwd(gate: torch.Tensor, up: torch.Tensor | None, out: torch.T
     if n_rows == 0:
         return
     block_m, block_n = _elementwise_blocks(n_cols)
-    grid = (triton.cdiv(n_rows, block_m), triton.cdiv(n_cols, block_n))
+    grid = (cdiv(n_rows, block_m), cdiv(n_cols, block_n))
     up_row_stride = 0 if up is None else up.stride(0)
     launch(
         _swiglu_fwd_kernel,
@@ -527,7 +528,7 @@ def _launch_swiglu_bwd(
     if n_rows == 0:
         return
     block_m, block_n = _elementwise_blocks(n_cols)
-    grid = (triton.cdiv(n_rows, block_m), triton.cdiv(n_cols, block_n))
+    grid = (cdiv(n_rows, block_m), cdiv(n_cols, block_n))
     launch(
         _swiglu_bwd_kernel,
         grid,
@@ -630,8 +631,8 @@ def _check_layer_norm(
 def _backward_chunks(padded_width: int) -> tuple[int, int]:
     """``(BLOCK_N, chunks)`` of the sub-LN backward: a row in at most four power-of-two column chunks, at least 1024
     wide (2736 -> 3 x 1024, 2048 -> 2 x 1024, 8192 -> 4 x 2048)."""
-    block_n = min(next_power_of_2(padded_width), max(1024, next_power_of_2(triton.cdiv(padded_width, 4))))
-    return block_n, triton.cdiv(padded_width, block_n)
+    block_n = min(next_power_of_2(padded_width), max(1024, next_power_of_2(cdiv(padded_width, 4))))
+    return block_n, cdiv(padded_width, block_n)
 
 
 def _vector_rows(padded_width: int, dtype: torch.dtype) -> bool:
@@ -663,10 +664,10 @@ def _layer_norm_bwd_programs(n_rows: int, block_m: int, device: torch.device) ->
     # 4 programs per SM fill it while the [programs, width] partial-sum buffer stays small, and more when a program
     # would otherwise add over _MAX_CHAIN rows in sequence. The interpreter runs programs one after the other: the
     # fewest that respect _MAX_CHAIN.
-    wanted = triton.cdiv(n_rows, _MAX_CHAIN)
+    wanted = cdiv(n_rows, _MAX_CHAIN)
     if device.type == "cuda":
         wanted = max(wanted, 4 * num_sms(device))
-    return max(1, min(triton.cdiv(n_rows, block_m), wanted))
+    return max(1, min(cdiv(n_rows, block_m), wanted))
 
 
 def swiglu_layer_norm_fwd(
@@ -692,7 +693,7 @@ def swiglu_layer_norm_fwd(
     block_m = _rows_per_tile(block_n)
     launch(
         _swiglu_layer_norm_fwd_kernel,
-        (triton.cdiv(n_rows, block_m),),
+        (cdiv(n_rows, block_m),),
         gate_rows,
         up_rows,
         weight,
@@ -750,9 +751,9 @@ def swiglu_layer_norm_bwd(
     block_n, num_chunks = _backward_chunks(padded_width)
     # half the forward's tile height: tiles of 2048 elements per chunk (2 x 1024 at EVA-02-L), 8 per thread at 8 warps
     block_m = max(1, _rows_per_tile(block_n) // 2)
-    rows_per_program = triton.cdiv(n_rows, _layer_norm_bwd_programs(n_rows, block_m, gate.device))
-    rows_per_program = triton.cdiv(rows_per_program, block_m) * block_m  # <= _MAX_CHAIN: block_m is a power of 2
-    n_programs = triton.cdiv(n_rows, rows_per_program)
+    rows_per_program = cdiv(n_rows, _layer_norm_bwd_programs(n_rows, block_m, gate.device))
+    rows_per_program = cdiv(rows_per_program, block_m) * block_m  # <= _MAX_CHAIN: block_m is a power of 2
+    n_programs = cdiv(n_rows, rows_per_program)
     # the weight's and the bias's partial sums in one buffer: one reduction launch for both
     partials = torch.empty((2, n_programs, param_width), dtype=torch.float32, device=gate.device)
     launch(

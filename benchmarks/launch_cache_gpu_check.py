@@ -1,0 +1,109 @@
+"""On a GPU: the launch cache gives the same results as Triton's own launch, and what an eager call costs the host.
+
+    python benchmarks/launch_cache_gpu_check.py [--json out.jsonl]
+
+For a few public ops at ViT-B widths (bf16, gradients on): outputs and gradients through the launch cache
+(:data:`vitfast.ops._triton.launch_cache`) and with it switched off (every launch through ``kernel[grid]``) must be
+bitwise equal; then the host time of one eager forward call (mean over back-to-back calls, no synchronization
+inside, so that the GPU work hides behind the host's) with the cache on and off, beside aten's nearest op. Runs on
+the CPU under ``TRITON_INTERPRET=1`` too (the cache is not used there; the equality then checks nothing new).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from vitfast import ops
+from vitfast.backend import use_backend
+from vitfast.ops import _triton
+
+
+def _cases(device: torch.device) -> dict[str, tuple[Callable, Callable, list[torch.Tensor]]]:
+    """name -> (our call, aten's nearest op, the leaves whose gradients are compared)."""
+
+    def leaf(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, device=device, dtype=torch.bfloat16).requires_grad_()
+
+    # ViT-B/16 at batch 8 on a GPU; a few tokens on the CPU, where the interpreter runs the kernels
+    batch, side, heads, width = (8, 14, 12, 768) if device.type == "cuda" else (1, 4, 2, 64)
+    tokens = side * side + 1
+    x, w, b = leaf(batch, tokens, width), leaf(width), leaf(width)
+    gate, up = leaf(batch, tokens, 4 * width), leaf(batch, tokens, 4 * width)
+    q, k, v = (leaf(batch, heads, tokens, 64) for _ in range(3))
+    cos, sin = ops.rope_2d_table((side, side), 64, device=device)
+    fc_w, fc_b = leaf(4 * width, width), leaf(4 * width)
+    return {
+        "layer_norm": (lambda: ops.layer_norm(x, w, b), lambda: F.layer_norm(x, (width,), w, b), [x, w, b]),
+        "swiglu": (lambda: ops.swiglu(gate, up), lambda: F.silu(gate), [gate, up]),
+        "rope_2d_qk": (lambda: ops.rope_2d_qk(q, k, cos, sin, 1), lambda: torch.mul(q, k), [q, k]),
+        "attention": (lambda: ops.attention(q, k, v), lambda: torch.matmul(q, k.transpose(-1, -2)), [q, k, v]),
+        "linear + GELU": (lambda: ops.linear(x, fc_w, fc_b, "gelu"), lambda: F.linear(x, fc_w), [x, fc_w, fc_b]),
+    }
+
+
+def _results(call: Callable, leaves: list[torch.Tensor]) -> list[torch.Tensor]:
+    out = call()
+    outs = list(out) if isinstance(out, tuple) else [out]
+    grads = torch.autograd.grad(outs, leaves, [torch.ones_like(o) for o in outs])
+    return [o.detach() for o in outs] + list(grads)
+
+
+def _host_us(call: Callable) -> float:
+    calls = 200 if torch.cuda.is_available() else 3
+    with torch.no_grad():
+        for _ in range(calls // 10):
+            call()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(calls):
+            call()
+        elapsed = time.perf_counter() - start
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+    return elapsed / calls * 1e6
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--json", help="append one JSON line per op here")
+    args = parser.parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(0)
+    failures = 0
+    with use_backend("triton"):
+        for name, (ours, aten, leaves) in _cases(device).items():
+            detected = _triton.launch_cache._api
+            _triton.launch_cache._api = False  # every launch through kernel[grid]
+            try:
+                uncached = _results(ours, leaves)
+                off_us = _host_us(ours)
+            finally:
+                _triton.launch_cache._api = detected
+            cached = _results(ours, leaves)
+            equal = all(torch.equal(a, b) for a, b in zip(cached, uncached, strict=True))
+            failures += not equal
+            row = {
+                "op": name,
+                "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+                "bitwise_equal": equal,
+                "cache_entries": len(_triton.launch_cache.entries),
+                "host_us_cache_on": round(_host_us(ours), 2),
+                "host_us_cache_off": round(off_us, 2),
+                "host_us_aten": round(_host_us(aten), 2),
+            }
+            print(json.dumps(row), flush=True)
+            if args.json:
+                with open(args.json, "a") as out:
+                    out.write(json.dumps(row) + "\n")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
