@@ -5,8 +5,10 @@ On the CPU the engine runs its whole path minus the graph capture; the GPU tests
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import importlib
+import logging
 import warnings
 
 import pytest
@@ -14,7 +16,7 @@ import torch
 
 import vitfast
 from tests.helpers import assert_close_scaled, assert_kernel_close, randomize_
-from vitfast.engine import TUNING_CANDIDATES, InferenceEngine
+from vitfast.engine import COMPILED_CANDIDATE, PRUNE_MARGIN, TUNING_CANDIDATES, InferenceEngine
 
 FAMILIES = [
     "vit_small_patch16_224",  # fused qkv + bias, GELU, final norm
@@ -256,14 +258,27 @@ class _FakeGraph:
         self.static_output.copy_(out * 3 if self.corrupt else out)
 
 
-def _tuning_engine(monkeypatch, times: dict[str, float], corrupt: set[str] = frozenset(), failing=frozenset()):
-    """An engine that runs its tuning loop on the CPU with fake graphs and preset replay times."""
+def _tuning_engine(
+    monkeypatch,
+    times: dict[str, float],
+    corrupt: set[str] = frozenset(),
+    failing=frozenset(),
+    model: torch.nn.Module | None = None,
+    batch_sizes=(2,),
+    compile: bool = False,
+    captures: list | None = None,
+):
+    """An engine that runs its tuning loop on the CPU with fake graphs and preset replay times (``captures`` lists
+    the (batch size, candidate) of every capture attempted)."""
     pytest.importorskip("triton")  # the candidates run the kernels (through the interpreter here)
     engine_module = importlib.import_module("vitfast.engine")
-    engine = vitfast.optimize(_small_model(), batch_sizes=(2,), dtype=torch.float32, device="cpu")
+    model = _small_model() if model is None else model
+    engine = vitfast.optimize(model, batch_sizes=batch_sizes, dtype=torch.float32, device="cpu", compile=compile)
     engine.use_graphs = True
 
     def capture_graph(kind, static_input, candidate):
+        if captures is not None:
+            captures.append((static_input.shape[0], candidate))
         if candidate in failing:
             raise RuntimeError("operation not permitted when stream is capturing")
         out = engine._call(kind, static_input, candidate).clone()
@@ -300,6 +315,117 @@ def test_tuning_with_no_usable_candidate_says_why(monkeypatch) -> None:
     engine = _tuning_engine(monkeypatch, {}, failing=set(TUNING_CANDIDATES))
     with pytest.raises(RuntimeError, match="no candidate could be captured.*capture failed"):
         engine(torch.randn(2, 3, 64, 64))
+
+
+def test_candidates_follow_compile() -> None:
+    """The compiled candidate is offered with compile=True (the default where graphs are tuned), never without."""
+    pytest.importorskip("triton")
+    engine = vitfast.optimize(_small_model(), batch_sizes=(1,), dtype=torch.float32, device="cpu")
+    assert not engine.compile and engine._candidates() == ["current"]
+    engine.use_graphs = True
+    assert engine._candidates() == list(TUNING_CANDIDATES)
+    engine.compile = True
+    assert engine._candidates() == [*TUNING_CANDIDATES, COMPILED_CANDIDATE]
+    on_cpu = vitfast.optimize(_small_model(), batch_sizes=(1,), dtype=torch.float32, device="cpu", compile=True)
+    assert on_cpu._candidates() == [COMPILED_CANDIDATE]
+    fixed = vitfast.optimize(_small_model(), batch_sizes=(1,), device="cpu", backend=COMPILED_CANDIDATE)
+    assert fixed._candidates() == [COMPILED_CANDIDATE]
+
+
+def test_pruning_by_the_nearest_smaller_batch_size(monkeypatch, caplog) -> None:
+    """A candidate rejected at the nearest smaller size, or more than PRUNE_MARGIN times slower than its winner there,
+    is not captured again; one within the margin is; a size more than PRUNE_MAX_BATCH_RATIO times larger than every
+    smaller captured size is tuned in full."""
+    times = {"kernels": 1.0, "kernels-sdpa": 0.9 * PRUNE_MARGIN, "reference": 1.1 * PRUNE_MARGIN}
+    captures = []
+    model = _model("vit_small_patch16_224", img_size=32, depth=1)
+    engine = _tuning_engine(
+        monkeypatch,
+        times,
+        failing={COMPILED_CANDIDATE},
+        model=model,
+        batch_sizes=(1, 4, 8, 64),
+        compile=True,
+        captures=captures,
+    )
+    # every candidate runs the reference ops here: the test is about which ones are captured, not about the kernels
+    monkeypatch.setattr(engine, "_candidate", lambda name: contextlib.nullcontext())
+    for batch in (1, 4, 8, 64):
+        engine(torch.randn(batch, 3, 32, 32))
+    attempted = {batch: [name for b, name in captures if b == batch] for batch in (1, 4, 8, 64)}
+    everyone = [*TUNING_CANDIDATES, COMPILED_CANDIDATE]
+    assert attempted == {1: everyone, 4: ["kernels", "kernels-sdpa"], 8: ["kernels", "kernels-sdpa"], 64: everyone}
+    skipped = {key[1]: value for key, value in engine.skipped.items()}
+    assert "capture failed" in skipped[1][COMPILED_CANDIDATE]
+    assert set(skipped[4]) == set(skipped[8]) == {"reference", COMPILED_CANDIDATE}
+    assert "more than 1.5x the fastest" in skipped[4]["reference"] and "left out at batch 1" in skipped[4]["inductor"]
+    assert set(skipped[64]) == {COMPILED_CANDIDATE}
+    assert {key[1]: choice for key, choice in engine.choices.items()} == {
+        1: "kernels",
+        4: "kernels",
+        8: "kernels",
+        64: "kernels",
+    }
+    assert caplog.text.count("capture failed") == 2  # a pruned candidate is logged at info level, not warned about
+
+
+def test_batch_64_and_above(monkeypatch) -> None:
+    """Batch 64 is captured like any size; a size never named runs at the next larger captured one (padded); above the
+    largest, eagerly (or captured exactly with on_new_size='capture')."""
+    model = _model("vit_small_patch16_224", img_size=32, depth=1)
+    engine = vitfast.optimize(model, batch_sizes=(8, 64), dtype=torch.float32, device="cpu")
+    images = torch.randn(128, 3, 32, 32)
+    with torch.no_grad():
+        expected = model(images)
+    for batch in (64, 20, 128):
+        assert_close_scaled(engine(images[:batch]), expected[:batch], tol=1e-5, what=f"batch {batch}")
+    assert engine.captured_sizes() == [("forward", 64)] and engine.stats["eager_calls"] == 2 + 1  # 64, 20: padded
+    capturing = vitfast.optimize(model, batch_sizes=(64,), dtype=torch.float32, device="cpu", on_new_size="capture")
+    assert_close_scaled(capturing(images), expected, tol=1e-5, what="batch 128 captured")
+    assert capturing.captured_sizes() == [("forward", 128)]
+
+
+@pytest.fixture(scope="module")
+def one_compile_thread():
+    """Inductor's CPU backend compiles C++; a pool of workers costs more than it saves on a two-core machine."""
+    inductor_config = importlib.import_module("torch._inductor.config")
+    with inductor_config.patch(compile_threads=1):
+        yield
+
+
+@pytest.mark.slow
+def test_compiled_candidate_agrees_is_kept_when_fastest_and_skipped_when_wrong(
+    monkeypatch, caplog, one_compile_thread
+) -> None:
+    """The fused forward compiled by torch.compile (inductor's CPU backend, fullgraph) as a candidate of the tuning
+    loop: it matches the model, wins when fastest, owns nothing the caller holds, and is skipped when it disagrees."""
+    model = _model("vit_small_patch16_224", img_size=32, depth=1, embed_dim=64, num_heads=2)
+    images = torch.randn(2, 3, 32, 32), torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = [model(image) for image in images]
+    times = {"kernels": 3.0, "kernels-sdpa": 3.0, "reference": 2.0, COMPILED_CANDIDATE: 1.0}
+    engine = _tuning_engine(monkeypatch, times, failing={"kernels", "kernels-sdpa"}, model=model, compile=True)
+    first = engine(images[0])
+    ((key, choice),) = engine.choices.items()
+    assert choice == COMPILED_CANDIDATE and engine.tuning[key] == {"reference": 2.0, COMPILED_CANDIDATE: 1.0}
+    assert engine.compile_seconds[key] > 0
+    second = engine(images[1])
+    assert_close_scaled(first, expected[0], tol=1e-5, what="compiled candidate")
+    assert_close_scaled(second, expected[1], tol=1e-5, what="compiled candidate, second call")
+    assert first.data_ptr() != second.data_ptr() and list(engine.compile_seconds) == [key]  # no recompile
+
+    wrong = _tuning_engine(
+        monkeypatch,
+        times,
+        corrupt={COMPILED_CANDIDATE},
+        failing={"kernels", "kernels-sdpa"},
+        model=model,
+        compile=True,
+    )
+    with caplog.at_level(logging.WARNING, logger="vitfast"):
+        out = wrong(images[0])
+    assert list(wrong.choices.values()) == ["reference"] and "'inductor' skipped" in caplog.text
+    assert_close_scaled(out, expected[0], tol=1e-5, what="fallback to the reference")
 
 
 def test_repr_and_is_exported() -> None:

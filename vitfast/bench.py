@@ -20,13 +20,10 @@ import copy
 import dataclasses
 import datetime
 import json
-import math
 import os
 import platform
-import statistics
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -37,12 +34,18 @@ import torch.nn.functional as F
 from torch import nn
 
 import vitfast
+
+# the agreement rule and the timer live beneath both the engine and the benchmarks; re-exported here, where they
+# have always been public
+from vitfast._measure import AGREEMENT_TOLERANCE, DTYPES, agreement, scaled_error, summarize, time_call
 from vitfast.backend import override_impl, use_backend
 from vitfast.checkpoint import PRETRAINING_ONLY_KEYS
 from vitfast.models import resolve
 from vitfast.models._info import model_info
 
 __all__ = [
+    "AGREEMENT_TOLERANCE",
+    "DTYPES",
     "PROVIDERS",
     "BenchConfig",
     "Measurement",
@@ -52,12 +55,11 @@ __all__ = [
     "make_call",
     "read_json",
     "run",
+    "scaled_error",
     "skip_reason",
+    "summarize",
+    "time_call",
 ]
-
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-# scaled max error a provider may show against the reference provider before it counts as a wrong answer
-AGREEMENT_TOLERANCE = {"bf16": 5e-2, "fp16": 1e-2, "fp32": 1e-3}
 
 
 @dataclass(frozen=True)
@@ -209,60 +211,6 @@ class Measurement:
     skipped: str | None = None  # reason, when the provider could not run
 
 
-# ---------------------------------------------------------------------------------------------- timing
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def time_call(fn: Callable[[], Any], device: torch.device, warmup: int, reps: int) -> tuple[float, list[float], Any]:
-    """Time ``fn``: (first-call seconds, per-call milliseconds, the output of the first call)."""
-    _sync(device)
-    start = time.perf_counter()
-    first_output = fn()
-    _sync(device)
-    first_call = time.perf_counter() - start
-    if isinstance(first_output, torch.Tensor):
-        first_output = first_output.clone()  # CUDA-graph outputs are overwritten by the next replay
-    for _ in range(warmup):
-        fn()
-    times = []
-    if device.type == "cuda":
-        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
-        for begin, end in events:
-            torch.cuda.synchronize(device)
-            begin.record()
-            fn()
-            end.record()
-        torch.cuda.synchronize(device)
-        times = [begin.elapsed_time(end) for begin, end in events]
-    else:
-        for _ in range(reps):
-            start = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - start) * 1e3)
-    return first_call, times, first_output
-
-
-def summarize(times: list[float]) -> dict[str, float]:
-    ordered = sorted(times)
-    if len(ordered) >= 2:
-        p25, _, p75 = statistics.quantiles(ordered, n=4, method="inclusive")
-    else:
-        p25 = p75 = ordered[0]
-    return {"median_ms": statistics.median(ordered), "p25_ms": p25, "p75_ms": p75, "min_ms": ordered[0]}
-
-
-# ---------------------------------------------------------------------------------------------- agreement
-
-
-def scaled_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    actual, expected = actual.detach().double(), expected.detach().double()
-    return ((actual - expected).abs().max() / expected.abs().max().clamp_min(1e-30)).item()
-
-
 def check_agreement(
     outputs: dict[str, torch.Tensor], reference: str, tolerance: float
 ) -> dict[str, tuple[float, bool]]:
@@ -271,14 +219,6 @@ def check_agreement(
     A non-finite output never agrees.
     """
     return {name: agreement(output, outputs[reference], tolerance) for name, output in outputs.items()}
-
-
-def agreement(output: torch.Tensor, expected: torch.Tensor, tolerance: float) -> tuple[float, bool]:
-    """(scaled max error, within tolerance) of one output; a misshaped or non-finite output never agrees."""
-    if output.shape != expected.shape or not torch.isfinite(output).all():
-        return math.inf, False
-    error = scaled_error(output, expected)
-    return error, error <= tolerance
 
 
 # ---------------------------------------------------------------------------------------------- providers
