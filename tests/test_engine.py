@@ -16,7 +16,16 @@ import torch
 
 import vitfast
 from tests.helpers import assert_close_scaled, assert_kernel_close, randomize_
-from vitfast.engine import COMPILED_CANDIDATE, PRUNE_MARGIN, TUNING_CANDIDATES, InferenceEngine
+from vitfast.backend import override_impl
+from vitfast.engine import (
+    CANDIDATES,
+    COMPILED_CANDIDATE,
+    EPILOGUE_CANDIDATE,
+    PRUNE_MARGIN,
+    TUNING_CANDIDATES,
+    InferenceEngine,
+    gelu_epilogue_linear,
+)
 
 FAMILIES = [
     "vit_small_patch16_224",  # fused qkv + bias, GELU, final norm
@@ -332,6 +341,64 @@ def test_candidates_follow_compile() -> None:
     assert fixed._candidates() == [COMPILED_CANDIDATE]
 
 
+@pytest.mark.parametrize(
+    ("name", "dtype", "offered"),
+    [
+        ("vit_small_patch16_224", torch.bfloat16, True),
+        ("vit_small_patch16_224", torch.float32, False),  # the tanh GELU fails rule 5 in fp32
+        ("vit_base_patch16_clip_quickgelu_224", torch.bfloat16, False),  # QuickGELU is another function
+        ("eva02_tiny_patch14_224", torch.bfloat16, False),  # SwiGLU: no GELU to fuse
+    ],
+)
+def test_gelu_epilogue_is_offered_where_it_passes_rule_5(name, dtype, offered) -> None:
+    pytest.importorskip("triton")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # 16-bit on the CPU
+        model = _model(name, img_size=28 if "patch14" in name else 32, depth=1)
+        engine = vitfast.optimize(model, batch_sizes=(1,), dtype=dtype, device="cpu")
+    engine.use_graphs = True
+    assert (EPILOGUE_CANDIDATE in engine._candidates()) is offered
+
+
+def test_gelu_epilogue_error_against_exact_gelu() -> None:
+    """fc1 at ViT-B widths (197 tokens, 768 -> 3072): the epilogue's tanh GELU (its numerics as emulated on the CPU)
+    against the exact GELU in fp64 passes rule 5 in bf16, and fails it in fp32 (why the candidate is bf16 only)."""
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(197, 768, dtype=torch.float64, generator=generator)
+    weight = torch.randn(3072, 768, dtype=torch.float64, generator=generator) * 0.05
+    bias = torch.randn(3072, dtype=torch.float64, generator=generator) * 0.02
+    exact = torch.nn.functional.gelu(torch.nn.functional.linear(x, weight, bias))
+    for dtype, passes in ((torch.bfloat16, True), (torch.float32, False)):
+        args = (x.to(dtype), weight.to(dtype), bias.to(dtype))
+        fused = gelu_epilogue_linear(*args, "gelu")
+        assert fused.dtype == dtype
+        baseline = vitfast.ops.linear_ref(*args, "gelu")
+        if passes:
+            assert_kernel_close(fused, exact, baseline, what="bias + tanh GELU epilogue, bf16")
+        else:
+            with pytest.raises(AssertionError, match="exceeds 2 x PyTorch"):
+                assert_kernel_close(fused, exact, baseline, what="bias + tanh GELU epilogue, fp32")
+    torch.testing.assert_close(  # no activation: the plain projection
+        gelu_epilogue_linear(x, weight, bias), torch.nn.functional.linear(x, weight, bias), rtol=0, atol=0
+    )
+
+
+def test_gelu_epilogue_engine_within_rule_5() -> None:
+    """The whole fused forward with every fc1 on the epilogue, ViT-B widths, bf16, against the model in fp64."""
+    model = _model("vit_base_patch16_224", img_size=64)
+    image = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        exact = copy.deepcopy(model).double()(image.double())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # 16-bit on the CPU
+        engine = vitfast.optimize(model, batch_sizes=(2,), dtype=torch.bfloat16, device="cpu", backend="reference")
+    baseline = engine(image)
+    with override_impl("linear", gelu_epilogue_linear):
+        fused = engine._call("forward", image.bfloat16(), "reference")
+    assert not torch.equal(fused, baseline)  # the epilogue ran
+    assert_kernel_close(fused, exact, baseline, floor=1e-3, what="engine with the GELU epilogue, bf16")
+
+
 def test_pruning_by_the_nearest_smaller_batch_size(monkeypatch, caplog) -> None:
     """A candidate rejected at the nearest smaller size, or more than PRUNE_MARGIN times slower than its winner there,
     is not captured again; one within the margin is; a size more than PRUNE_MAX_BATCH_RATIO times larger than every
@@ -460,7 +527,10 @@ def test_gpu_graphs_match_timm_within_rule_5(name: str) -> None:
     assert engine.captured_sizes() == [("forward", 4)] and engine.stats["replays"] == 1
     (choice,) = engine.choices.values()
     (times,) = engine.tuning.values()
-    assert choice in TUNING_CANDIDATES and set(times) == set(TUNING_CANDIDATES) and times[choice] == min(times.values())
+    (skipped,) = engine.skipped.values()
+    assert engine.compile and COMPILED_CANDIDATE in engine._candidates()  # compiled by default with graphs
+    assert choice in CANDIDATES and set(times) | set(skipped) == set(engine._candidates())
+    assert times[choice] == min(times.values())
     assert_kernel_close(out, exact, baseline, floor=1e-3, what=f"{name} engine bf16")
     again = engine(image)
     torch.testing.assert_close(again, out, rtol=0, atol=0)  # a replay is deterministic
@@ -468,3 +538,15 @@ def test_gpu_graphs_match_timm_within_rule_5(name: str) -> None:
     graphed = vitfast.optimize(ours, batch_sizes=(1,), backend=choice)
     eager = vitfast.optimize(ours, batch_sizes=(1,), backend=choice, use_graphs=False)
     torch.testing.assert_close(graphed(uint8), eager(uint8), rtol=0, atol=0)  # the same kernels, replayed
+
+
+def test_engine_does_not_import_the_benchmarks() -> None:
+    """The engine measures with vitfast._measure, beneath both it and vitfast.bench (which imports the registry)."""
+    import ast
+    import inspect
+
+    tree = ast.parse(inspect.getsource(importlib.import_module("vitfast.engine")))
+    imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    imported |= {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    names = {alias.name for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) for alias in node.names}
+    assert "vitfast._measure" in imported and "vitfast.bench" not in imported and "bench" not in names

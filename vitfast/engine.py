@@ -42,6 +42,7 @@ from vitfast.layers.mlp import Mlp, SwiGLU, SwiGLUPacked
 from vitfast.layers.pos_embed import resample_abs_pos_embed
 from vitfast.models.vision_transformer import VisionTransformer
 from vitfast.ops.attention import attention_graph_policy
+from vitfast.ops.linear import linear_ref
 from vitfast.ops.swiglu import aligned_width
 
 __all__ = ["InferenceEngine", "optimize"]
@@ -53,10 +54,17 @@ ON_NEW_SIZE = ("eager", "capture")
 # SDPA for attention unless a relative position bias is gathered (RoPE then rotates q and k in one kernel before
 # SDPA); plain PyTorch. The fastest replay is kept.
 TUNING_CANDIDATES = ("kernels", "kernels-sdpa", "reference")
+# "kernels-sdpa" with fc1's bias + GELU in cuBLASLt's GEMM epilogue (torch._addmm_activation): one kernel instead of
+# a GEMM and an activation pass. The epilogue computes the tanh approximation of GELU, so it is offered only where
+# that passes STYLE rule 5 against the family's exact (erf) GELU: bf16 (ViT-B widths, CPU emulation of the
+# epilogue's numerics, 2026-12-01: ViT-B 1.4e-2 vs bound 3.3e-2, BEiT v2-B 7.1e-3 vs 1.9e-2, CLIP-B (GELU) 1.3e-2 vs
+# 2.4e-2, logits scaled max error against fp64). Not fp32 (3e-4 vs a bound of 2.5e-6), fp16 (not measured), nor
+# QuickGELU (another function: 1.5e-2 against it in fp32).
+EPILOGUE_CANDIDATE = "kernels-epilogue"
 # The fused forward on the reference ops compiled by torch.compile (inductor: fused elementwise glue, padded GEMMs,
 # its own attention lowering), then captured in the engine's graph like the others. Offered with compile=True.
 COMPILED_CANDIDATE = "inductor"
-CANDIDATES = (*TUNING_CANDIDATES, COMPILED_CANDIDATE)
+CANDIDATES = (*TUNING_CANDIDATES, EPILOGUE_CANDIDATE, COMPILED_CANDIDATE)
 # Pruning (capture time, above all the compiled candidate's compile): a candidate that was more than PRUNE_MARGIN
 # times slower than the winner at the nearest smaller captured batch size of the same call, input shape and dtype,
 # or was rejected there, is not captured again. Only when that size is at most PRUNE_MAX_BATCH_RATIO times smaller:
@@ -288,7 +296,14 @@ class InferenceEngine(nn.Module):
             return compiled or ["current"]
         if "triton" not in implementations("attention"):
             return ["current", *compiled]
-        return [*TUNING_CANDIDATES, *compiled]
+        epilogue = [EPILOGUE_CANDIDATE] if self._gelu_epilogue_applies() else []
+        return [*TUNING_CANDIDATES, *epilogue, *compiled]
+
+    def _gelu_epilogue_applies(self) -> bool:
+        """Whether the tanh-GELU epilogue passes rule 5 here (see EPILOGUE_CANDIDATE) and has an fc1 to fuse into."""
+        if self.dtype != torch.bfloat16 or self.fused is None:
+            return False
+        return any(block.mlp_kind == "mlp" and block.activation == "gelu" for block in self.fused.blocks)
 
     def _pruned(self, key: tuple, candidates: list[str]) -> tuple[list[str], dict[str, str]]:
         """``candidates`` less those the nearest smaller captured batch size says cannot win (see PRUNE_MARGIN)."""
@@ -313,12 +328,13 @@ class InferenceEngine(nn.Module):
     @contextlib.contextmanager
     def _candidate(self, name: str):
         with contextlib.ExitStack() as stack:
-            if name in ("kernels", "kernels-sdpa"):
+            if name in ("kernels", "kernels-sdpa", EPILOGUE_CANDIDATE):
                 stack.enter_context(use_backend("triton"))
                 # cuBLAS beats ops.linear's Triton GEMM at every shape measured (H100, bf16, 2026-11-22: 9.1 vs
                 # ~6.5 us per projection at 197 rows, 21 vs ~12 us at 1576 rows)
-                stack.enter_context(override_impl("linear", implementations("linear")["reference"]))
-                if name == "kernels-sdpa":
+                linear = gelu_epilogue_linear if name == EPILOGUE_CANDIDATE else implementations("linear")["reference"]
+                stack.enter_context(override_impl("linear", linear))
+                if name != "kernels":
                     stack.enter_context(override_impl("attention", attention_graph_policy))
             elif name == COMPILED_CANDIDATE:
                 stack.enter_context(use_backend("reference"))
@@ -424,6 +440,22 @@ def _median_replay_ms(graph: torch.cuda.CUDAGraph, reps: int = 15) -> float:
     """Median time of one replay, each from an idle GPU (as a caller sees it), timed as ``vitfast bench`` times."""
     _, times, _ = time_call(graph.replay, torch.device("cuda"), warmup=3, reps=reps)
     return statistics.median(times)
+
+
+def gelu_epilogue_linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, activation: str | None = None
+) -> torch.Tensor:
+    """``ops.linear`` of the ``"kernels-epilogue"`` candidate: cuBLAS, with a biased GEMM followed by the exact GELU
+    replaced by cuBLASLt's bias + GELU epilogue, which computes the tanh approximation (one kernel; the fp32
+    accumulator goes through bias and GELU and is rounded once). Every other projection as the reference."""
+    if activation != "gelu" or bias is None:
+        return linear_ref(x, weight, bias, activation)
+    if x.device.type == "cuda":
+        out = torch._addmm_activation(bias, x.reshape(-1, x.shape[-1]), weight.t(), use_gelu=True)
+        return out.view(*x.shape[:-1], weight.shape[0])
+    # the CPU's _addmm_activation computes the exact GELU instead: the epilogue's numerics emulated, so that the
+    # candidate is tested (and its rule-5 error measured) without a GPU
+    return F.gelu(F.linear(x.float(), weight.float(), bias.float()), approximate="tanh").to(x.dtype)
 
 
 def _forward(target: nn.Module | _FusedViT, features_only: bool, x: torch.Tensor) -> torch.Tensor:
