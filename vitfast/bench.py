@@ -19,6 +19,7 @@ import contextlib
 import copy
 import dataclasses
 import datetime
+import functools
 import json
 import os
 import platform
@@ -52,6 +53,7 @@ __all__ = [
     "agreement",
     "check_agreement",
     "format_tables",
+    "forward_flops",
     "make_call",
     "read_json",
     "run",
@@ -209,6 +211,9 @@ class Measurement:
     agrees: bool | None = None
     peak_mem_gb: float | None = None
     skipped: str | None = None  # reason, when the provider could not run
+    engine_choice: str | None = None  # the candidate vitfast.optimize() captured (engine providers)
+    engine_tuning_ms: dict[str, float] | None = None  # median replay ms of every candidate it timed
+    engine_skipped: dict[str, str] | None = None  # candidates it left out, and why (rejected or pruned)
 
 
 def check_agreement(
@@ -385,7 +390,8 @@ def run(config: BenchConfig, on_result: Callable[[Measurement], None] | None = N
     for model_name in config.models:
         ours, reference = build_models(model_name, device, config.seed, **config.overrides)
         img_size = list(ours.config.img_size)
-        flops = model_info(model_name, flops=True, **config.overrides).gflops * 1e9
+        flops = forward_flops(model_name, tuple(sorted(config.overrides.items())))
+        engines: dict[str, vitfast.InferenceEngine] = {}  # one per engine provider, across the batch sizes
         reasons = {p.name: skip_reason(p, config.device, reference, config.train) for p in providers}
         # the reference provider runs first, so every later row is checked (and written) as soon as it is measured
         first = next(
@@ -411,7 +417,7 @@ def run(config: BenchConfig, on_result: Callable[[Measurement], None] | None = N
                 row.skipped = reasons[provider.name]
                 if row.skipped is None:
                     _progress(f"[{step}/{total}] {model_name} bs={batch_size} {provider.name}: first call ...")
-                    output = _measure(row, provider, ours, reference, image, labels, dtype, config)
+                    output = _measure(row, provider, ours, reference, image, labels, dtype, config, engines)
                     row.img_per_s = batch_size / (row.median_ms / 1e3)
                     # a training step counts as 3x the forward FLOPs (forward + two backward matmuls per forward matmul)
                     row.tflops = (3 if config.train else 1) * flops * batch_size / (row.median_ms / 1e3) / 1e12
@@ -427,6 +433,17 @@ def run(config: BenchConfig, on_result: Callable[[Measurement], None] | None = N
     return results
 
 
+def forward_flops(name: str, overrides: tuple[tuple[str, Any], ...] = ()) -> float:
+    """Forward FLOPs of one image of ``name`` (``torch.utils.flop_counter`` on the meta device: every matmul, the
+    attention's two included, multiply and add counted separately), cached per model and architecture overrides."""
+    return _forward_flops(name, overrides)
+
+
+@functools.cache
+def _forward_flops(name: str, overrides: tuple[tuple[str, Any], ...]) -> float:
+    return model_info(name, flops=True, **dict(overrides)).gflops * 1e9
+
+
 def make_call(
     provider: Provider,
     ours: nn.Module,
@@ -435,15 +452,19 @@ def make_call(
     labels: torch.Tensor | None = None,
     dtype: torch.dtype = torch.float32,
     train: bool = False,
+    engine: vitfast.InferenceEngine | None = None,
 ) -> tuple[Callable[[], Any], Callable[[], torch.Tensor] | None]:
     """What one timed call of ``provider`` runs (shared by ``vitfast bench`` and ``pytest benchmarks/``).
 
-    Returns the call and, in training mode, a function giving the first step's loss (for the agreement check).
+    Returns the call and, in training mode, a function giving the first step's loss (for the agreement check). An
+    engine provider runs on ``engine`` when one is given (``vitfast bench`` keeps one per model across the batch
+    sizes, as a user would, so that its pruning by smaller sizes applies), else on a new one for this batch size.
     """
     if provider.engine:
         if train:
             raise ValueError(f"{provider.name} is an inference engine; it has no training step.")
-        engine = vitfast.optimize(ours, batch_sizes=(image.shape[0],), dtype=dtype, device=image.device)
+        if engine is None:
+            engine = vitfast.optimize(ours, batch_sizes=(image.shape[0],), dtype=dtype, device=image.device)
         x = image.to(dtype)
 
         def call():
@@ -480,9 +501,15 @@ def skip_reason(provider: Provider, device: str, reference: nn.Module | None, tr
     return reason
 
 
-def _measure(row, provider, ours, reference, image, labels, dtype, config) -> torch.Tensor:
+def _measure(row, provider, ours, reference, image, labels, dtype, config, engines) -> torch.Tensor:
     device = image.device
-    fn, output_of = make_call(provider, ours, reference, image, labels, dtype, config.train)
+    engine = None
+    if provider.engine:
+        if provider.name not in engines:
+            # every batch size of the run named, each captured (and tuned) on its first call, in the row's first call
+            engines[provider.name] = vitfast.optimize(ours, batch_sizes=config.batch_sizes, dtype=dtype, device=device)
+        engine = engines[provider.name]
+    fn, output_of = make_call(provider, ours, reference, image, labels, dtype, config.train, engine)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     first_call, times, output = time_call(fn, device, config.warmup, config.reps)
@@ -492,6 +519,11 @@ def _measure(row, provider, ours, reference, image, labels, dtype, config) -> to
         setattr(row, key, value)
     if device.type == "cuda":
         row.peak_mem_gb = torch.cuda.max_memory_allocated(device) / 1e9
+    if engine is not None:
+        key = ("forward", image.shape[0], tuple(image.shape[1:]), dtype)
+        row.engine_choice = engine.choices.get(key)
+        row.engine_tuning_ms = engine.tuning.get(key) or None
+        row.engine_skipped = engine.skipped.get(key) or None
     return output_of() if output_of is not None else output.float()
 
 
@@ -591,17 +623,20 @@ def format_tables(results: list[Measurement], env: dict[str, Any] | None = None)
         lines.append("~: within the noise (the interquartile ranges overlap); another run may order them otherwise.")
     lines += [
         "",
-        "| model | bs | provider | median ms | p25-p75 ms | first call s | max err | agrees | peak GB | note |",
+        "| model | bs | provider | median ms | p25-p75 ms | img/s | TF/s | first call s | max err | agrees | peak GB "
+        "| note |",
     ]
-    lines.append("|---|---:|---|---:|---|---:|---:|---|---:|---|")
+    lines.append("|---|---:|---|---:|---|---:|---:|---:|---:|---|---:|---|")
     for r in results:
         spread = f"{_fmt(r.p25_ms, 3)}-{_fmt(r.p75_ms, 3)}" if r.median_ms is not None else "-"
         error = "-" if r.max_error is None else f"{r.max_error:.1e}"
         agrees = "-" if r.agrees is None else ("yes" if r.agrees else "NO")
-        timing = f"{_fmt(r.median_ms, 3)} | {spread} | {_fmt(r.first_call_s, 1)}"
+        timing = f"{_fmt(r.median_ms, 3)} | {spread} | {_fmt(r.img_per_s, 0)} | {_fmt(r.tflops, 2)}"
+        timing += f" | {_fmt(r.first_call_s, 1)}"
+        note = r.skipped or (f"engine: {r.engine_choice}" if r.engine_choice else "")
         lines.append(
             f"| {r.model} | {r.batch_size} | {r.provider} | {timing} | {error} | {agrees} | "
-            f"{_fmt(r.peak_mem_gb, 2)} | {r.skipped or ''} |"
+            f"{_fmt(r.peak_mem_gb, 2)} | {note} |"
         )
     return "\n".join(lines)
 
