@@ -29,7 +29,7 @@ import time
 import types
 import warnings
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -159,14 +159,6 @@ class _Captured:
     static_input: torch.Tensor
     static_output: torch.Tensor
     graph: torch.cuda.CUDAGraph | None
-
-
-@dataclass
-class _Tuned:
-    """What tuning one (call, batch size, input shape, dtype) found: median replay ms and why others were left out."""
-
-    times: dict[str, float] = field(default_factory=dict)
-    skipped: dict[str, str] = field(default_factory=dict)
 
 
 class InferenceEngine(nn.Module):
@@ -368,8 +360,7 @@ class InferenceEngine(nn.Module):
             output = compiled(self._target(), kind == "features", x)
             if x.device.type == "cuda":
                 torch.cuda.synchronize(x.device)
-            self.compile_seconds[key] = time.perf_counter() - start
-            seconds = self.compile_seconds[key]
+            seconds = self.compile_seconds[key] = time.perf_counter() - start
             logger.info("vitfast engine: %s at batch %d compiled in %.1f s", kind, x.shape[0], seconds)
             del output
             self._compiled[key] = compiled
