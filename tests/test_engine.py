@@ -452,6 +452,30 @@ def test_batch_64_and_above(monkeypatch) -> None:
     assert capturing.captured_sizes() == [("forward", 128)]
 
 
+@pytest.mark.parametrize(
+    "name", ["vit_small_patch16_224", "beitv2_base_patch16_224", "eva02_base_patch14_448", "eva02_large_patch14_448"]
+)
+def test_fused_forward_traces_as_one_graph(name: str) -> None:
+    """What the compiled candidate compiles: dynamo traces the fused forward on the reference ops with fullgraph=True
+    (a graph break raises), here without inductor (backend="eager"): fused qkv / GELU, rel-pos bias + layer scale,
+    split qkv + RoPE + SwiGLU with sub-LN, the padded 2730-wide SwiGLU; uint8 images and the features call once."""
+    engine_module = importlib.import_module("vitfast.engine")
+    img_size = 28 if "patch14" in name else 32
+    engine = vitfast.optimize(_model(name, img_size=img_size, depth=1), batch_sizes=(2,), device="cpu")
+    cases = [(torch.randn(2, 3, img_size, img_size), False)]
+    if name == "vit_small_patch16_224":
+        cases += [(torch.randint(0, 256, (2, 3, img_size, img_size), dtype=torch.uint8), False), (cases[0][0], True)]
+    for image, features_only in cases:
+        engine.fused.prepare(image)
+        traced = torch.compile(
+            engine_module._own_code(engine_module._forward), backend="eager", fullgraph=True, dynamic=False
+        )
+        with torch.inference_mode(), engine._candidate(COMPILED_CANDIDATE):
+            out = traced(engine.fused, features_only, image)
+            expected = engine_module._forward(engine.fused, features_only, image)
+        torch.testing.assert_close(out, expected, rtol=0, atol=0)
+
+
 @pytest.fixture(scope="module")
 def one_compile_thread():
     """Inductor's CPU backend compiles C++; a pool of workers costs more than it saves on a two-core machine."""
