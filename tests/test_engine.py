@@ -522,6 +522,7 @@ def test_compiled_candidate_agrees_is_kept_when_fastest_and_skipped_when_wrong(
     with caplog.at_level(logging.WARNING, logger="vitfast"):
         out = wrong(images[0])
     assert list(wrong.choices.values()) == ["reference"] and "'inductor' skipped" in caplog.text
+    assert not wrong._compiled  # the loser's compiled forward is let go
     assert_close_scaled(out, expected[0], tol=1e-5, what="fallback to the reference")
 
 

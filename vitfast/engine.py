@@ -243,7 +243,8 @@ class InferenceEngine(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"batch_sizes={self.batch_sizes}, dtype={self.dtype}, device={self.device}, graphs={self.use_graphs}, "
-            f"fused={self.fused is not None}, on_new_size={self.on_new_size!r}, copy_outputs={self.copy_outputs}"
+            f"fused={self.fused is not None}, compile={self.compile}, on_new_size={self.on_new_size!r}, "
+            f"copy_outputs={self.copy_outputs}"
         )
 
     # ------------------------------------------------------------------ dispatch
@@ -412,6 +413,8 @@ class InferenceEngine(nn.Module):
             raise RuntimeError(f"vitfast engine: no candidate could be captured for {kind} at batch {size}: {problems}")
         _, name, captured = best
         self.choices[key], self.tuning[key], self.skipped[key] = name, times, problems
+        if name != COMPILED_CANDIDATE:
+            self._compiled.pop(key, None)  # a compiled forward that lost is never called again
         logger.debug("vitfast engine: %s at batch %d captured with %s (%s)", kind, size, name, times)
         return captured
 
