@@ -5,7 +5,6 @@ On the CPU the engine runs its whole path minus the graph capture; the GPU tests
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import importlib
 import logging
@@ -16,7 +15,7 @@ import torch
 
 import vitfast
 from tests.helpers import assert_close_scaled, assert_kernel_close, randomize_
-from vitfast.backend import override_impl
+from vitfast.backend import override_impl, use_backend
 from vitfast.engine import (
     CANDIDATES,
     COMPILED_CANDIDATE,
@@ -399,40 +398,38 @@ def test_gelu_epilogue_engine_within_rule_5() -> None:
     assert_kernel_close(fused, exact, baseline, floor=1e-3, what="engine with the GELU epilogue, bf16")
 
 
+@pytest.mark.slow  # 28 forwards through the fake tuning loop
 def test_pruning_by_the_nearest_smaller_batch_size(monkeypatch, caplog) -> None:
     """A candidate rejected at the nearest smaller size, or more than PRUNE_MARGIN times slower than its winner there,
     is not captured again; one within the margin is; a size more than PRUNE_MAX_BATCH_RATIO times larger than every
     smaller captured size is tuned in full."""
     times = {"kernels": 1.0, "kernels-sdpa": 0.9 * PRUNE_MARGIN, "reference": 1.1 * PRUNE_MARGIN}
     captures = []
-    model = _model("vit_small_patch16_224", img_size=32, depth=1)
+    model = _model("vit_small_patch16_224", img_size=32, depth=1, embed_dim=64, num_heads=2)
     engine = _tuning_engine(
         monkeypatch,
         times,
         failing={COMPILED_CANDIDATE},
         model=model,
-        batch_sizes=(1, 4, 8, 64),
+        batch_sizes=(1, 2, 4, 20),
         compile=True,
         captures=captures,
     )
     # every candidate runs the reference ops here: the test is about which ones are captured, not about the kernels
-    monkeypatch.setattr(engine, "_candidate", lambda name: contextlib.nullcontext())
-    for batch in (1, 4, 8, 64):
+    monkeypatch.setattr(engine, "_candidate", lambda name: use_backend("reference"))
+    sizes = (1, 2, 4, 20)  # 2 and 4 within PRUNE_MAX_BATCH_RATIO of the size before; 20 is not
+    for batch in sizes:
         engine(torch.randn(batch, 3, 32, 32))
-    attempted = {batch: [name for b, name in captures if b == batch] for batch in (1, 4, 8, 64)}
+    attempted = {batch: [name for b, name in captures if b == batch] for batch in sizes}
     everyone = [*TUNING_CANDIDATES, COMPILED_CANDIDATE]
-    assert attempted == {1: everyone, 4: ["kernels", "kernels-sdpa"], 8: ["kernels", "kernels-sdpa"], 64: everyone}
+    assert attempted == {1: everyone, 2: ["kernels", "kernels-sdpa"], 4: ["kernels", "kernels-sdpa"], 20: everyone}
     skipped = {key[1]: value for key, value in engine.skipped.items()}
     assert "capture failed" in skipped[1][COMPILED_CANDIDATE]
-    assert set(skipped[4]) == set(skipped[8]) == {"reference", COMPILED_CANDIDATE}
-    assert "more than 1.5x the fastest" in skipped[4]["reference"] and "left out at batch 1" in skipped[4]["inductor"]
-    assert set(skipped[64]) == {COMPILED_CANDIDATE}
-    assert {key[1]: choice for key, choice in engine.choices.items()} == {
-        1: "kernels",
-        4: "kernels",
-        8: "kernels",
-        64: "kernels",
-    }
+    assert set(skipped[2]) == set(skipped[4]) == {"reference", COMPILED_CANDIDATE}
+    assert "more than 1.5x the fastest" in skipped[2]["reference"] and "left out at batch 1" in skipped[2]["inductor"]
+    assert "left out at batch 2" in skipped[4]["reference"]  # pruned once, pruned up the chain
+    assert set(skipped[20]) == {COMPILED_CANDIDATE}
+    assert set(engine.choices.values()) == {"kernels"} and len(engine.choices) == 4
     assert caplog.text.count("capture failed") == 2  # a pruned candidate is logged at info level, not warned about
 
 
