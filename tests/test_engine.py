@@ -15,6 +15,7 @@ import torch
 
 import vitfast
 from tests.helpers import assert_close_scaled, assert_kernel_close, randomize_
+from vitfast._measure import scaled_error
 from vitfast.backend import override_impl, use_backend
 from vitfast.engine import (
     CANDIDATES,
@@ -380,6 +381,29 @@ def test_gelu_epilogue_error_against_exact_gelu() -> None:
     torch.testing.assert_close(  # no activation: the plain projection
         gelu_epilogue_linear(x, weight, bias), torch.nn.functional.linear(x, weight, bias), rtol=0, atol=0
     )
+
+
+@pytest.mark.slow  # the Triton kernels through the interpreter
+def test_epilogue_candidate_routes_fc1_through_the_epilogue() -> None:
+    """The kernels-epilogue candidate as captured (Triton kernels through the interpreter, fc1 on the epilogue): the
+    tanh GELU shows as a small difference from the exact model, and only in the GELU projections."""
+    pytest.importorskip("triton")
+    model = _model("vit_small_patch16_224", img_size=32, depth=1)
+    engine = vitfast.optimize(model, batch_sizes=(1,), dtype=torch.float32, device="cpu", backend=EPILOGUE_CANDIDATE)
+    seen = []
+
+    def spy(x, weight, bias=None, activation=None):
+        seen.append(activation)
+        return gelu_epilogue_linear(x, weight, bias, activation)
+
+    image = torch.randn(1, 3, 32, 32)
+    with pytest.MonkeyPatch.context() as patcher:
+        patcher.setattr(importlib.import_module("vitfast.engine"), "gelu_epilogue_linear", spy)
+        out = engine(image)
+    assert seen == [None, None, "gelu", None] * 2  # qkv, proj, fc1, fc2; at capture, then at the call
+    with torch.no_grad():
+        error = scaled_error(out, model(image))
+    assert 1e-6 < error < 1e-3, error  # tanh GELU's approximation, nothing larger
 
 
 def test_gelu_epilogue_engine_within_rule_5() -> None:
