@@ -304,3 +304,41 @@ def test_a_speedup_within_the_noise_is_marked() -> None:
     apart = [_row("timm-eager", 1, 5.0, p25_ms=4.9, p75_ms=5.1), _row("vitfast", 1, 2.5, p25_ms=2.4, p75_ms=2.6)]
     table = format_tables(apart)
     assert "| 2.00x |" in table and "~" not in table
+
+
+def test_engine_rows_record_the_choice_and_throughput(monkeypatch) -> None:
+    """The engine provider (made runnable on the CPU here, where the engine runs without graphs) keeps one engine per
+    model across the batch sizes, and each row says what the engine captured, with img/s and TF/s from the FLOPs."""
+    import dataclasses
+
+    import vitfast
+
+    monkeypatch.setitem(PROVIDERS, "vitfast-graphs", dataclasses.replace(PROVIDERS["vitfast-graphs"], cuda_only=False))
+    made = []
+    original = vitfast.optimize
+
+    def counting_optimize(*args, **kwargs):
+        made.append(kwargs.get("batch_sizes"))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(vitfast, "optimize", counting_optimize)
+    config = BenchConfig(
+        models=["vit_small_patch16_224"],
+        batch_sizes=[1, 3],
+        providers=["vitfast-reference", "vitfast-graphs"],
+        reps=2,
+        warmup=0,
+        overrides=TINY,
+    )
+    results = bench.run(config)
+    engine_rows = [r for r in results if r.provider == "vitfast-graphs"]
+    assert made == [[1, 3]] and [r.engine_choice for r in engine_rows] == ["current", "current"]
+    flops = bench.forward_flops("vit_small_patch16_224", tuple(sorted(TINY.items())))
+    assert flops == bench.model_info("vit_small_patch16_224", flops=True, **TINY).gflops * 1e9
+    for row in results:
+        assert row.agrees and row.img_per_s == pytest.approx(row.batch_size / row.median_ms * 1e3)
+        assert row.tflops == pytest.approx(flops * row.img_per_s / 1e12)
+    details = format_tables(results).splitlines()
+    header = next(line for line in details if line.startswith("| model | bs |"))
+    assert "| median ms | p25-p75 ms | img/s | TF/s |" in header
+    assert sum("engine: current" in line for line in details) == 2

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import importlib
+import logging
 import warnings
 
 import pytest
@@ -14,7 +15,17 @@ import torch
 
 import vitfast
 from tests.helpers import assert_close_scaled, assert_kernel_close, randomize_
-from vitfast.engine import TUNING_CANDIDATES, InferenceEngine
+from vitfast._measure import scaled_error
+from vitfast.backend import override_impl, use_backend
+from vitfast.engine import (
+    CANDIDATES,
+    COMPILED_CANDIDATE,
+    EPILOGUE_CANDIDATE,
+    PRUNE_MARGIN,
+    TUNING_CANDIDATES,
+    InferenceEngine,
+    gelu_epilogue_linear,
+)
 
 FAMILIES = [
     "vit_small_patch16_224",  # fused qkv + bias, GELU, final norm
@@ -256,14 +267,27 @@ class _FakeGraph:
         self.static_output.copy_(out * 3 if self.corrupt else out)
 
 
-def _tuning_engine(monkeypatch, times: dict[str, float], corrupt: set[str] = frozenset(), failing=frozenset()):
-    """An engine that runs its tuning loop on the CPU with fake graphs and preset replay times."""
+def _tuning_engine(
+    monkeypatch,
+    times: dict[str, float],
+    corrupt: set[str] = frozenset(),
+    failing=frozenset(),
+    model: torch.nn.Module | None = None,
+    batch_sizes=(2,),
+    compile: bool = False,
+    captures: list | None = None,
+):
+    """An engine that runs its tuning loop on the CPU with fake graphs and preset replay times (``captures`` lists
+    the (batch size, candidate) of every capture attempted)."""
     pytest.importorskip("triton")  # the candidates run the kernels (through the interpreter here)
     engine_module = importlib.import_module("vitfast.engine")
-    engine = vitfast.optimize(_small_model(), batch_sizes=(2,), dtype=torch.float32, device="cpu")
+    model = _small_model() if model is None else model
+    engine = vitfast.optimize(model, batch_sizes=batch_sizes, dtype=torch.float32, device="cpu", compile=compile)
     engine.use_graphs = True
 
     def capture_graph(kind, static_input, candidate):
+        if captures is not None:
+            captures.append((static_input.shape[0], candidate))
         if candidate in failing:
             raise RuntimeError("operation not permitted when stream is capturing")
         out = engine._call(kind, static_input, candidate).clone()
@@ -302,6 +326,227 @@ def test_tuning_with_no_usable_candidate_says_why(monkeypatch) -> None:
         engine(torch.randn(2, 3, 64, 64))
 
 
+def test_candidates_follow_compile() -> None:
+    """The compiled candidate is offered with compile=True (the default where graphs are tuned), never without."""
+    pytest.importorskip("triton")
+    engine = vitfast.optimize(_small_model(), batch_sizes=(1,), dtype=torch.float32, device="cpu")
+    assert not engine.compile and engine._candidates() == ["current"]
+    engine.use_graphs = True
+    assert engine._candidates() == list(TUNING_CANDIDATES)
+    engine.compile = True
+    assert engine._candidates() == [*TUNING_CANDIDATES, COMPILED_CANDIDATE]
+    on_cpu = vitfast.optimize(_small_model(), batch_sizes=(1,), dtype=torch.float32, device="cpu", compile=True)
+    assert on_cpu._candidates() == [COMPILED_CANDIDATE]
+    fixed = vitfast.optimize(_small_model(), batch_sizes=(1,), device="cpu", backend=COMPILED_CANDIDATE)
+    assert fixed._candidates() == [COMPILED_CANDIDATE]
+
+
+@pytest.mark.parametrize(
+    ("name", "dtype", "offered"),
+    [
+        ("vit_small_patch16_224", torch.bfloat16, True),
+        ("vit_small_patch16_224", torch.float32, False),  # the tanh GELU fails rule 5 in fp32
+        ("vit_base_patch16_clip_quickgelu_224", torch.bfloat16, False),  # QuickGELU is another function
+        ("eva02_tiny_patch14_224", torch.bfloat16, False),  # SwiGLU: no GELU to fuse
+    ],
+)
+def test_gelu_epilogue_is_offered_where_it_passes_rule_5(name, dtype, offered) -> None:
+    pytest.importorskip("triton")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # 16-bit on the CPU
+        model = _model(name, img_size=28 if "patch14" in name else 32, depth=1)
+        engine = vitfast.optimize(model, batch_sizes=(1,), dtype=dtype, device="cpu")
+    engine.use_graphs = True
+    assert (EPILOGUE_CANDIDATE in engine._candidates()) is offered
+
+
+def test_gelu_epilogue_error_against_exact_gelu() -> None:
+    """fc1 at ViT-B widths (197 tokens, 768 -> 3072): the epilogue's tanh GELU (its numerics as emulated on the CPU)
+    against the exact GELU in fp64 passes rule 5 in bf16, and fails it in fp32 (why the candidate is bf16 only)."""
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(197, 768, dtype=torch.float64, generator=generator)
+    weight = torch.randn(3072, 768, dtype=torch.float64, generator=generator) * 0.05
+    bias = torch.randn(3072, dtype=torch.float64, generator=generator) * 0.02
+    exact = torch.nn.functional.gelu(torch.nn.functional.linear(x, weight, bias))
+    for dtype, passes in ((torch.bfloat16, True), (torch.float32, False)):
+        args = (x.to(dtype), weight.to(dtype), bias.to(dtype))
+        fused = gelu_epilogue_linear(*args, "gelu")
+        assert fused.dtype == dtype
+        baseline = vitfast.ops.linear_ref(*args, "gelu")
+        if passes:
+            assert_kernel_close(fused, exact, baseline, what="bias + tanh GELU epilogue, bf16")
+        else:
+            with pytest.raises(AssertionError, match="exceeds 2 x PyTorch"):
+                assert_kernel_close(fused, exact, baseline, what="bias + tanh GELU epilogue, fp32")
+    torch.testing.assert_close(  # no activation: the plain projection
+        gelu_epilogue_linear(x, weight, bias), torch.nn.functional.linear(x, weight, bias), rtol=0, atol=0
+    )
+
+
+@pytest.mark.slow  # the Triton kernels through the interpreter
+def test_epilogue_candidate_routes_fc1_through_the_epilogue() -> None:
+    """The kernels-epilogue candidate as captured (Triton kernels through the interpreter, fc1 on the epilogue): the
+    tanh GELU shows as a small difference from the exact model, and only in the GELU projections."""
+    pytest.importorskip("triton")
+    model = _model("vit_small_patch16_224", img_size=32, depth=1)
+    engine = vitfast.optimize(model, batch_sizes=(1,), dtype=torch.float32, device="cpu", backend=EPILOGUE_CANDIDATE)
+    seen = []
+
+    def spy(x, weight, bias=None, activation=None):
+        seen.append(activation)
+        return gelu_epilogue_linear(x, weight, bias, activation)
+
+    image = torch.randn(1, 3, 32, 32)
+    with pytest.MonkeyPatch.context() as patcher:
+        patcher.setattr(importlib.import_module("vitfast.engine"), "gelu_epilogue_linear", spy)
+        out = engine(image)
+    assert seen == [None, None, "gelu", None] * 2  # qkv, proj, fc1, fc2; at capture, then at the call
+    with torch.no_grad():
+        error = scaled_error(out, model(image))
+    assert 1e-6 < error < 1e-3, error  # tanh GELU's approximation, nothing larger
+
+
+def test_gelu_epilogue_engine_within_rule_5() -> None:
+    """The whole fused forward with every fc1 on the epilogue, ViT-B widths, bf16, against the model in fp64."""
+    model = _model("vit_base_patch16_224", img_size=64)
+    image = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        exact = copy.deepcopy(model).double()(image.double())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # 16-bit on the CPU
+        engine = vitfast.optimize(model, batch_sizes=(2,), dtype=torch.bfloat16, device="cpu", backend="reference")
+    baseline = engine(image)
+    with override_impl("linear", gelu_epilogue_linear):
+        fused = engine._call("forward", image.bfloat16(), "reference")
+    assert not torch.equal(fused, baseline)  # the epilogue ran
+    assert_kernel_close(fused, exact, baseline, floor=1e-3, what="engine with the GELU epilogue, bf16")
+
+
+@pytest.mark.slow  # 28 forwards through the fake tuning loop
+def test_pruning_by_the_nearest_smaller_batch_size(monkeypatch, caplog) -> None:
+    """A candidate rejected at the nearest smaller size, or more than PRUNE_MARGIN times slower than its winner there,
+    is not captured again; one within the margin is; a size more than PRUNE_MAX_BATCH_RATIO times larger than every
+    smaller captured size is tuned in full."""
+    times = {"kernels": 1.0, "kernels-sdpa": 0.9 * PRUNE_MARGIN, "reference": 1.1 * PRUNE_MARGIN}
+    captures = []
+    model = _model("vit_small_patch16_224", img_size=32, depth=1, embed_dim=64, num_heads=2)
+    engine = _tuning_engine(
+        monkeypatch,
+        times,
+        failing={COMPILED_CANDIDATE},
+        model=model,
+        batch_sizes=(1, 2, 4, 20),
+        compile=True,
+        captures=captures,
+    )
+    # every candidate runs the reference ops here: the test is about which ones are captured, not about the kernels
+    monkeypatch.setattr(engine, "_candidate", lambda name: use_backend("reference"))
+    sizes = (1, 2, 4, 20)  # 2 and 4 within PRUNE_MAX_BATCH_RATIO of the size before; 20 is not
+    for batch in sizes:
+        engine(torch.randn(batch, 3, 32, 32))
+    attempted = {batch: [name for b, name in captures if b == batch] for batch in sizes}
+    everyone = [*TUNING_CANDIDATES, COMPILED_CANDIDATE]
+    assert attempted == {1: everyone, 2: ["kernels", "kernels-sdpa"], 4: ["kernels", "kernels-sdpa"], 20: everyone}
+    skipped = {key[1]: value for key, value in engine.skipped.items()}
+    assert "capture failed" in skipped[1][COMPILED_CANDIDATE]
+    assert set(skipped[2]) == set(skipped[4]) == {"reference", COMPILED_CANDIDATE}
+    assert "more than 1.5x the fastest" in skipped[2]["reference"] and "left out at batch 1" in skipped[2]["inductor"]
+    assert "left out at batch 2" in skipped[4]["reference"]  # pruned once, pruned up the chain
+    assert set(skipped[20]) == {COMPILED_CANDIDATE}
+    assert set(engine.choices.values()) == {"kernels"} and len(engine.choices) == 4
+    assert caplog.text.count("capture failed") == 2  # a pruned candidate is logged at info level, not warned about
+
+
+def test_batch_64_and_above(monkeypatch) -> None:
+    """Batch 64 is captured like any size; a size never named runs at the next larger captured one (padded); above the
+    largest, eagerly (or captured exactly with on_new_size='capture')."""
+    model = _model("vit_small_patch16_224", img_size=32, depth=1)
+    engine = vitfast.optimize(model, batch_sizes=(8, 64), dtype=torch.float32, device="cpu")
+    images = torch.randn(128, 3, 32, 32)
+    with torch.no_grad():
+        expected = model(images)
+    for batch in (64, 20, 128):
+        assert_close_scaled(engine(images[:batch]), expected[:batch], tol=1e-5, what=f"batch {batch}")
+    assert engine.captured_sizes() == [("forward", 64)] and engine.stats["eager_calls"] == 2 + 1  # 64, 20: padded
+    capturing = vitfast.optimize(model, batch_sizes=(64,), dtype=torch.float32, device="cpu", on_new_size="capture")
+    assert_close_scaled(capturing(images), expected, tol=1e-5, what="batch 128 captured")
+    assert capturing.captured_sizes() == [("forward", 128)]
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        pytest.param("vit_small_patch16_224", marks=pytest.mark.slow),  # three traces
+        "beitv2_base_patch16_224",
+        "eva02_base_patch14_448",
+        "eva02_large_patch14_448",
+    ],
+)
+def test_fused_forward_traces_as_one_graph(name: str) -> None:
+    """What the compiled candidate compiles: dynamo traces the fused forward on the reference ops with fullgraph=True
+    (a graph break raises), here without inductor (backend="eager"): fused qkv / GELU, rel-pos bias + layer scale,
+    split qkv + RoPE + SwiGLU with sub-LN, the padded 2730-wide SwiGLU; uint8 images and the features call once."""
+    engine_module = importlib.import_module("vitfast.engine")
+    img_size = 28 if "patch14" in name else 32
+    engine = vitfast.optimize(_model(name, img_size=img_size, depth=1), batch_sizes=(2,), device="cpu")
+    cases = [(torch.randn(2, 3, img_size, img_size), False)]
+    if name == "vit_small_patch16_224":
+        cases += [(torch.randint(0, 256, (2, 3, img_size, img_size), dtype=torch.uint8), False), (cases[0][0], True)]
+    for image, features_only in cases:
+        engine.fused.prepare(image)
+        traced = torch.compile(
+            engine_module._own_code(engine_module._forward), backend="eager", fullgraph=True, dynamic=False
+        )
+        with torch.inference_mode(), engine._candidate(COMPILED_CANDIDATE):
+            out = traced(engine.fused, features_only, image)
+            expected = engine_module._forward(engine.fused, features_only, image)
+        torch.testing.assert_close(out, expected, rtol=0, atol=0)
+
+
+@pytest.fixture(scope="module")
+def one_compile_thread():
+    """Inductor's CPU backend compiles C++; a pool of workers costs more than it saves on a two-core machine."""
+    inductor_config = importlib.import_module("torch._inductor.config")
+    with inductor_config.patch(compile_threads=1):
+        yield
+
+
+@pytest.mark.slow
+def test_compiled_candidate_agrees_is_kept_when_fastest_and_skipped_when_wrong(
+    monkeypatch, caplog, one_compile_thread
+) -> None:
+    """The fused forward compiled by torch.compile (inductor's CPU backend, fullgraph) as a candidate of the tuning
+    loop: it matches the model, wins when fastest, owns nothing the caller holds, and is skipped when it disagrees."""
+    model = _model("vit_small_patch16_224", img_size=32, depth=1, embed_dim=64, num_heads=2)
+    images = torch.randn(2, 3, 32, 32), torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = [model(image) for image in images]
+    times = {"kernels": 3.0, "kernels-sdpa": 3.0, "reference": 2.0, COMPILED_CANDIDATE: 1.0}
+    engine = _tuning_engine(monkeypatch, times, failing={"kernels", "kernels-sdpa"}, model=model, compile=True)
+    first = engine(images[0])
+    ((key, choice),) = engine.choices.items()
+    assert choice == COMPILED_CANDIDATE and engine.tuning[key] == {"reference": 2.0, COMPILED_CANDIDATE: 1.0}
+    assert engine.compile_seconds[key] > 0
+    second = engine(images[1])
+    assert_close_scaled(first, expected[0], tol=1e-5, what="compiled candidate")
+    assert_close_scaled(second, expected[1], tol=1e-5, what="compiled candidate, second call")
+    assert first.data_ptr() != second.data_ptr() and list(engine.compile_seconds) == [key]  # no recompile
+
+    wrong = _tuning_engine(
+        monkeypatch,
+        times,
+        corrupt={COMPILED_CANDIDATE},
+        failing={"kernels", "kernels-sdpa"},
+        model=model,
+        compile=True,
+    )
+    with caplog.at_level(logging.WARNING, logger="vitfast"):
+        out = wrong(images[0])
+    assert list(wrong.choices.values()) == ["reference"] and "'inductor' skipped" in caplog.text
+    assert not wrong._compiled  # the loser's compiled forward is let go
+    assert_close_scaled(out, expected[0], tol=1e-5, what="fallback to the reference")
+
+
 def test_repr_and_is_exported() -> None:
     engine = vitfast.optimize(_small_model(), batch_sizes=(4, 1), dtype=torch.float32, device="cpu")
     assert isinstance(engine, InferenceEngine) and vitfast.InferenceEngine is InferenceEngine
@@ -334,7 +579,10 @@ def test_gpu_graphs_match_timm_within_rule_5(name: str) -> None:
     assert engine.captured_sizes() == [("forward", 4)] and engine.stats["replays"] == 1
     (choice,) = engine.choices.values()
     (times,) = engine.tuning.values()
-    assert choice in TUNING_CANDIDATES and set(times) == set(TUNING_CANDIDATES) and times[choice] == min(times.values())
+    (skipped,) = engine.skipped.values()
+    assert engine.compile and COMPILED_CANDIDATE in engine._candidates()  # compiled by default with graphs
+    assert choice in CANDIDATES and set(times) | set(skipped) == set(engine._candidates())
+    assert times[choice] == min(times.values())
     assert_kernel_close(out, exact, baseline, floor=1e-3, what=f"{name} engine bf16")
     again = engine(image)
     torch.testing.assert_close(again, out, rtol=0, atol=0)  # a replay is deterministic
@@ -342,3 +590,15 @@ def test_gpu_graphs_match_timm_within_rule_5(name: str) -> None:
     graphed = vitfast.optimize(ours, batch_sizes=(1,), backend=choice)
     eager = vitfast.optimize(ours, batch_sizes=(1,), backend=choice, use_graphs=False)
     torch.testing.assert_close(graphed(uint8), eager(uint8), rtol=0, atol=0)  # the same kernels, replayed
+
+
+def test_engine_does_not_import_the_benchmarks() -> None:
+    """The engine measures with vitfast._measure, beneath both it and vitfast.bench (which imports the registry)."""
+    import ast
+    import inspect
+
+    tree = ast.parse(inspect.getsource(importlib.import_module("vitfast.engine")))
+    imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    imported |= {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    names = {alias.name for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) for alias in node.names}
+    assert "vitfast._measure" in imported and "vitfast.bench" not in imported and "bench" not in names

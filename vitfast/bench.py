@@ -19,14 +19,12 @@ import contextlib
 import copy
 import dataclasses
 import datetime
+import functools
 import json
-import math
 import os
 import platform
-import statistics
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -37,27 +35,33 @@ import torch.nn.functional as F
 from torch import nn
 
 import vitfast
+
+# the agreement rule and the timer live beneath both the engine and the benchmarks; re-exported here, where they
+# have always been public
+from vitfast._measure import AGREEMENT_TOLERANCE, DTYPES, agreement, scaled_error, summarize, time_call
 from vitfast.backend import override_impl, use_backend
 from vitfast.checkpoint import PRETRAINING_ONLY_KEYS
 from vitfast.models import resolve
 from vitfast.models._info import model_info
 
 __all__ = [
+    "AGREEMENT_TOLERANCE",
+    "DTYPES",
     "PROVIDERS",
     "BenchConfig",
     "Measurement",
     "agreement",
     "check_agreement",
     "format_tables",
+    "forward_flops",
     "make_call",
     "read_json",
     "run",
+    "scaled_error",
     "skip_reason",
+    "summarize",
+    "time_call",
 ]
-
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-# scaled max error a provider may show against the reference provider before it counts as a wrong answer
-AGREEMENT_TOLERANCE = {"bf16": 5e-2, "fp16": 1e-2, "fp32": 1e-3}
 
 
 @dataclass(frozen=True)
@@ -207,60 +211,9 @@ class Measurement:
     agrees: bool | None = None
     peak_mem_gb: float | None = None
     skipped: str | None = None  # reason, when the provider could not run
-
-
-# ---------------------------------------------------------------------------------------------- timing
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def time_call(fn: Callable[[], Any], device: torch.device, warmup: int, reps: int) -> tuple[float, list[float], Any]:
-    """Time ``fn``: (first-call seconds, per-call milliseconds, the output of the first call)."""
-    _sync(device)
-    start = time.perf_counter()
-    first_output = fn()
-    _sync(device)
-    first_call = time.perf_counter() - start
-    if isinstance(first_output, torch.Tensor):
-        first_output = first_output.clone()  # CUDA-graph outputs are overwritten by the next replay
-    for _ in range(warmup):
-        fn()
-    times = []
-    if device.type == "cuda":
-        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
-        for begin, end in events:
-            torch.cuda.synchronize(device)
-            begin.record()
-            fn()
-            end.record()
-        torch.cuda.synchronize(device)
-        times = [begin.elapsed_time(end) for begin, end in events]
-    else:
-        for _ in range(reps):
-            start = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - start) * 1e3)
-    return first_call, times, first_output
-
-
-def summarize(times: list[float]) -> dict[str, float]:
-    ordered = sorted(times)
-    if len(ordered) >= 2:
-        p25, _, p75 = statistics.quantiles(ordered, n=4, method="inclusive")
-    else:
-        p25 = p75 = ordered[0]
-    return {"median_ms": statistics.median(ordered), "p25_ms": p25, "p75_ms": p75, "min_ms": ordered[0]}
-
-
-# ---------------------------------------------------------------------------------------------- agreement
-
-
-def scaled_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    actual, expected = actual.detach().double(), expected.detach().double()
-    return ((actual - expected).abs().max() / expected.abs().max().clamp_min(1e-30)).item()
+    engine_choice: str | None = None  # the candidate vitfast.optimize() captured (engine providers)
+    engine_tuning_ms: dict[str, float] | None = None  # median replay ms of every candidate it timed
+    engine_skipped: dict[str, str] | None = None  # candidates it left out, and why (rejected or pruned)
 
 
 def check_agreement(
@@ -271,14 +224,6 @@ def check_agreement(
     A non-finite output never agrees.
     """
     return {name: agreement(output, outputs[reference], tolerance) for name, output in outputs.items()}
-
-
-def agreement(output: torch.Tensor, expected: torch.Tensor, tolerance: float) -> tuple[float, bool]:
-    """(scaled max error, within tolerance) of one output; a misshaped or non-finite output never agrees."""
-    if output.shape != expected.shape or not torch.isfinite(output).all():
-        return math.inf, False
-    error = scaled_error(output, expected)
-    return error, error <= tolerance
 
 
 # ---------------------------------------------------------------------------------------------- providers
@@ -445,7 +390,8 @@ def run(config: BenchConfig, on_result: Callable[[Measurement], None] | None = N
     for model_name in config.models:
         ours, reference = build_models(model_name, device, config.seed, **config.overrides)
         img_size = list(ours.config.img_size)
-        flops = model_info(model_name, flops=True, **config.overrides).gflops * 1e9
+        flops = forward_flops(model_name, tuple(sorted(config.overrides.items())))
+        engines: dict[str, vitfast.InferenceEngine] = {}  # one per engine provider, across the batch sizes
         reasons = {p.name: skip_reason(p, config.device, reference, config.train) for p in providers}
         # the reference provider runs first, so every later row is checked (and written) as soon as it is measured
         first = next(
@@ -471,7 +417,7 @@ def run(config: BenchConfig, on_result: Callable[[Measurement], None] | None = N
                 row.skipped = reasons[provider.name]
                 if row.skipped is None:
                     _progress(f"[{step}/{total}] {model_name} bs={batch_size} {provider.name}: first call ...")
-                    output = _measure(row, provider, ours, reference, image, labels, dtype, config)
+                    output = _measure(row, provider, ours, reference, image, labels, dtype, config, engines)
                     row.img_per_s = batch_size / (row.median_ms / 1e3)
                     # a training step counts as 3x the forward FLOPs (forward + two backward matmuls per forward matmul)
                     row.tflops = (3 if config.train else 1) * flops * batch_size / (row.median_ms / 1e3) / 1e12
@@ -487,6 +433,17 @@ def run(config: BenchConfig, on_result: Callable[[Measurement], None] | None = N
     return results
 
 
+def forward_flops(name: str, overrides: tuple[tuple[str, Any], ...] = ()) -> float:
+    """Forward FLOPs of one image of ``name`` (``torch.utils.flop_counter`` on the meta device: every matmul, the
+    attention's two included, multiply and add counted separately), cached per model and architecture overrides."""
+    return _forward_flops(name, overrides)
+
+
+@functools.cache
+def _forward_flops(name: str, overrides: tuple[tuple[str, Any], ...]) -> float:
+    return model_info(name, flops=True, **dict(overrides)).gflops * 1e9
+
+
 def make_call(
     provider: Provider,
     ours: nn.Module,
@@ -495,15 +452,19 @@ def make_call(
     labels: torch.Tensor | None = None,
     dtype: torch.dtype = torch.float32,
     train: bool = False,
+    engine: vitfast.InferenceEngine | None = None,
 ) -> tuple[Callable[[], Any], Callable[[], torch.Tensor] | None]:
     """What one timed call of ``provider`` runs (shared by ``vitfast bench`` and ``pytest benchmarks/``).
 
-    Returns the call and, in training mode, a function giving the first step's loss (for the agreement check).
+    Returns the call and, in training mode, a function giving the first step's loss (for the agreement check). An
+    engine provider runs on ``engine`` when one is given (``vitfast bench`` keeps one per model across the batch
+    sizes, as a user would, so that its pruning by smaller sizes applies), else on a new one for this batch size.
     """
     if provider.engine:
         if train:
             raise ValueError(f"{provider.name} is an inference engine; it has no training step.")
-        engine = vitfast.optimize(ours, batch_sizes=(image.shape[0],), dtype=dtype, device=image.device)
+        if engine is None:
+            engine = vitfast.optimize(ours, batch_sizes=(image.shape[0],), dtype=dtype, device=image.device)
         x = image.to(dtype)
 
         def call():
@@ -540,9 +501,15 @@ def skip_reason(provider: Provider, device: str, reference: nn.Module | None, tr
     return reason
 
 
-def _measure(row, provider, ours, reference, image, labels, dtype, config) -> torch.Tensor:
+def _measure(row, provider, ours, reference, image, labels, dtype, config, engines) -> torch.Tensor:
     device = image.device
-    fn, output_of = make_call(provider, ours, reference, image, labels, dtype, config.train)
+    engine = None
+    if provider.engine:
+        if provider.name not in engines:
+            # every batch size of the run named, each captured (and tuned) on its first call, in the row's first call
+            engines[provider.name] = vitfast.optimize(ours, batch_sizes=config.batch_sizes, dtype=dtype, device=device)
+        engine = engines[provider.name]
+    fn, output_of = make_call(provider, ours, reference, image, labels, dtype, config.train, engine)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     first_call, times, output = time_call(fn, device, config.warmup, config.reps)
@@ -552,6 +519,11 @@ def _measure(row, provider, ours, reference, image, labels, dtype, config) -> to
         setattr(row, key, value)
     if device.type == "cuda":
         row.peak_mem_gb = torch.cuda.max_memory_allocated(device) / 1e9
+    if engine is not None:
+        key = ("forward", image.shape[0], tuple(image.shape[1:]), dtype)
+        row.engine_choice = engine.choices.get(key)
+        row.engine_tuning_ms = engine.tuning.get(key) or None
+        row.engine_skipped = engine.skipped.get(key) or None
     return output_of() if output_of is not None else output.float()
 
 
@@ -651,17 +623,20 @@ def format_tables(results: list[Measurement], env: dict[str, Any] | None = None)
         lines.append("~: within the noise (the interquartile ranges overlap); another run may order them otherwise.")
     lines += [
         "",
-        "| model | bs | provider | median ms | p25-p75 ms | first call s | max err | agrees | peak GB | note |",
+        "| model | bs | provider | median ms | p25-p75 ms | img/s | TF/s | first call s | max err | agrees | peak GB "
+        "| note |",
     ]
-    lines.append("|---|---:|---|---:|---|---:|---:|---|---:|---|")
+    lines.append("|---|---:|---|---:|---|---:|---:|---:|---:|---|---:|---|")
     for r in results:
         spread = f"{_fmt(r.p25_ms, 3)}-{_fmt(r.p75_ms, 3)}" if r.median_ms is not None else "-"
         error = "-" if r.max_error is None else f"{r.max_error:.1e}"
         agrees = "-" if r.agrees is None else ("yes" if r.agrees else "NO")
-        timing = f"{_fmt(r.median_ms, 3)} | {spread} | {_fmt(r.first_call_s, 1)}"
+        timing = f"{_fmt(r.median_ms, 3)} | {spread} | {_fmt(r.img_per_s, 0)} | {_fmt(r.tflops, 2)}"
+        timing += f" | {_fmt(r.first_call_s, 1)}"
+        note = r.skipped or (f"engine: {r.engine_choice}" if r.engine_choice else "")
         lines.append(
             f"| {r.model} | {r.batch_size} | {r.provider} | {timing} | {error} | {agrees} | "
-            f"{_fmt(r.peak_mem_gb, 2)} | {r.skipped or ''} |"
+            f"{_fmt(r.peak_mem_gb, 2)} | {note} |"
         )
     return "\n".join(lines)
 

@@ -25,8 +25,10 @@ import copy
 import logging
 import numbers
 import statistics
+import time
+import types
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -34,11 +36,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from vitfast import ops
+from vitfast._measure import agreement, time_call, tolerance_for
 from vitfast.backend import BACKENDS, implementations, override_impl, use_backend
 from vitfast.layers.mlp import Mlp, SwiGLU, SwiGLUPacked
 from vitfast.layers.pos_embed import resample_abs_pos_embed
 from vitfast.models.vision_transformer import VisionTransformer
 from vitfast.ops.attention import attention_graph_policy
+from vitfast.ops.linear import linear_ref
 from vitfast.ops.swiglu import aligned_width
 
 __all__ = ["InferenceEngine", "optimize"]
@@ -50,6 +54,23 @@ ON_NEW_SIZE = ("eager", "capture")
 # SDPA for attention unless a relative position bias is gathered (RoPE then rotates q and k in one kernel before
 # SDPA); plain PyTorch. The fastest replay is kept.
 TUNING_CANDIDATES = ("kernels", "kernels-sdpa", "reference")
+# "kernels-sdpa" with fc1's bias + GELU in cuBLASLt's GEMM epilogue (torch._addmm_activation): one kernel instead of
+# a GEMM and an activation pass. The epilogue computes the tanh approximation of GELU, so it is offered only where
+# that passes STYLE rule 5 against the family's exact (erf) GELU: bf16 (ViT-B widths, CPU emulation of the
+# epilogue's numerics, 2026-12-01: ViT-B 1.4e-2 vs bound 3.3e-2, BEiT v2-B 7.1e-3 vs 1.9e-2, CLIP-B (GELU) 1.3e-2 vs
+# 2.4e-2, logits scaled max error against fp64). Not fp32 (3e-4 vs a bound of 2.5e-6), fp16 (not measured), nor
+# QuickGELU (another function: 1.5e-2 against it in fp32).
+EPILOGUE_CANDIDATE = "kernels-epilogue"
+# The fused forward on the reference ops compiled by torch.compile (inductor: fused elementwise glue, padded GEMMs,
+# its own attention lowering), then captured in the engine's graph like the others. Offered with compile=True.
+COMPILED_CANDIDATE = "inductor"
+CANDIDATES = (*TUNING_CANDIDATES, EPILOGUE_CANDIDATE, COMPILED_CANDIDATE)
+# Pruning (capture time, above all the compiled candidate's compile): a candidate that was more than PRUNE_MARGIN
+# times slower than the winner at the nearest smaller captured batch size of the same call, input shape and dtype,
+# or was rejected there, is not captured again. Only when that size is at most PRUNE_MAX_BATCH_RATIO times smaller:
+# the ranking at batch 1-8 (launch-bound) says little about batch 64 (GEMM-bound), which is tuned in full.
+PRUNE_MARGIN = 1.5
+PRUNE_MAX_BATCH_RATIO = 4
 _KINDS = ("forward", "features")
 
 
@@ -64,6 +85,7 @@ def optimize(
     backend: str | None = None,
     fuse: bool = True,
     use_graphs: bool | None = None,
+    compile: bool | None = None,
 ) -> InferenceEngine:
     """An inference engine for ``model``: same call signature (``engine(x)``, ``engine.forward_features(x)``).
 
@@ -87,12 +109,20 @@ def optimize(
             size is captured once per candidate (``"kernels"``: the Triton kernels with cuBLAS GEMMs;
             ``"kernels-sdpa"``: the same, with SDPA for attention unless it has a relative position bias, and RoPE
             applied to q and k by one kernel before SDPA;
-            ``"reference"``), a few replays of each are timed, and the fastest graph is kept (``engine.choices`` says
-            which won, ``engine.tuning`` the times); without graphs, the current backend. A name from
-            :data:`vitfast.backend.BACKENDS` or one of the candidates fixes it.
+            ``"reference"``; ``"inductor"`` with ``compile``), each is checked against the plain forward, a few
+            replays of each that agrees are timed, and the fastest graph is kept (``engine.choices`` says which won,
+            ``engine.tuning`` the times, ``engine.skipped`` why others were left out: rejected, or pruned because
+            they lost clearly at the nearest smaller batch size); without graphs, the current backend. A name from
+            :data:`vitfast.backend.BACKENDS` or one of :data:`CANDIDATES` fixes it.
         fuse: run vitfast models through the fused block sequence (see the module docstring); ``False`` graphs the
             model's own ``forward``.
         use_graphs: capture CUDA graphs (default: on a CUDA device).
+        compile: add the ``"inductor"`` candidate: the engine's forward compiled by ``torch.compile`` (fullgraph,
+            static shapes) on the reference ops, captured and timed beside the others. Its compile is paid on the
+            first call of each (call, batch size, input shape, dtype): on the CPU a ViT-B/16 took 83 s with an empty
+            inductor cache and 6 s with a warm one; not yet measured on a GPU (``engine.compile_seconds`` says how
+            long each took). Default: on with CUDA graphs (where the engine
+            tunes), off otherwise; ``compile=True`` without graphs runs the compiled forward.
     """
     return InferenceEngine(
         model,
@@ -104,6 +134,7 @@ def optimize(
         backend=backend,
         fuse=fuse,
         use_graphs=use_graphs,
+        compile=compile,
     )
 
 
@@ -146,6 +177,7 @@ class InferenceEngine(nn.Module):
         backend: str | None = None,
         fuse: bool = True,
         use_graphs: bool | None = None,
+        compile: bool | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(model, nn.Module):
@@ -158,10 +190,9 @@ class InferenceEngine(nn.Module):
             raise ValueError(f"batch_sizes must be positive integers, got {batch_sizes}.")
         if on_new_size not in ON_NEW_SIZE:
             raise ValueError(f"on_new_size must be one of {ON_NEW_SIZE}, got {on_new_size!r}.")
-        if backend is not None and backend not in (*BACKENDS, *TUNING_CANDIDATES):
-            raise ValueError(
-                f"unknown vitfast backend {backend!r}; choose one of {', '.join((*BACKENDS, *TUNING_CANDIDATES[:2]))}."
-            )
+        if backend is not None and backend not in (*BACKENDS, *CANDIDATES):
+            choices = ", ".join(dict.fromkeys((*BACKENDS, *CANDIDATES)))
+            raise ValueError(f"unknown vitfast backend {backend!r}; choose one of {choices}.")
         device, dtype = _default_device_and_dtype(model, device, dtype)
         if device.type == "cuda" and not torch.cuda.is_available():
             raise RuntimeError(
@@ -183,11 +214,15 @@ class InferenceEngine(nn.Module):
         self.copy_outputs = copy_outputs
         self.backend = backend
         self.use_graphs = device.type == "cuda" if use_graphs is None else use_graphs
+        self.compile = self.use_graphs if compile is None else bool(compile)
         self.model = copy.deepcopy(model).to(device=device, dtype=dtype).eval().requires_grad_(False)
         self.fused = _FusedViT(self.model) if fuse and isinstance(self.model, VisionTransformer) else None
         self._captured: dict[tuple, _Captured] = {}
         self.choices: dict[tuple, str] = {}  # (call, batch size, input shape, dtype) -> the candidate captured
         self.tuning: dict[tuple, dict[str, float]] = {}  # same keys -> median replay ms of every candidate
+        self.skipped: dict[tuple, dict[str, str]] = {}  # same keys -> why a candidate was pruned or rejected
+        self.compile_seconds: dict[tuple, float] = {}  # same keys -> the compiled candidate's first call
+        self._compiled: dict[tuple, Callable] = {}
         self._pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
         self.stats = {"replays": 0, "eager_calls": 0, "captures": 0}
 
@@ -208,7 +243,8 @@ class InferenceEngine(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"batch_sizes={self.batch_sizes}, dtype={self.dtype}, device={self.device}, graphs={self.use_graphs}, "
-            f"fused={self.fused is not None}, on_new_size={self.on_new_size!r}, copy_outputs={self.copy_outputs}"
+            f"fused={self.fused is not None}, compile={self.compile}, on_new_size={self.on_new_size!r}, "
+            f"copy_outputs={self.copy_outputs}"
         )
 
     # ------------------------------------------------------------------ dispatch
@@ -238,7 +274,7 @@ class InferenceEngine(nn.Module):
             captured.graph.replay()
             self.stats["replays"] += 1
         else:
-            captured.static_output.copy_(self._call(kind, captured.static_input))
+            captured.static_output.copy_(self._call(kind, captured.static_input, self.choices[key]))
             self.stats["eager_calls"] += 1
         out = captured.static_output[:batch]
         return out.clone() if self.copy_outputs else out
@@ -249,38 +285,97 @@ class InferenceEngine(nn.Module):
     def _candidates(self) -> list[str]:
         if self.backend is not None:
             return [self.backend]
-        if not self.use_graphs or "triton" not in implementations("attention"):
-            return ["current"]
-        return list(TUNING_CANDIDATES)
+        compiled = [COMPILED_CANDIDATE] if self.compile else []
+        if not self.use_graphs:
+            return compiled or ["current"]
+        if "triton" not in implementations("attention"):
+            return ["current", *compiled]
+        epilogue = [EPILOGUE_CANDIDATE] if self._gelu_epilogue_applies() else []
+        return [*TUNING_CANDIDATES, *epilogue, *compiled]
+
+    def _gelu_epilogue_applies(self) -> bool:
+        """Whether the tanh-GELU epilogue passes rule 5 here (see EPILOGUE_CANDIDATE) and has an fc1 to fuse into."""
+        if self.dtype != torch.bfloat16 or self.fused is None:
+            return False
+        return any(block.mlp_kind == "mlp" and block.activation == "gelu" for block in self.fused.blocks)
+
+    def _pruned(self, key: tuple, candidates: list[str]) -> tuple[list[str], dict[str, str]]:
+        """``candidates`` less those the nearest smaller captured batch size says cannot win (see PRUNE_MARGIN)."""
+        kind, size, shape, dtype = key
+        smaller = [k[1] for k in self.tuning if (k[0], k[2], k[3]) == (kind, shape, dtype) and k[1] < size]
+        if len(candidates) < 2 or not smaller or size > PRUNE_MAX_BATCH_RATIO * max(smaller):
+            return candidates, {}
+        previous = (kind, max(smaller), shape, dtype)
+        times, rejected = self.tuning[previous], self.skipped.get(previous, {})
+        best = min(times.values(), default=None)
+        pruned = {}
+        for name in candidates:
+            if name in rejected:  # rejected there, or pruned there (and so further up the chain of sizes)
+                pruned[name] = f"pruned: left out at batch {previous[1]} ({rejected[name]})"
+            elif name in times and times[name] > PRUNE_MARGIN * best:
+                pruned[name] = (
+                    f"pruned: {times[name]:.3f} ms at batch {previous[1]}, more than {PRUNE_MARGIN}x the fastest "
+                    f"({best:.3f} ms)"
+                )
+        return [name for name in candidates if name not in pruned], pruned
 
     @contextlib.contextmanager
     def _candidate(self, name: str):
         with contextlib.ExitStack() as stack:
-            if name in ("kernels", "kernels-sdpa"):
+            if name in ("kernels", "kernels-sdpa", EPILOGUE_CANDIDATE):
                 stack.enter_context(use_backend("triton"))
                 # cuBLAS beats ops.linear's Triton GEMM at every shape measured (H100, bf16, 2026-11-22: 9.1 vs
                 # ~6.5 us per projection at 197 rows, 21 vs ~12 us at 1576 rows)
-                stack.enter_context(override_impl("linear", implementations("linear")["reference"]))
-                if name == "kernels-sdpa":
+                linear = gelu_epilogue_linear if name == EPILOGUE_CANDIDATE else implementations("linear")["reference"]
+                stack.enter_context(override_impl("linear", linear))
+                if name != "kernels":
                     stack.enter_context(override_impl("attention", attention_graph_policy))
+            elif name == COMPILED_CANDIDATE:
+                stack.enter_context(use_backend("reference"))
             elif name != "current":
                 stack.enter_context(use_backend(name))
             yield
 
     def _call(self, kind: str, x: torch.Tensor, candidate: str | None = None) -> torch.Tensor:
-        """One forward on the engine's model, outside any graph."""
-        name = candidate or self._candidates()[0]
+        """One forward on the engine's model, outside any graph. Without a candidate (a batch above every captured
+        size, run eagerly): the first one that needs no compile for this new size."""
+        name = candidate or next((c for c in self._candidates() if c != COMPILED_CANDIDATE), "current")
         with torch.inference_mode(), self._candidate(name):
+            if name == COMPILED_CANDIDATE:
+                return self._compiled_forward(kind, x)(self._target(), kind == "features", x)
+            return _forward(self._target(), kind == "features", x)
+
+    def _target(self) -> nn.Module | _FusedViT:
+        return self.fused if self.fused is not None else self.model
+
+    def _compiled_forward(self, kind: str, x: torch.Tensor) -> Callable:
+        """The forward compiled for this exact input (static shapes), compiling it on first use."""
+        key = (kind, x.shape[0], tuple(x.shape[1:]), x.dtype)
+        compiled = self._compiled.get(key)
+        if compiled is None:
             if self.fused is not None:
-                return self.fused(x, features_only=kind == "features")
-            return self.model.forward_features(x) if kind == "features" else self.model(x)
+                self.fused.prepare(x)  # its per-grid tables built eagerly, so that the graph has no side effects
+            # Dynamo keeps compiled graphs (and its recompile limit) per code object: a copy of _forward's code per
+            # entry keeps the entries of every engine and batch size apart, and none falls back to eager past the limit
+            compiled = torch.compile(_own_code(_forward), fullgraph=True, dynamic=False)
+            start = time.perf_counter()
+            output = compiled(self._target(), kind == "features", x)
+            if x.device.type == "cuda":
+                torch.cuda.synchronize(x.device)
+            seconds = self.compile_seconds[key] = time.perf_counter() - start
+            logger.info("vitfast engine: %s at batch %d compiled in %.1f s", kind, x.shape[0], seconds)
+            del output
+            self._compiled[key] = compiled
+        return compiled
 
     def _capture(self, kind: str, size: int, x: torch.Tensor) -> _Captured:
         static_input = torch.zeros((size, *x.shape[1:]), dtype=self._input_dtype(x), device=self.device)
         static_input[: x.shape[0]].copy_(x)
-        candidates = self._candidates()
         key = (kind, size, tuple(x.shape[1:]), self._input_dtype(x))
-        several = self.use_graphs and len(candidates) > 1
+        everyone = self._candidates()
+        candidates, problems = self._pruned(key, everyone) if self.use_graphs else (everyone, {})
+        # tuning (also when pruning leaves one candidate: it is still checked against the reference at this size)
+        several = self.use_graphs and len(everyone) > 1
         # The first run validates the input (shape, channels, image size) with the model's own error messages. With
         # several candidates it is the plain-PyTorch forward that each graph must agree with before its speed counts:
         # a kernel that misbehaves on some GPU (or a capture gone wrong) is never the one kept.
@@ -290,12 +385,9 @@ class InferenceEngine(nn.Module):
             self.choices[key] = candidates[0]
             return _Captured(static_input, first.clone(), None)
         expected = first if several else None
-        from vitfast import bench  # the benchmark's agreement rule; bench imports the package, so not at import time
-
-        tolerance = next(bench.AGREEMENT_TOLERANCE[n] for n, dtype in bench.DTYPES.items() if dtype == self.dtype)
+        tolerance = tolerance_for(self.dtype)
         best: tuple[float, str, _Captured] | None = None
         times: dict[str, float] = {}
-        problems: dict[str, str] = {}
         for name in candidates:
             try:
                 captured = self._capture_graph(kind, static_input, name)
@@ -304,8 +396,8 @@ class InferenceEngine(nn.Module):
                 continue
             if expected is not None:
                 captured.graph.replay()
-                error = bench.scaled_error(captured.static_output, expected)
-                if not error <= tolerance:  # also catches NaN
+                error, agrees = agreement(captured.static_output, expected, tolerance)
+                if not agrees:  # also a non-finite or misshaped output
                     problems[name] = f"output differs from the reference by {error:.2e} (> {tolerance:.0e})"
                     continue
                 times[name] = _median_replay_ms(captured.graph)
@@ -313,11 +405,16 @@ class InferenceEngine(nn.Module):
                     continue  # the loser's graph and buffers go back to the pool
             best = (times.get(name, 0.0), name, captured)
         for name, problem in problems.items():
+            if problem.startswith("pruned"):
+                logger.info("vitfast engine: candidate %r %s for %s at batch %d", name, problem, kind, size)
+                continue
             logger.warning("vitfast engine: candidate %r skipped for %s at batch %d: %s", name, kind, size, problem)
         if best is None:
             raise RuntimeError(f"vitfast engine: no candidate could be captured for {kind} at batch {size}: {problems}")
         _, name, captured = best
-        self.choices[key], self.tuning[key] = name, times
+        self.choices[key], self.tuning[key], self.skipped[key] = name, times, problems
+        if name != COMPILED_CANDIDATE:
+            self._compiled.pop(key, None)  # a compiled forward that lost is never called again
         logger.debug("vitfast engine: %s at batch %d captured with %s (%s)", kind, size, name, times)
         return captured
 
@@ -336,10 +433,37 @@ class InferenceEngine(nn.Module):
 
 def _median_replay_ms(graph: torch.cuda.CUDAGraph, reps: int = 15) -> float:
     """Median time of one replay, each from an idle GPU (as a caller sees it), timed as ``vitfast bench`` times."""
-    from vitfast.bench import time_call
-
     _, times, _ = time_call(graph.replay, torch.device("cuda"), warmup=3, reps=reps)
     return statistics.median(times)
+
+
+def gelu_epilogue_linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, activation: str | None = None
+) -> torch.Tensor:
+    """``ops.linear`` of the ``"kernels-epilogue"`` candidate: cuBLAS, with a biased GEMM followed by the exact GELU
+    replaced by cuBLASLt's bias + GELU epilogue, which computes the tanh approximation (one kernel; the fp32
+    accumulator goes through bias and GELU and is rounded once). Every other projection as the reference."""
+    if activation != "gelu" or bias is None:
+        return linear_ref(x, weight, bias, activation)
+    if x.device.type == "cuda":
+        out = torch._addmm_activation(bias, x.reshape(-1, x.shape[-1]), weight.t(), use_gelu=True)
+        return out.view(*x.shape[:-1], weight.shape[0])
+    # the CPU's _addmm_activation computes the exact GELU instead: the epilogue's numerics emulated, so that the
+    # candidate is tested (and its rule-5 error measured) without a GPU
+    return F.gelu(F.linear(x.float(), weight.float(), bias.float()), approximate="tanh").to(x.dtype)
+
+
+def _forward(target: nn.Module | _FusedViT, features_only: bool, x: torch.Tensor) -> torch.Tensor:
+    """One forward of the fused sequence or the model itself: what every candidate runs (and the compiled one
+    compiles)."""
+    if isinstance(target, _FusedViT):
+        return target(x, features_only=features_only)
+    return target.forward_features(x) if features_only else target(x)
+
+
+def _own_code(fn: Callable) -> Callable:
+    """``fn`` with a code object of its own (equal to, but not the same object as, ``fn.__code__``)."""
+    return types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
 
 
 # ---------------------------------------------------------------------------------------------- fused ViT forward
@@ -475,6 +599,12 @@ class _FusedViT:
             torch.tensor(cfg[key], dtype=torch.float32, device=device) if key in cfg else None
             for key in ("mean", "std")
         )
+
+    def prepare(self, image: torch.Tensor) -> None:
+        """Build the per-grid tables (RoPE, resampled position embedding) of ``image``'s size now, outside any graph."""
+        grid = self.model.patch_embed.grid_size_for(image)
+        self._rope(grid, image.device)
+        self._pos_embed(grid)
 
     def _rope(self, grid: tuple[int, int], device: torch.device):
         if self.model.rope is None:
