@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # One device-machine call, run from the repo root: bash benchmarks/gpu_session.sh [sections...]
 # Sections: env tests retest bench engine engine-check profile ops launch kernels layer_norm (default: env tests bench
-# profile ops). Everything is written
-# under $OUT (or ./gpu_out). Each section has its own time limit so that one slow part cannot eat the call.
+# profile ops). Everything is written under $OUT (or ./gpu_out). Each section has its own time limit so that one slow
+# part cannot eat the call.
 set -u
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 OUT=${OUT:-$PWD/gpu_out}
