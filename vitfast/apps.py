@@ -157,7 +157,9 @@ def _runner(
     if use_engine:
         from vitfast.engine import optimize
 
-        module: nn.Module = optimize(model.eval(), batch_sizes=(batch_size,), dtype=dtype, device=device)
+        # no inductor candidate: its compile (tens of seconds to minutes per model and shape) would dominate a
+        # one-shot command; the kernel candidates capture in seconds
+        module: nn.Module = optimize(model.eval(), batch_sizes=(batch_size,), dtype=dtype, device=device, compile=False)
         # capture (and tune) the batch size now, before any timing: a one-time cost, not the engine's speed
         with torch.no_grad():
             module(torch.zeros(batch_size, 3, *transform.input_size, device=device, dtype=dtype))
