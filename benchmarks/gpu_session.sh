@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # One device-machine call, run from the repo root: bash benchmarks/gpu_session.sh [sections...]
-# Sections: env tests retest bench engine engine-check profile ops launch kernels layer_norm (default: env tests bench
-# profile ops). Everything is written under $OUT (or ./gpu_out). Each section has its own time limit so that one slow
-# part cannot eat the call.
+# Sections: env tests retest bench engine engine-check eva train profile ops launch kernels layer_norm (default: env
+# tests bench profile ops). Everything is written under $OUT (or ./gpu_out). Each section has its own time limit so
+# that one slow part cannot eat the call.
 set -u
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 OUT=${OUT:-$PWD/gpu_out}
@@ -51,6 +51,22 @@ for section in $sections; do
         --backends tuned,kernels,kernels-sdpa,reference \
         --models vit_base_patch16_224,beitv2_base_patch16_224,eva02_base_patch14_448,eva02_large_patch14_448 \
         2>&1 | tail -45 ;;
+    eva)
+      # issue 13: EVA-02 inference against timm (batch 1 / 8 / 64; ENGINE_MODELS's last pair above, with the engine's
+      # choice), then attention with RoPE at 8 x 16 x 1025 beside SDPA without it (the <= 1.15x target), ~5 min
+      timeout ${EVA_LIMIT:-240} python3 -m vitfast.cli bench eva02_base_patch14_448 eva02_large_patch14_448 \
+        --batch-sizes 1,8,64 --providers timm-eager,timm-compile,timm-graphs,vitfast-graphs --warmup 3 --reps 20 \
+        --json "$OUT/eva.jsonl" 2>&1 | grep -v "first call \.\.\.\|^    median" | tail -30
+      timeout 90 python3 -m pytest benchmarks/test_ops.py --benchmark-only -q -p no:cacheprovider \
+        -k "gpu and attention and 1025 and not compile" --benchmark-json "$OUT/eva_attention.json" \
+        --benchmark-columns median,iqr --benchmark-sort name 2>&1 | tail -25 ;;
+    train)
+      # issues 13 and 18: one optimizer step (bf16 autocast, AdamW), timm eager / compiled against the same timm model
+      # patched (auto = PyTorch where no cell is measured, plus recomputation; triton = the kernels), peak memory in
+      # the rows. TRAIN_MODELS / TRAIN_BATCH: ViT-B/16 and BEiT v2-B at 64, EVA-02-L/224 at 32 (a call each)
+      timeout ${TRAIN_LIMIT:-280} python3 -m vitfast.cli bench ${TRAIN_MODELS:-vit_base_patch16_224} --train \
+        --batch-sizes ${TRAIN_BATCH:-64} --providers timm-eager,timm-compile,timm-patched,timm-patched-triton,timm-patched-compile \
+        --warmup 3 --reps 10 --json "$OUT/train.jsonl" 2>&1 | grep -v "first call \.\.\.\|^    median" | tail -30 ;;
     profile)
       # the engine's candidates by name (vitfast.engine.TUNING_CANDIDATES); EVA-02-L bs 8 is the row furthest behind
       for spec in "vit_base_patch16_224 1 vitfast-graphs:kernels" "eva02_large_patch14_448 8 vitfast-graphs:kernels-sdpa" \

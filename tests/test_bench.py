@@ -157,6 +157,29 @@ def test_train_mode_times_an_optimizer_step() -> None:
     assert all(r.agrees for r in results), "the first step's loss must agree across providers"
 
 
+def test_patched_timm_providers_train_and_infer_on_a_copy() -> None:
+    """``timm-patched``: the user's timm model with vitfast.patch(), same first loss / output as timm; patched on a
+    copy (patch works in place), so that the timm providers keep running timm's own layers."""
+    overrides = {"depth": 1, "img_size": 56, "num_classes": 10}
+    for train in (True, False):
+        config = BenchConfig(
+            models=["eva02_tiny_patch14_224"],
+            batch_sizes=[2],
+            reps=1,
+            warmup=0,
+            train=train,
+            providers=["timm-patched", "timm-eager"],
+            overrides=overrides,
+        )
+        results = bench.run(config)
+        assert sorted(r.provider for r in results) == ["timm-eager", "timm-patched"]
+        assert all(r.agrees and r.median_ms for r in results), [(r.provider, r.agrees, r.error) for r in results]
+    _, reference = bench.build_models("eva02_tiny_patch14_224", "cpu", **overrides)
+    patched = bench.prepare(PROVIDERS["timm-patched"], None, reference, torch.float32, train=False)
+    assert patched is not reference and hasattr(patched, "vitfast_patch_summary")
+    assert not hasattr(reference, "vitfast_patch_summary")
+
+
 def test_peer_providers_route_ops_to_the_peer_library(monkeypatch) -> None:
     """Liger's functions stand in as fakes here (it needs a GPU); the check is that vitfast's ops reach them."""
     called = []

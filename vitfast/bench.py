@@ -75,6 +75,7 @@ class Provider:
     cuda_only: bool = False
     default: bool = True  # part of the default provider set
     engine: bool = False  # run through vitfast.optimize() (CUDA graphs + fused blocks), inference only
+    patched: bool = False  # the timm model with vitfast.patch() (vitfast's layers in a user's timm model)
 
 
 PROVIDERS = {
@@ -91,6 +92,26 @@ PROVIDERS = {
         ),
         Provider("vitfast-reference", "vitfast, reference backend", "vitfast", backend="reference"),
         Provider("vitfast-compile", "vitfast, torch.compile(dynamic=False)", "vitfast", "default", default=False),
+        # the training path: a user's timm model with vitfast.patch(), eager and compiled (same weights as timm's)
+        Provider("timm-patched", "timm + vitfast.patch(), eager", "vitfast", default=False, patched=True),
+        Provider(
+            "timm-patched-triton",
+            "timm + vitfast.patch(backend='triton'), eager",
+            "vitfast",
+            backend="triton",
+            requires="triton",
+            cuda_only=True,
+            default=False,
+            patched=True,
+        ),
+        Provider(
+            "timm-patched-compile",
+            "timm + vitfast.patch(), torch.compile(dynamic=False)",
+            "vitfast",
+            "default",
+            default=False,
+            patched=True,
+        ),
         # peers: vitfast's layers on the PyTorch reference, with one library's kernels swapped in
         Provider(
             "xformers",
@@ -332,13 +353,16 @@ def _timm_overrides(model: nn.Module) -> dict[str, Any]:
 
 def prepare(provider: Provider, ours: nn.Module, reference: nn.Module | None, dtype: torch.dtype, train: bool):
     """The module a provider runs: the shared weights in the right dtype, compiled when the provider compiles."""
-    if provider.library == "timm":
+    if provider.library == "timm" or provider.patched:
         if reference is None:
             raise LookupError("no timm counterpart")
         module = reference
     else:
         module = ours
-    module = copy.deepcopy(module) if train else module.to(dtype)
+    # patch() swaps layers in place: on a copy, so that the timm providers keep timm's model
+    module = copy.deepcopy(module) if train or provider.patched else module.to(dtype)
+    if provider.patched:
+        module = vitfast.patch(module if train else module.to(dtype))  # its ops run under the provider's backend
     if provider.compile_mode is not None:
         # a fresh dynamo cache per compiled provider: each (batch size, mode) recompiles the same model class, and past
         # dynamo's recompile limit (8) it would silently run eager
@@ -496,7 +520,7 @@ def skip_reason(provider: Provider, device: str, reference: nn.Module | None, tr
     if train and provider.engine:
         return "inference engine (no training step)"
     reason = unavailable_reason(provider, device)
-    if reason is None and provider.library == "timm" and reference is None:
+    if reason is None and (provider.library == "timm" or provider.patched) and reference is None:
         reason = "no timm counterpart"
     return reason
 
