@@ -56,6 +56,9 @@ for b in json.load(open(sys.argv[1]))["benchmarks"]:
     print(f"{b['name'][12:]:<70} {b['stats']['median'] * 1e6:9.1f} us" + (f"  {gbps:7.0f} GB/s" if gbps else ""))
 PY
       ;;
+    attention)
+      # (not in the default list) 64 vs 128 forward query rows at N <= 256, and what the table gradient costs, ~1 min
+      timeout 120 python3 benchmarks/attention_tiles.py --json "$OUT/attention_tiles.jsonl" 2>&1 | tail -20 ;;
     kernels)
       # the kernel report's launches run on this GPU: measured time beside each floor (fraction of floor), ~3 min
       timeout 300 python3 -m benchmarks.kernel_report --gpu --gpu-peaks H200 --out-dir "$OUT" 2>&1 | tail -20 ;;
