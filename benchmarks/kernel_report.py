@@ -216,6 +216,7 @@ def _cases() -> list[Case]:
     cases += [
         _case(fp32, "layer_norm", "LN C=1024", _layer_norm, 1024, 8 * 257, False, False, FP32),
         _case(fp32, "attention", "attention D=64 N=197", _attention, 8, 12, 197, 64, False, FP32),
+        _case(fp32, "attention", "attention D=64 N=197 relpos", _attention, 8, 12, 197, 64, True, FP32),
         _case(fp32, "swiglu", "sub-LN h=2730", _swiglu, "sub-LN", 8 * 1025, 2730, FP32),
         _case(fp32, "patch_embed", "patch embed p=16 D=1024", _patch_embed, 8, 16, 1024, 224, FP32, False),
         _case(fp32, "linear", "fc1+GELU 1576x3072x768", _linear_fp32, 1576, 3072, 768),

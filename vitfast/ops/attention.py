@@ -22,9 +22,9 @@ this order on an H100. The bias is streamed per score tile from a dense ``[H, N,
 it once per call (one small launch, in ``q``'s dtype, rows padded to 16 elements so tiles load 16 bytes at a time and
 Triton pipelines them); the index values are not range-checked. Its gradient (``sum_b dS[b]``) comes from a kernel in
 which each program owns one tile of one head and loops over the batch (no atomics), then one ``index_add_`` into the
-table. The output is allocated ``[B, N, H, D]`` and returned as its
-``[B, H, N, D]`` view, so the layer's ``out.transpose(1, 2).reshape(B, N, C)`` costs nothing. Anything else
-(dropout, other dtypes or head dims, cross-attention shapes, devices the kernels cannot take) runs the reference.
+table. The output is allocated ``[B, N, H, D]`` and returned as its ``[B, H, N, D]`` view, so the layer's
+``out.transpose(1, 2).reshape(B, N, C)`` costs nothing. Anything else (dropout, other dtypes or head dims,
+cross-attention shapes, devices the kernels cannot take) runs the reference.
 Gradients flow to ``q``, ``k``, ``v`` and the bias table (or the dense bias); the RoPE tables are constants (no
 gradient).
 """
@@ -626,7 +626,7 @@ def _head_dim_blocks(head_dim: int) -> dict:
 FWD_SMALL_N = 256
 
 
-def _tiles(head_dim: int, seq_len: int, dtype: torch.dtype, bias: bool) -> dict[str, dict]:
+def _tiles(head_dim: int, seq_len: int, dtype: torch.dtype) -> dict[str, dict]:
     """Tile sizes (BLOCK_M query rows, BLOCK_N key rows) and launch options of the "fwd", "dq", "dkdv" and "dbias"
     kernels."""
     if INTERPRETER:
@@ -694,7 +694,7 @@ def attention_fwd(
     out = torch.empty((batch, seq_len, heads, head_dim), dtype=q.dtype, device=q.device).transpose(1, 2)
     lse = torch.empty((batch, heads, seq_len), dtype=torch.float32, device=q.device)
     dense = _dense_bias(q, rel_pos_bias_table, rel_pos_index, bias)
-    blocks = _tiles(head_dim, seq_len, q.dtype, dense is not None)["fwd"]
+    blocks = _tiles(head_dim, seq_len, q.dtype)["fwd"]
     bias_ptr, bias_strides = _bias_args(q, dense)
     launch(
         _attention_fwd_kernel,
@@ -749,7 +749,7 @@ def attention_bwd(
     delta = torch.empty_like(lse)
     dense = _dense_bias(q, rel_pos_bias_table, rel_pos_index, bias)
     dense_t = _dense_bias(q, rel_pos_bias_table, rel_pos_index, bias, transposed=True)
-    tiles = _tiles(head_dim, seq_len, q.dtype, dense is not None)
+    tiles = _tiles(head_dim, seq_len, q.dtype)
     dq_blocks, dkdv_blocks = tiles["dq"], tiles["dkdv"]
     bias_ptr, bias_strides = _bias_args(q, dense)
     bias_t_ptr, bias_t_strides = _bias_args(q, dense_t)
