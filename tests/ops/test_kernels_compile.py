@@ -164,7 +164,8 @@ def test_memory_bound_kernels_move_16_bytes_per_access(report: dict, kernel: str
 
 _DBIAS_STATS_SYNC = (
     "the bias gradient's batch loop loads each image's per-query lse and delta (2 x 64 fp32) synchronously: Triton 3.8 "
-    "pipelined neither their row- nor their column-broadcast form (tried: clamped, masked, pointer-carried offsets)"
+    "pipelined neither their row- nor their column-broadcast form (tried: clamped, masked, pointer-carried and "
+    "16-aligned padded offsets)"
 )
 
 
