@@ -464,10 +464,11 @@ def test_gpu_torch_compile_fullgraph() -> None:
 
 
 @requires_kernels
-@pytest.mark.parametrize("feature", ["rope", "relbias", "none"])
+@pytest.mark.parametrize("feature", ["rope", "relbias", "dense_bias", "none"])
 def test_graph_policy_routes_each_feature(feature, monkeypatch) -> None:
     """The engine's "kernels-sdpa" attention: RoPE by the rope_2d_qk kernel, then the fused kernel only with a
-    relative position bias, SDPA otherwise. Each route agrees with the reference."""
+    relative position bias (table + index, or the dense bias gathered once), SDPA otherwise. Each route agrees with
+    the reference."""
     calls = []
     for name in ("_attention_triton", "rope_2d_qk"):
         original = getattr(attention_module, name)
@@ -482,10 +483,14 @@ def test_graph_policy_routes_each_feature(feature, monkeypatch) -> None:
     kwargs = {}
     if feature == "rope":
         kwargs = {"rope": make_rope(grid, 64), "num_prefix_tokens": 1}
-    elif feature == "relbias":
+    elif feature in ("relbias", "dense_bias"):
         table = 0.1 * torch.randn(num_relative_positions(grid), 2, device=DEVICE)
-        kwargs = {"rel_pos_bias_table": table, "rel_pos_index": relative_position_index(grid, device=DEVICE)}
+        index = relative_position_index(grid, device=DEVICE)
+        kwargs = {"rel_pos_bias_table": table, "rel_pos_index": index}
+        if feature == "dense_bias":  # what the engine can hold from capture on
+            kwargs = {"bias": ops.gather_rel_pos_bias(table, index, aligned=True)}
     with backend.use_backend("triton"):
         out = attention_module.attention_graph_policy(q, k, v, **kwargs)
-    assert calls == {"rope": ["rope_2d_qk"], "relbias": ["_attention_triton"], "none": []}[feature]
+    expected_calls = {"rope": ["rope_2d_qk"], "relbias": ["_attention_triton"], "dense_bias": ["_attention_triton"]}
+    assert calls == expected_calls.get(feature, [])
     torch.testing.assert_close(out, attention_ref(q, k, v, **kwargs), atol=1e-5, rtol=1e-5)
