@@ -728,9 +728,11 @@ def attention_bwd(
     ``d_bias`` when ``bias_grad``: the gradient of the bias given, ``[num_rel, H]`` in the table's dtype or
     ``[H, N, N]`` in the dense bias' dtype; else an empty tensor. The table is gathered again (one launch) rather than
     its dense bias kept from the forward, and gathered once more transposed for the dK/dV kernel (a dense ``bias``
-    is copied transposed). The bias gradient ``sum_b dS[b]`` comes from a kernel of its own: each
-    program owns one tile of one head's fp32 ``[N, N]`` gradient and loops over the batch, recomputing S and dP (no
-    atomics: deterministic, no ``[B, H, N, N]`` buffer); one ``index_add_`` then scatters it into the table.
+    is copied transposed). The bias gradient ``sum_b dS[b]`` comes from a kernel of its own: each program owns one
+    tile of one head's fp32 ``[N, N]`` gradient and loops over the batch, recomputing S and dP (no atomics, so that
+    sum is deterministic; no ``[B, H, N, N]`` buffer); one ``index_add_`` then scatters it into the table (on CUDA
+    with atomics, ~N^2 / num_rel pairs per entry, not batch-way: the table gradient's fp32 sums are not bitwise
+    deterministic there). dq, dk, dv are.
     """
     _check_inputs(q, k, v, rel_pos_bias_table, rel_pos_index, bias)
     if grad_out.shape != q.shape or out.shape != q.shape or grad_out.dtype != q.dtype or out.dtype != q.dtype:
