@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # One device-machine call, run from the repo root: bash benchmarks/gpu_session.sh [sections...]
-# Sections: env tests retest bench engine engine-check eva train profile ops launch kernels layer_norm (default: env
-# tests bench profile ops). Everything is written under $OUT (or ./gpu_out). Each section has its own time limit so
-# that one slow part cannot eat the call.
+# Sections: env tests retest bench engine engine-check eva train profile ops launch kernels layer_norm attention
+# (default: env tests bench profile ops). Everything is written under $OUT (or ./gpu_out). Each section has its own
+# time limit so that one slow part cannot eat the call.
 set -u
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 OUT=${OUT:-$PWD/gpu_out}
@@ -94,6 +94,9 @@ PY
       # the launch cache on a real GPU (Triton 3.6 there): cached vs kernel[grid] results bitwise equal, host us per
       # eager call cache on / off / aten (~1-2 min, mostly compiling)
       timeout 180 python3 benchmarks/launch_cache_gpu_check.py --json "$OUT/launch_cache.jsonl" 2>&1 | tail -8 ;;
+    attention)
+      # (not in the default list) 64 vs 128 forward query rows at N <= 256, and what the table gradient costs, ~1 min
+      timeout 120 python3 benchmarks/attention_tiles.py --json "$OUT/attention_tiles.jsonl" 2>&1 | tail -20 ;;
     kernels)
       # the kernel report's launches run on this GPU: measured time beside each floor (fraction of floor), ~3 min
       timeout 300 python3 -m benchmarks.kernel_report --gpu --gpu-peaks H200 --out-dir "$OUT" 2>&1 | tail -20 ;;

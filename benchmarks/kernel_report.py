@@ -88,7 +88,7 @@ def _attention(
     if bias:
         side = round((tokens - 1) ** 0.5)
         table = fake((2 * side - 1) ** 2 + 3, heads, dtype=dtype)  # BEiT: + cls-to-token, token-to-cls, cls-to-cls
-        index = fake(tokens, tokens, dtype=torch.int64)
+        index = fake(tokens, tokens, dtype=torch.int32)  # vitfast's layers hold int32 (timm's int64 works alike)
     scale = head_dim**-0.5
     out, lse = ops.attention_fwd(q, k, v, scale, table, index)
     rec.phase = "bwd"
@@ -226,6 +226,7 @@ def _cases() -> list[Case]:
     cases += [
         _case(fp32, "layer_norm", "LN C=1024", _layer_norm, 1024, 8 * 257, False, False, FP32),
         _case(fp32, "attention", "attention D=64 N=197", _attention, 8, 12, 197, 64, False, FP32),
+        _case(fp32, "attention", "attention D=64 N=197 relpos", _attention, 8, 12, 197, 64, True, FP32),
         _case(fp32, "swiglu", "sub-LN h=2730", _swiglu, "sub-LN", 8 * 1025, 2730, FP32),
         _case(fp32, "patch_embed", "patch embed p=16 D=1024", _patch_embed, 8, 16, 1024, 224, FP32, False),
         _case(fp32, "linear", "fc1+GELU 1576x3072x768", _linear_fp32, 1576, 3072, 768),
@@ -279,7 +280,7 @@ def _attention_dims(a: dict, grid: tuple) -> tuple[int, int, int]:
 
 
 def _attention_tables(a: dict) -> int:
-    return _nbytes(a["Table"], a["Index"]) if a["BIAS"] else 0
+    return _nbytes(a["Bias"] if "Bias" in a else a["BiasT"]) if a["BIAS"] else 0  # dK/dV: the bias transposed
 
 
 def _attention_fwd(a: dict, grid: tuple) -> dict:
@@ -289,7 +290,8 @@ def _attention_fwd(a: dict, grid: tuple) -> dict:
         "flops": 4 * bh * n * n * d,
     }
     if a["BIAS"]:
-        floor.update(work=f"bias gathered through the index by each of {bh} (batch, head): {bh}x", repeat=bh)
+        images = bh // a["num_heads"]
+        floor.update(work=f"the dense [H, N, N] bias read once per image (L2): {images}x", repeat=images)
     return floor
 
 
@@ -306,6 +308,17 @@ def _attention_dkdv(a: dict, grid: tuple) -> dict:
     bh, n, d = _attention_dims(a, grid)
     moved = _nbytes(a["Q"], a["K"], a["V"], a["GradOut"], a["Lse"], a["Delta"], a["GradK"], a["GradV"])
     return {"bytes": moved + _attention_tables(a), "flops": 8 * bh * n * n * d}
+
+
+def _attention_dbias(a: dict, grid: tuple) -> dict:
+    bh, n, d = a["batch"] * a["num_heads"], a["seq_len"], a["HEAD_DIM"]
+    moved = _nbytes(a["Q"], a["K"], a["V"], a["GradOut"], a["Lse"], a["Delta"], a["Bias"], a["GradBias"])
+    # S and dP once more (the dQ and dK/dV kernels recompute them too): the price of a batch sum without atomics
+    return {"bytes": moved, "flops": 4 * bh * n * n * d, "work": "S and dP recomputed: a 3rd time"}
+
+
+def _rel_pos_gather(a: dict, grid: tuple) -> dict:
+    return {"bytes": _nbytes(a["Table"], a["Index"], a["Bias"]), "flops": 0}
 
 
 def _rope(a: dict, grid: tuple) -> dict:
@@ -369,6 +382,8 @@ FLOORS: dict[str, Callable[[dict, tuple], dict]] = {
     "_attention_fwd_kernel": _attention_fwd,
     "_attention_bwd_dq_kernel": _attention_dq,
     "_attention_bwd_dkdv_kernel": _attention_dkdv,
+    "_attention_bwd_dbias_kernel": _attention_dbias,
+    "_rel_pos_bias_gather_kernel": _rel_pos_gather,
     "_rope_qk_kernel": _rope,
     "_swiglu_fwd_kernel": _swiglu_fwd,
     "_swiglu_bwd_kernel": _swiglu_bwd,
@@ -394,6 +409,8 @@ MEMORY_BOUND = (
 # instructions (the rest: per-row fp32 statistics and parameter vectors).
 MIN_VECTOR_SHARE = 2 / 3
 ATTENTION = ("_attention_fwd_kernel", "_attention_bwd_dq_kernel", "_attention_bwd_dkdv_kernel")
+# its main loop runs over the batch and streams q, k, dO, v tiles like the key loops do
+ATTENTION_BIAS_GRAD = "_attention_bwd_dbias_kernel"
 
 
 def finest_grain(launch: sm90.Launch) -> tuple[int, str]:
@@ -417,6 +434,10 @@ def finest_grain(launch: sm90.Launch) -> tuple[int, str]:
         return math.ceil(2 * a["Q"].numel() / 1024), "1024 elements of q and k per program"
     if name in ATTENTION:
         return launch.grid[1] * math.ceil(a["seq_len"] / 64), "64-row tiles of each (batch, head)"
+    if name == ATTENTION_BIAS_GRAD:
+        return a["num_heads"] * math.ceil(a["seq_len"] / 64) ** 2, "64 x 64 tiles of each head's [N, N] gradient"
+    if name == "_rel_pos_bias_gather_kernel":
+        return a["seq_len"], "one bias row (all heads) per program"
     if name == "_linear_fwd_kernel":
         return math.ceil(a["M"] / 64) * math.ceil(a["N"] / 64), "64 x 64 output tiles"
     if name == "_patch_embed_fwd_kernel":
@@ -544,7 +565,9 @@ def verdict(rows: list[dict]) -> str:
         unaligned = [row for row in compiled if not aligned_rows(row) and row["vector_share"] < 0.5]
         if unaligned:
             notes.append(f"scalar accesses at unaligned rows ({unaligned[0]['case']}: pad to 16 bytes)")
-    synchronous = [row for row in compiled if row["kernel"] in ATTENTION and sync_loads_in_loop(row)]
+    synchronous = [
+        row for row in compiled if row["kernel"] in (*ATTENTION, ATTENTION_BIAS_GRAD) and sync_loads_in_loop(row)
+    ]
     if synchronous:
         worst = max(synchronous, key=sync_loads_in_loop)
         loads = worst["ptx"]["main_loop"]["loads"]

@@ -1,9 +1,10 @@
-"""The flash-attention kernels (fused 2D RoPE, BEiT relative position bias) against an fp64 reference.
+"""The flash-attention kernels (after 2D RoPE, with BEiT's relative position bias or a dense bias) against fp64.
 
 Without a GPU the kernels run through Triton's interpreter on the CPU (tests/conftest.py selects it); there, tile
-sizes of 32 (N < 128) or 64 split every tested sequence into several blocks with a masked tail. Each kernel result
-must be within twice the error of PyTorch's own same-dtype attention (attention_ref) plus a floor (STYLE rule 5), for
-the output and for every gradient.
+sizes of 32 (N < 128), 64 (N < 256), 128 (N < 512) or 256 split every tested sequence into several blocks with a
+masked tail (the loops' unmasked full tiles and their masked last tile both run). Each kernel result must be within
+twice the error of PyTorch's own same-dtype attention (attention_ref) plus a floor (STYLE rule 5), for the output and
+for every gradient (q, k, v and the bias table, whose gradient sums over the batch: batch > 1 in the bias cases).
 """
 
 from __future__ import annotations
@@ -64,13 +65,18 @@ def make_bias(window, heads, device=DEVICE):
     return table, relative_position_index(window, device=device)
 
 
-def forward_backward(fn, q, k, v, grad_out, table=None, **kwargs) -> list[torch.Tensor]:
-    """``[out, dq, dk, dv(, d_table)]`` of ``fn``; the inputs keep their strides (leaves made from their views)."""
+def forward_backward(fn, q, k, v, grad_out, table=None, bias=None, **kwargs) -> list[torch.Tensor]:
+    """``[out, dq, dk, dv(, d_table or d_bias)]`` of ``fn``; the inputs keep their strides (leaves made from their
+    views)."""
     q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
     leaves = [q, k, v]
     if table is not None:
         table = table.detach().requires_grad_()
         leaves.append(table)
+    if bias is not None:
+        bias = bias.detach().requires_grad_()
+        leaves.append(bias)
+        kwargs["bias"] = bias
     out = fn(q, k, v, rel_pos_bias_table=table, **kwargs)
     return [out, *torch.autograd.grad(out, leaves, grad_out)]
 
@@ -79,17 +85,20 @@ def fp64(t: torch.Tensor | None) -> torch.Tensor | None:
     return None if t is None else t.detach().double()
 
 
-def check_against_reference(q, k, v, table=None, index=None, rope=None, **kwargs) -> list[torch.Tensor]:
+def check_against_reference(
+    q, k, v, table=None, index=None, rope=None, bias=None, grad_out=None, **kwargs
+) -> list[torch.Tensor]:
     """Run the kernels forward and backward and hold output and gradients to the STYLE rule 5 bound."""
-    grad_out = torch.randn(q.shape, device=q.device).to(q.dtype)
+    if grad_out is None:
+        grad_out = torch.randn(q.shape, device=q.device).to(q.dtype)
     common = dict(rel_pos_index=index, **kwargs)
-    actual = forward_backward(triton_attention, q, k, v, grad_out, table, rope=rope, **common)
+    actual = forward_backward(triton_attention, q, k, v, grad_out, table, bias, rope=rope, **common)
     rope64 = None if rope is None else (rope[0].double(), rope[1].double())
     expected = forward_backward(
-        attention_ref, fp64(q), fp64(k), fp64(v), fp64(grad_out), fp64(table), rope=rope64, **common
+        attention_ref, fp64(q), fp64(k), fp64(v), fp64(grad_out), fp64(table), fp64(bias), rope=rope64, **common
     )
-    baseline = forward_backward(attention_ref, q, k, v, grad_out, table, rope=rope, **common)
-    names = ["out", "dq", "dk", "dv", "d_table"][: len(actual)]
+    baseline = forward_backward(attention_ref, q, k, v, grad_out, table, bias, rope=rope, **common)
+    names = ["out", "dq", "dk", "dv", "d_table" if bias is None else "d_bias"][: len(actual)]
     for name, a, e, b in zip(names, actual, expected, baseline, strict=True):
         assert a.dtype == b.dtype, f"{name}: dtype {a.dtype} != {b.dtype}"
         # the floor of the computation's precision: an fp32 table's gradient comes from half-precision scores too
@@ -151,6 +160,65 @@ def test_kernels_randomized(batch, heads, grid, num_prefix_tokens, head_dim, use
 
 
 @requires_kernels
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("batch", "tokens", "head_dim", "dtype", "layout"),
+    [
+        (3, 197, 64, torch.float32, "packed"),
+        (2, 257, 88, torch.bfloat16, "split"),
+        (2, 577, 64, torch.float16, "packed"),
+    ],
+    ids=["197_tokens_batch_3_fp32", "257_tokens_head_dim_88_bf16", "577_tokens_fp16"],
+)
+def test_bias_at_model_sequence_lengths(batch, tokens, head_dim, dtype, layout) -> None:
+    """The relative position bias at BEiT's 197, 257 and 577 tokens (14x14, 16x16, 24x24 grids; one dtype each, the
+    three between them; every dtype at N = 101 in test_kernels_match_fp64_reference): outputs and the q, k, v and
+    table gradients (each tile of the table gradient summed over the batch by one program)."""
+    side = round((tokens - 1) ** 0.5)
+    q, k, v = make_qkv(batch, 1, tokens, head_dim, dtype, layout)
+    table, index = make_bias((side, side), 1)
+    check_against_reference(q, k, v, table, index)
+
+
+@requires_kernels
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_dense_bias_matches_the_table_path(dtype) -> None:
+    """``bias=`` a dense [H, N, N] bias (the engine gathers it once) streams the same values as the table path: the
+    same output and q, k, v gradients bit for bit; its own gradient holds to the rule 5 bound. An int32 index (what
+    vitfast's layers may hold; timm's is int64) gives the same results as the int64 one."""
+    grid, heads = (7, 7), 1
+    q, k, v = make_qkv(2, heads, 50, 64, dtype, "packed")
+    table, index = make_bias(grid, heads)
+    grad_out = torch.randn(q.shape, device=q.device).to(dtype)
+    from_table = forward_backward(triton_attention, q, k, v, grad_out, table, rel_pos_index=index)
+    from_int32 = forward_backward(triton_attention, q, k, v, grad_out, table, rel_pos_index=index.int())
+    for name, a, b in zip(["out", "dq", "dk", "dv", "d_table"], from_table, from_int32, strict=True):
+        assert torch.equal(a, b), f"{name}: int32 index != int64 index"
+    dense = ops.gather_rel_pos_bias(table, index, aligned=True).to(dtype)  # what the table path streams
+    from_dense = check_against_reference(q, k, v, bias=dense, grad_out=grad_out)
+    for name, a, b in zip(["out", "dq", "dk", "dv"], from_table[:4], from_dense[:4], strict=True):
+        assert torch.equal(a, b), f"{name}: dense bias != table + index"
+    assert from_dense[-1].shape == dense.shape and from_dense[-1].dtype == dtype
+
+
+@requires_kernels
+def test_gathered_bias_layouts() -> None:
+    """``gather_rel_pos_bias(aligned=True)``: the same values as the contiguous gather, rows padded to 16 elements
+    (Triton's alignment of the row stride); the launchers' one-kernel gather (also through a transposed index)
+    agrees with it exactly."""
+    table, index = make_bias((9, 11), 3)
+    plain = ops.gather_rel_pos_bias(table, index)
+    aligned = ops.gather_rel_pos_bias(table, index, aligned=True)
+    assert torch.equal(aligned, plain) and aligned.stride() == (100 * 112, 112, 1)
+    for dtype in (torch.float32, torch.bfloat16):
+        assert torch.equal(attention_module._gather_dense(table, index, dtype), plain.to(dtype))
+        assert torch.equal(
+            attention_module._gather_dense(table, index.t().int(), dtype), plain.transpose(1, 2).to(dtype)
+        )
+
+
+@requires_kernels
 def test_single_token() -> None:
     q, k, v = make_qkv(2, 2, 1, 64, torch.float32)
     grad_out = torch.randn_like(q)
@@ -168,11 +236,11 @@ def test_log_sum_exp_and_frozen_table() -> None:
     q, k, v = make_qkv(1, heads, 49, head_dim, torch.float32)
     cos, sin = make_rope(grid, head_dim)
     table, index = make_bias(grid, heads)
-    out, lse = torch.ops.vitfast.attention_fwd(q, k, v, 0.125, table, index)
+    out, lse = torch.ops.vitfast.attention_fwd(q, k, v, 0.125, table, index, None)
     assert lse.shape == (1, heads, 49) and lse.dtype == torch.float32
     scores = q.double() @ k.double().transpose(-1, -2) * 0.125 + ops.gather_rel_pos_bias(table.double(), index)
     torch.testing.assert_close(lse.double(), scores.logsumexp(-1), rtol=0, atol=1e-5)
-    out_int32_index, _ = torch.ops.vitfast.attention_fwd(q, k, v, 0.125, table, index.int())
+    out_int32_index, _ = torch.ops.vitfast.attention_fwd(q, k, v, 0.125, table, index.int(), None)
     assert torch.equal(out_int32_index, out)
     # a frozen table (no gradient wanted) skips the table-gradient path; the other gradients do not change
     grad_out = torch.randn_like(q)
@@ -249,10 +317,16 @@ def test_bad_inputs_raise() -> None:
         attention_bwd(out.half(), q, k, v, out, lse, 0.125)
     with pytest.raises(ValueError, match="lse"):
         attention_bwd(out, q, k, v, out, lse[..., :49], 0.125)
-    with pytest.raises(ValueError, match="table_grad"):
-        attention_bwd(out, q, k, v, out, lse, 0.125, table_grad=True)
+    with pytest.raises(ValueError, match="bias_grad"):
+        attention_bwd(out, q, k, v, out, lse, 0.125, bias_grad=True)
     with pytest.raises(ValueError, match="together"):
         ops.attention(q, k, v, rel_pos_bias_table=table)
+    dense = ops.gather_rel_pos_bias(table, index)
+    with pytest.raises(ValueError, match="not both"):
+        ops.attention(q, k, v, rel_pos_bias_table=table, rel_pos_index=index, bias=dense)
+    for wrong in (dense[None], dense[:, :49], dense.long()):  # [1, H, N, N], [H, 49, N], an integer bias
+        with pytest.raises(ValueError, match=r"bias must be a float \[H, N, N\]"):
+            ops.attention(q, k, v, bias=wrong)
 
 
 def _op_args(dtype, device=DEVICE, bias=True):
@@ -262,20 +336,29 @@ def _op_args(dtype, device=DEVICE, bias=True):
     return q, k, v, table, index
 
 
+def _op_call_args(features, q, k, v, table, index):
+    """The ops' bias arguments (table, index, dense bias) for a feature set: none, the table, or the dense bias."""
+    if features == "dense":
+        return (None, None, ops.gather_rel_pos_bias(table, index, aligned=True).requires_grad_())
+    if features == "bias":
+        return (table.requires_grad_(), index, None)
+    return (None, None, None)
+
+
 CPU_OPCHECK_UTILS = ("test_schema", "test_autograd_registration", "test_faketensor")
 
 
 @requires_kernels
-@pytest.mark.parametrize("features", ["plain", "bias"])
+@pytest.mark.parametrize("features", ["plain", "bias", "dense"])
 def test_opcheck_on_cpu(features) -> None:
-    q, k, v, table, index = _op_args(torch.float32, bias=features != "plain")
+    q, k, v, table, index = _op_args(torch.float32)
     q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
-    if table is not None:
-        table.requires_grad_()
-    fwd_args = (q, k, v, 0.2, table, index)
+    table, index, dense = _op_call_args(features, q, k, v, table, index)
+    fwd_args = (q, k, v, 0.2, table, index, dense)
     torch.library.opcheck(torch.ops.vitfast.attention_fwd.default, fwd_args, test_utils=CPU_OPCHECK_UTILS)
     out, lse = torch.ops.vitfast.attention_fwd(*fwd_args)
-    bwd_args = (torch.randn_like(out), q, k, v, out, lse, 0.2, table, index, table is not None)
+    bias_grad = features != "plain"
+    bwd_args = (torch.randn_like(out), q, k, v, out, lse, 0.2, table, index, bias_grad, dense)
     bwd_args = tuple(t.detach() if isinstance(t, torch.Tensor) else t for t in bwd_args)
     torch.library.opcheck(torch.ops.vitfast.attention_bwd.default, bwd_args, test_utils=CPU_OPCHECK_UTILS)
 
@@ -283,10 +366,10 @@ def test_opcheck_on_cpu(features) -> None:
 def test_op_fallback_math_matches_autograd() -> None:
     """The ops' plain-PyTorch bodies (devices the kernels cannot take) against autograd through attention_ref."""
     q, k, v, table, index = _op_args(torch.float32, device="cpu")
-    out, lse = attention_module._attention_fwd_reference(q, k, v, 0.2, table, index)
+    out, lse = attention_module._attention_fwd_reference(q, k, v, 0.2, table, index, None)
     grad_out = torch.randn_like(q)
     dq, dk, dv, d_table = attention_module._attention_bwd_reference(
-        grad_out, q, k, v, out, lse, 0.2, table, index, True
+        grad_out, q, k, v, out, lse, 0.2, table, index, True, None
     )
     expected = forward_backward(
         attention_ref, fp64(q), fp64(k), fp64(v), fp64(grad_out), fp64(table), scale=0.2, rel_pos_index=index
@@ -329,10 +412,10 @@ def test_gpu_full_opcheck(dtype) -> None:
     q, k, v, table, index = _op_args(dtype)
     q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
     table.requires_grad_()
-    fwd_args = (q, k, v, 0.2, table, index)
+    fwd_args = (q, k, v, 0.2, table, index, None)
     torch.library.opcheck(torch.ops.vitfast.attention_fwd.default, fwd_args)
     out, lse = torch.ops.vitfast.attention_fwd(*fwd_args)
-    bwd_args = (torch.randn_like(out), q, k, v, out, lse, 0.2, table, index, True)
+    bwd_args = (torch.randn_like(out), q, k, v, out, lse, 0.2, table, index, True, None)
     torch.library.opcheck(
         torch.ops.vitfast.attention_bwd.default,
         tuple(t.detach() if isinstance(t, torch.Tensor) else t for t in bwd_args),
@@ -381,10 +464,11 @@ def test_gpu_torch_compile_fullgraph() -> None:
 
 
 @requires_kernels
-@pytest.mark.parametrize("feature", ["rope", "relbias", "none"])
+@pytest.mark.parametrize("feature", ["rope", "relbias", "dense_bias", "none"])
 def test_graph_policy_routes_each_feature(feature, monkeypatch) -> None:
     """The engine's "kernels-sdpa" attention: RoPE by the rope_2d_qk kernel, then the fused kernel only with a
-    relative position bias, SDPA otherwise. Each route agrees with the reference."""
+    relative position bias (table + index, or the dense bias gathered once), SDPA otherwise. Each route agrees with
+    the reference."""
     calls = []
     for name in ("_attention_triton", "rope_2d_qk"):
         original = getattr(attention_module, name)
@@ -399,10 +483,14 @@ def test_graph_policy_routes_each_feature(feature, monkeypatch) -> None:
     kwargs = {}
     if feature == "rope":
         kwargs = {"rope": make_rope(grid, 64), "num_prefix_tokens": 1}
-    elif feature == "relbias":
+    elif feature in ("relbias", "dense_bias"):
         table = 0.1 * torch.randn(num_relative_positions(grid), 2, device=DEVICE)
-        kwargs = {"rel_pos_bias_table": table, "rel_pos_index": relative_position_index(grid, device=DEVICE)}
+        index = relative_position_index(grid, device=DEVICE)
+        kwargs = {"rel_pos_bias_table": table, "rel_pos_index": index}
+        if feature == "dense_bias":  # what the engine can hold from capture on
+            kwargs = {"bias": ops.gather_rel_pos_bias(table, index, aligned=True)}
     with backend.use_backend("triton"):
         out = attention_module.attention_graph_policy(q, k, v, **kwargs)
-    assert calls == {"rope": ["rope_2d_qk"], "relbias": ["_attention_triton"], "none": []}[feature]
+    expected_calls = {"rope": ["rope_2d_qk"], "relbias": ["_attention_triton"], "dense_bias": ["_attention_triton"]}
+    assert calls == expected_calls.get(feature, [])
     torch.testing.assert_close(out, attention_ref(q, k, v, **kwargs), atol=1e-5, rtol=1e-5)
