@@ -97,7 +97,7 @@ def test_ops_pass_the_width_the_table_is_keyed_by(monkeypatch) -> None:
         seen.append((op, width))
         return backend.implementations(op)["reference"]
 
-    for name in ("rope", "swiglu", "layer_norm"):
+    for name in ("rope", "swiglu", "layer_norm", "attention"):
         monkeypatch.setattr(importlib.import_module(f"vitfast.ops.{name}"), "dispatch", spy)
     q = torch.randn(1, 2, 5, 8)
     cos, sin = ops.rope_2d_table((2, 2), 8)
@@ -107,11 +107,13 @@ def test_ops_pass_the_width_the_table_is_keyed_by(monkeypatch) -> None:
     ops.swiglu_packed(torch.randn(3, 24))
     ops.swiglu_layer_norm(gate, gate, torch.ones(10), torch.zeros(10), 1e-6, width=10)
     ops.layer_norm(gate, torch.ones(12), torch.zeros(12), 1e-6)
+    ops.attention(q, q, q)
     assert seen == [
         ("rope_2d_qk", 8),
         ("swiglu", 12),
         ("swiglu_packed", 12),
         ("swiglu_layer_norm", 10),
         ("layer_norm", 12),
+        ("attention", 8),
     ]
     assert training_table.WIDTH_OF["rope_2d_qk"]((8, 16, 1025, 64)) == 64

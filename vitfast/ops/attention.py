@@ -1063,7 +1063,7 @@ def attention(
     """
     if rope is not None:
         _check_qk(q, k, *rope, num_prefix_tokens)
-    impl = dispatch("attention", q.device)
+    impl = dispatch("attention", q.device, q.shape[-1] if q.ndim else None)  # the training table's width: head dim
     args = (q, k, v, scale, rope, num_prefix_tokens, rel_pos_bias_table, rel_pos_index, dropout_p)
     if bias is None:
         if (rel_pos_bias_table is None) != (rel_pos_index is None):
