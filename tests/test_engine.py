@@ -75,6 +75,32 @@ def test_bf16_engine_within_rule_5(name: str) -> None:
     assert_kernel_close(out, exact, baseline, floor=1e-3, what=name)
 
 
+def test_relative_position_bias_is_gathered_once_at_build() -> None:
+    """BEiT's bias is constant in inference: the engine gathers it once into the dense, 16-byte-row layout the kernels
+    stream and every call passes it (no per-call gather of the table); the logits match the model's."""
+    model = _model("beitv2_base_patch16_224", img_size=64, depth=1)
+    engine = vitfast.optimize(model, batch_sizes=(1,), dtype=torch.float32, device="cpu")
+    block, attn = engine.fused.blocks[0], engine.model.blocks[0].attn
+    tokens = attn.relative_position_index.shape[0]
+    assert block.rel_pos_bias.shape == (attn.num_heads, tokens, tokens) and block.rel_pos_bias.stride(1) % 4 == 0
+    expected = vitfast.ops.gather_rel_pos_bias(attn.relative_position_bias_table, attn.relative_position_index)
+    assert torch.equal(block.rel_pos_bias, expected)
+    calls = []
+    original = vitfast.ops.attention
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs)
+        return original(*args, **kwargs)
+
+    image = torch.randn(1, 3, 64, 64)
+    with pytest.MonkeyPatch.context() as patcher, torch.no_grad():
+        patcher.setattr(vitfast.ops, "attention", spy)
+        logits = engine(image)
+    assert calls and all(call["bias"] is block.rel_pos_bias and "rel_pos_bias_table" not in call for call in calls)
+    with torch.no_grad():
+        assert_close_scaled(logits, model(image), tol=1e-5, what="beit logits")
+
+
 def test_unaligned_swiglu_width_is_padded_with_zeros() -> None:
     """EVA-02-L's hidden width 2730 runs as 2736 (GEMM rows 16-byte aligned in bf16); the padding is zeros, so the
     logits match the model (test_fused_forward_matches_model_fp32) and the padded hidden columns stay zero."""

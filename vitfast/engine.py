@@ -499,11 +499,12 @@ class _FusedBlock:
             self.qkv_bias = torch.cat([attn.q_bias, torch.zeros_like(attn.q_bias), attn.v_bias])
         else:
             self.qkv_weight, self.qkv_bias = attn.qkv.weight, attn.qkv.bias
-        self.rel_pos = (
-            (attn.relative_position_bias_table, attn.relative_position_index)
-            if attn.relative_position_bias_table is not None
-            else None
-        )
+        # BEiT's relative position bias is a constant in inference: gathered once here into the dense [H, N, N] layout
+        # the kernels stream (rows padded to 16 bytes), instead of once per call, and the same values a call gathers
+        self.rel_pos_bias = None
+        if attn.relative_position_bias_table is not None:
+            table, index = attn.relative_position_bias_table, attn.relative_position_index
+            self.rel_pos_bias = ops.gather_rel_pos_bias(table.detach(), index, aligned=True)
         self.uses_rope = attn.rope is not None
         self.inner_norm = _Norm.of(attn.norm)
         self.proj_weight, self.proj_bias = attn.proj.weight, attn.proj.bias
@@ -545,7 +546,6 @@ class _FusedBlock:
         qkv = ops.linear(h, self.qkv_weight, self.qkv_bias)
         # views into the packed [B, N, 3, heads, head_dim] GEMM output: the kernel reads q, k, v through strides
         q, k, v = qkv.reshape(batch, tokens, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
-        table, index = self.rel_pos if self.rel_pos is not None else (None, None)
         out = ops.attention(
             q,
             k,
@@ -553,8 +553,7 @@ class _FusedBlock:
             scale=self.scale,
             rope=rope if self.uses_rope else None,
             num_prefix_tokens=self.num_prefix_tokens,
-            rel_pos_bias_table=table,
-            rel_pos_index=index,
+            bias=self.rel_pos_bias,
         )
         out = out.transpose(1, 2).reshape(batch, tokens, channels)
         if self.inner_norm is not None:
