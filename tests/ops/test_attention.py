@@ -470,7 +470,7 @@ def test_graph_policy_routes_each_feature(feature, monkeypatch) -> None:
     relative position bias (table + index, or the dense bias gathered once), SDPA otherwise. Each route agrees with
     the reference."""
     calls = []
-    for name in ("_attention_triton", "rope_2d_qk"):
+    for name in ("_attention_triton", "_rope_2d_qk_dispatch"):
         original = getattr(attention_module, name)
 
         def spy(*args, _name=name, _original=original, **kwargs):
@@ -491,6 +491,10 @@ def test_graph_policy_routes_each_feature(feature, monkeypatch) -> None:
             kwargs = {"bias": ops.gather_rel_pos_bias(table, index, aligned=True)}
     with backend.use_backend("triton"):
         out = attention_module.attention_graph_policy(q, k, v, **kwargs)
-    expected_calls = {"rope": ["rope_2d_qk"], "relbias": ["_attention_triton"], "dense_bias": ["_attention_triton"]}
+    expected_calls = {
+        "rope": ["_rope_2d_qk_dispatch"],
+        "relbias": ["_attention_triton"],
+        "dense_bias": ["_attention_triton"],
+    }
     assert calls == expected_calls.get(feature, [])
     torch.testing.assert_close(out, attention_ref(q, k, v, **kwargs), atol=1e-5, rtol=1e-5)

@@ -51,7 +51,7 @@ from vitfast.ops._triton import (
     triton_op,
     widen_bf16_dot,
 )
-from vitfast.ops.rope import _check_qk, rope_2d_qk, rope_2d_ref
+from vitfast.ops.rope import _check_qk, _rope_2d_qk_dispatch, rope_2d_ref
 
 __all__ = ["KERNEL_HEAD_DIMS", "attention", "attention_bwd", "attention_fwd", "attention_ref", "gather_rel_pos_bias"]
 
@@ -981,10 +981,11 @@ def _uncovered(
 def _rotated(
     q: torch.Tensor, k: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None, num_prefix_tokens: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``q`` and ``k`` after 2D RoPE (through the backend's ``rope_2d_qk``), or as they are without it."""
+    """``q`` and ``k`` after 2D RoPE (through the backend's ``rope_2d_qk``), or as they are without it. The tables
+    were checked by :func:`attention` (its entry point), so not again here."""
     if rope is None:
         return q, k
-    return rope_2d_qk(q, k, *rope, num_prefix_tokens)
+    return _rope_2d_qk_dispatch(q, k, *rope, num_prefix_tokens)
 
 
 register_impl("attention", "reference", attention_ref)

@@ -279,4 +279,11 @@ def rope_2d_qk(
     Triton kernel (one pass over both, contiguous outputs) for ``[B, H, N, D]`` on a GPU, else :func:`rope_2d_ref`
     twice. Gradients flow to ``q`` and ``k``; the tables are constants."""
     _check_qk(q, k, cos, sin, num_prefix_tokens)
+    return _rope_2d_qk_dispatch(q, k, cos, sin, num_prefix_tokens)
+
+
+def _rope_2d_qk_dispatch(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_prefix_tokens: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`rope_2d_qk` for a caller that has checked the inputs already (``ops.attention`` with ``rope``)."""
     return dispatch("rope_2d_qk", q.device, q.shape[-1])(q, k, cos, sin, num_prefix_tokens)
