@@ -128,6 +128,24 @@ if HAS_TRITON:
 
 
 @triton.jit
+def _scores(
+    a, b, bias_ptrs, tile_cols, seq_len, qk_scale_log2,
+    BIAS: tl.constexpr, MASK: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    """A score tile ``a b^T`` in log2 units, plus the bias tile at ``bias_ptrs`` (the forward's ``S``, the dQ pass's
+    ``S``, the dK/dV pass's ``S^T``); with ``MASK``, ``-inf`` where ``tile_cols`` (the tile's column indices) run past
+    ``seq_len``, whose bias is not read."""
+    s = tl.dot(a, tl.trans(b), input_precision=PRECISION)
+    s = s * tl.cast(qk_scale_log2, tl.float32)
+    if BIAS:
+        bias = tl.load(bias_ptrs, mask=tile_cols < seq_len, other=0.0) if MASK else tl.load(bias_ptrs)
+        s += bias.to(tl.float32) * _LOG2E
+    if MASK:
+        s = tl.where(tile_cols < seq_len, s, float("-inf"))
+    return s
+
+
+@triton.jit
 def _fwd_key_step(
     q, acc, m_i, l_i, k_head, v_head, bias_rows, start_n, offs_n, cols, cols_ok, seq_len,
     stride_kn, stride_kd, stride_vn, stride_vd, stride_bias_n, qk_scale_log2,
@@ -138,16 +156,10 @@ def _fwd_key_step(
     key_cols = (start_n + offs_n)[None, :]  # [1, BLOCK_N]: the same keys along the score tile's columns
     kv_mask = (keys < seq_len) & cols_ok if MASK_KEYS else cols_ok
     k = tl.load(k_head + keys * stride_kn + cols * stride_kd, mask=kv_mask, other=0.0)
-    s = tl.dot(q, tl.trans(k.to(DOT_DTYPE)), input_precision=PRECISION)
-    s = s * tl.cast(qk_scale_log2, tl.float32)
-    if BIAS:
-        if MASK_KEYS:
-            bias = tl.load(bias_rows + key_cols * stride_bias_n, mask=key_cols < seq_len, other=0.0)
-        else:
-            bias = tl.load(bias_rows + key_cols * stride_bias_n)
-        s += bias.to(tl.float32) * _LOG2E
-    if MASK_KEYS:
-        s = tl.where(key_cols < seq_len, s, float("-inf"))
+    s = _scores(
+        q, k.to(DOT_DTYPE), bias_rows + key_cols * stride_bias_n, key_cols, seq_len, qk_scale_log2,
+        BIAS, MASK_KEYS, PRECISION,
+    )  # fmt: skip
     m_new = tl.maximum(m_i, tl.max(s, 1))
     alpha = tl.exp2(m_i - m_new)
     p = tl.exp2(s - m_new[:, None])
@@ -224,17 +236,10 @@ def _dq_key_step(
     kv_mask = (keys < seq_len) & cols_ok if MASK_KEYS else cols_ok
     k_in = tl.load(k_head + keys * stride_kn + cols * stride_kd, mask=kv_mask, other=0.0)
     k = k_in.to(DOT_DTYPE)
-    s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
-    s = s * tl.cast(qk_scale_log2, tl.float32)
-    if BIAS:
-        if MASK_KEYS:
-            bias = tl.load(bias_rows + key_cols * stride_bias_n, mask=key_cols < seq_len, other=0.0)
-        else:
-            bias = tl.load(bias_rows + key_cols * stride_bias_n)
-        s += bias.to(tl.float32) * _LOG2E
-    if MASK_KEYS:
-        # masked keys get p = 0 exactly (their zero-filled scores could otherwise overflow exp2 against a small lse)
-        s = tl.where(key_cols < seq_len, s, float("-inf"))
+    # masked keys get p = 0 exactly (their zero-filled scores could otherwise overflow exp2 against a small lse)
+    s = _scores(
+        q, k, bias_rows + key_cols * stride_bias_n, key_cols, seq_len, qk_scale_log2, BIAS, MASK_KEYS, PRECISION
+    )  # fmt: skip
     p = tl.exp2(s - lse_log2[:, None])
     v = tl.load(v_head + keys * stride_vn + cols * stride_vd, mask=kv_mask, other=0.0)
     dp = tl.dot(do, tl.trans(v.to(DOT_DTYPE)), input_precision=PRECISION)
@@ -330,17 +335,12 @@ def _dkdv_query_step(
     qdo_mask = (queries < seq_len) & cols_ok if MASK_QUERIES else cols_ok
     q_in = tl.load(q_head + queries * stride_qn + cols * stride_qd, mask=qdo_mask, other=0.0)
     q = q_in.to(DOT_DTYPE)
-    st = tl.dot(k, tl.trans(q), input_precision=PRECISION)
-    st = st * tl.cast(qk_scale_log2, tl.float32)
-    if BIAS:
-        if MASK_QUERIES:
-            bias = tl.load(bias_rows + query_cols * stride_bias_n, mask=query_cols < seq_len, other=0.0)
-        else:
-            bias = tl.load(bias_rows + query_cols * stride_bias_n)
-        st += bias.to(tl.float32) * _LOG2E
+    # p = 0 exactly past the last query (no overflow of exp2 in the discarded columns either)
+    st = _scores(
+        k, q, bias_rows + query_cols * stride_bias_n, query_cols, seq_len, qk_scale_log2,
+        BIAS, MASK_QUERIES, PRECISION,
+    )  # fmt: skip
     if MASK_QUERIES:
-        # p = 0 exactly past the last query (no overflow of exp2 in the discarded columns either)
-        st = tl.where(query_cols < seq_len, st, float("-inf"))
         lse_log2 = tl.load(lse_head + rows, mask=rows < seq_len, other=0.0) * _LOG2E
         delta = tl.load(delta_head + rows, mask=rows < seq_len, other=0.0)
     else:
