@@ -21,6 +21,38 @@ if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
 
 
+def _language_namespaces() -> dict:
+    """What Triton's interpreter patches: ``triton.language``, its ``core``, ``math`` and tensor classes, by name."""
+    try:
+        import triton.language as tl
+    except ImportError:
+        return {}
+    owners = (tl, tl.core, tl.math, tl.core.tensor, getattr(tl.core, "tensor_descriptor_base", None))
+    return {owner: dict(vars(owner)) for owner in owners if owner is not None}
+
+
+_PRISTINE_LANGUAGE = _language_namespaces()  # before any test has run a kernel through the interpreter
+
+
+@pytest.fixture
+def pristine_triton_language():
+    """``triton.language`` as imported, for a test that compiles real kernels in this interpreter-mode process.
+
+    Triton 3.8's interpreter leaves ``triton.language.core`` patched with its own builtins after any kernel that
+    calls one of ``triton.language.standard``'s ``@jit`` functions (``tl.sum``, ``tl.max``, ...):
+    ``InterpretedFunction.__call__`` patches the language seen from the callee's module and never restores it. A
+    real compile in the same worker then fails (``'ir.value' object has no attribute 'dtype'``), depending on which
+    test files ran there before. Restored for the test, put back as found after it.
+    """
+    with pytest.MonkeyPatch.context() as patch:
+        for owner, pristine in _PRISTINE_LANGUAGE.items():
+            current = vars(owner)
+            for name, value in pristine.items():
+                if current.get(name) is not value:
+                    patch.setattr(owner, name, value)
+        yield
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _interpreter_rounds_bf16_to_nearest():
     """Make Triton's interpreter round fp32 -> bf16 casts to nearest even, as GPUs (and torch) do.

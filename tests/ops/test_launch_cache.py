@@ -86,8 +86,8 @@ def _new_kernel():
 
 
 @pytest.fixture
-def kernel(stand_in):
-    """A fresh JITFunction: nothing compiled yet."""
+def kernel(stand_in, pristine_triton_language):
+    """A fresh JITFunction: nothing compiled yet (with the language as imported: tests/conftest.py says why)."""
     return _new_kernel()
 
 
