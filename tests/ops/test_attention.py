@@ -498,3 +498,19 @@ def test_graph_policy_routes_each_feature(feature, monkeypatch) -> None:
     }
     assert calls == expected_calls.get(feature, [])
     torch.testing.assert_close(out, attention_ref(q, k, v, **kwargs), atol=1e-5, rtol=1e-5)
+
+
+def test_head_alignment_hint_only_where_every_hinted_stride_allows_it(monkeypatch) -> None:
+    """The kernels are told that each (batch, head) offset is a multiple of 16 bytes (128-bit, pipelined q / k / v
+    loads at head dim 88, whose head stride of 88 elements Triton cannot prove aligned) only when the batch and head
+    strides of every tensor they read or write are: a false hint would make misaligned vector accesses."""
+    launches = []
+    monkeypatch.setattr(attention_module, "launch", lambda kernel, grid, *args, **kwargs: launches.append(kwargs))
+    packed = torch.zeros(2, 17, 3, 2, 88, dtype=torch.bfloat16).permute(2, 0, 3, 1, 4)  # [3, B, H, N, D] views
+    q, k, v = packed.unbind(0)
+    out, lse = attention_fwd(q, k, v, 0.1)
+    attention_bwd(torch.zeros_like(out), q, k, v, out, lse, 0.1)
+    flat = torch.zeros(2 * 2 * 17 * 88 + 8, dtype=torch.bfloat16)
+    odd_batch = flat.as_strided((2, 2, 17, 88), (2993, 88, 176, 1))  # head stride 8k elements, batch stride odd
+    attention_fwd(odd_batch, odd_batch, odd_batch, 0.1)
+    assert [kwargs["ALIGN"] for kwargs in launches] == [8, 8, 8, 1]

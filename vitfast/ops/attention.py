@@ -179,7 +179,7 @@ def _attention_fwd_kernel(
     stride_ob, stride_oh, stride_on, stride_od,
     stride_bias_h, stride_bias_m, stride_bias_n,
     num_heads, seq_len, qk_scale_log2,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    HEAD_DIM: tl.constexpr, ALIGN: tl.constexpr, BLOCK_D: tl.constexpr,
     BIAS: tl.constexpr, WIDEN_DOT: tl.constexpr, PRECISION: tl.constexpr, MASK_ALL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
@@ -194,9 +194,9 @@ def _attention_fwd_kernel(
     offs_n = tl.arange(0, BLOCK_N)
     cols = tl.arange(0, BLOCK_D)[None, :]
     cols_ok = cols < HEAD_DIM
-    q_rows = Q + off_b * stride_qb + off_h * stride_qh + rows_in * stride_qn
-    k_head = K + off_b * stride_kb + off_h * stride_kh
-    v_head = V + off_b * stride_vb + off_h * stride_vh
+    q_rows = Q + tl.multiple_of(off_b * stride_qb + off_h * stride_qh, ALIGN) + rows_in * stride_qn
+    k_head = K + tl.multiple_of(off_b * stride_kb + off_h * stride_kh, ALIGN)
+    v_head = V + tl.multiple_of(off_b * stride_vb + off_h * stride_vh, ALIGN)
     bias_rows = Bias + off_h * stride_bias_h + rows_in * stride_bias_m
     q = tl.load(q_rows + cols * stride_qd, mask=cols_ok, other=0.0).to(dot_dtype)
 
@@ -219,7 +219,7 @@ def _attention_fwd_kernel(
 
     acc = acc / l_i[:, None]
     queries = rows[:, None]
-    o_ptrs = Out + off_b * stride_ob + off_h * stride_oh + queries * stride_on + cols * stride_od
+    o_ptrs = Out + tl.multiple_of(off_b * stride_ob + off_h * stride_oh, ALIGN) + queries * stride_on + cols * stride_od
     tl.store(o_ptrs, acc.to(Out.dtype.element_ty), mask=(queries < seq_len) & cols_ok)
     tl.store(Lse + pid_bh * seq_len + rows, (m_i + tl.log2(l_i)) * _LN2, mask=rows < seq_len)
 
@@ -258,7 +258,7 @@ def _attention_bwd_dq_kernel(
     stride_dqb, stride_dqh, stride_dqn, stride_dqd,
     stride_bias_h, stride_bias_m, stride_bias_n,
     num_heads, seq_len, qk_scale_log2, scale,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    HEAD_DIM: tl.constexpr, ALIGN: tl.constexpr, BLOCK_D: tl.constexpr,
     BIAS: tl.constexpr, WIDEN_DOT: tl.constexpr, PRECISION: tl.constexpr, MASK_ALL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
@@ -279,12 +279,18 @@ def _attention_bwd_dq_kernel(
     cols_ok = cols < HEAD_DIM
 
     o = tl.load(
-        Out + off_b * stride_ob + off_h * stride_oh + rows_in[:, None] * stride_on + cols * stride_od,
+        Out
+        + tl.multiple_of(off_b * stride_ob + off_h * stride_oh, ALIGN)
+        + rows_in[:, None] * stride_on
+        + cols * stride_od,
         mask=cols_ok,
         other=0.0,
     )
     do = tl.load(
-        GradOut + off_b * stride_gb + off_h * stride_gh + rows_in[:, None] * stride_gn + cols * stride_gd,
+        GradOut
+        + tl.multiple_of(off_b * stride_gb + off_h * stride_gh, ALIGN)
+        + rows_in[:, None] * stride_gn
+        + cols * stride_gd,
         mask=cols_ok,
         other=0.0,
     )
@@ -293,9 +299,9 @@ def _attention_bwd_dq_kernel(
     lse_log2 = tl.load(Lse + pid_bh * seq_len + rows_in) * _LOG2E
     do = do.to(dot_dtype)
 
-    q_rows = Q + off_b * stride_qb + off_h * stride_qh + rows_in[:, None] * stride_qn
-    k_head = K + off_b * stride_kb + off_h * stride_kh
-    v_head = V + off_b * stride_vb + off_h * stride_vh
+    q_rows = Q + tl.multiple_of(off_b * stride_qb + off_h * stride_qh, ALIGN) + rows_in[:, None] * stride_qn
+    k_head = K + tl.multiple_of(off_b * stride_kb + off_h * stride_kh, ALIGN)
+    v_head = V + tl.multiple_of(off_b * stride_vb + off_h * stride_vh, ALIGN)
     bias_rows = Bias + off_h * stride_bias_h + rows_in[:, None] * stride_bias_m
     q = tl.load(q_rows + cols * stride_qd, mask=cols_ok, other=0.0).to(dot_dtype)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
@@ -314,7 +320,7 @@ def _attention_bwd_dq_kernel(
         )  # fmt: skip
 
     queries = rows[:, None]
-    dq_rows = GradQ + off_b * stride_dqb + off_h * stride_dqh + queries * stride_dqn
+    dq_rows = GradQ + tl.multiple_of(off_b * stride_dqb + off_h * stride_dqh, ALIGN) + queries * stride_dqn
     tl.store(
         dq_rows + cols * stride_dqd,
         (dq * tl.cast(scale, tl.float32)).to(GradQ.dtype.element_ty),
@@ -366,7 +372,7 @@ def _attention_bwd_dkdv_kernel(
     stride_dvb, stride_dvh, stride_dvn, stride_dvd,
     stride_bias_h, stride_bias_m, stride_bias_n,
     num_heads, seq_len, qk_scale_log2, scale,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    HEAD_DIM: tl.constexpr, ALIGN: tl.constexpr, BLOCK_D: tl.constexpr,
     BIAS: tl.constexpr, WIDEN_DOT: tl.constexpr, PRECISION: tl.constexpr, MASK_ALL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
@@ -382,13 +388,13 @@ def _attention_bwd_dkdv_kernel(
     cols = tl.arange(0, BLOCK_D)[None, :]
     cols_ok = cols < HEAD_DIM
 
-    q_head = Q + off_b * stride_qb + off_h * stride_qh
-    do_head = GradOut + off_b * stride_gb + off_h * stride_gh
+    q_head = Q + tl.multiple_of(off_b * stride_qb + off_h * stride_qh, ALIGN)
+    do_head = GradOut + tl.multiple_of(off_b * stride_gb + off_h * stride_gh, ALIGN)
     lse_head = Lse + pid_bh * seq_len
     delta_head = Delta + pid_bh * seq_len
-    k_rows = K + off_b * stride_kb + off_h * stride_kh + keys_in * stride_kn
+    k_rows = K + tl.multiple_of(off_b * stride_kb + off_h * stride_kh, ALIGN) + keys_in * stride_kn
     k = tl.load(k_rows + cols * stride_kd, mask=cols_ok, other=0.0).to(dot_dtype)
-    v_rows = V + off_b * stride_vb + off_h * stride_vh + keys_in * stride_vn
+    v_rows = V + tl.multiple_of(off_b * stride_vb + off_h * stride_vh, ALIGN) + keys_in * stride_vn
     v = tl.load(v_rows + cols * stride_vd, mask=cols_ok, other=0.0).to(dot_dtype)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
@@ -411,13 +417,15 @@ def _attention_bwd_dkdv_kernel(
         )  # fmt: skip
 
     keys = key_rows[:, None]
-    dk_rows = GradK + off_b * stride_dkb + off_h * stride_dkh + keys * stride_dkn
+    dk_rows = GradK + tl.multiple_of(off_b * stride_dkb + off_h * stride_dkh, ALIGN) + keys * stride_dkn
     tl.store(
         dk_rows + cols * stride_dkd,
         (dk * tl.cast(scale, tl.float32)).to(GradK.dtype.element_ty),
         mask=(keys < seq_len) & cols_ok,
     )
-    dv_ptrs = GradV + off_b * stride_dvb + off_h * stride_dvh + keys * stride_dvn + cols * stride_dvd
+    dv_ptrs = (
+        GradV + tl.multiple_of(off_b * stride_dvb + off_h * stride_dvh, ALIGN) + keys * stride_dvn + cols * stride_dvd
+    )
     tl.store(dv_ptrs, dv.to(GradV.dtype.element_ty), mask=(keys < seq_len) & cols_ok)
 
 
@@ -430,8 +438,8 @@ def _attention_bwd_dbias_kernel(
     stride_gb, stride_gh, stride_gn, stride_gd,
     stride_bias_h, stride_bias_m, stride_bias_n,
     batch, num_heads, seq_len, qk_scale_log2,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, WIDEN_DOT: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr, ALIGN: tl.constexpr, BLOCK_D: tl.constexpr, WIDEN_DOT: tl.constexpr,
+    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     """One program: the bias gradient ``sum_b dS[b, h]`` of one BLOCK_M x BLOCK_N tile of one head, looping over the
     batch with S and dP recomputed; it owns its tile of the fp32 ``[H, N, N]`` output (plain stores, no atomics)."""
@@ -448,10 +456,10 @@ def _attention_bwd_dbias_kernel(
     cols_ok = cols < HEAD_DIM
     bias_ptrs = Bias + off_h * stride_bias_h + rows_in[:, None] * stride_bias_m + keys_in[None, :] * stride_bias_n
     bias_log2 = tl.load(bias_ptrs).to(tl.float32) * _LOG2E
-    q_rows = Q + off_h * stride_qh + rows_in[:, None] * stride_qn + cols * stride_qd
-    do_rows = GradOut + off_h * stride_gh + rows_in[:, None] * stride_gn + cols * stride_gd
-    k_rows = K + off_h * stride_kh + keys_in[:, None] * stride_kn + cols * stride_kd
-    v_rows = V + off_h * stride_vh + keys_in[:, None] * stride_vn + cols * stride_vd
+    q_rows = Q + tl.multiple_of(off_h * stride_qh, ALIGN) + rows_in[:, None] * stride_qn + cols * stride_qd
+    do_rows = GradOut + tl.multiple_of(off_h * stride_gh, ALIGN) + rows_in[:, None] * stride_gn + cols * stride_gd
+    k_rows = K + tl.multiple_of(off_h * stride_kh, ALIGN) + keys_in[:, None] * stride_kn + cols * stride_kd
+    v_rows = V + tl.multiple_of(off_h * stride_vh, ALIGN) + keys_in[:, None] * stride_vn + cols * stride_vd
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for b in range(0, batch):  # the tile pointers step to the next image (64-bit pointer arithmetic)
         q = tl.load(q_rows, mask=cols_ok, other=0.0).to(dot_dtype)
@@ -666,6 +674,15 @@ def _tiles(head_dim: int, seq_len: int, dtype: torch.dtype) -> dict[str, dict]:
     }
 
 
+def _head_alignment(*tensors: torch.Tensor) -> int:
+    """What every (batch, head) offset of these ``[B, H, N, D]`` tensors is a multiple of, told to the kernels: 16
+    bytes' worth of elements when all their batch and head strides allow it, else 1. Triton specializes integers on
+    divisibility by 16 only, so a head stride of 88 elements (head dim 88, 176 bytes) proved no 16-byte alignment and
+    every q / k / v access at that head dim was a 2-byte load, synchronous in the key loop."""
+    vector = 16 // tensors[0].element_size()
+    return vector if all(t.stride(0) % vector == 0 and t.stride(1) % vector == 0 for t in tensors) else 1
+
+
 def attention_fwd(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -703,7 +720,7 @@ def attention_fwd(
         q, k, v, out, lse, bias_ptr,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *bias_strides,
         heads, seq_len, scale * math.log2(math.e),
-        HEAD_DIM=head_dim, BIAS=dense is not None,
+        HEAD_DIM=head_dim, ALIGN=_head_alignment(q, k, v, out), BIAS=dense is not None,
         **_head_dim_blocks(head_dim), **_dot_flags(q.dtype), **_loop_flags(q.dtype), **blocks,
     )  # fmt: skip
     return out, lse
@@ -758,6 +775,7 @@ def attention_bwd(
     bias_t_ptr, bias_t_strides = _bias_args(q, dense_t)
     flags = {
         "HEAD_DIM": head_dim,
+        "ALIGN": _head_alignment(q, k, v, out, grad_out, dq, dk, dv),
         **_head_dim_blocks(head_dim),
         **_dot_flags(q.dtype),
     }
