@@ -66,10 +66,6 @@ except ImportError:  # the package still imports and runs the reference path
         def jit(fn: Callable | None = None, **_: Any) -> Any:
             return _MissingKernel(fn) if fn is not None else _MissingKernel
 
-        @staticmethod
-        def cdiv(a: int, b: int) -> int:
-            return -(-a // b)
-
     class _LanguageStandIn:
         constexpr = int  # only ever used in annotations
 
