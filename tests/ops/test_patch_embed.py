@@ -159,6 +159,23 @@ def test_weight_gradient_split_over_rows_and_strided_grad(monkeypatch) -> None:
         assert_kernel_close(actual, exp, base, what=f"d_{name}")
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_weight_gradient_split_reduced_by_the_last_program_of_each_tile(monkeypatch, dtype) -> None:
+    """Split rows on a 2 x 2 grid of d_weight tiles (D = 160, K = 192): each tile's last program sums the partials
+    in split order and rounds once, so the result matches the reference and is the same bits on every call."""
+    monkeypatch.setattr(pe, "_DW_MIN_ROWS_PER_SPLIT", 32)
+    inputs = make_inputs(8, batch=5, embed_dim=160, size=(24, 40), pos=None)  # 75 patch rows: 32, 32, 11
+    grad_out = torch.randn(5, 16, 160, dtype=torch.float64)
+    args = [inputs["x"].to(dtype), inputs["weight"].to(dtype), None, None, 1, False, True]
+    first = torch.ops.vitfast.patch_embed_bwd(grad_out.to(dtype), *args)[1]
+    again = torch.ops.vitfast.patch_embed_bwd(grad_out.to(dtype), *args)[1]
+    expected = pe._patch_embed_bwd_reference(grad_out, inputs["x"], inputs["weight"], None, None, 1, False, True)[1]
+    baseline = pe._patch_embed_bwd_reference(grad_out.to(dtype), *args)[1]
+    assert first.dtype == dtype and first.shape == inputs["weight"].shape
+    assert_kernel_close(first, expected, baseline, what="d_weight")
+    assert torch.equal(first, again)
+
+
 def test_public_function_dispatches_to_the_kernel(monkeypatch) -> None:
     inputs = leaves(make_inputs(16), torch.float32)
     args = [inputs[name] for name in NAMES]

@@ -274,12 +274,15 @@ def _patch_embed_bwd_dw_kernel(
     scale_ptr,
     shift_ptr,
     dw_ptr,
+    partials_ptr,
+    arrivals_ptr,
     num_rows,
     num_patches,
     embed_dim,
     patch_dim,
     grid_w,
     rows_per_split,
+    num_splits,
     stride_gb,
     stride_gt,
     stride_gd,
@@ -287,19 +290,28 @@ def _patch_embed_bwd_dw_kernel(
     stride_xc,
     stride_xh,
     stride_xw,
-    stride_dws,
-    stride_dwd,
+    stride_ps,
+    stride_pd,
     PATCH_H: tl.constexpr,
     PATCH_W: tl.constexpr,
     NUM_PREFIX: tl.constexpr,
     NORMALIZE: tl.constexpr,
+    SPLIT: tl.constexpr,
     IEEE_FP32: tl.constexpr,
     UPCAST_DOT: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_M: tl.constexpr,
+    REDUCE_D: tl.constexpr,
 ):
-    """fp32 partial ``d_weight[D, K]`` = ``d_patch^T @ patches`` over one split of the ``B * N`` patch rows."""
+    """``d_weight[D, K]`` = ``d_patch^T @ patches``, each program over one split of the ``B * N`` patch rows.
+
+    With one split a program writes its tile of ``d_weight``. With several (``SPLIT``), each writes its fp32 partial
+    tile, then counts its arrival on the tile's counter; the tile's last program to arrive sums the partials in split
+    order (deterministic, whichever program is last) and writes ``d_weight`` in its dtype: one launch, no pass over
+    the partials from another kernel, no atomics on data. ``d_weight`` is ``[D, K]``-contiguous; the partials' rows
+    are padded to 16 elements (128-bit accesses whatever ``K``: 588 at patch 14).
+    """
     pid_d = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_split = tl.program_id(2)
@@ -334,8 +346,34 @@ def _patch_embed_bwd_dw_kernel(
         a = a.to(grad_ptr.dtype.element_ty)
         acc = _dot(tl.trans(g), a, acc, IEEE_FP32, UPCAST_DOT)
 
-    dw_offsets = pid_split * stride_dws + ds[:, None] * stride_dwd + ks[None, :]
-    tl.store(dw_ptr + dw_offsets, acc, mask=d_mask[:, None] & k_mask[None, :])
+    mask = d_mask[:, None] & k_mask[None, :]
+    if SPLIT:
+        # partials masked at their padded width (16 | stride_pd): uniform over each 16 columns, so 128-bit accesses;
+        # the padding columns hold zeros (their patch entries loaded as 0) and are never read into d_weight
+        padded_mask = d_mask[:, None] & (ks < stride_pd)[None, :]
+        tl.store(partials_ptr + pid_split * stride_ps + ds[:, None] * stride_pd + ks[None, :], acc, mask=padded_mask)
+        # every thread's partial stored before the arrival (a release at GPU scope) says it is there
+        tl.debug_barrier()
+        arrived = tl.atomic_add(arrivals_ptr + pid_d * tl.num_programs(1) + pid_k, 1, sem="acq_rel", scope="gpu")
+        if arrived == num_splits - 1:
+            # summed REDUCE_D rows at a time: a [REDUCE_D, BLOCK_K] running sum instead of a second full-tile one
+            for d0 in tl.static_range(0, BLOCK_D, REDUCE_D):
+                rows = pid_d * BLOCK_D + d0 + tl.arange(0, REDUCE_D)
+                rows_ok = (rows < embed_dim)[:, None]
+                offsets = rows[:, None] * stride_pd + ks[None, :]
+                total = tl.zeros((REDUCE_D, BLOCK_K), dtype=tl.float32)
+                for split in range(0, num_splits):
+                    # .cg: the other programs' partials come from L2, never from a stale line of this SM's L1
+                    total += tl.load(
+                        partials_ptr + split * stride_ps + offsets,
+                        mask=rows_ok & (ks < stride_pd)[None, :],
+                        other=0.0,
+                        cache_modifier=".cg",
+                    )
+                out = dw_ptr + rows[:, None] * patch_dim + ks[None, :]
+                tl.store(out, total.to(dw_ptr.dtype.element_ty), mask=rows_ok & k_mask[None, :])
+    else:
+        tl.store(dw_ptr + ds[:, None] * patch_dim + ks[None, :], acc.to(dw_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -412,10 +450,13 @@ _FWD_BLOCK_M, _FWD_BLOCK_N, _FWD_BLOCK_K = 128, 128, 32
 # d_weight tile: [128 features, 128 patch entries] accumulated over 32 patch rows per step.
 _DW_BLOCK_D, _DW_BLOCK_K, _DW_BLOCK_M = 128, 128, 32
 # d_weight has only ceil(D / 128) * ceil(K / 128) tiles (48 for ViT-L/16), too few for an H100's 132 SMs: the patch
-# rows are split so that about _DW_TARGET_PROGRAMS programs run, but each split keeps at least
-# _DW_MIN_ROWS_PER_SPLIT rows so that reading its inputs outweighs writing its fp32 partial [D, K].
-_DW_TARGET_PROGRAMS = 528
+# rows are split so that about _DW_TARGET_PROGRAMS programs run (two waves at the kernel's one CTA per SM), but each
+# split keeps at least _DW_MIN_ROWS_PER_SPLIT rows so that reading its inputs outweighs writing its fp32 partial
+# tile. Fewer, longer splits than the four waves before: the tile's last program reads every split's partial back.
+_DW_TARGET_PROGRAMS = 264
 _DW_MIN_ROWS_PER_SPLIT = 1024
+# rows of a tile the last program sums at a time (16 fp32 registers per thread for the running sum at 8 warps)
+_DW_REDUCE_D = 32
 # d_image tile: [128 patches, 128 patch entries] accumulated over 32 features per step.
 _DX_BLOCK_M, _DX_BLOCK_K, _DX_BLOCK_D = 128, 128, 32
 _NUM_WARPS = 8  # 128 x 128 fp32 accumulators: 64 registers per thread with 8 warps
@@ -558,45 +599,54 @@ def patch_embed_bwd(
 
     d_weight = grad_out.new_empty(0)
     if needs_weight_grad:
-        tiles = cdiv(embed_dim, _DW_BLOCK_D) * cdiv(patch_dim, _DW_BLOCK_K)
-        splits = max(1, min(cdiv(num_rows, _DW_MIN_ROWS_PER_SPLIT), cdiv(_DW_TARGET_PROGRAMS, tiles)))
+        tiles_d, tiles_k = cdiv(embed_dim, _DW_BLOCK_D), cdiv(patch_dim, _DW_BLOCK_K)
+        splits = max(1, min(cdiv(num_rows, _DW_MIN_ROWS_PER_SPLIT), cdiv(_DW_TARGET_PROGRAMS, tiles_d * tiles_k)))
         rows_per_split = cdiv(cdiv(max(num_rows, 1), splits), _DW_BLOCK_M) * _DW_BLOCK_M
         splits = cdiv(max(num_rows, 1), rows_per_split)
-        # fp32 partials per split, summed below: deterministic, unlike fp32 atomics; every entry is written unless
-        # there are no rows at all
-        allocate = torch.empty if num_rows > 0 else torch.zeros
-        partials = allocate(splits, embed_dim, patch_dim, device=x.device, dtype=torch.float32)
-        if num_rows > 0:
+        if num_rows == 0:
+            d_weight = torch.zeros_like(weight)
+        else:
+            d_weight = torch.empty(embed_dim, patch_dim, device=x.device, dtype=weight.dtype)
+            split = splits > 1
+            # fp32 partial tiles and one arrival counter per d_weight tile, only when the rows are split
+            padded = cdiv(patch_dim, 16) * 16
+            partials = torch.empty(splits if split else 0, embed_dim, padded, device=x.device, dtype=torch.float32)
+            arrivals = torch.zeros(tiles_d * tiles_k if split else 0, device=x.device, dtype=torch.int32)
             launch(
                 _patch_embed_bwd_dw_kernel,
-                (cdiv(embed_dim, _DW_BLOCK_D), cdiv(patch_dim, _DW_BLOCK_K), splits),
+                (tiles_d, tiles_k, splits),
                 grad_out,
                 x,
                 scale,
                 shift,
-                partials,
+                d_weight,
+                partials if split else d_weight,
+                arrivals if split else d_weight,
                 num_rows,
                 num_patches,
                 embed_dim,
                 patch_dim,
                 grid_w,
                 rows_per_split,
+                splits,
                 *grad_out.stride(),
                 *x.stride(),
-                partials.stride(0),
-                partials.stride(1),
+                partials.stride(0) if split else 0,
+                padded,
                 PATCH_H=patch_h,
                 PATCH_W=patch_w,
                 NUM_PREFIX=num_prefix,
                 NORMALIZE=stats is not None,
+                SPLIT=split,
                 **_dot_flags(weight.dtype),
                 BLOCK_D=_DW_BLOCK_D,
                 BLOCK_K=_DW_BLOCK_K,
                 BLOCK_M=_DW_BLOCK_M,
+                REDUCE_D=_DW_REDUCE_D,
                 num_warps=_NUM_WARPS,
                 num_stages=_NUM_STAGES,
             )
-        d_weight = partials.sum(0).to(weight.dtype).reshape(weight.shape)
+            d_weight = d_weight.reshape(weight.shape)
 
     d_x = grad_out.new_empty(0)
     if needs_x_grad:
