@@ -63,7 +63,11 @@ def _counting(monkeypatch) -> dict[str, int]:
     return calls
 
 
-@pytest.mark.parametrize("key", ["vit", "vit-layer-scale", "eva02"])
+# over ~5 s each on two shared cores (the interpreter runs every kernel of the forward); the layer-scale one is not
+@pytest.mark.parametrize(
+    "key",
+    [pytest.param("vit", marks=pytest.mark.slow), "vit-layer-scale", pytest.param("eva02", marks=pytest.mark.slow)],
+)
 def test_split_k_candidate_matches_the_plain_forward(key, monkeypatch) -> None:
     model = _model(key)
     size = model.config.img_size
