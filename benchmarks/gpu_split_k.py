@@ -85,7 +85,7 @@ def _shape_rows(meta: dict, model: str, batch: int, projection: str, rows: int, 
         partials = ops.linear_split_k(h, weight, splits)
         return ops.layer_norm_residual_partials(x, partials, proj_bias, gamma, norm_weight, norm_bias, EPS)
 
-    auto = split_k_splits(rows, n, k, torch.bfloat16, meta["sms"])
+    auto = split_k_splits(rows, n, k, meta["sms"])
     counts = sorted({auto, *range(2, min(SPLIT_K_MAX, k // SPLIT_K_MIN_DEPTH) + 1)} - {1})
     variants = {"cublas": (cublas, None), **{f"split-K {s}": (lambda s=s: split_k(s), s) for s in counts}}
     out = []

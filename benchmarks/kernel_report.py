@@ -172,7 +172,7 @@ def _split_k_cases(group: str, rows: int, width: int, hidden: int) -> list:
     linear = importlib.import_module("vitfast.ops.linear")
     cases = []
     for name, k, layer_scale in (("proj", width, False), ("fc2", hidden, True)):
-        splits = linear.split_k_splits(rows, width, k, BF16, sm90.SM_COUNT)
+        splits = linear.split_k_splits(rows, width, k, sm90.SM_COUNT)
         if splits > 1:
             label = f"split-K {name} {rows}x{width}x{k} S={splits}"
             cases.append(_case(group, "linear", label, _split_k, rows, width, k, splits, layer_scale))

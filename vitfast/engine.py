@@ -518,7 +518,7 @@ def _project(
     if split_k:
         sm_count = num_sms(h.device) if h.device.type == "cuda" else None
         rows, (n, k) = h.numel() // h.shape[-1], weight.shape
-        splits = split_k_splits(rows, n, k, h.dtype, sm_count)
+        splits = split_k_splits(rows, n, k, sm_count)
         if splits > 1:
             return _Partials(ops.linear_split_k(h, weight, splits), bias, (*h.shape[:-1], n))
     return ops.linear(h, weight, bias)

@@ -37,7 +37,7 @@ def _gemm_inputs(rows_shape, n, k, dtype):
 
 
 def _slices(x, weight, splits):
-    depth = linear_module._split_depth(x.shape[-1], splits, x.dtype)
+    depth = linear_module._split_depth(x.shape[-1], splits)
     rows = x.reshape(-1, x.shape[-1])
     return [(rows[:, s * depth : (s + 1) * depth], weight[:, s * depth : (s + 1) * depth]) for s in range(splits)]
 
@@ -47,8 +47,8 @@ def _slices(x, weight, splits):
 @pytest.mark.parametrize(
     ("rows_shape", "n", "k", "splits"),
     [
-        ((2, 35), 96, 256, 3),  # 70 rows (two row tiles, the second partial); slices of 128, 64, 64 (fp32: 96 x 2, 64)
-        ((33,), 136, 200, 2),  # N = 8 x 17 (aligned, not a multiple of 64); K ends inside a K step
+        ((2, 35), 96, 320, 3),  # 70 rows (two row tiles, the second partial); slices of 128, 128, 64
+        ((33,), 136, 200, 2),  # N = 8 x 17 (aligned, not a multiple of 64); slices of 128 and 72 (inside a step)
     ],
 )
 def test_split_k_partials_match_fp64(rows_shape, n, k, splits, dtype) -> None:
@@ -117,20 +117,18 @@ def test_split_count_follows_the_sm_count() -> None:
     """On 132 SMs: split where the 64 x 64 tiles leave SMs idle (ViT-B/16 batch 1: 48 tiles), not where they fill
     them (batch 4: 156); every choice within the depth and count bounds and without empty slices."""
     splits = linear_module.split_k_splits
-    bf16 = torch.bfloat16
-    assert [splits(197 * b, 768, 768, bf16, 132) for b in (1, 4, 8, 64)] == [3, 1, 1, 1]  # proj
-    assert [splits(197 * b, 768, 3072, bf16, 132) for b in (1, 4, 8, 64)] == [3, 1, 1, 1]  # fc2
-    assert splits(197, 384, 1536, bf16, 132) == 6  # ViT-S fc2: 24 tiles
-    assert splits(197, 384, 1536, bf16, None) == 6  # off a GPU: an H100's SM count
-    assert splits(197, 768, 3072, bf16, 16) == 1  # 48 tiles already fill 16 SMs
-    assert splits(197, 768, 300, bf16, 132) == 1  # K too shallow to cut into two 256-deep slices
-    assert splits(8, 64, 8192, bf16, 132) == linear_module.SPLIT_K_MAX
+    assert [splits(197 * b, 768, 768, 132) for b in (1, 4, 8, 64)] == [3, 1, 1, 1]  # proj
+    assert [splits(197 * b, 768, 3072, 132) for b in (1, 4, 8, 64)] == [3, 1, 1, 1]  # fc2
+    assert splits(197, 384, 1536, 132) == 6  # ViT-S fc2: 24 tiles
+    assert splits(197, 384, 1536, None) == 6  # off a GPU: an H100's SM count
+    assert splits(197, 768, 3072, 16) == 1  # 48 tiles already fill 16 SMs
+    assert splits(197, 768, 300, 132) == 1  # K too shallow to cut into two 256-deep slices
+    assert splits(8, 64, 8192, 132) == linear_module.SPLIT_K_MAX
     for m, n, k in [(197, 768, 3072), (197, 1024, 4096), (1025, 768, 2048), (50, 384, 1536), (8, 64, 8192)]:
-        for dtype in (bf16, torch.float32):
-            s = splits(m, n, k, dtype, 132)
-            depth = linear_module._split_depth(k, s, dtype)
-            assert 1 <= s <= linear_module.SPLIT_K_MAX and linear_module.cdiv(k, depth) == s
-            assert s == 1 or depth >= linear_module.SPLIT_K_MIN_DEPTH
+        s = splits(m, n, k, 132)
+        depth = linear_module._split_depth(k, s)
+        assert 1 <= s <= linear_module.SPLIT_K_MAX and linear_module.cdiv(k, depth) == s
+        assert s == 1 or depth >= linear_module.SPLIT_K_MIN_DEPTH
 
 
 def test_errors() -> None:
@@ -157,6 +155,8 @@ def test_reference_backend_matches_the_sum() -> None:
     with use_backend("reference"), torch.no_grad():
         partials = ops.linear_split_k(x, weight, 3)
         torch.testing.assert_close(partials.sum(0), F.linear(x, weight), rtol=1e-5, atol=1e-5)
+        # no count given: split_k_splits' (7 rows, 24 columns: one tile; K 300 allows one 256-deep slice)
+        assert ops.linear_split_k(x, weight).shape == (linear_module.split_k_splits(7, 24, 300, None), 7, 24)
         residual, bias = torch.randn(7, 24), torch.randn(24)
         got = ops.layer_norm_residual_partials(residual, partials, bias, None, None, None)
     want = ops.layer_norm_residual_ref(residual, partials.sum(0) + bias, None, None, None, EPS)

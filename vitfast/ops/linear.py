@@ -178,6 +178,8 @@ _SPLIT_K_BLOCK = 64
 SPLIT_K_MIN_DEPTH = 256
 # Slices at most: each adds M x N fp32 partial sums written and read again (ViT-B/16 batch 1: 0.6 MB per slice).
 SPLIT_K_MAX = 8
+# Slices start at multiples of this many K elements: every BLOCK_K (64 in 16-bit, 32 in fp32) divides it.
+_SPLIT_K_GRAIN = 64
 # SM count assumed off a GPU (the interpreter): an H100's / H200's, so that CPU runs take the decisions those would.
 _NOMINAL_SMS = 132
 
@@ -186,13 +188,13 @@ def _split_k_block_k(dtype: torch.dtype) -> int:
     return 32 if dtype == torch.float32 else 64
 
 
-def _split_depth(k: int, splits: int, dtype: torch.dtype) -> int:
-    """K elements per slice: whole ``BLOCK_K`` steps, so that only the last slice can end inside one."""
-    block_k = _split_k_block_k(dtype)
-    return cdiv(cdiv(k, block_k), splits) * block_k
+def _split_depth(k: int, splits: int) -> int:
+    """K elements per slice: a multiple of :data:`_SPLIT_K_GRAIN`, so that only the last slice can end inside a
+    ``BLOCK_K`` step (the same slices in every dtype, which the fp64 reference reproduces)."""
+    return cdiv(cdiv(k, _SPLIT_K_GRAIN), splits) * _SPLIT_K_GRAIN
 
 
-def split_k_splits(m: int, n: int, k: int, dtype: torch.dtype, sm_count: int | None) -> int:
+def split_k_splits(m: int, n: int, k: int, sm_count: int | None) -> int:
     """How many K slices ``linear_split_k`` should cut ``[m, k] x [n, k]^T`` into (1: do not split).
 
     Enough slices for the 64 x 64 output tiles times the slices to give every SM (``sm_count``; None off a GPU: an
@@ -211,18 +213,18 @@ def split_k_splits(m: int, n: int, k: int, dtype: torch.dtype, sm_count: int | N
     splits = max(1, min(SPLIT_K_MAX, k // SPLIT_K_MIN_DEPTH, cdiv(sms, tiles)))
     # slices are whole BLOCK_K steps: a count the steps cannot share out leaves the last slices empty, so take the
     # count the rounded depth gives
-    return cdiv(k, _split_depth(k, splits, dtype))
+    return cdiv(k, _split_depth(k, splits))
 
 
 def linear_split_k_ref(x: torch.Tensor, weight: torch.Tensor, splits: int) -> torch.Tensor:
     """``[splits, M, N]``: slice ``s`` is ``x[:, K_s] @ weight[:, K_s].T`` in fp32 (fp64 for fp64 inputs), with
-    ``x`` flattened to ``M`` rows and ``K_s`` the kernel's slices (whole ``BLOCK_K`` steps; trailing ones may be
+    ``x`` flattened to ``M`` rows and ``K_s`` the kernel's slices (multiples of 64 deep; trailing ones may be
     empty, then zero). Their sum over the first axis is ``x @ weight.T`` (no bias)."""
     _check_split_k(x, weight, splits)
     compute = torch.promote_types(x.dtype, torch.float32)
     rows = x.reshape(-1, x.shape[-1]).to(compute)
     weight = weight.to(compute)
-    depth = _split_depth(x.shape[-1], splits, x.dtype)
+    depth = _split_depth(x.shape[-1], splits)
     return torch.stack(
         [F.linear(rows[:, s * depth : (s + 1) * depth], weight[:, s * depth : (s + 1) * depth]) for s in range(splits)]
     )
@@ -317,7 +319,7 @@ def linear_split_k_fwd(x: torch.Tensor, weight: torch.Tensor, splits: int) -> to
         m,
         n,
         k,
-        _split_depth(k, splits, x.dtype),
+        _split_depth(k, splits),
         rows.stride(0),
         weight.stride(0),
         EVEN_K=k % block_k == 0,
@@ -436,5 +438,5 @@ def linear_split_k(x: torch.Tensor, weight: torch.Tensor, splits: int | None = N
     if splits is None:
         _check_split_k(x, weight, 1)
         sm_count = num_sms(x.device) if x.device.type == "cuda" else None
-        splits = split_k_splits(x.numel() // max(x.shape[-1], 1), weight.shape[0], x.shape[-1], x.dtype, sm_count)
+        splits = split_k_splits(x.numel() // max(x.shape[-1], 1), weight.shape[0], x.shape[-1], sm_count)
     return dispatch("linear_split_k", x.device)(x, weight, splits)
