@@ -118,3 +118,21 @@ def test_candidate_is_offered_for_fused_models_on_a_gpu_only() -> None:
     with fused._candidate(SPLIT_K_CANDIDATE):
         assert fused.fused.split_k
     assert not fused.fused.split_k
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (graph capture, compiled kernels)")
+@pytest.mark.parametrize("name", ["vit_base_patch16_224", "beitv2_base_patch16_224"])
+def test_gpu_split_k_graph_within_rule_5(name: str) -> None:
+    """Full-width models at batch 1, bf16, captured in a CUDA graph on the candidate: every proj and fc2 splits on an
+    H100 / H200, and the logits stay within rule 5 of the same model in bf16 PyTorch."""
+    with torch.device("cuda"):
+        model = randomize_(vitfast.create_model(name, num_classes=7, depth=2)).eval()
+    image = torch.randn(1, 3, *model.config.img_size, device="cuda")
+    with torch.no_grad():
+        exact = copy.deepcopy(model).double()(image.double())
+        baseline = copy.deepcopy(model).bfloat16()(image.bfloat16())
+    engine = vitfast.optimize(model, batch_sizes=(1,), backend=SPLIT_K_CANDIDATE)
+    out = engine(image)
+    assert engine.stats["replays"] == 1
+    assert_kernel_close(out, exact, baseline, floor=1e-3, what=f"{name} on {SPLIT_K_CANDIDATE}")
