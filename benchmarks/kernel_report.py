@@ -155,27 +155,33 @@ def _linear(rec: Recorder, rows: int, out_features: int, in_features: int, activ
     ops.linear_fwd(fake(rows, in_features), fake(out_features, in_features), fake(out_features), activation)
 
 
-def _split_k(rec: Recorder, rows: int, out_features: int, in_features: int, splits: int, layer_scale: bool) -> None:
-    """A proj / fc2 step of the "kernels-splitk" engine candidate: the split-K GEMM, then the residual LayerNorm that
-    adds the partial sums up."""
+def _split_k_gemm(rec: Recorder, rows: int, out_features: int, in_features: int, splits: int) -> None:
+    """A proj / fc2 GEMM of the "kernels-splitk" engine candidate: fp32 partial sums over ``splits`` K slices."""
     linear = importlib.import_module("vitfast.ops.linear")
+    linear.linear_split_k_fwd(fake(rows, in_features), fake(out_features, in_features), splits)
+
+
+def _split_k_reduction(rec: Recorder, rows: int, width: int, splits: int, layer_scale: bool) -> None:
+    """The residual LayerNorm after it, adding the partial sums, the GEMM bias and the layer scale up."""
     layer_norm = importlib.import_module("vitfast.ops.layer_norm")
-    partials = linear.linear_split_k_fwd(fake(rows, in_features), fake(out_features, in_features), splits)
-    params = [fake(out_features) for _ in range(4)]
+    partials = fake(splits, rows, width, dtype=FP32)
+    params = [fake(width) for _ in range(4)]
     gamma = params[1] if layer_scale else None
-    layer_norm.layer_norm_residual_partials_fwd(fake(rows, out_features), partials, params[0], gamma, *params[2:], 1e-6)
+    layer_norm.layer_norm_residual_partials_fwd(fake(rows, width), partials, params[0], gamma, *params[2:], 1e-6)
 
 
 def _split_k_cases(group: str, rows: int, width: int, hidden: int) -> list:
-    """proj (no layer scale) and fc2 (with one: BEiT, EVA) at the split count the engine takes on 132 SMs; none where
-    that count is 1 (the engine then runs cuBLAS and the plain residual LayerNorm)."""
+    """proj (no layer scale) and fc2 (with one: BEiT, EVA), each its GEMM and its reduction, at the split count the
+    engine takes on 132 SMs; none where that count is 1 (the engine then runs cuBLAS and the plain residual LN)."""
     linear = importlib.import_module("vitfast.ops.linear")
     cases = []
     for name, k, layer_scale in (("proj", width, False), ("fc2", hidden, True)):
         splits = linear.split_k_splits(rows, width, k, sm90.SM_COUNT)
         if splits > 1:
             label = f"split-K {name} {rows}x{width}x{k} S={splits}"
-            cases.append(_case(group, "linear", label, _split_k, rows, width, k, splits, layer_scale))
+            cases.append(_case(group, "linear", label, _split_k_gemm, rows, width, k, splits))
+            reduction = f"split-K sum+{'gamma+' if layer_scale else ''}residual LN C={width} S={splits}"
+            cases.append(_case(group, "layer_norm", reduction, _split_k_reduction, rows, width, splits, layer_scale))
     return cases
 
 
