@@ -211,8 +211,8 @@ def split_k_splits(m: int, n: int, k: int, sm_count: int | None) -> int:
     if tiles >= sms:
         return 1
     splits = max(1, min(SPLIT_K_MAX, k // SPLIT_K_MIN_DEPTH, cdiv(sms, tiles)))
-    # slices are whole BLOCK_K steps: a count the steps cannot share out leaves the last slices empty, so take the
-    # count the rounded depth gives
+    # slices are whole 64-element grains: a count the grains cannot share out would leave the last slice empty, so
+    # take the count the rounded depth gives
     return cdiv(k, _split_depth(k, splits))
 
 
