@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device-machine call, run from the repo root: bash benchmarks/gpu_session.sh [sections...]
-# Sections: env tests retest bench engine engine-check eva train profile ops launch kernels layer_norm attention
+# Sections: env tests retest bench engine engine-check eva train profile ops launch kernels layer_norm attention splitk
 # (default: env tests bench profile ops). Everything is written under $OUT (or ./gpu_out). Each section has its own
 # time limit so that one slow part cannot eat the call.
 set -u
@@ -97,6 +97,10 @@ PY
     attention)
       # (not in the default list) 64 vs 128 forward query rows at N <= 256, and what the table gradient costs, ~1 min
       timeout 120 python3 benchmarks/attention_tiles.py --json "$OUT/attention_tiles.jsonl" 2>&1 | tail -20 ;;
+    splitk)
+      # (not in the default list) issue 14: proj / fc2 at ViT-B bs 1/4/8 and ViT-L bs 1, cuBLAS + layer_norm_residual
+      # against split-K + layer_norm_residual_partials at every split count, inside CUDA graphs, ~30 s
+      timeout 90 python3 benchmarks/gpu_split_k.py --json "$OUT/split_k.jsonl" 2>&1 | tail -40 ;;
     kernels)
       # the kernel report's launches run on this GPU: measured time beside each floor (fraction of floor), ~3 min
       timeout 300 python3 -m benchmarks.kernel_report --gpu --gpu-peaks H200 --out-dir "$OUT" 2>&1 | tail -20 ;;

@@ -155,6 +155,36 @@ def _linear(rec: Recorder, rows: int, out_features: int, in_features: int, activ
     ops.linear_fwd(fake(rows, in_features), fake(out_features, in_features), fake(out_features), activation)
 
 
+def _split_k_gemm(rec: Recorder, rows: int, out_features: int, in_features: int, splits: int) -> None:
+    """A proj / fc2 GEMM of the "kernels-splitk" engine candidate: fp32 partial sums over ``splits`` K slices."""
+    linear = importlib.import_module("vitfast.ops.linear")
+    linear.linear_split_k_fwd(fake(rows, in_features), fake(out_features, in_features), splits)
+
+
+def _split_k_reduction(rec: Recorder, rows: int, width: int, splits: int, layer_scale: bool) -> None:
+    """The residual LayerNorm after it, adding the partial sums, the GEMM bias and the layer scale up."""
+    layer_norm = importlib.import_module("vitfast.ops.layer_norm")
+    partials = fake(splits, rows, width, dtype=FP32)
+    params = [fake(width) for _ in range(4)]
+    gamma = params[1] if layer_scale else None
+    layer_norm.layer_norm_residual_partials_fwd(fake(rows, width), partials, params[0], gamma, *params[2:], 1e-6)
+
+
+def _split_k_cases(group: str, rows: int, width: int, hidden: int) -> list:
+    """proj (no layer scale) and fc2 (with one: BEiT, EVA), each its GEMM and its reduction, at the split count the
+    engine takes on 132 SMs; none where that count is 1 (the engine then runs cuBLAS and the plain residual LN)."""
+    linear = importlib.import_module("vitfast.ops.linear")
+    cases = []
+    for name, k, layer_scale in (("proj", width, False), ("fc2", hidden, True)):
+        splits = linear.split_k_splits(rows, width, k, sm90.SM_COUNT)
+        if splits > 1:
+            label = f"split-K {name} {rows}x{width}x{k} S={splits}"
+            cases.append(_case(group, "linear", label, _split_k_gemm, rows, width, k, splits))
+            reduction = f"split-K sum+{'gamma+' if layer_scale else ''}residual LN C={width} S={splits}"
+            cases.append(_case(group, "layer_norm", reduction, _split_k_reduction, rows, width, splits, layer_scale))
+    return cases
+
+
 @dataclass(frozen=True)
 class Case:
     group: str
@@ -186,6 +216,13 @@ def _cases() -> list[Case]:
     cases = []
     for batch in (1, 8, 64):
         cases += _vit_block(f"ViT-B/16 bs {batch}", batch, 197, 768, 12, 3072, 16, 224)
+    # the split-K candidate where it splits: at 132 SMs batch 1 only (from batch 4 the tiles alone fill the SMs, and
+    # the ViT-B/16 bs 4 / bs 8 calls add no case)
+    for batch in (1, 4, 8):
+        cases += _split_k_cases(f"ViT-B/16 bs {batch}", batch * 197, 768, 3072)
+    cases += _split_k_cases("ViT-S/16 bs 1", 197, 384, 1536)
+    cases += _split_k_cases("ViT-L/16 bs 1", 197, 1024, 4096)
+    cases += _split_k_cases("EVA-02-B/224 bs 1", 257, 768, 2048)
     beit = "BEiT v2-B bs 8"
     cases += [
         _case(beit, "layer_norm", "residual+gamma LN C=768", _layer_norm, 768, 8 * 197, True, True, BF16),
@@ -375,6 +412,20 @@ def _linear(a: dict, grid: tuple) -> dict:
     return {"bytes": _nbytes(a["X"], a["W"], a["Out"]), "flops": 2 * m * n * k}
 
 
+def _linear_split_k(a: dict, grid: tuple) -> dict:
+    # the job is the projection: x and the weight read once, its output written once in bf16; the fp32 partial sums
+    # are scratch (not counted: the bytes over the floor are the price of the split, visible in a GPU time)
+    m, n, k = a["M"], a["N"], a["K"]
+    return {"bytes": _nbytes(a["X"], a["W"]) + m * n * a["X"].element_size(), "flops": 2 * m * n * k}
+
+
+def _ln_partials_fwd(a: dict, grid: tuple) -> dict:
+    # x read, out and residual_out written; the branch is the projection's output in x's dtype (the partial sums
+    # beyond one such read are split-K scratch)
+    rows, cols = a["rows"], a["cols"]
+    return {"bytes": 4 * rows * cols * a["x_ptr"].element_size(), "flops": (8 + a["SPLITS"]) * rows * cols}
+
+
 FLOORS: dict[str, Callable[[dict, tuple], dict]] = {
     "_layer_norm_fwd_kernel": _ln_fwd,
     "_layer_norm_bwd_kernel": _ln_bwd,
@@ -393,11 +444,14 @@ FLOORS: dict[str, Callable[[dict, tuple], dict]] = {
     "_patch_embed_bwd_dw_kernel": _patch_dw,
     "_patch_embed_bwd_dx_kernel": _patch_dx,
     "_linear_fwd_kernel": _linear,
+    "_linear_split_k_kernel": _linear_split_k,
+    "_layer_norm_partials_fwd_kernel": _ln_partials_fwd,
 }
 
 # The kernels that move bytes rather than multiply: they are held to 128-bit accesses.
 MEMORY_BOUND = (
     "_layer_norm_fwd_kernel",
+    "_layer_norm_partials_fwd_kernel",
     "_layer_norm_bwd_kernel",
     "_rope_qk_kernel",
     "_swiglu_fwd_kernel",
@@ -421,7 +475,7 @@ def finest_grain(launch: sm90.Launch) -> tuple[int, str]:
     """
     a = launch.named_args()
     name = launch.name
-    if name in ("_layer_norm_fwd_kernel", "_layer_norm_bwd_kernel"):
+    if name in ("_layer_norm_fwd_kernel", "_layer_norm_bwd_kernel", "_layer_norm_partials_fwd_kernel"):
         return a["rows"], "one row per program"
     if name in ("_swiglu_layer_norm_fwd_kernel", "_swiglu_layer_norm_bwd_kernel"):
         return a["n_rows"], "one row per program"
@@ -440,6 +494,10 @@ def finest_grain(launch: sm90.Launch) -> tuple[int, str]:
         return a["seq_len"], "one bias row (all heads) per program"
     if name == "_linear_fwd_kernel":
         return math.ceil(a["M"] / 64) * math.ceil(a["N"] / 64), "64 x 64 output tiles"
+    if name == "_linear_split_k_kernel":
+        linear = importlib.import_module("vitfast.ops.linear")
+        slices = max(1, min(linear.SPLIT_K_MAX, a["K"] // linear.SPLIT_K_MIN_DEPTH))
+        return math.ceil(a["M"] / 64) * math.ceil(a["N"] / 64) * slices, "64 x 64 tiles x K slices >= 256 deep"
     if name == "_patch_embed_fwd_kernel":
         return math.ceil(a["num_rows"] / 64) * math.ceil(a["embed_dim"] / 64), "64 x 64 output tiles"
     if name == "_patch_embed_bwd_dx_kernel":

@@ -41,8 +41,9 @@ from vitfast.backend import BACKENDS, implementations, override_impl, use_backen
 from vitfast.layers.mlp import Mlp, SwiGLU, SwiGLUPacked
 from vitfast.layers.pos_embed import resample_abs_pos_embed
 from vitfast.models.vision_transformer import VisionTransformer
+from vitfast.ops._triton import num_sms
 from vitfast.ops.attention import attention_graph_policy
-from vitfast.ops.linear import linear_ref
+from vitfast.ops.linear import linear_ref, split_k_splits
 from vitfast.ops.swiglu import aligned_width
 
 __all__ = ["InferenceEngine", "optimize"]
@@ -64,7 +65,11 @@ EPILOGUE_CANDIDATE = "kernels-epilogue"
 # The fused forward on the reference ops compiled by torch.compile (inductor: fused elementwise glue, padded GEMMs,
 # its own attention lowering), then captured in the engine's graph like the others. Offered with compile=True.
 COMPILED_CANDIDATE = "inductor"
-CANDIDATES = (*TUNING_CANDIDATES, EPILOGUE_CANDIDATE, COMPILED_CANDIDATE)
+# "kernels-sdpa" with proj and fc2 as split-K GEMMs where their output tiles leave SMs idle (batch 1 on an H100:
+# ops.linear_split_k), their fp32 partial sums, bias, layer scale and residual added up inside the residual LayerNorm
+# that follows (ops.layer_norm_residual_partials): no launch for the reduction. Fused vitfast models on a GPU only.
+SPLIT_K_CANDIDATE = "kernels-splitk"
+CANDIDATES = (*TUNING_CANDIDATES, EPILOGUE_CANDIDATE, SPLIT_K_CANDIDATE, COMPILED_CANDIDATE)
 # Pruning (capture time, above all the compiled candidate's compile): a candidate that was more than PRUNE_MARGIN
 # times slower than the winner at the nearest smaller captured batch size of the same call, input shape and dtype,
 # or was rejected there, is not captured again. Only when that size is at most PRUNE_MAX_BATCH_RATIO times smaller:
@@ -109,7 +114,9 @@ def optimize(
             size is captured once per candidate (``"kernels"``: the Triton kernels with cuBLAS GEMMs;
             ``"kernels-sdpa"``: the same, with SDPA for attention unless it has a relative position bias, and RoPE
             applied to q and k by one kernel before SDPA;
-            ``"reference"``; ``"inductor"`` with ``compile``), each is checked against the plain forward, a few
+            ``"reference"``; ``"kernels-splitk"``: ``"kernels-sdpa"`` with proj and fc2 split-K where their tiles
+            leave SMs idle, reduced in the next LayerNorm (fused models on a GPU);
+            ``"inductor"`` with ``compile``), each is checked against the plain forward, a few
             replays of each that agrees are timed, and the fastest graph is kept (``engine.choices`` says which won,
             ``engine.tuning`` the times, ``engine.skipped`` why others were left out: rejected, or pruned because
             they lost clearly at the nearest smaller batch size); without graphs, the current backend. A name from
@@ -291,13 +298,18 @@ class InferenceEngine(nn.Module):
         if "triton" not in implementations("attention"):
             return ["current", *compiled]
         epilogue = [EPILOGUE_CANDIDATE] if self._gelu_epilogue_applies() else []
-        return [*TUNING_CANDIDATES, *epilogue, *compiled]
+        split_k = [SPLIT_K_CANDIDATE] if self._split_k_applies() else []
+        return [*TUNING_CANDIDATES, *epilogue, *split_k, *compiled]
 
     def _gelu_epilogue_applies(self) -> bool:
         """Whether the tanh-GELU epilogue passes rule 5 here (see EPILOGUE_CANDIDATE) and has an fc1 to fuse into."""
         if self.dtype != torch.bfloat16 or self.fused is None:
             return False
         return any(block.mlp_kind == "mlp" and block.activation == "gelu" for block in self.fused.blocks)
+
+    def _split_k_applies(self) -> bool:
+        """Whether the split-K candidate has projections to split: a fused model on a GPU (it fills idle SMs)."""
+        return self.fused is not None and self.device.type == "cuda"
 
     def _pruned(self, key: tuple, candidates: list[str]) -> tuple[list[str], dict[str, str]]:
         """``candidates`` less those the nearest smaller captured batch size says cannot win (see PRUNE_MARGIN)."""
@@ -322,7 +334,7 @@ class InferenceEngine(nn.Module):
     @contextlib.contextmanager
     def _candidate(self, name: str):
         with contextlib.ExitStack() as stack:
-            if name in ("kernels", "kernels-sdpa", EPILOGUE_CANDIDATE):
+            if name in ("kernels", "kernels-sdpa", EPILOGUE_CANDIDATE, SPLIT_K_CANDIDATE):
                 stack.enter_context(use_backend("triton"))
                 # cuBLAS beats ops.linear's Triton GEMM at every shape measured (H100, bf16, 2026-11-22: 9.1 vs
                 # ~6.5 us per projection at 197 rows, 21 vs ~12 us at 1576 rows)
@@ -330,6 +342,8 @@ class InferenceEngine(nn.Module):
                 stack.enter_context(override_impl("linear", linear))
                 if name != "kernels":
                     stack.enter_context(override_impl("attention", attention_graph_policy))
+                if name == SPLIT_K_CANDIDATE and self.fused is not None:
+                    stack.enter_context(self.fused.splitting_k())
             elif name == COMPILED_CANDIDATE:
                 stack.enter_context(use_backend("reference"))
             elif name != "current":
@@ -482,6 +496,34 @@ class _Norm:
         return cls(module.weight, module.bias, module.eps)
 
 
+@dataclass
+class _Partials:
+    """A projection's output not yet added up: fp32 split-K sums ``[S, rows, N]`` and the bias, for the residual
+    LayerNorm that follows (``ops.layer_norm_residual_partials``) to reduce."""
+
+    sums: torch.Tensor
+    bias: torch.Tensor | None
+    shape: tuple[int, ...]
+
+    def total(self, dtype: torch.dtype) -> torch.Tensor:
+        """The projection's output ``shape`` in ``dtype`` (where no LayerNorm follows)."""
+        total = self.sums.sum(0) if self.bias is None else self.sums.sum(0) + self.bias.float()
+        return total.reshape(self.shape).to(dtype)
+
+
+def _project(
+    h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, split_k: bool
+) -> torch.Tensor | _Partials:
+    """``h @ weight.T + bias``, or with ``split_k`` its split-K partial sums where the split applies (else cuBLAS)."""
+    if split_k:
+        sm_count = num_sms(h.device) if h.device.type == "cuda" else None
+        rows, (n, k) = h.numel() // h.shape[-1], weight.shape
+        splits = split_k_splits(rows, n, k, sm_count)
+        if splits > 1:
+            return _Partials(ops.linear_split_k(h, weight, splits), bias, (*h.shape[:-1], n))
+    return ops.linear(h, weight, bias)
+
+
 class _FusedBlock:
     """One block's weights, rearranged once for inference (views of the engine's model parameters or new tensors)."""
 
@@ -541,7 +583,7 @@ class _FusedBlock:
         else:
             raise TypeError(f"the fused engine does not know the MLP {type(mlp).__name__}; pass fuse=False.")
 
-    def attention(self, h: torch.Tensor, grid, rope) -> torch.Tensor:
+    def attention(self, h: torch.Tensor, grid, rope, split_k: bool = False) -> torch.Tensor | _Partials:
         batch, tokens, channels = h.shape
         qkv = ops.linear(h, self.qkv_weight, self.qkv_bias)
         # views into the packed [B, N, 3, heads, head_dim] GEMM output: the kernel reads q, k, v through strides
@@ -558,9 +600,9 @@ class _FusedBlock:
         out = out.transpose(1, 2).reshape(batch, tokens, channels)
         if self.inner_norm is not None:
             out = ops.layer_norm(out, self.inner_norm.weight, self.inner_norm.bias, self.inner_norm.eps)
-        return ops.linear(out, self.proj_weight, self.proj_bias)
+        return _project(out, self.proj_weight, self.proj_bias, split_k)
 
-    def mlp(self, h: torch.Tensor) -> torch.Tensor:
+    def mlp(self, h: torch.Tensor, split_k: bool = False) -> torch.Tensor | _Partials:
         if self.mlp_kind == "mlp":  # bias and activation in the GEMM's epilogue where the kernel runs
             hidden = ops.linear(h, self.fc1_weight, self.fc1_bias, self.activation)
         elif self.mlp_kind == "swiglu":
@@ -575,7 +617,7 @@ class _FusedBlock:
                 hidden = ops.swiglu(gate, up)  # silu(0) * 0 = 0 exactly in the padding
         else:
             hidden = ops.swiglu_packed(ops.linear(h, self.fc1_weight, self.fc1_bias))
-        return ops.linear(hidden, self.fc2_weight, self.fc2_bias)
+        return _project(hidden, self.fc2_weight, self.fc2_bias, split_k)
 
 
 class _FusedViT:
@@ -583,10 +625,13 @@ class _FusedViT:
 
     Block i computes ``x += gamma_1 * attn(norm1(x))`` then ``x += gamma_2 * mlp(norm2(x))``. Here the second add is
     left pending and done by the next block's ``norm1`` (``layer_norm_residual``), the last one by the final norm.
+    With ``split_k`` (the ``"kernels-splitk"`` candidate, see :meth:`splitting_k`) proj and fc2 may leave their output
+    as split-K partial sums, which that LayerNorm adds up with the bias, layer scale and residual.
     """
 
     def __init__(self, model: VisionTransformer) -> None:
         self.model = model
+        self.split_k = False
         self.blocks = [_FusedBlock(block) for block in model.blocks]
         self.final_norm = _Norm.of(model.norm)
         self._rope_tables: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
@@ -598,6 +643,15 @@ class _FusedViT:
             torch.tensor(cfg[key], dtype=torch.float32, device=device) if key in cfg else None
             for key in ("mean", "std")
         )
+
+    @contextlib.contextmanager
+    def splitting_k(self):
+        """Run proj and fc2 split-K inside the block (a plain attribute, which torch.compile guards on)."""
+        previous, self.split_k = self.split_k, True
+        try:
+            yield
+        finally:
+            self.split_k = previous
 
     def prepare(self, image: torch.Tensor) -> None:
         """Build the per-grid tables (RoPE, resampled position embedding) of ``image``'s size now, outside any graph."""
@@ -633,25 +687,32 @@ class _FusedViT:
         x = ops.patch_embed_tokens(image, proj.weight, proj.bias, self._pos_embed(grid), model.cls_token, mean, std)
         x = model.norm_pre(x)
         rope = self._rope(grid, x.device)
-        pending: tuple[torch.Tensor, torch.Tensor | None] | None = None  # (branch, gamma) not yet added to x
+        # (branch, gamma) not yet added to x; the branch may be split-K partial sums
+        pending: tuple[torch.Tensor | _Partials, torch.Tensor | None] | None = None
+        split_k = self.split_k
         for block in self.blocks:
             h, x = _norm_after_residual(x, pending, block.norm1)
-            branch = block.attention(h, grid, rope)
+            branch = block.attention(h, grid, rope, split_k)
             h, x = _norm_after_residual(x, (branch, block.gamma_1), block.norm2)
-            pending = (block.mlp(h), block.gamma_2)
+            pending = (block.mlp(h, split_k), block.gamma_2)
         if self.final_norm is not None:
             features, _ = _norm_after_residual(x, pending, self.final_norm)
         else:
             branch, gamma = pending
+            if isinstance(branch, _Partials):
+                branch = branch.total(x.dtype)
             features = x + (branch if gamma is None else gamma * branch)
         return features if features_only else model.forward_head(features)
 
 
 def _norm_after_residual(
-    x: torch.Tensor, pending: tuple[torch.Tensor, torch.Tensor | None] | None, norm: _Norm
+    x: torch.Tensor, pending: tuple[torch.Tensor | _Partials, torch.Tensor | None] | None, norm: _Norm
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(norm(x'), x')`` with ``x' = x + gamma * branch`` for a pending ``(branch, gamma)``, else ``x' = x``."""
+    """``(norm(x'), x')`` with ``x' = x + gamma * branch`` for a pending ``(branch, gamma)``, else ``x' = x``; a
+    branch of split-K partial sums is added up (with its bias) in the same kernel."""
     if pending is None:
         return ops.layer_norm(x, norm.weight, norm.bias, norm.eps), x
     branch, gamma = pending
+    if isinstance(branch, _Partials):
+        return ops.layer_norm_residual_partials(x, branch.sums, branch.bias, gamma, norm.weight, norm.bias, norm.eps)
     return ops.layer_norm_residual(x, branch, gamma, norm.weight, norm.bias, norm.eps)

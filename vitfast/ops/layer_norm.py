@@ -4,6 +4,10 @@
 - ``layer_norm_residual(x, branch, gamma, weight, bias, eps)``: the pre-norm block pattern in one pass,
   ``residual_out = x + gamma * branch`` (``gamma`` an optional layer-scale vector) and
   ``normed = LayerNorm(residual_out)``; both are returned.
+- ``layer_norm_residual_partials(x, partials, branch_bias, gamma, weight, bias, eps)``: the same, with the branch
+  given as the fp32 partial sums ``[S, rows, C]`` of a split-K projection (:func:`vitfast.ops.linear_split_k`) and
+  its bias: ``branch = sum(partials) + branch_bias`` is added up in the same pass. Inference only (a kernel of its
+  own, no statistics saved, no backward).
 
 One pair of Triton kernels serves both: constexpr flags switch the residual add, the layer scale and the affine
 parameters on and off. Statistics (mean, rstd) are always fp32, saved by the forward and read back by the backward;
@@ -42,6 +46,8 @@ __all__ = [
     "layer_norm_fwd",
     "layer_norm_ref",
     "layer_norm_residual",
+    "layer_norm_residual_partials",
+    "layer_norm_residual_partials_ref",
     "layer_norm_residual_ref",
 ]
 
@@ -102,6 +108,46 @@ def layer_norm_residual_ref(
     """
     residual_out = _residual_ref(x, branch, gamma)
     return layer_norm_ref(residual_out, weight, bias, eps), residual_out
+
+
+def layer_norm_residual_partials_ref(
+    x: torch.Tensor,
+    partials: torch.Tensor,
+    branch_bias: torch.Tensor | None,
+    gamma: torch.Tensor | None,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float = 1e-6,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`layer_norm_residual_ref` of ``branch = partials.sum(0) + branch_bias`` (fp32, fp64 for fp64 inputs).
+
+    ``partials``: ``[S, rows, C]`` with ``rows = x.numel() / C``; ``branch_bias``: ``[C]`` or None. The branch is
+    never rounded to ``x``'s dtype (a cuBLAS projection rounds its output once before the residual add reads it).
+    """
+    _check_partials(x, partials, branch_bias)
+    branch = partials.sum(0, dtype=torch.promote_types(partials.dtype, torch.float32))
+    if branch_bias is not None:
+        branch = branch + branch_bias.to(branch.dtype)
+    return layer_norm_residual_ref(x, branch.reshape(x.shape), gamma, weight, bias, eps)
+
+
+def _check_partials(x: torch.Tensor, partials: torch.Tensor, branch_bias: torch.Tensor | None) -> None:
+    if x.ndim == 0:
+        raise ValueError("layer_norm_residual_partials: x must have at least one dimension (the normalized one).")
+    cols = x.shape[-1]
+    rows = x.numel() // cols if cols else 0
+    if partials.ndim != 3 or partials.shape[1:] != (rows, cols) or partials.shape[0] < 1:
+        raise ValueError(
+            f"layer_norm_residual_partials: partials must be [splits, {rows}, {cols}] (split-K sums of x's rows), "
+            f"got {tuple(partials.shape)}."
+        )
+    if branch_bias is not None and branch_bias.shape != (cols,):
+        raise ValueError(
+            f"layer_norm_residual_partials: branch_bias must have shape ({cols},), got {tuple(branch_bias.shape)}."
+        )
+    for name, t in (("partials", partials), ("branch_bias", branch_bias)):
+        if t is not None and t.device != x.device:
+            raise ValueError(f"layer_norm_residual_partials: {name} is on {t.device}, x on {x.device}.")
 
 
 @triton.jit
@@ -168,6 +214,59 @@ def _layer_norm_fwd_kernel(
     tl.store(out_ptr + row_offset * cols + col[None, :], out.to(out_ptr.dtype.element_ty), mask=mask)
     tl.store(mean_ptr + row, mean, mask=row_mask)
     tl.store(rstd_ptr + row, rstd, mask=row_mask)
+
+
+@triton.jit
+def _layer_norm_partials_fwd_kernel(
+    x_ptr,
+    partials_ptr,
+    branch_bias_ptr,
+    gamma_ptr,
+    weight_ptr,
+    bias_ptr,
+    out_ptr,
+    residual_out_ptr,
+    rows,
+    cols,
+    x_row_stride,
+    eps,
+    SPLITS: tl.constexpr,
+    HAS_BRANCH_BIAS: tl.constexpr,
+    HAS_GAMMA: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_ROWS: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    # _layer_norm_fwd_kernel's residual variant with the branch added up from SPLITS fp32 partial-sum slices
+    # [SPLITS, rows, cols] first; no statistics are written (inference only)
+    row = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    col = tl.arange(0, BLOCK_C)
+    row_mask = row < rows
+    col_mask = col < cols
+    mask = row_mask[:, None] & col_mask[None, :]
+    row_offset = row.to(tl.int64)[:, None]
+    x = tl.load(x_ptr + row_offset * x_row_stride + col[None, :], mask=mask, other=0.0).to(tl.float32)
+    # SPLITS is a constexpr so that the slices' loads are unrolled and all in flight at once
+    branch = tl.zeros([BLOCK_ROWS, BLOCK_C], dtype=tl.float32)
+    for split in tl.static_range(SPLITS):
+        offsets = (split * rows + row_offset) * cols + col[None, :]
+        branch += tl.load(partials_ptr + offsets, mask=mask, other=0.0)
+    if HAS_BRANCH_BIAS:
+        branch += tl.load(branch_bias_ptr + col, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    if HAS_GAMMA:
+        branch = branch * tl.load(gamma_ptr + col, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    residual = (x + branch).to(residual_out_ptr.dtype.element_ty)
+    tl.store(residual_out_ptr + row_offset * cols + col[None, :], residual, mask=mask)
+    # normalize the rounded sum, the tensor handed on, so that normed is exactly LayerNorm(residual_out)
+    centered, _mean = _center_rows(residual.to(tl.float32), mask, cols)
+    rstd = tl.rsqrt(tl.sum(centered * centered, axis=1) / cols + tl.cast(eps, tl.float32))
+    out = centered * rstd[:, None]
+    if HAS_WEIGHT:
+        out = out * tl.load(weight_ptr + col, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    if HAS_BIAS:
+        out = out + tl.load(bias_ptr + col, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    tl.store(out_ptr + row_offset * cols + col[None, :], out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -447,6 +546,63 @@ def layer_norm_fwd(
     return out, residual_out, mean, rstd
 
 
+def layer_norm_residual_partials_fwd(
+    x: torch.Tensor,
+    partials: torch.Tensor,
+    branch_bias: torch.Tensor | None,
+    gamma: torch.Tensor | None,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launch the partial-sums forward kernel: ``(out, residual_out)``, both ``x``'s shape and dtype.
+
+    - ``x``: ``[..., C]`` fp16/bf16/fp32, ``1 <= C <= MAX_WIDTH``, any strides.
+    - ``partials``: fp32 ``[S, rows, C]``, ``rows = x.numel() / C`` (made contiguous if it is not): the branch is
+      ``partials.sum(0) + branch_bias``, in fp32, never rounded.
+    - ``branch_bias``, ``gamma``, ``weight``, ``bias``: ``[C]`` fp16/bf16/fp32 or None.
+    """
+    cols = _check_x(x)
+    _check_partials(x, partials, branch_bias)
+    if partials.dtype != torch.float32:
+        raise ValueError(f"layer_norm_residual_partials: partials must be float32, got {partials.dtype}.")
+    for name, param in (("branch_bias", branch_bias), ("gamma", gamma), ("weight", weight), ("bias", bias)):
+        _check_param(name, param, cols, x.device)
+    x_rows = _as_rows(x, cols)
+    rows = x_rows.shape[0]
+    partials = partials.contiguous()
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    residual_out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    if rows == 0:
+        return out, residual_out
+    block_rows, block_c, num_warps = _block_sizes(cols, rows, _sm_count(x.device))
+    launch(
+        _layer_norm_partials_fwd_kernel,
+        (cdiv(rows, block_rows),),
+        x_rows,
+        partials,
+        branch_bias if branch_bias is not None else x_rows,  # stand-ins for absent tensors are never read
+        gamma if gamma is not None else x_rows,
+        weight if weight is not None else x_rows,
+        bias if bias is not None else x_rows,
+        out,
+        residual_out,
+        rows,
+        cols,
+        x_rows.stride(0),
+        eps,
+        SPLITS=partials.shape[0],
+        HAS_BRANCH_BIAS=branch_bias is not None,
+        HAS_GAMMA=gamma is not None,
+        HAS_WEIGHT=weight is not None,
+        HAS_BIAS=bias is not None,
+        BLOCK_ROWS=block_rows,
+        BLOCK_C=block_c,
+        num_warps=num_warps,
+    )
+    return out, residual_out
+
+
 def layer_norm_bwd(
     d_out: torch.Tensor | None,
     d_residual: torch.Tensor | None,
@@ -647,6 +803,21 @@ def _layer_norm_bwd_op(
     return layer_norm_bwd(d_out, d_residual, x, branch, gamma, weight, bias, mean, rstd)
 
 
+@triton_op("vitfast::layer_norm_residual_partials_fwd")
+def _layer_norm_partials_fwd_op(
+    x: torch.Tensor,
+    partials: torch.Tensor,
+    branch_bias: torch.Tensor | None,
+    gamma: torch.Tensor | None,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    if not kernel_can_run(x, partials, branch_bias, gamma, weight, bias):
+        return layer_norm_residual_partials_ref(x, partials, branch_bias, gamma, weight, bias, eps)
+    return layer_norm_residual_partials_fwd(x, partials, branch_bias, gamma, weight, bias, eps)
+
+
 def layer_norm_setup_context(ctx, inputs, output) -> None:
     x, branch, gamma, weight, bias, _eps = inputs
     _out, residual_out, mean, rstd = output
@@ -705,6 +876,7 @@ def _uncovered(x: torch.Tensor, *others: torch.Tensor | None) -> str | None:
 
 register_impl("layer_norm", "reference", layer_norm_ref)
 register_impl("layer_norm_residual", "reference", layer_norm_residual_ref)
+register_impl("layer_norm_residual_partials", "reference", layer_norm_residual_partials_ref)
 
 if HAS_TRITON:
 
@@ -734,8 +906,27 @@ if HAS_TRITON:
         out, residual_out, _mean, _rstd = _layer_norm_fwd_op(x, branch, gamma, weight, bias, eps)
         return out, residual_out
 
+    def _layer_norm_residual_partials_triton(
+        x: torch.Tensor,
+        partials: torch.Tensor,
+        branch_bias: torch.Tensor | None,
+        gamma: torch.Tensor | None,
+        weight: torch.Tensor | None,
+        bias: torch.Tensor | None,
+        eps: float,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        reason = _uncovered(x, partials, branch_bias, gamma, weight, bias)
+        if reason is None and partials.dtype != torch.float32:
+            reason = f"partials in {partials.dtype} (the kernel reads float32 ones)"
+        if reason is not None:
+            log_fallback("layer_norm_residual_partials", reason)
+            return layer_norm_residual_partials_ref(x, partials, branch_bias, gamma, weight, bias, eps)
+        _check_partials(x, partials, branch_bias)
+        return _layer_norm_partials_fwd_op(x, partials, branch_bias, gamma, weight, bias, eps)
+
     register_impl("layer_norm", "triton", _layer_norm_triton)
     register_impl("layer_norm_residual", "triton", _layer_norm_residual_triton)
+    register_impl("layer_norm_residual_partials", "triton", _layer_norm_residual_partials_triton)
 
 
 def layer_norm(
@@ -760,4 +951,30 @@ def layer_norm_residual(
     """
     return dispatch("layer_norm_residual", x.device, x.shape[-1] if x.ndim else None)(
         x, branch, gamma, weight, bias, eps
+    )
+
+
+def layer_norm_residual_partials(
+    x: torch.Tensor,
+    partials: torch.Tensor,
+    branch_bias: torch.Tensor | None,
+    gamma: torch.Tensor | None,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float = 1e-6,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`layer_norm_residual` with ``branch = partials.sum(0) + branch_bias``, through the backend.
+
+    ``partials``: the fp32 ``[S, rows, C]`` split-K sums of :func:`vitfast.ops.linear_split_k` for ``x``'s rows;
+    ``branch_bias``: the projection's bias ``[C]`` or None. Returns ``(normed, residual_out)``, both ``x``'s shape
+    and dtype. Inference only: asking for a gradient raises. See :func:`layer_norm_residual_partials_ref`.
+    """
+    tensors = (x, partials, branch_bias, gamma, weight, bias)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        raise RuntimeError(
+            "layer_norm_residual_partials is inference only (no backward): call it under torch.no_grad() / "
+            "torch.inference_mode(), or add the partial sums up and use layer_norm_residual for training."
+        )
+    return dispatch("layer_norm_residual_partials", x.device, x.shape[-1] if x.ndim else None)(
+        x, partials, branch_bias, gamma, weight, bias, eps
     )

@@ -9,6 +9,12 @@ Where it is meant to win: the small-batch inference shapes of these models (M = 
 K and N from 384 to 6144), where cuBLAS picks tiles that leave most of an H100 idle and the separate activation pass
 is one more launch per block. Whether it wins is measured, not assumed: :func:`vitfast.optimize` times the whole
 forward with and without these kernels and keeps the faster graph. The backward (training) runs through PyTorch.
+
+``linear_split_k(x, weight, splits)``: the same GEMM without bias, its K axis cut into ``splits`` slices, each
+slice's product written as fp32 partial sums ``[splits, M, N]``. At small M the output tiles alone cannot occupy
+every SM (ViT-B/16 at batch 1: 48 tiles of 64 x 64 on 132 SMs); the slices multiply the programs. The partial sums
+are added up (with the bias, layer scale and residual) by the LayerNorm that follows the projection
+(:func:`vitfast.ops.layer_norm_residual_partials`), so the reduction costs no launch of its own. Inference only.
 """
 
 from __future__ import annotations
@@ -25,12 +31,13 @@ from vitfast.ops._triton import (
     kernel_can_run,
     launch,
     log_fallback,
+    num_sms,
     tl,
     triton,
     triton_op,
 )
 
-__all__ = ["ACTIVATIONS", "linear", "linear_ref"]
+__all__ = ["ACTIVATIONS", "linear", "linear_ref", "linear_split_k", "linear_split_k_ref", "split_k_splits"]
 
 ACTIVATIONS = (None, "gelu", "quick_gelu")
 
@@ -162,6 +169,175 @@ def linear_fwd(
     return out.reshape(*x.shape[:-1], n)
 
 
+# ------------------------------------------------------------------------------------------------------- split-K
+
+# Output tile of a split-K program: the small-M tile of _tile_config (M here is at most a few thousand rows).
+_SPLIT_K_BLOCK = 64
+# Depth of a K slice at least (elements): below it, a program's prologue and its [64, 64] fp32 partial-sum store (16
+# KB, written and read back by the LayerNorm) weigh as much as its multiply-adds.
+SPLIT_K_MIN_DEPTH = 256
+# Slices at most: each adds M x N fp32 partial sums written and read again (ViT-B/16 batch 1: 0.6 MB per slice).
+SPLIT_K_MAX = 8
+# Slices start at multiples of this many K elements: every BLOCK_K (64 in 16-bit, 32 in fp32) divides it.
+_SPLIT_K_GRAIN = 64
+# SM count assumed off a GPU (the interpreter): an H100's / H200's, so that CPU runs take the decisions those would.
+_NOMINAL_SMS = 132
+
+
+def _split_k_block_k(dtype: torch.dtype) -> int:
+    return 32 if dtype == torch.float32 else 64
+
+
+def _split_depth(k: int, splits: int) -> int:
+    """K elements per slice: a multiple of :data:`_SPLIT_K_GRAIN`, so that only the last slice can end inside a
+    ``BLOCK_K`` step (the same slices in every dtype, which the fp64 reference reproduces)."""
+    return cdiv(cdiv(k, _SPLIT_K_GRAIN), splits) * _SPLIT_K_GRAIN
+
+
+def split_k_splits(m: int, n: int, k: int, sm_count: int | None) -> int:
+    """How many K slices ``linear_split_k`` should cut ``[m, k] x [n, k]^T`` into (1: do not split).
+
+    Enough slices for the 64 x 64 output tiles times the slices to give every SM (``sm_count``; None off a GPU: an
+    H100's 132) a program, as far as slices at least :data:`SPLIT_K_MIN_DEPTH` deep and at most :data:`SPLIT_K_MAX`
+    allow; 1 when the tiles alone fill the SMs. At 3 programs per SM (the kernel's registers and shared memory, see
+    the kernel report) every program of one such fill is resident at once. ViT-B/16 at batch 1 (48 tiles): 3
+    slices for proj (K 768: 256 deep) and fc2 (K 3072: 1024 deep), 144 programs; from batch 4 (156 tiles) none.
+
+    ``S = 1`` means: the engine runs cuBLAS and the plain ``layer_norm_residual`` for that projection (this kernel
+    without a split is the plain Triton GEMM, which cuBLAS beats at every shape measured).
+    """
+    sms = sm_count if sm_count is not None else _NOMINAL_SMS
+    tiles = cdiv(m, _SPLIT_K_BLOCK) * cdiv(n, _SPLIT_K_BLOCK)
+    if tiles >= sms:
+        return 1
+    splits = max(1, min(SPLIT_K_MAX, k // SPLIT_K_MIN_DEPTH, cdiv(sms, tiles)))
+    # slices are whole 64-element grains: a count the grains cannot share out would leave the last slice empty, so
+    # take the count the rounded depth gives
+    return cdiv(k, _split_depth(k, splits))
+
+
+def linear_split_k_ref(x: torch.Tensor, weight: torch.Tensor, splits: int) -> torch.Tensor:
+    """``[splits, M, N]``: slice ``s`` is ``x[:, K_s] @ weight[:, K_s].T`` in fp32 (fp64 for fp64 inputs), with
+    ``x`` flattened to ``M`` rows and ``K_s`` the kernel's slices (multiples of 64 deep; trailing ones may be
+    empty, then zero). Their sum over the first axis is ``x @ weight.T`` (no bias)."""
+    _check_split_k(x, weight, splits)
+    compute = torch.promote_types(x.dtype, torch.float32)
+    rows = x.reshape(-1, x.shape[-1]).to(compute)
+    weight = weight.to(compute)
+    depth = _split_depth(x.shape[-1], splits)
+    return torch.stack(
+        [F.linear(rows[:, s * depth : (s + 1) * depth], weight[:, s * depth : (s + 1) * depth]) for s in range(splits)]
+    )
+
+
+@triton.jit
+def _linear_split_k_kernel(
+    X, W, Partials,
+    M, N, K, depth,
+    stride_xm, stride_wn,
+    EVEN_K: tl.constexpr,
+    UPCAST_DOT: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):  # fmt: skip
+    # program (tile, split): one [BLOCK_M, BLOCK_N] output tile over K slice [split * depth, (split + 1) * depth),
+    # tiles in the grouped order of _linear_fwd_kernel (the slices of a tile read disjoint weight columns)
+    pid = tl.program_id(0)
+    split = tl.program_id(1)
+    tiles_m = tl.cdiv(M, BLOCK_M)
+    tiles_n = tl.cdiv(N, BLOCK_N)
+    group_size = GROUP_M * tiles_n
+    first_m = (pid // group_size) * GROUP_M
+    rows_in_group = tl.minimum(tiles_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % group_size) % rows_in_group
+    pid_n = (pid % group_size) // rows_in_group
+
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows_ok, cols_ok = rows < M, cols < N
+    # rows and columns past the edge read row 0 instead of being masked: every load is then unmasked along K (whole
+    # 16-byte vectors, pipelined without predicates); those rows and columns are never stored
+    safe_rows = tl.where(rows_ok, rows, 0)
+    safe_cols = tl.where(cols_ok, cols, 0)
+    k_start = split * depth
+    k_end = tl.minimum(k_start + depth, K)
+    ks = k_start + tl.arange(0, BLOCK_K)
+    x_ptrs = X + safe_rows.to(tl.int64)[:, None] * stride_xm + ks[None, :]
+    w_ptrs = W + safe_cols.to(tl.int64)[None, :] * stride_wn + ks[:, None]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(k_start, k_end, BLOCK_K):
+        if EVEN_K:  # K a multiple of BLOCK_K: no slice ends inside a step
+            a = tl.load(x_ptrs)
+            b = tl.load(w_ptrs)
+        else:
+            k_ok = (k0 + tl.arange(0, BLOCK_K)) < k_end
+            a = tl.load(x_ptrs, mask=k_ok[None, :], other=0.0)
+            b = tl.load(w_ptrs, mask=k_ok[:, None], other=0.0)
+        if UPCAST_DOT:
+            a, b = a.to(tl.float32), b.to(tl.float32)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        x_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K
+    out_ptrs = Partials + (split.to(tl.int64) * M + rows.to(tl.int64)[:, None]) * N + cols[None, :]
+    tl.store(out_ptrs, acc, mask=rows_ok[:, None] & cols_ok[None, :])
+
+
+def _check_split_k(x: torch.Tensor, weight: torch.Tensor, splits: int) -> None:
+    if weight.ndim != 2 or x.ndim == 0 or x.shape[-1] != weight.shape[1]:
+        raise ValueError(
+            f"linear_split_k: x [..., {x.shape[-1] if x.ndim else '?'}] and weight {list(weight.shape)} do not match: "
+            "weight must be [N, K]."
+        )
+    if not isinstance(splits, int) or isinstance(splits, bool) or not 1 <= splits <= x.shape[-1]:
+        raise ValueError(f"linear_split_k: splits must be an integer in 1..K={x.shape[-1]}, got {splits!r}.")
+
+
+def linear_split_k_fwd(x: torch.Tensor, weight: torch.Tensor, splits: int) -> torch.Tensor:
+    """``x`` ``[..., K]`` (last dim contiguous), ``weight`` ``[N, K]`` (contiguous rows), one dtype of fp16 / bf16 /
+    fp32 -> fp32 ``[splits, M, N]`` contiguous, ``M = x.numel() / K``: the partial sums of :func:`linear_split_k_ref`.
+    """
+    _check_split_k(x, weight, splits)
+    rows = x.reshape(-1, x.shape[-1])
+    if rows.stride(-1) != 1:
+        rows = rows.contiguous()
+    weight = weight if weight.stride(-1) == 1 else weight.contiguous()
+    m, k = rows.shape
+    n = weight.shape[0]
+    partials = torch.empty((splits, m, n), dtype=torch.float32, device=x.device)
+    if m == 0 or n == 0:
+        return partials
+    block_k = _split_k_block_k(x.dtype)
+    launch(
+        _linear_split_k_kernel,
+        (cdiv(m, _SPLIT_K_BLOCK) * cdiv(n, _SPLIT_K_BLOCK), splits),
+        rows,
+        weight,
+        partials,
+        m,
+        n,
+        k,
+        _split_depth(k, splits),
+        rows.stride(0),
+        weight.stride(0),
+        EVEN_K=k % block_k == 0,
+        UPCAST_DOT=INTERPRETER and x.dtype != torch.float32,
+        # fp32 operands would otherwise run in TF32 (10-bit mantissa), far outside fp32 PyTorch's error
+        PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+        BLOCK_M=_SPLIT_K_BLOCK,
+        BLOCK_N=_SPLIT_K_BLOCK,
+        BLOCK_K=block_k,
+        GROUP_M=4,
+        # 4 warps: one warpgroup's 64 x 64 fp32 accumulator, 32 registers a thread; 4 stages: 3 x 16 KB of bf16
+        # operands in flight per program, which is what a lone wave of programs has to hide the HBM latency with
+        num_warps=4,
+        num_stages=4,
+    )
+    return partials
+
+
 @triton_op("vitfast::linear_fwd")
 def _linear_fwd_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, activation: int) -> torch.Tensor:
     act = ACTIVATIONS[activation]
@@ -213,6 +389,32 @@ if HAS_TRITON:
     register_impl("linear", "triton", _linear_triton)
 
 
+@triton_op("vitfast::linear_split_k")
+def _linear_split_k_op(x: torch.Tensor, weight: torch.Tensor, splits: int) -> torch.Tensor:
+    if not kernel_can_run(x, weight):
+        return linear_split_k_ref(x, weight, splits)
+    return linear_split_k_fwd(x, weight, splits)
+
+
+register_impl("linear_split_k", "reference", linear_split_k_ref)
+
+if HAS_TRITON:
+
+    def _linear_split_k_triton(x: torch.Tensor, weight: torch.Tensor, splits: int) -> torch.Tensor:
+        reason = None
+        if not kernel_can_run(x, weight):
+            reason = "tensors on a device the kernels cannot run on"
+        elif x.dtype not in KERNEL_DTYPES or weight.dtype != x.dtype:
+            reason = f"dtypes {x.dtype} / {weight.dtype} (kernels: one of fp16, bf16, fp32 for both)"
+        if reason is not None:
+            log_fallback("linear_split_k", reason)
+            return linear_split_k_ref(x, weight, splits)
+        _check_split_k(x, weight, splits)
+        return _linear_split_k_op(x, weight, splits)
+
+    register_impl("linear_split_k", "triton", _linear_split_k_triton)
+
+
 def linear(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, activation: str | None = None
 ) -> torch.Tensor:
@@ -220,3 +422,21 @@ def linear(
     if activation not in ACTIVATIONS:
         raise ValueError(f"unknown activation {activation!r}; choose one of {ACTIVATIONS}.")
     return dispatch("linear", x.device)(x, weight, bias, activation)
+
+
+def linear_split_k(x: torch.Tensor, weight: torch.Tensor, splits: int | None = None) -> torch.Tensor:
+    """fp32 partial sums ``[S, M, N]`` of ``x @ weight.T`` over ``S`` slices of K, through the current backend.
+
+    ``splits``: ``S``; None: :func:`split_k_splits` for this shape and device. Inference only: no gradient flows
+    (asking for one raises). Add the slices up with :func:`vitfast.ops.layer_norm_residual_partials` (or ``sum(0)``).
+    """
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+        raise RuntimeError(
+            "linear_split_k is inference only (no backward): call it under torch.no_grad() / torch.inference_mode(), "
+            "or use ops.linear for training."
+        )
+    if splits is None:
+        _check_split_k(x, weight, 1)
+        sm_count = num_sms(x.device) if x.device.type == "cuda" else None
+        splits = split_k_splits(x.numel() // max(x.shape[-1], 1), weight.shape[0], x.shape[-1], sm_count)
+    return dispatch("linear_split_k", x.device)(x, weight, splits)
