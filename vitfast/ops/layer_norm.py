@@ -29,6 +29,7 @@ from vitfast.ops._triton import (
     log_fallback,
     next_power_of_2,
     num_sms,
+    pdl_prologue,
     tl,
     triton,
     triton_op,
@@ -139,7 +140,9 @@ def _layer_norm_fwd_kernel(
     HAS_BIAS: tl.constexpr,
     BLOCK_ROWS: tl.constexpr,
     BLOCK_C: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
+    pdl_prologue(PDL)  # first: waits for the previous kernel when launched with PDL
     row = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
     col = tl.arange(0, BLOCK_C)
     row_mask = row < rows

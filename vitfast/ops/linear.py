@@ -25,6 +25,7 @@ from vitfast.ops._triton import (
     kernel_can_run,
     launch,
     log_fallback,
+    pdl_prologue,
     tl,
     triton,
     triton_op,
@@ -62,8 +63,9 @@ def _linear_fwd_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr,
+    GROUP_M: tl.constexpr, PDL: tl.constexpr = False,
 ):  # fmt: skip
+    pdl_prologue(PDL)  # first: waits for the previous kernel when launched with PDL
     # grouped tile order: GROUP_M row-tiles share each weight column-tile while it sits in L2
     pid = tl.program_id(0)
     tiles_m = tl.cdiv(M, BLOCK_M)
