@@ -65,16 +65,19 @@ def test_pdl_is_never_on_under_the_interpreter_or_on_the_cpu() -> None:
 
 def test_use_pdl_sets_what_launch_adds_and_restores_it(monkeypatch) -> None:
     monkeypatch.setattr(_triton, "pdl_supported", lambda device: True)
-    outside = {}
-    _triton._add_pdl(outside)
+    kernels = _kernels()
+    forward, backward = kernels["_layer_norm_fwd_kernel"], kernels["_layer_norm_bwd_kernel"]
+    outside, untouched = {}, {}
+    _triton._add_pdl(forward, outside)
     assert outside == {"PDL": False}  # always passed: the launch cache keys on every constexpr
     with _triton.use_pdl("cuda") as on:
         inside = {"BLOCK": 4}
-        _triton._add_pdl(inside)
+        _triton._add_pdl(forward, inside)
+        _triton._add_pdl(backward, untouched)  # a kernel without the parameter never gets PDL
         with _triton.use_pdl("cuda", enabled=False) as nested:
             assert not nested and not _triton._pdl.on
         assert on and _triton._pdl.on
-    assert inside == {"BLOCK": 4, "PDL": True, "launch_pdl": True}
+    assert inside == {"BLOCK": 4, "PDL": True, "launch_pdl": True} and untouched == {}
     assert not _triton._pdl.on
 
 

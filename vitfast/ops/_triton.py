@@ -141,8 +141,7 @@ def launch(kernel: Any, grid: tuple[int, ...], *args: Any, **kwargs: Any) -> Non
         # dispatches a higher-order op, which cost ~80 us of host time per kernel on an H100 host (2026-11-22:
         # vit_base_patch16_224 bs 1 eager on the kernels 10.5 ms vs 5.1 ms on the reference path), far more than
         # the kernels themselves take.
-        if _takes_pdl(kernel):
-            _add_pdl(kwargs)
+        _add_pdl(kernel, kwargs)
         launch_cache(kernel, grid, args, kwargs)
         return
     torch.library.wrap_triton(kernel)[grid](*args, **kwargs)
@@ -506,25 +505,29 @@ class _PdlState(threading.local):
 
 
 _pdl = _PdlState()
-_pdl_kernels: dict[int, tuple[Any, bool]] = {}  # id(kernel) -> (kernel, whether it takes PDL)
 
 
 def _takes_pdl(kernel: Any) -> bool:
-    entry = _pdl_kernels.get(id(kernel))
-    if entry is None or entry[0] is not kernel:
-        entry = _pdl_kernels[id(kernel)] = (kernel, "PDL" in getattr(kernel, "arg_names", ()))
-    return entry[1]
+    """Whether ``kernel`` has the ``PDL`` parameter; kept on the kernel object (a JITFunction's hash is its source
+    hash, too slow to key a dict with on every launch)."""
+    takes = getattr(kernel, "_vitfast_takes_pdl", None)
+    if takes is None:
+        takes = kernel._vitfast_takes_pdl = "PDL" in getattr(kernel, "arg_names", ())
+    return takes
 
 
-def _add_pdl(kwargs: dict) -> None:
-    """Pass ``PDL`` always (the launch cache keys on every constexpr) and ``launch_pdl`` with it: a Triton compile
-    option (``CUDAOptions.launch_pdl``, Triton 3.6 and 3.8), so part of the specialization, which the compiled
-    kernel's launcher reads to set the PROGRAMMATIC_STREAM_SERIALIZATION launch attribute."""
-    if _pdl.on:
-        kwargs["PDL"] = True
-        kwargs["launch_pdl"] = True
-    else:
-        kwargs["PDL"] = False
+def _add_pdl(kernel: Any, kwargs: dict) -> None:
+    """To a kernel that takes it, pass ``PDL`` always (the launch cache keys on every constexpr) and, with
+    ``PDL=True``, ``launch_pdl=True``: a Triton compile option (``CUDAOptions.launch_pdl``, Triton 3.6 and 3.8), so
+    part of the specialization, which the compiled kernel's launcher reads to set the
+    PROGRAMMATIC_STREAM_SERIALIZATION launch attribute."""
+    takes = getattr(kernel, "_vitfast_takes_pdl", None)
+    if takes is None:
+        takes = _takes_pdl(kernel)
+    if takes:
+        kwargs["PDL"] = on = _pdl.on
+        if on:
+            kwargs["launch_pdl"] = True
 
 
 def pdl_supported(device: torch.device | str) -> bool:
