@@ -534,6 +534,28 @@ def test_fused_forward_traces_as_one_graph(name: str) -> None:
         torch.testing.assert_close(out, expected, rtol=0, atol=0)
 
 
+@pytest.mark.slow  # ~10 s each: dynamo, then the interpreted kernels
+@pytest.mark.parametrize("name", ["beitv2_base_patch16_224", "eva02_base_patch14_448"])
+def test_kernels_forward_traces_as_one_graph(name: str) -> None:
+    """What "compiled-kernels" compiles on a GPU: dynamo traces the kernels-sdpa forward with fullgraph=True, our
+    Triton ops opaque in the graph (here backend="eager": inductor cannot lower interpreted kernels). BEiT: the
+    attention kernel with the relative position bias, layer-scale residual LayerNorms; EVA-02: rope_2d_qk before
+    SDPA, SwiGLU + sub-LN."""
+    pytest.importorskip("triton")
+    engine_module = importlib.import_module("vitfast.engine")
+    img_size = 28 if "patch14" in name else 32
+    engine = vitfast.optimize(_model(name, img_size=img_size, depth=1), batch_sizes=(1,), device="cpu")
+    image = torch.randn(1, 3, img_size, img_size)
+    engine.fused.prepare(image)
+    traced = torch.compile(
+        engine_module._own_code(engine_module._forward), backend="eager", fullgraph=True, dynamic=False
+    )
+    with torch.inference_mode(), engine._candidate(COMPILED_KERNELS_CANDIDATE):
+        out = traced(engine.fused, False, image)
+        expected = engine_module._forward(engine.fused, False, image)
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+
+
 @pytest.fixture(scope="module")
 def one_compile_thread():
     """Inductor's CPU backend compiles C++; a pool of workers costs more than it saves on a two-core machine."""
