@@ -1,7 +1,7 @@
 """Programmatic dependent launch, checked offline for sm_90: every forward kernel the engine launches, with and without.
 
-    python -m benchmarks.pdl_check                 # a table
-    python -m benchmarks.pdl_check --json OUT.json # the rows as JSON (what tests/ops/test_pdl.py reads)
+    python -m benchmarks.pdl_check                 # the table, also as markdown + JSON under benchmarks/results/
+    python -m benchmarks.pdl_check --json OUT.json # JSON only, to that path (what tests/ops/test_pdl.py reads)
 
 A kernel launched with PDL (``launch_pdl=True``) may start before the kernel ahead of it in the stream has finished,
 so it must execute ``griddepcontrol.wait`` before its first global memory access. For every kernel that takes the
@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import datetime
 import importlib
 import io
 import json
@@ -158,7 +159,13 @@ def collect() -> dict:
                 variants[label]["sass_grid_dependency"] = sass_grid_dependency_order(kernel.asm["cubin"], cuobjdump)
             rows.append({"kernel": name, "group": case.group, "case": case.label, **variants})
             print(f"{case.group:<18} {case.label:<34} {name}", file=sys.stderr, flush=True)
-    return {"triton": triton.__version__, "target": "sm_90, offline", "rows": rows, "launch_path": launch_path()}
+    return {
+        "date": datetime.date.today().isoformat(),
+        "triton": triton.__version__,
+        "target": "sm_90, offline",
+        "rows": rows,
+        "launch_path": launch_path(),
+    }
 
 
 def table(report: dict) -> str:
@@ -183,16 +190,26 @@ def table(report: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.pdl_check", description=__doc__.split("\n")[0])
     parser.add_argument("--json", type=Path, help="write the rows as JSON to this path")
+    parser.add_argument("--out-dir", type=Path, default=kernel_report.RESULTS, help="where the dated files go")
     args = parser.parse_args(argv)
     report = collect()
     if args.json is not None:
         args.json.write_text(json.dumps(report, indent=1))
+        return 0
     if "unavailable" in report:
         print(f"cannot compile for sm_90 here: {report['unavailable']}", file=sys.stderr)
-        return 0 if args.json is not None else 2
-    print(f"triton {report['triton']}, {report['target']}; regs and smem: plain/PDL; wait/trig, lines: PDL variant")
-    print(table(report))
-    print(f"launch(): {report['launch_path']}")
+        return 2
+    text = (
+        f"triton {report['triton']}, {report['target']}, {report['date']} (`python -m benchmarks.pdl_check`). "
+        "regs, smem: plain / PDL variant; wait/trig: griddepcontrol.wait / .launch_dependents in the PDL variant's "
+        "PTX; 1st wait, 1st global: PTX line numbers; before: global accesses before the wait; SASS: instruction "
+        "index of ACQBULK / the first global access\n\n" + table(report) + f"\n\nlaunch(): {report['launch_path']}\n"
+    )
+    print(text)
+    stem = args.out_dir / f"{report['date']}_pdl_check"
+    stem.with_suffix(".json").write_text(json.dumps(report, indent=1))
+    stem.with_suffix(".md").write_text(f"# PDL, offline sm_90\n\n```\n{text}```\n")
+    print(f"wrote {stem}.md and {stem}.json")
     return 0
 
 
