@@ -699,6 +699,28 @@ def test_gpu_graphs_match_timm_within_rule_5(name: str) -> None:
     torch.testing.assert_close(graphed(uint8), eager(uint8), rtol=0, atol=0)  # the same kernels, replayed
 
 
+@pytest.mark.gpu
+@requires_gpu
+def test_gpu_pdl_and_compiled_kernels_candidates_capture_and_agree(monkeypatch) -> None:
+    """On a GPU the new candidates are captured, agree with the plain forward and are timed, not skipped; kernels-pdl
+    (where PDL can run) gives bitwise kernels-sdpa's output."""
+    from vitfast.ops._triton import pdl_supported
+
+    model = _model("eva02_base_patch14_448", img_size=112).cuda()  # split qkv, RoPE, SwiGLU + sub-LN
+    names = ["kernels-sdpa", COMPILED_KERNELS_CANDIDATE, *([PDL_CANDIDATE] if pdl_supported("cuda") else [])]
+    engine = vitfast.optimize(model, batch_sizes=(1,))
+    monkeypatch.setattr(engine, "_candidates", lambda: names)
+    image = torch.randn(1, 3, 112, 112, device="cuda")
+    engine(image)
+    (key,) = engine.choices
+    assert set(engine.tuning[key]) == set(names), engine.skipped[key]
+    assert COMPILED_KERNELS_CANDIDATE in engine.compile_seconds[key]
+    if PDL_CANDIDATE in names:
+        pdl = vitfast.optimize(model, batch_sizes=(1,), backend=PDL_CANDIDATE)
+        sdpa = vitfast.optimize(model, batch_sizes=(1,), backend="kernels-sdpa")
+        torch.testing.assert_close(pdl(image), sdpa(image), rtol=0, atol=0)
+
+
 def test_engine_does_not_import_the_benchmarks() -> None:
     """The engine measures with vitfast._measure, beneath both it and vitfast.bench (which imports the registry)."""
     import ast

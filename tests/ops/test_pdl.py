@@ -57,10 +57,13 @@ def test_only_the_forward_kernels_take_pdl() -> None:
 
 
 def test_pdl_is_never_on_under_the_interpreter_or_on_the_cpu() -> None:
-    assert _triton.INTERPRETER  # tests/conftest.py
-    assert not _triton.pdl_supported("cpu") and not _triton.pdl_supported("cuda")
-    with _triton.use_pdl("cuda") as on:
+    assert not _triton.pdl_supported("cpu")
+    with _triton.use_pdl("cpu") as on:
         assert not on and not _triton._pdl.on
+    if _triton.INTERPRETER:  # tests/conftest.py, without a GPU
+        assert not _triton.pdl_supported("cuda")
+        with _triton.use_pdl("cuda") as on:
+            assert not on and not _triton._pdl.on
 
 
 def test_use_pdl_sets_what_launch_adds_and_restores_it(monkeypatch) -> None:
@@ -81,6 +84,7 @@ def test_use_pdl_sets_what_launch_adds_and_restores_it(monkeypatch) -> None:
     assert not _triton._pdl.on
 
 
+@pytest.mark.skipif(not _triton.INTERPRETER, reason="the kernels run on CPU tensors only through the interpreter")
 def test_interpreted_kernels_never_get_pdl(monkeypatch) -> None:
     """With the flag forced on, interpreted launches still get no PDL (the interpreter cannot run griddepcontrol,
     so this would raise) and compute what they compute without it."""
@@ -154,3 +158,51 @@ def test_launch_keys_the_cache_on_pdl(report: dict) -> None:
     assert path["outside"] == {"from_launcher": [], "compiles": 1, "cache_keys_with_pdl": [False]}
     assert path["inside"] == {"from_launcher": [], "compiles": 1, "cache_keys_with_pdl": [False, True]}
     assert path["compiled"] == [[False, False], [True, True]]
+
+
+# ------------------------------------------------------------------------------------------------ on a GPU
+
+requires_pdl = pytest.mark.skipif(
+    not (torch.cuda.is_available() and _triton.pdl_supported("cuda")),
+    reason="PDL needs a CUDA GPU of compute capability 9.0+ and Triton without its interpreter",
+)
+
+
+@pytest.mark.gpu
+@requires_pdl
+def test_gpu_pdl_chain_in_a_graph_is_bitwise_the_plain_one() -> None:
+    """Thirty dependent residual LayerNorms captured in one CUDA graph, launched with and without PDL: each reads what
+    the one before wrote, so a kernel touching memory before its wait would show up as a difference (or as one
+    between replays); the PDL specialization was compiled with launch_pdl."""
+    from vitfast import ops
+    from vitfast.backend import use_backend
+    from vitfast.ops.layer_norm import _layer_norm_fwd_kernel
+
+    with torch.device("cuda"):
+        x, branch = torch.randn(8, 197, 768, dtype=torch.bfloat16), torch.randn(8, 197, 768, dtype=torch.bfloat16)
+        weight, bias = torch.randn(768), torch.randn(768)
+
+    def chain() -> torch.Tensor:
+        normed, residual = branch, x
+        for _ in range(30):
+            normed, residual = ops.layer_norm_residual(residual, normed, None, weight, bias, 1e-6)
+        return normed
+
+    results = []
+    for pdl in (False, True):
+        with use_backend("triton"), _triton.use_pdl("cuda", enabled=pdl) as on:
+            assert on == pdl
+            chain()  # compiles and warms up outside the capture
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                out = chain()
+        replays = []
+        for _ in range(3):
+            graph.replay()
+            replays.append(out.clone())
+        for replay in replays[1:]:
+            torch.testing.assert_close(replay, replays[0], rtol=0, atol=0)
+        results.append(replays[0])
+    torch.testing.assert_close(results[1], results[0], rtol=0, atol=0)
+    compiled = [k for cache in _layer_norm_fwd_kernel.device_caches.values() for k in cache[0].values()]
+    assert any(k.metadata.launch_pdl and "griddepcontrol.wait" in k.asm["ptx"] for k in compiled)
