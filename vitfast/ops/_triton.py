@@ -532,9 +532,12 @@ def _add_pdl(kernel: Any, kwargs: dict) -> None:
 
 def pdl_supported(device: torch.device | str) -> bool:
     """Whether kernels on ``device`` can be launched with PDL: Triton with grid dependency control, not its
-    interpreter, and a CUDA device of compute capability 9.0 or above (``griddepcontrol`` is sm_90 PTX)."""
+    interpreter, and an NVIDIA GPU of compute capability 9.0 or above (``griddepcontrol`` is sm_90 PTX; a ROCm
+    build's "cuda" device is an AMD GPU)."""
     device = torch.device(device)
-    if not HAS_TRITON or INTERPRETER or gdc_wait is None or device.type != "cuda" or not torch.cuda.is_available():
+    if not HAS_TRITON or INTERPRETER or gdc_wait is None or device.type != "cuda" or torch.version.hip is not None:
+        return False
+    if not torch.cuda.is_available():
         return False
     try:
         from triton.backends.nvidia.compiler import CUDAOptions
