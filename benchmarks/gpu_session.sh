@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device-machine call, run from the repo root: bash benchmarks/gpu_session.sh [sections...]
-# Sections: env tests retest bench engine engine-check eva train profile ops launch kernels layer_norm attention splitk
+# Sections: env tests retest bench engine engine-check eva train profile ops launch kernels layer_norm attention splitk pdl
 # (default: env tests bench profile ops). Everything is written under $OUT (or ./gpu_out). Each section has its own
 # time limit so that one slow part cannot eat the call.
 set -u
@@ -48,7 +48,7 @@ for section in $sections; do
         --json "$OUT/engine.jsonl" 2>&1 | grep -v "first call \.\.\.\|^    median" | tail -60 ;;
     engine-check)
       timeout 400 python3 benchmarks/gpu_engine_check.py --json "$OUT/engine_check.jsonl" --batch-sizes 1,8 \
-        --backends tuned,kernels,kernels-sdpa,reference \
+        --backends tuned,kernels,kernels-sdpa,kernels-pdl,reference \
         --models vit_base_patch16_224,beitv2_base_patch16_224,eva02_base_patch14_448,eva02_large_patch14_448 \
         2>&1 | tail -45 ;;
     eva)
@@ -101,6 +101,10 @@ PY
       # (not in the default list) issue 14: proj / fc2 at ViT-B bs 1/4/8 and ViT-L bs 1, cuBLAS + layer_norm_residual
       # against split-K + layer_norm_residual_partials at every split count, inside CUDA graphs, ~30 s
       timeout 90 python3 benchmarks/gpu_split_k.py --json "$OUT/split_k.jsonl" 2>&1 | tail -40 ;;
+    pdl)
+      # issue 14: ViT-B/16 bs 1 with and without programmatic dependent launch (kernels-pdl vs kernels-sdpa): the
+      # tuned engine's per-candidate replay times, bitwise equality of the two, interleaved replay timings; ~1 min
+      timeout 120 python3 benchmarks/pdl_gpu_check.py --json "$OUT/pdl.jsonl" 2>&1 | tail -12 ;;
     kernels)
       # the kernel report's launches run on this GPU: measured time beside each floor (fraction of floor), ~3 min
       timeout 300 python3 -m benchmarks.kernel_report --gpu --gpu-peaks H200 --out-dir "$OUT" 2>&1 | tail -20 ;;

@@ -252,6 +252,48 @@ def ptx_memory_profile(ptx: str) -> dict[str, Any]:
     return profile
 
 
+_GDC_WAIT = re.compile(r"\bgriddepcontrol\.wait\b")
+_GDC_TRIGGER = re.compile(r"\bgriddepcontrol\.launch_dependents\b")
+# any instruction that may touch global memory: loads / stores / atomics / prefetches whose state space is not one of
+# a thread's or CTA's own (a generic address could be global), and every async or bulk copy
+_MEMORY_SPACE = re.compile(r"^\s*(?:@!?%\w+\s+)?(ld|st|atom|red|prefetch|prefetchu|cp)\.([\w.:]+)")
+_PRIVATE_SPACES = ("param", "shared", "local", "const")
+
+
+def grid_dependency_order(ptx: str) -> dict[str, Any]:
+    """Where a kernel's programmatic-dependent-launch instructions sit in its PTX (line numbers of the kernel text).
+
+    ``waits`` / ``triggers``: ``griddepcontrol.wait`` / ``.launch_dependents`` count; ``first_wait``,
+    ``first_trigger``, ``first_global``: the line of the first of each (None if absent); ``globals_before_wait``:
+    instructions that may touch global memory before the first wait (must be 0 for a kernel launched with PDL).
+    """
+    first_wait = first_trigger = first_global = None
+    waits = triggers = before = 0
+    for number, line in enumerate(ptx.splitlines()):
+        if _GDC_WAIT.search(line):
+            waits += 1
+            first_wait = number if first_wait is None else first_wait
+        elif _GDC_TRIGGER.search(line):
+            triggers += 1
+            first_trigger = number if first_trigger is None else first_trigger
+        elif (found := _MEMORY_SPACE.match(line)) is not None:
+            space = found.group(2).split(".")[0]
+            if found.group(1) == "cp" and not found.group(2).startswith("async"):
+                continue
+            if space in _PRIVATE_SPACES:
+                continue
+            first_global = number if first_global is None else first_global
+            before += first_wait is None
+    return {
+        "waits": waits,
+        "triggers": triggers,
+        "first_wait": first_wait,
+        "first_trigger": first_trigger,
+        "first_global": first_global,
+        "globals_before_wait": before,
+    }
+
+
 # -------------------------------------------------------------------------------------------------------- compiling
 
 
@@ -320,6 +362,8 @@ class Compiler:
             **_resource_usage(compiled.asm["cubin"], self._cuobjdump),
             **_spills(ptxas_log.getvalue()),
             "ptx": ptx_memory_profile(compiled.asm["ptx"]),
+            "grid_dependency": grid_dependency_order(compiled.asm["ptx"]),
+            "launch_pdl": bool(getattr(metadata, "launch_pdl", False)),
         }
         result["programs_per_sm"] = resident_programs(result["num_warps"], result["regs"], result["shared"])
         self._compiled[id(compiled)] = result

@@ -16,11 +16,13 @@ import torch
 import vitfast
 from tests.helpers import assert_close_scaled, assert_kernel_close, randomize_
 from vitfast._measure import scaled_error
-from vitfast.backend import override_impl, use_backend
+from vitfast.backend import get_backend, override_impl, use_backend
 from vitfast.engine import (
     CANDIDATES,
     COMPILED_CANDIDATE,
+    COMPILED_KERNELS_CANDIDATE,
     EPILOGUE_CANDIDATE,
+    PDL_CANDIDATE,
     PRUNE_MARGIN,
     TUNING_CANDIDATES,
     InferenceEngine,
@@ -353,14 +355,15 @@ def test_tuning_with_no_usable_candidate_says_why(monkeypatch) -> None:
 
 
 def test_candidates_follow_compile() -> None:
-    """The compiled candidate is offered with compile=True (the default where graphs are tuned), never without."""
+    """The compiled candidates are offered with compile=True (the default where graphs are tuned), never without;
+    without graphs, compile=True runs the one over the reference ops."""
     pytest.importorskip("triton")
     engine = vitfast.optimize(_small_model(), batch_sizes=(1,), dtype=torch.float32, device="cpu")
     assert not engine.compile and engine._candidates() == ["current"]
     engine.use_graphs = True
     assert engine._candidates() == list(TUNING_CANDIDATES)
     engine.compile = True
-    assert engine._candidates() == [*TUNING_CANDIDATES, COMPILED_CANDIDATE]
+    assert engine._candidates() == [*TUNING_CANDIDATES, COMPILED_CANDIDATE, COMPILED_KERNELS_CANDIDATE]
     on_cpu = vitfast.optimize(_small_model(), batch_sizes=(1,), dtype=torch.float32, device="cpu", compile=True)
     assert on_cpu._candidates() == [COMPILED_CANDIDATE]
     fixed = vitfast.optimize(_small_model(), batch_sizes=(1,), device="cpu", backend=COMPILED_CANDIDATE)
@@ -471,16 +474,18 @@ def test_pruning_by_the_nearest_smaller_batch_size(monkeypatch, caplog) -> None:
     for batch in sizes:
         engine(torch.randn(batch, 3, 32, 32))
     attempted = {batch: [name for b, name in captures if b == batch] for batch in sizes}
-    everyone = [*TUNING_CANDIDATES, COMPILED_CANDIDATE]
+    compiled = [COMPILED_CANDIDATE, COMPILED_KERNELS_CANDIDATE]  # both fail: one by name, one (interpreter) itself
+    everyone = [*TUNING_CANDIDATES, *compiled]
     assert attempted == {1: everyone, 2: ["kernels", "kernels-sdpa"], 4: ["kernels", "kernels-sdpa"], 20: everyone}
     skipped = {key[1]: value for key, value in engine.skipped.items()}
-    assert "capture failed" in skipped[1][COMPILED_CANDIDATE]
-    assert set(skipped[2]) == set(skipped[4]) == {"reference", COMPILED_CANDIDATE}
+    assert all("capture failed" in skipped[1][name] for name in compiled)
+    assert set(skipped[2]) == set(skipped[4]) == {"reference", *compiled}
     assert "more than 1.5x the fastest" in skipped[2]["reference"] and "left out at batch 1" in skipped[2]["inductor"]
+    assert "left out at batch 1" in skipped[2][COMPILED_KERNELS_CANDIDATE]
     assert "left out at batch 2" in skipped[4]["reference"]  # pruned once, pruned up the chain
-    assert set(skipped[20]) == {COMPILED_CANDIDATE}
+    assert set(skipped[20]) == set(compiled)
     assert set(engine.choices.values()) == {"kernels"} and len(engine.choices) == 4
-    assert caplog.text.count("capture failed") == 2  # a pruned candidate is logged at info level, not warned about
+    assert caplog.text.count("capture failed") == 4  # a pruned candidate is logged at info level, not warned about
 
 
 def test_batch_64_and_above(monkeypatch) -> None:
@@ -529,6 +534,28 @@ def test_fused_forward_traces_as_one_graph(name: str) -> None:
         torch.testing.assert_close(out, expected, rtol=0, atol=0)
 
 
+@pytest.mark.slow  # ~10 s each: dynamo, then the interpreted kernels
+@pytest.mark.parametrize("name", ["beitv2_base_patch16_224", "eva02_base_patch14_448"])
+def test_kernels_forward_traces_as_one_graph(name: str) -> None:
+    """What "compiled-kernels" compiles on a GPU: dynamo traces the kernels-sdpa forward with fullgraph=True, our
+    Triton ops opaque in the graph (here backend="eager": inductor cannot lower interpreted kernels). BEiT: the
+    attention kernel with the relative position bias, layer-scale residual LayerNorms; EVA-02: rope_2d_qk before
+    SDPA, SwiGLU + sub-LN."""
+    pytest.importorskip("triton")
+    engine_module = importlib.import_module("vitfast.engine")
+    img_size = 28 if "patch14" in name else 32
+    engine = vitfast.optimize(_model(name, img_size=img_size, depth=1), batch_sizes=(1,), device="cpu")
+    image = torch.randn(1, 3, img_size, img_size)
+    engine.fused.prepare(image)
+    traced = torch.compile(
+        engine_module._own_code(engine_module._forward), backend="eager", fullgraph=True, dynamic=False
+    )
+    with torch.inference_mode(), engine._candidate(COMPILED_KERNELS_CANDIDATE):
+        out = traced(engine.fused, False, image)
+        expected = engine_module._forward(engine.fused, False, image)
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+
+
 @pytest.fixture(scope="module")
 def one_compile_thread():
     """Inductor's CPU backend compiles C++; a pool of workers costs more than it saves on a two-core machine."""
@@ -552,7 +579,7 @@ def test_compiled_candidate_agrees_is_kept_when_fastest_and_skipped_when_wrong(
     first = engine(images[0])
     ((key, choice),) = engine.choices.items()
     assert choice == COMPILED_CANDIDATE and engine.tuning[key] == {"reference": 2.0, COMPILED_CANDIDATE: 1.0}
-    assert engine.compile_seconds[key] > 0
+    assert list(engine.compile_seconds[key]) == [COMPILED_CANDIDATE] and engine.compile_seconds[key][choice] > 0
     second = engine(images[1])
     assert_close_scaled(first, expected[0], tol=1e-5, what="compiled candidate")
     assert_close_scaled(second, expected[1], tol=1e-5, what="compiled candidate, second call")
@@ -571,6 +598,60 @@ def test_compiled_candidate_agrees_is_kept_when_fastest_and_skipped_when_wrong(
     assert list(wrong.choices.values()) == ["reference"] and "'inductor' skipped" in caplog.text
     assert not wrong._compiled  # the loser's compiled forward is let go
     assert_close_scaled(out, expected[0], tol=1e-5, what="fallback to the reference")
+
+
+def test_compiled_kernels_candidate_fails_cleanly_under_the_interpreter(monkeypatch, caplog) -> None:
+    """inductor cannot compile interpreted Triton kernels: the "compiled-kernels" capture fails at once with an error
+    that says so (nothing is compiled), it is skipped with a warning, and a working candidate is kept; outputs are
+    the caller's as always. Fixed as the backend, its first call raises the same error."""
+    model = _model("vit_small_patch16_224", img_size=32, depth=1, embed_dim=64, num_heads=2)
+    image = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = model(image)
+    times = {"reference": 2.0}
+    failing = {"kernels", "kernels-sdpa", COMPILED_CANDIDATE}  # left out by name, to keep the test cheap
+    engine = _tuning_engine(monkeypatch, times, failing=failing, model=model, compile=True)
+    with caplog.at_level(logging.WARNING, logger="vitfast"):
+        first, second = engine(image), engine(image)
+    ((key, choice),) = engine.choices.items()
+    assert choice == "reference" and set(engine.skipped[key]) == {*failing, COMPILED_KERNELS_CANDIDATE}
+    problem = engine.skipped[key][COMPILED_KERNELS_CANDIDATE]
+    assert "capture failed (RuntimeError" in problem and "interpreter" in problem
+    assert f"{COMPILED_KERNELS_CANDIDATE!r} skipped" in caplog.text
+    assert not engine._compiled and not engine.compile_seconds
+    assert_close_scaled(first, expected, tol=1e-5, what="fallback to the reference")
+    assert first.data_ptr() != second.data_ptr()  # each call a fresh tensor
+    fixed = vitfast.optimize(
+        model, batch_sizes=(2,), dtype=torch.float32, device="cpu", backend=COMPILED_KERNELS_CANDIDATE
+    )
+    with pytest.raises(RuntimeError, match="needs a CUDA GPU and Triton without its interpreter"):
+        fixed(image)
+
+
+def test_pdl_candidate_only_where_supported(monkeypatch) -> None:
+    """ "kernels-pdl" is offered only where PDL can run (sm_90+, not the interpreter: never here), and is
+    "kernels-sdpa" with PDL on inside its block; under the interpreter the kernels never get PDL, so its forward
+    is bitwise kernels-sdpa's."""
+    pytest.importorskip("triton")
+    engine_module = importlib.import_module("vitfast.engine")
+    triton_glue = importlib.import_module("vitfast.ops._triton")
+    model = _model("vit_small_patch16_224", img_size=32, depth=1, embed_dim=64, num_heads=2)
+    engine = vitfast.optimize(model, batch_sizes=(1,), dtype=torch.float32, device="cpu")
+    engine.use_graphs = True
+    assert PDL_CANDIDATE not in engine._candidates()
+    with engine._candidate(PDL_CANDIDATE):
+        assert not triton_glue._pdl.on  # asked for, but not supported here
+    for module in (engine_module, triton_glue):  # as on an sm_90 GPU
+        monkeypatch.setattr(module, "pdl_supported", lambda device: True)
+    assert engine._candidates() == [*TUNING_CANDIDATES, PDL_CANDIDATE]
+    with engine._candidate(PDL_CANDIDATE):
+        assert triton_glue._pdl.on and get_backend() == "triton"
+    with engine._candidate("kernels-sdpa"):
+        assert not triton_glue._pdl.on
+    assert not triton_glue._pdl.on
+    image = torch.randn(1, 3, 32, 32)
+    pdl, sdpa = engine._call("forward", image, PDL_CANDIDATE), engine._call("forward", image, "kernels-sdpa")
+    torch.testing.assert_close(pdl, sdpa, rtol=0, atol=0)
 
 
 def test_repr_and_is_exported() -> None:
@@ -616,6 +697,28 @@ def test_gpu_graphs_match_timm_within_rule_5(name: str) -> None:
     graphed = vitfast.optimize(ours, batch_sizes=(1,), backend=choice)
     eager = vitfast.optimize(ours, batch_sizes=(1,), backend=choice, use_graphs=False)
     torch.testing.assert_close(graphed(uint8), eager(uint8), rtol=0, atol=0)  # the same kernels, replayed
+
+
+@pytest.mark.gpu
+@requires_gpu
+def test_gpu_pdl_and_compiled_kernels_candidates_capture_and_agree(monkeypatch) -> None:
+    """On a GPU the new candidates are captured, agree with the plain forward and are timed, not skipped; kernels-pdl
+    (where PDL can run) gives bitwise kernels-sdpa's output."""
+    from vitfast.ops._triton import pdl_supported
+
+    model = _model("eva02_base_patch14_448", img_size=112).cuda()  # split qkv, RoPE, SwiGLU + sub-LN
+    names = ["kernels-sdpa", COMPILED_KERNELS_CANDIDATE, *([PDL_CANDIDATE] if pdl_supported("cuda") else [])]
+    engine = vitfast.optimize(model, batch_sizes=(1,))
+    monkeypatch.setattr(engine, "_candidates", lambda: names)
+    image = torch.randn(1, 3, 112, 112, device="cuda")
+    engine(image)
+    (key,) = engine.choices
+    assert set(engine.tuning[key]) == set(names), engine.skipped[key]
+    assert COMPILED_KERNELS_CANDIDATE in engine.compile_seconds[key]
+    if PDL_CANDIDATE in names:
+        pdl = vitfast.optimize(model, batch_sizes=(1,), backend=PDL_CANDIDATE)
+        sdpa = vitfast.optimize(model, batch_sizes=(1,), backend="kernels-sdpa")
+        torch.testing.assert_close(pdl(image), sdpa(image), rtol=0, atol=0)
 
 
 def test_engine_does_not_import_the_benchmarks() -> None:

@@ -41,7 +41,7 @@ from vitfast.backend import BACKENDS, implementations, override_impl, use_backen
 from vitfast.layers.mlp import Mlp, SwiGLU, SwiGLUPacked
 from vitfast.layers.pos_embed import resample_abs_pos_embed
 from vitfast.models.vision_transformer import VisionTransformer
-from vitfast.ops._triton import num_sms
+from vitfast.ops._triton import INTERPRETER, num_sms, pdl_supported, use_pdl
 from vitfast.ops.attention import attention_graph_policy
 from vitfast.ops.linear import linear_ref, split_k_splits
 from vitfast.ops.swiglu import aligned_width
@@ -69,7 +69,16 @@ COMPILED_CANDIDATE = "inductor"
 # ops.linear_split_k), their fp32 partial sums, bias, layer scale and residual added up inside the residual LayerNorm
 # that follows (ops.layer_norm_residual_partials): no launch for the reduction. Fused vitfast models on a GPU only.
 SPLIT_K_CANDIDATE = "kernels-splitk"
-CANDIDATES = (*TUNING_CANDIDATES, EPILOGUE_CANDIDATE, SPLIT_K_CANDIDATE, COMPILED_CANDIDATE)
+# "kernels-sdpa" with programmatic dependent launch between our Triton kernels (vitfast.ops._triton.use_pdl): inside
+# the graph each kernel may start while the one before it finishes, and waits (griddepcontrol.wait) before its first
+# global access. Offered where pdl_supported: sm_90+ and Triton with grid dependency control, never the interpreter.
+PDL_CANDIDATE = "kernels-pdl"
+# The "kernels-sdpa" forward compiled by torch.compile: inductor fuses the glue between our kernels, which it sees
+# through torch.library.wrap_triton. Offered with compile=True; it cannot compile under Triton's interpreter (its
+# capture fails there with an error saying so, and the candidate is skipped).
+COMPILED_KERNELS_CANDIDATE = "compiled-kernels"
+COMPILED_CANDIDATES = (COMPILED_CANDIDATE, COMPILED_KERNELS_CANDIDATE)
+CANDIDATES = (*TUNING_CANDIDATES, EPILOGUE_CANDIDATE, SPLIT_K_CANDIDATE, PDL_CANDIDATE, *COMPILED_CANDIDATES)
 # Pruning (capture time, above all the compiled candidate's compile): a candidate that was more than PRUNE_MARGIN
 # times slower than the winner at the nearest smaller captured batch size of the same call, input shape and dtype,
 # or was rejected there, is not captured again. Only when that size is at most PRUNE_MAX_BATCH_RATIO times smaller:
@@ -113,10 +122,11 @@ def optimize(
         backend: the vitfast backend the forward is captured with. Default (``None``): with CUDA graphs, each batch
             size is captured once per candidate (``"kernels"``: the Triton kernels with cuBLAS GEMMs;
             ``"kernels-sdpa"``: the same, with SDPA for attention unless it has a relative position bias, and RoPE
-            applied to q and k by one kernel before SDPA;
-            ``"reference"``; ``"kernels-splitk"``: ``"kernels-sdpa"`` with proj and fc2 split-K where their tiles
-            leave SMs idle, reduced in the next LayerNorm (fused models on a GPU);
-            ``"inductor"`` with ``compile``), each is checked against the plain forward, a few
+            applied to q and k by one kernel before SDPA; ``"kernels-splitk"``: ``"kernels-sdpa"`` with proj and fc2
+            split-K where their tiles leave SMs idle, reduced in the next LayerNorm (fused models on a GPU);
+            ``"kernels-pdl"``: ``"kernels-sdpa"`` with programmatic dependent launch between the Triton kernels, on
+            sm_90+ GPUs; ``"reference"``; ``"inductor"`` and ``"compiled-kernels"`` with ``compile``), each is
+            checked against the plain forward, a few
             replays of each that agrees are timed, and the fastest graph is kept (``engine.choices`` says which won,
             ``engine.tuning`` the times, ``engine.skipped`` why others were left out: rejected, or pruned because
             they lost clearly at the nearest smaller batch size); without graphs, the current backend. A name from
@@ -124,12 +134,14 @@ def optimize(
         fuse: run vitfast models through the fused block sequence (see the module docstring); ``False`` graphs the
             model's own ``forward``.
         use_graphs: capture CUDA graphs (default: on a CUDA device).
-        compile: add the ``"inductor"`` candidate: the engine's forward compiled by ``torch.compile`` (fullgraph,
-            static shapes) on the reference ops, captured and timed beside the others. Its compile is paid on the
-            first call of each (call, batch size, input shape, dtype): on the CPU a ViT-B/16 took 83 s with an empty
-            inductor cache and 6 s with a warm one; not yet measured on a GPU (``engine.compile_seconds`` says how
-            long each took). Default: on with CUDA graphs (where the engine
-            tunes), off otherwise; ``compile=True`` without graphs runs the compiled forward.
+        compile: add the compiled candidates: the engine's forward compiled by ``torch.compile`` (fullgraph,
+            static shapes) on the reference ops (``"inductor"``) and on the ``"kernels-sdpa"`` ops
+            (``"compiled-kernels"``: inductor around our Triton kernels; GPU only), captured and timed beside the
+            others; ``compile=False`` offers neither. Each compile is paid on the first call of each (call, batch
+            size, input shape, dtype): on the CPU a ViT-B/16 took 83 s with an empty inductor cache and 6 s with a
+            warm one; not yet measured on a GPU (``engine.compile_seconds[key][candidate]`` says how long each
+            took). Default: on with CUDA graphs (where the engine tunes), off otherwise; ``compile=True`` without
+            graphs runs the ``"inductor"`` forward.
     """
     return InferenceEngine(
         model,
@@ -228,8 +240,8 @@ class InferenceEngine(nn.Module):
         self.choices: dict[tuple, str] = {}  # (call, batch size, input shape, dtype) -> the candidate captured
         self.tuning: dict[tuple, dict[str, float]] = {}  # same keys -> median replay ms of every candidate
         self.skipped: dict[tuple, dict[str, str]] = {}  # same keys -> why a candidate was pruned or rejected
-        self.compile_seconds: dict[tuple, float] = {}  # same keys -> the compiled candidate's first call
-        self._compiled: dict[tuple, Callable] = {}
+        self.compile_seconds: dict[tuple, dict[str, float]] = {}  # same keys -> each compiled candidate's first call
+        self._compiled: dict[tuple, Callable] = {}  # (*key, candidate) -> its compiled forward
         self._pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
         self.stats = {"replays": 0, "eager_calls": 0, "captures": 0}
 
@@ -299,7 +311,9 @@ class InferenceEngine(nn.Module):
             return ["current", *compiled]
         epilogue = [EPILOGUE_CANDIDATE] if self._gelu_epilogue_applies() else []
         split_k = [SPLIT_K_CANDIDATE] if self._split_k_applies() else []
-        return [*TUNING_CANDIDATES, *epilogue, *split_k, *compiled]
+        pdl = [PDL_CANDIDATE] if pdl_supported(self.device) else []
+        compiled_kernels = [COMPILED_KERNELS_CANDIDATE] if self.compile else []
+        return [*TUNING_CANDIDATES, *epilogue, *split_k, *pdl, *compiled, *compiled_kernels]
 
     def _gelu_epilogue_applies(self) -> bool:
         """Whether the tanh-GELU epilogue passes rule 5 here (see EPILOGUE_CANDIDATE) and has an fc1 to fuse into."""
@@ -334,7 +348,14 @@ class InferenceEngine(nn.Module):
     @contextlib.contextmanager
     def _candidate(self, name: str):
         with contextlib.ExitStack() as stack:
-            if name in ("kernels", "kernels-sdpa", EPILOGUE_CANDIDATE, SPLIT_K_CANDIDATE):
+            if name in (
+                "kernels",
+                "kernels-sdpa",
+                EPILOGUE_CANDIDATE,
+                SPLIT_K_CANDIDATE,
+                PDL_CANDIDATE,
+                COMPILED_KERNELS_CANDIDATE,
+            ):
                 stack.enter_context(use_backend("triton"))
                 # cuBLAS beats ops.linear's Triton GEMM at every shape measured (H100, bf16, 2026-11-22: 9.1 vs
                 # ~6.5 us per projection at 197 rows, 21 vs ~12 us at 1576 rows)
@@ -344,6 +365,8 @@ class InferenceEngine(nn.Module):
                     stack.enter_context(override_impl("attention", attention_graph_policy))
                 if name == SPLIT_K_CANDIDATE and self.fused is not None:
                     stack.enter_context(self.fused.splitting_k())
+                if name == PDL_CANDIDATE:
+                    stack.enter_context(use_pdl(self.device))
             elif name == COMPILED_CANDIDATE:
                 stack.enter_context(use_backend("reference"))
             elif name != "current":
@@ -353,20 +376,26 @@ class InferenceEngine(nn.Module):
     def _call(self, kind: str, x: torch.Tensor, candidate: str | None = None) -> torch.Tensor:
         """One forward on the engine's model, outside any graph. Without a candidate (a batch above every captured
         size, run eagerly): the first one that needs no compile for this new size."""
-        name = candidate or next((c for c in self._candidates() if c != COMPILED_CANDIDATE), "current")
+        name = candidate or next((c for c in self._candidates() if c not in COMPILED_CANDIDATES), "current")
         with torch.inference_mode(), self._candidate(name):
-            if name == COMPILED_CANDIDATE:
-                return self._compiled_forward(kind, x)(self._target(), kind == "features", x)
+            if name in COMPILED_CANDIDATES:
+                return self._compiled_forward(kind, x, name)(self._target(), kind == "features", x)
             return _forward(self._target(), kind == "features", x)
 
     def _target(self) -> nn.Module | _FusedViT:
         return self.fused if self.fused is not None else self.model
 
-    def _compiled_forward(self, kind: str, x: torch.Tensor) -> Callable:
-        """The forward compiled for this exact input (static shapes), compiling it on first use."""
+    def _compiled_forward(self, kind: str, x: torch.Tensor, candidate: str) -> Callable:
+        """The forward compiled for this exact input (static shapes) and candidate, compiling it on first use."""
         key = (kind, x.shape[0], tuple(x.shape[1:]), x.dtype)
-        compiled = self._compiled.get(key)
+        compiled = self._compiled.get((*key, candidate))
         if compiled is None:
+            if candidate == COMPILED_KERNELS_CANDIDATE and (INTERPRETER or x.device.type != "cuda"):
+                raise RuntimeError(
+                    f"the {candidate!r} candidate compiles vitfast's Triton kernels into inductor's graph, which needs "
+                    "a CUDA GPU and Triton without its interpreter (TRITON_INTERPRET=1 is "
+                    f"{'set' if INTERPRETER else 'not set'}, the input is on {x.device}); use 'inductor' here."
+                )
             if self.fused is not None:
                 self.fused.prepare(x)  # its per-grid tables built eagerly, so that the graph has no side effects
             # Dynamo keeps compiled graphs (and its recompile limit) per code object: a copy of _forward's code per
@@ -376,10 +405,10 @@ class InferenceEngine(nn.Module):
             output = compiled(self._target(), kind == "features", x)
             if x.device.type == "cuda":
                 torch.cuda.synchronize(x.device)
-            seconds = self.compile_seconds[key] = time.perf_counter() - start
-            logger.info("vitfast engine: %s at batch %d compiled in %.1f s", kind, x.shape[0], seconds)
+            seconds = self.compile_seconds.setdefault(key, {})[candidate] = time.perf_counter() - start
+            logger.info("vitfast engine: %s at batch %d compiled (%s) in %.1f s", kind, x.shape[0], candidate, seconds)
             del output
-            self._compiled[key] = compiled
+            self._compiled[(*key, candidate)] = compiled
         return compiled
 
     def _capture(self, kind: str, size: int, x: torch.Tensor) -> _Captured:
@@ -427,8 +456,9 @@ class InferenceEngine(nn.Module):
             raise RuntimeError(f"vitfast engine: no candidate could be captured for {kind} at batch {size}: {problems}")
         _, name, captured = best
         self.choices[key], self.tuning[key], self.skipped[key] = name, times, problems
-        if name != COMPILED_CANDIDATE:
-            self._compiled.pop(key, None)  # a compiled forward that lost is never called again
+        for loser in COMPILED_CANDIDATES:
+            if loser != name:
+                self._compiled.pop((*key, loser), None)  # a compiled forward that lost is never called again
         logger.debug("vitfast engine: %s at batch %d captured with %s (%s)", kind, size, name, times)
         return captured
 

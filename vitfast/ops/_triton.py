@@ -14,11 +14,12 @@ tests run on a GPU, and opcheck on the CPU skips its AOT-dispatch checks.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -34,10 +35,13 @@ __all__ = [
     "log_fallback",
     "next_power_of_2",
     "num_sms",
+    "pdl_prologue",
+    "pdl_supported",
     "plain_eager",
     "tl",
     "triton",
     "triton_op",
+    "use_pdl",
     "widen_bf16_dot",
 ]
 
@@ -137,6 +141,7 @@ def launch(kernel: Any, grid: tuple[int, ...], *args: Any, **kwargs: Any) -> Non
         # dispatches a higher-order op, which cost ~80 us of host time per kernel on an H100 host (2026-11-22:
         # vit_base_patch16_224 bs 1 eager on the kernels 10.5 ms vs 5.1 ms on the reference path), far more than
         # the kernels themselves take.
+        _add_pdl(kernel, kwargs)
         launch_cache(kernel, grid, args, kwargs)
         return
     torch.library.wrap_triton(kernel)[grid](*args, **kwargs)
@@ -462,3 +467,94 @@ def log_fallback(op: str, reason: str) -> None:
     if (op, reason) not in _logged:
         _logged.add((op, reason))
         logger.debug("vitfast %s: %s; running the reference implementation.", op, reason)
+
+
+# ------------------------------------------------------------------------------- programmatic dependent launch
+# With PDL (sm_90+) a kernel may start while the one before it in the stream still runs, which hides the launch gap
+# between graph nodes. Every kernel that can be launched so takes a ``PDL: tl.constexpr = False`` parameter and calls
+# :func:`pdl_prologue` first: it waits for the previous grid to complete (and its memory to be visible) before its
+# first global access, whatever it reads or writes. Only plain eager launches (graph capture included) inside
+# :func:`use_pdl` set it; traced launches (torch.compile, opcheck) and the interpreter never do.
+
+if HAS_TRITON:
+    try:
+        from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+    except ImportError:  # a Triton without grid dependency control: PDL is never turned on (pdl_supported)
+        gdc_launch_dependents = gdc_wait = None
+
+
+@triton.jit
+def pdl_prologue(PDL: tl.constexpr):
+    """The first statement of every kernel that takes ``PDL``: nothing unless ``PDL`` (then inline PTX, which the
+    interpreter cannot run and which no launch sets there).
+
+    The wait blocks until the grid this one depends on has completed and flushed its memory, so that every global
+    read and write after it is ordered after the previous kernel, also one that is not ours. Because every program
+    waits before it exits, this grid completes only after its predecessor did: a chain of PDL launches stays ordered
+    as a plain stream is. The trigger then lets the next kernel be scheduled onto free SMs while this one runs; it
+    orders no memory (the next kernel's own wait does), and placed after the wait it keeps at most two grids in
+    flight.
+    """
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
+
+
+class _PdlState(threading.local):
+    on = False
+
+
+_pdl = _PdlState()
+
+
+def _takes_pdl(kernel: Any) -> bool:
+    """Whether ``kernel`` has the ``PDL`` parameter; kept on the kernel object (a JITFunction's hash is its source
+    hash, too slow to key a dict with on every launch)."""
+    takes = getattr(kernel, "_vitfast_takes_pdl", None)
+    if takes is None:
+        takes = kernel._vitfast_takes_pdl = "PDL" in getattr(kernel, "arg_names", ())
+    return takes
+
+
+def _add_pdl(kernel: Any, kwargs: dict) -> None:
+    """To a kernel that takes it, pass ``PDL`` always (the launch cache keys on every constexpr) and, with
+    ``PDL=True``, ``launch_pdl=True``: a Triton compile option (``CUDAOptions.launch_pdl``, Triton 3.6 and 3.8), so
+    part of the specialization, which the compiled kernel's launcher reads to set the
+    PROGRAMMATIC_STREAM_SERIALIZATION launch attribute."""
+    takes = getattr(kernel, "_vitfast_takes_pdl", None)
+    if takes is None:
+        takes = _takes_pdl(kernel)
+    if takes:
+        kwargs["PDL"] = on = _pdl.on
+        if on:
+            kwargs["launch_pdl"] = True
+
+
+def pdl_supported(device: torch.device | str) -> bool:
+    """Whether kernels on ``device`` can be launched with PDL: Triton with grid dependency control, not its
+    interpreter, and an NVIDIA GPU of compute capability 9.0 or above (``griddepcontrol`` is sm_90 PTX; a ROCm
+    build's "cuda" device is an AMD GPU)."""
+    device = torch.device(device)
+    if not HAS_TRITON or INTERPRETER or gdc_wait is None or device.type != "cuda" or torch.version.hip is not None:
+        return False
+    if not torch.cuda.is_available():
+        return False
+    try:
+        from triton.backends.nvidia.compiler import CUDAOptions
+    except ImportError:
+        return False
+    if "launch_pdl" not in CUDAOptions.__dataclass_fields__:
+        return False
+    return torch.cuda.get_device_capability(device) >= (9, 0)
+
+
+@contextlib.contextmanager
+def use_pdl(device: torch.device | str, enabled: bool = True) -> Iterator[bool]:
+    """Launch this thread's eager kernel calls with PDL inside the block, where :func:`pdl_supported` says it can
+    run (elsewhere the block runs as without it); yields whether PDL is on."""
+    previous = _pdl.on
+    _pdl.on = bool(enabled) and pdl_supported(device)
+    try:
+        yield _pdl.on
+    finally:
+        _pdl.on = previous

@@ -46,6 +46,7 @@ from vitfast.ops._triton import (
     launch,
     log_fallback,
     next_power_of_2,
+    pdl_prologue,
     tl,
     triton,
     triton_op,
@@ -181,9 +182,10 @@ def _attention_fwd_kernel(
     num_heads, seq_len, qk_scale_log2,
     HEAD_DIM: tl.constexpr, ALIGN: tl.constexpr, BLOCK_D: tl.constexpr,
     BIAS: tl.constexpr, WIDEN_DOT: tl.constexpr, PRECISION: tl.constexpr, MASK_ALL: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr = False,
 ):  # fmt: skip
     """One program: BLOCK_M query rows of one (batch, head); online softmax over all key blocks."""
+    pdl_prologue(PDL)  # first: waits for the previous kernel when launched with PDL
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     off_b = (pid_bh // num_heads).to(tl.int64)
@@ -484,9 +486,10 @@ def _rel_pos_bias_gather_kernel(
     Table, Index, Bias,
     stride_table_r, stride_table_h, stride_index_m, stride_index_n, stride_bias_h, stride_bias_m,
     num_heads, seq_len,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr = False,
 ):  # fmt: skip
     """One program: BLOCK_M rows of the dense bias of every head, ``bias[h, i, j] = table[index[i, j], h]``."""
+    pdl_prologue(PDL)  # first: waits for the previous kernel when launched with PDL
     rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)[:, None]
     keys = tl.arange(0, BLOCK_N)[None, :]
     tile_ok = (rows < seq_len) & (keys < seq_len)

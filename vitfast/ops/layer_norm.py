@@ -33,6 +33,7 @@ from vitfast.ops._triton import (
     log_fallback,
     next_power_of_2,
     num_sms,
+    pdl_prologue,
     tl,
     triton,
     triton_op,
@@ -185,7 +186,9 @@ def _layer_norm_fwd_kernel(
     HAS_BIAS: tl.constexpr,
     BLOCK_ROWS: tl.constexpr,
     BLOCK_C: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
+    pdl_prologue(PDL)  # first: waits for the previous kernel when launched with PDL
     row = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
     col = tl.arange(0, BLOCK_C)
     row_mask = row < rows
@@ -237,7 +240,9 @@ def _layer_norm_partials_fwd_kernel(
     HAS_BIAS: tl.constexpr,
     BLOCK_ROWS: tl.constexpr,
     BLOCK_C: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
+    pdl_prologue(PDL)  # first: waits for the previous kernel when launched with PDL
     # _layer_norm_fwd_kernel's residual variant with the branch added up from SPLITS fp32 partial-sum slices
     # [SPLITS, rows, cols] first; no statistics are written (inference only)
     row = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)

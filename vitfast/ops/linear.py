@@ -32,6 +32,7 @@ from vitfast.ops._triton import (
     launch,
     log_fallback,
     num_sms,
+    pdl_prologue,
     tl,
     triton,
     triton_op,
@@ -69,8 +70,9 @@ def _linear_fwd_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr,
+    GROUP_M: tl.constexpr, PDL: tl.constexpr = False,
 ):  # fmt: skip
+    pdl_prologue(PDL)  # first: waits for the previous kernel when launched with PDL
     # grouped tile order: GROUP_M row-tiles share each weight column-tile while it sits in L2
     pid = tl.program_id(0)
     tiles_m = tl.cdiv(M, BLOCK_M)
@@ -242,7 +244,9 @@ def _linear_split_k_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):  # fmt: skip
+    pdl_prologue(PDL)  # first: waits for the previous kernel when launched with PDL
     # program (tile, split): one [BLOCK_M, BLOCK_N] output tile over K slice [split * depth, (split + 1) * depth),
     # tiles in the grouped order of _linear_fwd_kernel (the slices of a tile read disjoint weight columns)
     pid = tl.program_id(0)

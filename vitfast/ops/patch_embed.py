@@ -24,6 +24,7 @@ from vitfast.ops._triton import (
     kernel_can_run,
     launch,
     log_fallback,
+    pdl_prologue,
     tl,
     triton,
     triton_op,
@@ -205,8 +206,10 @@ def _patch_embed_fwd_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
     """One [BLOCK_M patches, BLOCK_N features] tile of the tokens; row ``m`` is patch ``m % N`` of image ``m // N``."""
+    pdl_prologue(PDL)  # first: waits for the previous kernel when launched with PDL
     # feature tiles vary fastest: the programs sharing an image tile run together and read it once from DRAM
     num_col_tiles = tl.cdiv(embed_dim, BLOCK_N)
     pid_m = tl.program_id(0) // num_col_tiles

@@ -34,6 +34,7 @@ from vitfast.ops._triton import (
     launch,
     log_fallback,
     next_power_of_2,
+    pdl_prologue,
     tl,
     triton,
     triton_op,
@@ -95,7 +96,7 @@ def _rope_qk_kernel(
     stride_ob, stride_on,
     stride_rope_n, stride_rope_pair, seq_len, num_prefix_tokens,
     HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_PAIRS: tl.constexpr,
-    BLOCK_N: tl.constexpr, INVERSE: tl.constexpr, STRIDE_MULTIPLE: tl.constexpr,
+    BLOCK_N: tl.constexpr, INVERSE: tl.constexpr, STRIDE_MULTIPLE: tl.constexpr, PDL: tl.constexpr = False,
 ):  # fmt: skip
     """One program: BLOCK_N tokens of one image, every head of both q and k, which share the angles.
 
@@ -103,6 +104,7 @@ def _rope_qk_kernel(
     their (even, odd) channel pairs in registers; the angle of each pair is read once per token for all heads and
     both tensors. The outputs are contiguous ``[B, N, H, D]``. ``INVERSE`` rotates by the negated angles.
     """
+    pdl_prologue(PDL)  # first: waits for the previous kernel when launched with PDL
     pid_n = tl.program_id(0)
     off_b = tl.program_id(1).to(tl.int64)
     tokens = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)[:, None, None]  # [BLOCK_N, 1, 1]

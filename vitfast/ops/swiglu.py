@@ -40,6 +40,7 @@ from vitfast.ops._triton import (
     log_fallback,
     next_power_of_2,
     num_sms,
+    pdl_prologue,
     tl,
     triton,
     triton_op,
@@ -180,7 +181,9 @@ def _swiglu_fwd_kernel(
     PACKED: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
+    pdl_prologue(PDL)  # first: waits for the previous kernel when launched with PDL
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask = (rows < n_rows)[:, None] & (cols < n_cols)[None, :]
@@ -256,7 +259,9 @@ def _swiglu_layer_norm_fwd_kernel(
     eps,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
+    pdl_prologue(PDL)  # first: waits for the previous kernel when launched with PDL
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_N)
     row_mask = rows < n_rows
