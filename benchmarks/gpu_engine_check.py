@@ -34,6 +34,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-sizes", default="1,8")
     parser.add_argument("--backends", default="tuned", help="comma-separated; 'tuned' lets the engine choose")
     parser.add_argument("--reps", type=int, default=50)
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="let 'tuned' also compile its torch.compile candidates (tens of seconds per model and batch size; the "
+        "engine section of gpu_session.sh times them through vitfast bench)",
+    )
     parser.add_argument("--json")
     args = parser.parse_args(argv)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
@@ -51,7 +57,8 @@ def main(argv: list[str] | None = None) -> None:
             del timm_bf16
             print(f"{name} bs={batch}: timm eager bf16 {eager[0]:.3f} ms; timm bf16 error {timm_error:.2e}", flush=True)
             for backend in args.backends.split(","):
-                engine = vitfast.optimize(ours, batch_sizes=(batch,), backend=None if backend == "tuned" else backend)
+                choose = None if backend == "tuned" else backend
+                engine = vitfast.optimize(ours, batch_sizes=(batch,), backend=choose, compile=args.compile)
                 out = engine(x)
                 (key,) = engine.choices
                 tuning = {name: round(ms, 3) for name, ms in engine.tuning.get(key, {}).items()}

@@ -136,3 +136,14 @@ def test_gpu_split_k_graph_within_rule_5(name: str) -> None:
     out = engine(image)
     assert engine.stats["replays"] == 1
     assert_kernel_close(out, exact, baseline, floor=1e-3, what=f"{name} on {SPLIT_K_CANDIDATE}")
+
+
+def test_split_k_left_out_where_nothing_splits() -> None:
+    """The split count the capture's batch size gives decides: ViT with K = 512 splits at batch 1 (17 rows, one
+    output tile), and at 256 images (4352 rows, 544 tiles on 132 SMs) nothing does, so the candidate, whose graph
+    would then be kernels-sdpa's, is not captured there."""
+    model = _model("vit-layer-scale")
+    fused = engine_module._FusedViT(model)
+    size = model.config.img_size
+    assert fused.splits_k_at(torch.empty(1, 3, *size))
+    assert not fused.splits_k_at(torch.empty(256, 3, *size))

@@ -416,6 +416,9 @@ class InferenceEngine(nn.Module):
         static_input[: x.shape[0]].copy_(x)
         key = (kind, size, tuple(x.shape[1:]), self._input_dtype(x))
         everyone = self._candidates()
+        if self.backend is None and SPLIT_K_CANDIDATE in everyone and not self.fused.splits_k_at(static_input):
+            # nothing splits at this batch size: the candidate's graph would be kernels-sdpa's, captured twice
+            everyone.remove(SPLIT_K_CANDIDATE)
         candidates, problems = self._pruned(key, everyone) if self.use_graphs else (everyone, {})
         # tuning (also when pruning leaves one candidate: it is still checked against the reference at this size)
         several = self.use_graphs and len(everyone) > 1
@@ -682,6 +685,17 @@ class _FusedViT:
             yield
         finally:
             self.split_k = previous
+
+    def splits_k_at(self, image: torch.Tensor) -> bool:
+        """Whether any proj or fc2 GEMM of a forward of ``image`` (its batch size and grid) runs split-K."""
+        grid = self.model.patch_embed.grid_size_for(image)
+        rows = image.shape[0] * (grid[0] * grid[1] + self.model.num_prefix_tokens)
+        sm_count = num_sms(image.device) if image.device.type == "cuda" else None
+        return any(
+            split_k_splits(rows, *weight.shape, sm_count) > 1
+            for block in self.blocks
+            for weight in (block.proj_weight, block.fc2_weight)
+        )
 
     def prepare(self, image: torch.Tensor) -> None:
         """Build the per-grid tables (RoPE, resampled position embedding) of ``image``'s size now, outside any graph."""
