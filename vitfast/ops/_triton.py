@@ -29,12 +29,15 @@ __all__ = [
     "INTERPRETER",
     "KERNEL_DTYPES",
     "cdiv",
+    "eager_memo",
+    "empty",
     "kernel_can_run",
     "launch",
     "log_fallback",
     "next_power_of_2",
     "num_sms",
     "plain_eager",
+    "rows_2d",
     "tl",
     "triton",
     "triton_op",
@@ -78,6 +81,7 @@ except ImportError:  # the package still imports and runs the reference path
     )
 
 _logged: set[tuple[str, str]] = set()
+_PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)  # exactly these types: subclasses (FakeTensor, DTensor) are not
 
 
 def cdiv(a: int, b: int) -> int:
@@ -167,6 +171,16 @@ def _arg_key(arg: Any) -> Any:
     if kind is float or kind is bool or arg is None:
         return kind
     raise _Uncacheable
+
+
+def _args_key(args: tuple) -> list:
+    """:func:`_arg_key` of every argument, the same values, with tensors (most of a launch's arguments) inline.
+
+    ~0.1 us per tensor instead of ~0.3 us through a call per argument (the key is built on every launch).
+    """
+    return [
+        (arg.dtype, not arg.data_ptr() & 15) if type(arg) in _PLAIN_TENSORS else _arg_key(arg) for arg in args
+    ]
 
 
 class _CompiledLaunch:
@@ -280,8 +294,8 @@ class LaunchCache:
                 device,
                 runtime.debug,
                 knobs.compilation.instrumentation_mode,
-                tuple(kwargs.items()),
-                *map(_arg_key, args),
+                *kwargs.items(),  # (name, value) pairs: no argument's key starts with a str, so the split is unique
+                *_args_key(args),
             )
             entry = self.entries.get(key)
         except (_Uncacheable, TypeError):  # TypeError: an unhashable keyword argument
@@ -337,9 +351,7 @@ class _DirectCalls(threading.local):
 
 
 _direct = _DirectCalls()
-
-
-_PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
+_is_grad_enabled = torch.is_grad_enabled
 
 
 def plain_eager(args: tuple[Any, ...]) -> bool:
@@ -349,11 +361,13 @@ def plain_eager(args: tuple[Any, ...]) -> bool:
     transform (vmap, grad, functionalize) and only plain tensors (no FakeTensor, DTensor or other subclass) among the
     arguments. Anything else goes through the registered op, which is what those tools are built to see.
     """
-    if torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None:
-        return False
-    if torch._C._functorch.peek_interpreter_stack() is not None:
+    if _is_compiling() or _get_current_dispatch_mode() is not None or _peek_interpreter_stack() is not None:
         return False
     return all(type(a) in _PLAIN_TENSORS for a in args if isinstance(a, torch.Tensor))
+
+
+_is_compiling = torch.compiler.is_compiling
+_peek_interpreter_stack = torch._C._functorch.peek_interpreter_stack
 
 
 class _EagerAutograd(torch.autograd.Function):
@@ -416,12 +430,10 @@ class EagerOp:
     def __call__(self, *args: Any) -> Any:
         if not (_direct.depth or plain_eager(args)):
             return self.op(*args)
-        if (
-            self.backward is not None
-            and torch.is_grad_enabled()
-            and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)
-        ):
-            return _EagerAutograd.apply(self, *args)
+        if self.backward is not None and _is_grad_enabled():
+            for a in args:
+                if isinstance(a, torch.Tensor) and a.requires_grad:
+                    return _EagerAutograd.apply(self, *args)
         return self.direct(*args)
 
 
@@ -455,6 +467,66 @@ def kernel_can_run(*tensors: torch.Tensor | None) -> bool:
         else:
             return False
     return cuda != cpu
+
+
+def rows_2d(t: torch.Tensor, cols: int) -> tuple[torch.Tensor, int, int]:
+    """``(rows, n_rows, row_stride)``: ``t`` as ``[n_rows, cols]`` rows with unit column stride, for a kernel that
+    reads its rows through a pointer and a row stride (copied only when no view has a unit column stride).
+
+    On the direct eager path a contiguous ``t`` is handed over as it is (the kernel sees its address alone, and its
+    rows are ``cols`` apart), which saves the ~1.5 us of a ``reshape`` per tensor and launch. Anywhere else (the
+    registered op, traced) the reshape runs as it always did.
+    """
+    if _direct.depth and t.is_contiguous():
+        return t, t.numel() // cols, cols
+    rows = t.reshape(-1, cols)
+    if rows.stride(-1) != 1 and cols != 1:
+        rows = rows.contiguous()
+    return rows, rows.shape[0], rows.stride(0)
+
+
+def empty(shape: tuple[int, ...] | torch.Size, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``torch.empty(shape, dtype=dtype, device=device)``, its sizes passed as separate ints.
+
+    The same tensor, for about half the host time: torch's argument parser takes ~1.5 us longer over a ``torch.Size``
+    or tuple than over ints (CPU, torch 2.14), and an eager launch allocates each of its outputs this way.
+    """
+    if shape:
+        return torch.empty(*shape, dtype=dtype, device=device)
+    return torch.empty((), dtype=dtype, device=device)
+
+
+_MEMO_SIZE = 4096  # entries per memoized function: a few per (op, shape, dtype); cleared, never grown, past it
+
+
+def eager_memo(fn: Callable) -> Callable:
+    """Memoize a launcher's pure function of call metadata (ints, bools, dtypes) on the direct eager path only.
+
+    For the launch decisions a launcher derives from shapes alone (block sizes, grid, num_warps, programs), which
+    cost ~2-5 us of Python per launch and repeat at every step of a model. ``fn`` must be a pure function of its
+    arguments (hashable values that determine the result: no tensor, no global that changes). Outside an
+    :class:`EagerOp`'s direct call (the registered op under ``torch.compile``, opcheck, fake tensors, functorch, and
+    the launchers called on their own), ``fn`` runs as written, so symbolic shapes and their guards are what they
+    always were. ``fn.cache_clear()`` empties the memo.
+    """
+    memo: dict[tuple, Any] = {}
+
+    @functools.wraps(fn)
+    def memoized(*args: Any) -> Any:
+        if not _direct.depth:
+            return fn(*args)
+        try:
+            return memo[args]
+        except KeyError:
+            pass
+        if len(memo) >= _MEMO_SIZE:
+            memo.clear()
+        result = memo[args] = fn(*args)
+        return result
+
+    memoized.cache_clear = memo.clear  # type: ignore[attr-defined]
+    memoized.memo = memo  # type: ignore[attr-defined]
+    return memoized
 
 
 def log_fallback(op: str, reason: str) -> None:
