@@ -178,9 +178,7 @@ def _args_key(args: tuple) -> list:
 
     ~0.1 us per tensor instead of ~0.3 us through a call per argument (the key is built on every launch).
     """
-    return [
-        (arg.dtype, not arg.data_ptr() & 15) if type(arg) in _PLAIN_TENSORS else _arg_key(arg) for arg in args
-    ]
+    return [(arg.dtype, not arg.data_ptr() & 15) if type(arg) in _PLAIN_TENSORS else _arg_key(arg) for arg in args]
 
 
 class _CompiledLaunch:

@@ -507,9 +507,7 @@ def layer_norm_bwd(
             )
 
     x_rows, rows, x_stride = rows_2d(x, cols)
-    programs, rows_per_program, block_rows, block_c, num_warps, reduce_cols = _bwd_plan(
-        cols, rows, _sm_count(device)
-    )
+    programs, rows_per_program, block_rows, block_c, num_warps, reduce_cols = _bwd_plan(cols, rows, _sm_count(device))
     # the present parameters' rows of partial sums, stacked in one buffer (slot -1: absent)
     gamma_slot = 0 if gamma is not None else -1
     weight_slot = gamma_slot + 1 if weight is not None else -1
