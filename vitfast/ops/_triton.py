@@ -502,10 +502,11 @@ def eager_memo(fn: Callable) -> Callable:
 
     For the launch decisions a launcher derives from shapes alone (block sizes, grid, num_warps, programs), which
     cost ~2-5 us of Python per launch and repeat at every step of a model. ``fn`` must be a pure function of its
-    arguments (hashable values that determine the result: no tensor, no global that changes). Outside an
-    :class:`EagerOp`'s direct call (the registered op under ``torch.compile``, opcheck, fake tensors, functorch, and
-    the launchers called on their own), ``fn`` runs as written, so symbolic shapes and their guards are what they
-    always were. ``fn.cache_clear()`` empties the memo.
+    arguments (hashable values that determine the result: no tensor; a module setting it reads that can change, such
+    as one a test sets, passed in as an argument too; one type per argument, as ``1 == True == 1.0`` in a key).
+    Outside an :class:`EagerOp`'s direct call (the registered op under ``torch.compile``, opcheck, fake tensors,
+    functorch, and the launchers called on their own), ``fn`` runs as written, so symbolic shapes and their guards
+    are what they always were. ``fn.cache_clear()`` empties the memo.
     """
     memo: dict[tuple, Any] = {}
 

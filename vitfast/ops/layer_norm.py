@@ -347,15 +347,17 @@ def _bwd_grid(rows: int, block_rows: int, sm_count: int | None) -> tuple[int, in
 
 
 @eager_memo
-def _fwd_plan(cols: int, rows: int, sm_count: int | None) -> tuple[int, int, int, int]:
-    """``(programs, BLOCK_ROWS, BLOCK_C, num_warps)`` of the forward launch."""
+def _fwd_plan(cols: int, rows: int, sm_count: int | None, tile: int) -> tuple[int, int, int, int]:
+    """``(programs, BLOCK_ROWS, BLOCK_C, num_warps)`` of the forward launch; ``tile``: ``_TILE``, which
+    :func:`_block_sizes` reads, in the memo's key (tests set it to the GPU's)."""
     block_rows, block_c, num_warps = _block_sizes(cols, rows, sm_count)
     return cdiv(rows, block_rows), block_rows, block_c, num_warps
 
 
 @eager_memo
-def _bwd_plan(cols: int, rows: int, sm_count: int | None) -> tuple[int, int, int, int, int, int]:
-    """``(programs, rows_per_program, BLOCK_ROWS, BLOCK_C, num_warps, reduce_cols)`` of the backward launches."""
+def _bwd_plan(cols: int, rows: int, sm_count: int | None, tile: int) -> tuple[int, int, int, int, int, int]:
+    """``(programs, rows_per_program, BLOCK_ROWS, BLOCK_C, num_warps, reduce_cols)`` of the backward launches;
+    ``tile`` as in :func:`_fwd_plan`."""
     block_rows, block_c, num_warps = _block_sizes(cols, rows, sm_count)
     programs, rows_per_program, block_rows = _bwd_grid(rows, block_rows, sm_count) if rows else (0, 1, block_rows)
     reduce_cols = _REDUCE_COLS if sm_count is not None else next_power_of_2(cols)
@@ -434,7 +436,7 @@ def layer_norm_fwd(
     if rows == 0:
         return out, residual_out, mean, rstd
     branch_rows, _, branch_stride = rows_2d(branch, cols) if branch is not None else (x_rows, rows, x_stride)
-    programs, block_rows, block_c, num_warps = _fwd_plan(cols, rows, _sm_count(device))
+    programs, block_rows, block_c, num_warps = _fwd_plan(cols, rows, _sm_count(device), _TILE)
     launch(
         _layer_norm_fwd_kernel,
         (programs,),
@@ -507,7 +509,9 @@ def layer_norm_bwd(
             )
 
     x_rows, rows, x_stride = rows_2d(x, cols)
-    programs, rows_per_program, block_rows, block_c, num_warps, reduce_cols = _bwd_plan(cols, rows, _sm_count(device))
+    programs, rows_per_program, block_rows, block_c, num_warps, reduce_cols = _bwd_plan(
+        cols, rows, _sm_count(device), _TILE
+    )
     # the present parameters' rows of partial sums, stacked in one buffer (slot -1: absent)
     gamma_slot = 0 if gamma is not None else -1
     weight_slot = gamma_slot + 1 if weight is not None else -1

@@ -482,8 +482,9 @@ def _elementwise_blocks(n_cols: int) -> tuple[int, int]:
 
 
 @eager_memo
-def _elementwise_plan(n_rows: int, n_cols: int) -> tuple[tuple[int, int], int, int]:
-    """``(grid, BLOCK_M, BLOCK_N)`` of the element-wise kernels."""
+def _elementwise_plan(n_rows: int, n_cols: int, interpreter: bool) -> tuple[tuple[int, int], int, int]:
+    """``(grid, BLOCK_M, BLOCK_N)`` of the element-wise kernels; ``interpreter``: ``INTERPRETER``, which
+    :func:`_rows_per_tile` reads, in the memo's key (tests switch it off to run the GPU tiles)."""
     block_m, block_n = _elementwise_blocks(n_cols)
     return (cdiv(n_rows, block_m), cdiv(n_cols, block_n)), block_m, block_n
 
@@ -501,7 +502,7 @@ def _launch_swiglu_fwd(
     gate, n_rows, gate_stride = gate
     if n_rows == 0:
         return
-    grid, block_m, block_n = _elementwise_plan(n_rows, n_cols)
+    grid, block_m, block_n = _elementwise_plan(n_rows, n_cols, INTERPRETER)
     up, _, up_row_stride = up if up is not None else (None, n_rows, 0)
     launch(
         _swiglu_fwd_kernel,
@@ -534,7 +535,7 @@ def _launch_swiglu_bwd(
     (grad, _, grad_stride), (gate, n_rows, gate_stride) = grad, gate
     if n_rows == 0:
         return
-    grid, block_m, block_n = _elementwise_plan(n_rows, n_cols)
+    grid, block_m, block_n = _elementwise_plan(n_rows, n_cols, INTERPRETER)
     up, _, up_stride = up if up is not None else (None, n_rows, 0)
     launch(
         _swiglu_bwd_kernel,
@@ -677,9 +678,10 @@ def _layer_norm_bwd_programs(n_rows: int, block_m: int, sm_count: int | None) ->
 
 @eager_memo
 def _layer_norm_bwd_plan(
-    n_rows: int, padded_width: int, dtype: torch.dtype, sm_count: int | None
+    n_rows: int, padded_width: int, dtype: torch.dtype, sm_count: int | None, interpreter: bool
 ) -> tuple[int, int, int, int, int, dict]:
-    """``(programs, rows_per_program, BLOCK_M, BLOCK_N, CHUNKS, launch options)`` of the sub-LN backward."""
+    """``(programs, rows_per_program, BLOCK_M, BLOCK_N, CHUNKS, launch options)`` of the sub-LN backward;
+    ``interpreter`` as in :func:`_elementwise_plan`."""
     block_n, num_chunks = _backward_chunks(padded_width)
     # half the forward's tile height: tiles of 2048 elements per chunk (2 x 1024 at EVA-02-L), 8 per thread at 8 warps
     block_m = max(1, _rows_per_tile(block_n) // 2)
@@ -691,8 +693,9 @@ def _layer_norm_bwd_plan(
 
 
 @eager_memo
-def _layer_norm_fwd_plan(n_rows: int, padded_width: int) -> tuple[tuple[int], int, int, int]:
-    """``(grid, BLOCK_M, BLOCK_N, num_warps)`` of the sub-LN forward."""
+def _layer_norm_fwd_plan(n_rows: int, padded_width: int, interpreter: bool) -> tuple[tuple[int], int, int, int]:
+    """``(grid, BLOCK_M, BLOCK_N, num_warps)`` of the sub-LN forward; ``interpreter`` as in
+    :func:`_elementwise_plan`."""
     block_n = next_power_of_2(padded_width)  # the whole row in one block: the statistics need all of it
     block_m = _rows_per_tile(block_n)
     return (cdiv(n_rows, block_m),), block_m, block_n, _row_num_warps(block_m, block_n)
@@ -718,7 +721,7 @@ def swiglu_layer_norm_fwd(
     up_rows, _, up_stride = rows_2d(up, padded_width)
     if n_rows == 0:
         return out, mean, rstd
-    grid, block_m, block_n, num_warps = _layer_norm_fwd_plan(n_rows, padded_width)
+    grid, block_m, block_n, num_warps = _layer_norm_fwd_plan(n_rows, padded_width, INTERPRETER)
     launch(
         _swiglu_layer_norm_fwd_kernel,
         grid,
@@ -779,7 +782,7 @@ def swiglu_layer_norm_bwd(
     if n_rows == 0:
         return d_gate, d_up, torch.zeros((2, param_width), dtype=torch.float32, device=device)
     n_programs, rows_per_program, block_m, block_n, chunks, options = _layer_norm_bwd_plan(
-        n_rows, padded_width, gate.dtype, num_sms(device) if device.type == "cuda" else None
+        n_rows, padded_width, gate.dtype, num_sms(device) if device.type == "cuda" else None, INTERPRETER
     )
     # the weight's and the bias's partial sums in one buffer: one reduction launch for both
     partials = empty((2, n_programs, param_width), torch.float32, device)
