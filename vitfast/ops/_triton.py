@@ -475,7 +475,7 @@ def rows_2d(t: torch.Tensor, cols: int) -> tuple[torch.Tensor, int, int]:
     rows are ``cols`` apart), which saves the ~1.5 us of a ``reshape`` per tensor and launch. Anywhere else (the
     registered op, traced) the reshape runs as it always did.
     """
-    if _direct.depth and t.is_contiguous():
+    if _direct.depth and cols and t.is_contiguous():
         return t, t.numel() // cols, cols
     rows = t.reshape(-1, cols)
     if rows.stride(-1) != 1 and cols != 1:
