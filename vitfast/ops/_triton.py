@@ -82,6 +82,7 @@ except ImportError:  # the package still imports and runs the reference path
 
 _logged: set[tuple[str, str]] = set()
 _PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)  # exactly these types: subclasses (FakeTensor, DTensor) are not
+_PLAIN_TYPES = frozenset((*_PLAIN_TENSORS, type(None), int, float, bool, str))
 
 
 def cdiv(a: int, b: int) -> int:
@@ -292,7 +293,9 @@ class LaunchCache:
                 device,
                 runtime.debug,
                 knobs.compilation.instrumentation_mode,
-                *kwargs.items(),  # (name, value) pairs: no argument's key starts with a str, so the split is unique
+                len(kwargs),  # the names, then the values: no (name, value) pair built per keyword argument
+                *kwargs,
+                *kwargs.values(),
                 *_args_key(args),
             )
             entry = self.entries.get(key)
@@ -361,7 +364,8 @@ def plain_eager(args: tuple[Any, ...]) -> bool:
     """
     if _is_compiling() or _get_current_dispatch_mode() is not None or _peek_interpreter_stack() is not None:
         return False
-    return all(type(a) in _PLAIN_TENSORS for a in args if isinstance(a, torch.Tensor))
+    # the common argument types by a set lookup; isinstance only for the others (a subclass of Tensor is refused)
+    return all(type(a) in _PLAIN_TYPES or not isinstance(a, torch.Tensor) for a in args)
 
 
 _is_compiling = torch.compiler.is_compiling
