@@ -294,3 +294,28 @@ def test_launch_cache_args_key_equals_the_per_argument_key() -> None:
     assert _triton._args_key(args) == [_triton._arg_key(a) for a in args]
     with pytest.raises(_triton._Uncacheable):
         _triton._args_key((base, "a string"))
+
+
+@pytest.mark.parametrize(
+    "case", ["grad wanted", "no_grad", "inference_mode", "no input wants a gradient", "only a parameter wants one"]
+)
+def test_grad_mode_and_requires_grad_pick_the_autograd_node(monkeypatch, case: str) -> None:
+    """The direct path builds the autograd node exactly when a gradient is wanted, and never goes through the
+    registered op (which would raise here)."""
+    monkeypatch.setattr(ln._layer_norm_fwd_op, "op", lambda *a: pytest.fail("went through the registered op"))
+    x, weight = torch.randn(3, 16), torch.randn(16)
+    if case in ("grad wanted", "no_grad", "inference_mode"):
+        x.requires_grad_()
+    if case == "only a parameter wants one":
+        weight.requires_grad_()
+    mode = {"no_grad": torch.no_grad(), "inference_mode": torch.inference_mode()}.get(case, contextlib.nullcontext())
+    with mode:
+        out = ln._layer_norm_fwd_op(x, None, None, weight, None, 1e-6)[0]
+    wants_node = case in ("grad wanted", "only a parameter wants one")
+    assert (out.grad_fn is not None) == wants_node
+    if wants_node:
+        assert type(out.grad_fn).__name__ == "_EagerAutogradBackward"
+        (grad,) = torch.autograd.grad(out.square().sum(), x if x.requires_grad else weight)
+        reference = ln.layer_norm_ref(x.detach(), weight.detach(), None, 1e-6)
+        assert grad.shape == (x if x.requires_grad else weight).shape
+        torch.testing.assert_close(out.detach(), reference, rtol=1e-5, atol=1e-5)
