@@ -271,27 +271,29 @@ def test_empty_is_torch_empty(shape) -> None:
     assert (got.shape, got.stride(), got.dtype, got.device) == (want.shape, want.stride(), want.dtype, want.device)
 
 
-def test_launch_cache_args_key_equals_the_per_argument_key() -> None:
-    """The inline key of a launch's arguments is :func:`_arg_key` of each, which tests/ops/test_launch_cache.py
-    checks against Triton's own specializer."""
+def test_launch_cache_args_key_tells_apart_what_the_per_argument_key_does() -> None:
+    """Two arguments have one inline key exactly when they have one :func:`_arg_key` (which
+    tests/ops/test_launch_cache.py checks against Triton's own specializer), whatever kinds of value meet at one
+    position."""
     base = torch.empty(16, dtype=torch.float32)
-    args = (
+    values = [
         base,
         base[1:],
+        base[4:],
         torch.empty(8, dtype=torch.float16)[4:],
         torch.nn.Parameter(torch.empty(4)),
-        0,
-        1,
-        16,
-        17,
-        2**31,
-        -(2**31) - 1,
-        2**63,
+        *(0, 1, 2, 15, 16, 17, 33, -16, -1, 2**31 - 1, 2**31, 2**32 + 1, -(2**31), -(2**31) - 1, 2**63 - 1, 2**63),
         0.5,
+        1.0,
         True,
+        False,
         None,
-    )
-    assert _triton._args_key(args) == [_triton._arg_key(a) for a in args]
+    ]
+    keys = _triton._args_key(tuple(values))
+    for a, key_a in zip(values, keys, strict=True):
+        for b, key_b in zip(values, keys, strict=True):
+            # and no finer where it need not be (ints Triton does not tell apart would each cost a slow launch)
+            assert (key_a == key_b) == (_triton._arg_key(a) == _triton._arg_key(b)), (a, b)
     with pytest.raises(_triton._Uncacheable):
         _triton._args_key((base, "a string"))
 
