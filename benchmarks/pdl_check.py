@@ -88,6 +88,12 @@ def _first_launches(recorder: sm90.Recorder) -> dict[str, tuple[kernel_report.Ca
     return found
 
 
+def _keywords(key: tuple) -> dict[str, Any]:
+    """The keyword arguments a launch-cache key holds: their count, then the names, then the values (LaunchCache)."""
+    count = key[4]
+    return dict(zip(key[5 : 5 + count], key[5 + count : 5 + 2 * count], strict=True))
+
+
 def launch_path() -> dict[str, Any]:
     """The ``PDL`` plumbing of ``launch()`` on the stand-in GPU (see the module docstring)."""
     import torch
@@ -106,10 +112,12 @@ def launch_path() -> dict[str, Any]:
             saved, _triton._pdl.on = _triton._pdl.on, on
             try:
                 capture.launches.clear()
+                capture.recording = True  # the capture keeps launches only while it records
                 misses = cache.misses
                 ops.layer_norm(x, weight, bias, 1e-6)
                 ops.layer_norm(x, weight, bias, 1e-6)
             finally:
+                capture.recording = False
                 _triton._pdl.on = saved
             (kernel, _, _, kwargs), *_ = capture.launches
             keys = [key for key in cache.entries if key[0] == id(kernel)]
@@ -117,7 +125,7 @@ def launch_path() -> dict[str, Any]:
                 # what the launcher passed: nothing (launch() adds PDL itself, from use_pdl's state)
                 "from_launcher": sorted(k for k in kwargs if k in ("PDL", "launch_pdl")),
                 "compiles": cache.misses - misses,  # 1: the first call compiled, the second came from the cache
-                "cache_keys_with_pdl": sorted(dict(key[4]).get("PDL") for key in keys),
+                "cache_keys_with_pdl": sorted(_keywords(key).get("PDL") for key in keys),
             }
         device_cache = next(iter(_layer_norm_fwd_kernel.device_caches.values()))[0]
         # (launch_pdl, has the wait) of every specialization compiled in this process, distinct pairs

@@ -30,6 +30,8 @@ __all__ = [
     "INTERPRETER",
     "KERNEL_DTYPES",
     "cdiv",
+    "eager_memo",
+    "empty",
     "kernel_can_run",
     "launch",
     "log_fallback",
@@ -38,6 +40,7 @@ __all__ = [
     "pdl_prologue",
     "pdl_supported",
     "plain_eager",
+    "rows_2d",
     "tl",
     "triton",
     "triton_op",
@@ -82,6 +85,8 @@ except ImportError:  # the package still imports and runs the reference path
     )
 
 _logged: set[tuple[str, str]] = set()
+_PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)  # exactly these types: subclasses (FakeTensor, DTensor) are not
+_PLAIN_TYPES = frozenset((*_PLAIN_TENSORS, type(None), int, float, bool, str))
 
 
 def cdiv(a: int, b: int) -> int:
@@ -174,6 +179,24 @@ def _arg_key(arg: Any) -> Any:
     raise _Uncacheable
 
 
+def _args_key(args: tuple) -> list:
+    """The key of a launch's arguments: :func:`_arg_key` of each, with the common cases inline (the key is built on
+    every launch, and a call per argument cost ~0.3 us).
+
+    Tensors: :func:`_arg_key`'s own ``(dtype, aligned)``. A Python int other than 1 that fits an i32 (strides, sizes):
+    whether 16 divides it, the one thing :func:`_arg_key` tells apart among those ints, as a bool, which no other
+    kind's key equals (tuples, types). Everything else through :func:`_arg_key`.
+    """
+    return [
+        (arg.dtype, not arg.data_ptr() & 15)
+        if (kind := type(arg)) is torch.Tensor or kind is torch.nn.Parameter
+        else (not arg & 15 if arg != 1 and -0x8000_0000 <= arg <= 0x7FFF_FFFF else _arg_key(arg))
+        if kind is int
+        else _arg_key(arg)
+        for arg in args
+    ]
+
+
 class _CompiledLaunch:
     """One cached specialization: the compiled kernel's launcher and what ``JITFunction.run`` passes to it."""
 
@@ -186,8 +209,11 @@ class _CompiledLaunch:
         self.packed_metadata = compiled.packed_metadata
         self.constexprs = constexprs
         # the globals the kernel read when it compiled, which JITFunction.run checks on every launch (and raises if
-        # one changed)
-        self.globals = tuple((name, value, scope) for (name, _), (value, scope) in kernel.used_global_vals.items())
+        # one changed); with a tl.constexpr's value beside it, for the check's fast path in LaunchCache.__call__
+        self.globals = tuple(
+            (name, value, scope, value.value if type(value) is tl.constexpr else _MISSING)
+            for (name, _), (value, scope) in kernel.used_global_vals.items()
+        )
 
 
 # The call JITFunction.run makes to a compiled kernel, which the cache replays; checked in Triton's source once.
@@ -262,6 +288,7 @@ class LaunchCache:
             kernel[grid](*args, **kwargs)
             return
         knobs, driver, hook_chain, jit_function, stages_hook = api
+        constexpr_type = tl.constexpr
         runtime = knobs.runtime
         enter_hook, exit_hook = runtime.launch_enter_hook, runtime.launch_exit_hook
         if (
@@ -285,8 +312,10 @@ class LaunchCache:
                 device,
                 runtime.debug,
                 knobs.compilation.instrumentation_mode,
-                tuple(kwargs.items()),
-                *map(_arg_key, args),
+                len(kwargs),  # the names, then the values: no (name, value) pair built per keyword argument
+                *kwargs,
+                *kwargs.values(),
+                *_args_key(args),
             )
             entry = self.entries.get(key)
         except (_Uncacheable, TypeError):  # TypeError: an unhashable keyword argument
@@ -295,8 +324,13 @@ class LaunchCache:
         if entry is None or entry.kernel is not kernel:
             self._fill(key, kernel, grid, args, kwargs)
             return
-        for name, value, scope in entry.globals:
-            if scope.get(name, _MISSING) != value:
+        for name, value, scope, plain in entry.globals:
+            current = scope.get(name, _MISSING)
+            # Triton's check is `current != value`, which for two tl.constexpr builds a third (~2 us each); equal
+            # plain values mean that check passes, anything else takes it as it is
+            if plain is not _MISSING and type(current) is constexpr_type and current.value == plain:
+                continue
+            if current != value:
                 kernel[grid](*args, **kwargs)  # raises Triton's error about the changed global
                 return
         size = len(grid)
@@ -342,9 +376,7 @@ class _DirectCalls(threading.local):
 
 
 _direct = _DirectCalls()
-
-
-_PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
+_is_grad_enabled = torch.is_grad_enabled
 
 
 def plain_eager(args: tuple[Any, ...]) -> bool:
@@ -354,11 +386,14 @@ def plain_eager(args: tuple[Any, ...]) -> bool:
     transform (vmap, grad, functionalize) and only plain tensors (no FakeTensor, DTensor or other subclass) among the
     arguments. Anything else goes through the registered op, which is what those tools are built to see.
     """
-    if torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None:
+    if _is_compiling() or _get_current_dispatch_mode() is not None or _peek_interpreter_stack() is not None:
         return False
-    if torch._C._functorch.peek_interpreter_stack() is not None:
-        return False
-    return all(type(a) in _PLAIN_TENSORS for a in args if isinstance(a, torch.Tensor))
+    # the common argument types by a set lookup; isinstance only for the others (a subclass of Tensor is refused)
+    return all(type(a) in _PLAIN_TYPES or not isinstance(a, torch.Tensor) for a in args)
+
+
+_is_compiling = torch.compiler.is_compiling
+_peek_interpreter_stack = torch._C._functorch.peek_interpreter_stack
 
 
 class _EagerAutograd(torch.autograd.Function):
@@ -421,12 +456,10 @@ class EagerOp:
     def __call__(self, *args: Any) -> Any:
         if not (_direct.depth or plain_eager(args)):
             return self.op(*args)
-        if (
-            self.backward is not None
-            and torch.is_grad_enabled()
-            and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)
-        ):
-            return _EagerAutograd.apply(self, *args)
+        if self.backward is not None and _is_grad_enabled():
+            for a in args:
+                if isinstance(a, torch.Tensor) and a.requires_grad:
+                    return _EagerAutograd.apply(self, *args)
         return self.direct(*args)
 
 
@@ -460,6 +493,67 @@ def kernel_can_run(*tensors: torch.Tensor | None) -> bool:
         else:
             return False
     return cuda != cpu
+
+
+def rows_2d(t: torch.Tensor, cols: int) -> tuple[torch.Tensor, int, int]:
+    """``(rows, n_rows, row_stride)``: ``t`` as ``[n_rows, cols]`` rows with unit column stride, for a kernel that
+    reads its rows through a pointer and a row stride (copied only when no view has a unit column stride).
+
+    On the direct eager path a contiguous ``t`` is handed over as it is (the kernel sees its address alone, and its
+    rows are ``cols`` apart), which saves the ~1.5 us of a ``reshape`` per tensor and launch. Anywhere else (the
+    registered op, traced) the reshape runs as it always did.
+    """
+    if _direct.depth and cols and t.is_contiguous():
+        return t, t.numel() // cols, cols
+    rows = t.reshape(-1, cols)
+    if rows.stride(-1) != 1 and cols != 1:
+        rows = rows.contiguous()
+    return rows, rows.shape[0], rows.stride(0)
+
+
+def empty(shape: tuple[int, ...] | torch.Size, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``torch.empty(shape, dtype=dtype, device=device)``, its sizes passed as separate ints.
+
+    The same tensor, for about half the host time: torch's argument parser takes ~1.5 us longer over a ``torch.Size``
+    or tuple than over ints (CPU, torch 2.14), and an eager launch allocates each of its outputs this way.
+    """
+    if shape:
+        return torch.empty(*shape, dtype=dtype, device=device)
+    return torch.empty((), dtype=dtype, device=device)
+
+
+_MEMO_SIZE = 4096  # entries per memoized function: a few per (op, shape, dtype); cleared, never grown, past it
+
+
+def eager_memo(fn: Callable) -> Callable:
+    """Memoize a launcher's pure function of call metadata (ints, bools, dtypes) on the direct eager path only.
+
+    For the launch decisions a launcher derives from shapes alone (block sizes, grid, num_warps, programs), which
+    cost ~2-5 us of Python per launch and repeat at every step of a model. ``fn`` must be a pure function of its
+    arguments (hashable values that determine the result: no tensor; a module setting it reads that can change, such
+    as one a test sets, passed in as an argument too; one type per argument, as ``1 == True == 1.0`` in a key).
+    Outside an :class:`EagerOp`'s direct call (the registered op under ``torch.compile``, opcheck, fake tensors,
+    functorch, and the launchers called on their own), ``fn`` runs as written, so symbolic shapes and their guards
+    are what they always were. ``fn.cache_clear()`` empties the memo.
+    """
+    memo: dict[tuple, Any] = {}
+
+    @functools.wraps(fn)
+    def memoized(*args: Any) -> Any:
+        if not _direct.depth:
+            return fn(*args)
+        try:
+            return memo[args]
+        except KeyError:
+            pass
+        if len(memo) >= _MEMO_SIZE:
+            memo.clear()
+        result = memo[args] = fn(*args)
+        return result
+
+    memoized.cache_clear = memo.clear  # type: ignore[attr-defined]
+    memoized.memo = memo  # type: ignore[attr-defined]
+    return memoized
 
 
 def log_fallback(op: str, reason: str) -> None:

@@ -42,6 +42,7 @@ from vitfast.ops._triton import (
     INTERPRETER,
     KERNEL_DTYPES,
     cdiv,
+    eager_memo,
     kernel_can_run,
     launch,
     log_fallback,
@@ -677,13 +678,69 @@ def _tiles(head_dim: int, seq_len: int, dtype: torch.dtype) -> dict[str, dict]:
     }
 
 
-def _head_alignment(*tensors: torch.Tensor) -> int:
-    """What every (batch, head) offset of these ``[B, H, N, D]`` tensors is a multiple of, told to the kernels: 16
-    bytes' worth of elements when all their batch and head strides allow it, else 1. Triton specializes integers on
-    divisibility by 16 only, so a head stride of 88 elements (head dim 88, 176 bytes) proved no 16-byte alignment and
-    every q / k / v access at that head dim was a 2-byte load, synchronous in the key loop."""
-    vector = 16 // tensors[0].element_size()
-    return vector if all(t.stride(0) % vector == 0 and t.stride(1) % vector == 0 for t in tensors) else 1
+def _head_alignment(element_size: int, strides: tuple[tuple[int, ...], ...]) -> int:
+    """What every (batch, head) offset of ``[B, H, N, D]`` tensors with these strides is a multiple of, told to the
+    kernels: 16 bytes' worth of elements when all their batch and head strides allow it, else 1. Triton specializes
+    integers on divisibility by 16 only, so a head stride of 88 elements (head dim 88, 176 bytes) proved no 16-byte
+    alignment and every q / k / v access at that head dim was a 2-byte load, synchronous in the key loop."""
+    vector = 16 // element_size
+    return vector if all(s[0] % vector == 0 and s[1] % vector == 0 for s in strides) else 1
+
+
+@eager_memo
+def _fwd_plan(
+    batch: int,
+    heads: int,
+    seq_len: int,
+    head_dim: int,
+    dtype: torch.dtype,
+    element_size: int,
+    strides: tuple[tuple[int, ...], ...],
+    has_bias: bool,
+    settings: tuple,
+) -> tuple[tuple[int, int], dict]:
+    """``(grid, constexprs and launch options)`` of the forward kernel for q, k, v, out of these ``strides``;
+    ``settings``: the module settings :func:`_tiles` reads (``INTERPRETER``, ``FWD_SMALL_N``), in the memo's key."""
+    blocks = _tiles(head_dim, seq_len, dtype)["fwd"]
+    options = {
+        "HEAD_DIM": head_dim,
+        "ALIGN": _head_alignment(element_size, strides),
+        "BIAS": has_bias,
+        **_head_dim_blocks(head_dim),
+        **_dot_flags(dtype),
+        **_loop_flags(dtype),
+        **blocks,
+    }
+    return (cdiv(seq_len, blocks["BLOCK_M"]), batch * heads), options
+
+
+@eager_memo
+def _bwd_plan(
+    batch: int,
+    heads: int,
+    seq_len: int,
+    head_dim: int,
+    dtype: torch.dtype,
+    element_size: int,
+    strides: tuple[tuple[int, ...], ...],
+    settings: tuple,
+) -> tuple[dict, dict, dict, dict, dict]:
+    """``(tiles, flags, dq launch, dkdv launch, grids)`` of the backward kernels (see :func:`_fwd_plan`)."""
+    tiles = _tiles(head_dim, seq_len, dtype)
+    flags = {
+        "HEAD_DIM": head_dim,
+        "ALIGN": _head_alignment(element_size, strides),
+        **_head_dim_blocks(head_dim),
+        **_dot_flags(dtype),
+    }
+    loop_flags = _loop_flags(dtype)
+    dq_blocks, dkdv_blocks, dbias_blocks = tiles["dq"], tiles["dkdv"], tiles["dbias"]
+    grids = {
+        "dq": (cdiv(seq_len, dq_blocks["BLOCK_M"]), batch * heads),
+        "dkdv": (cdiv(seq_len, dkdv_blocks["BLOCK_N"]), batch * heads),
+        "dbias": (cdiv(seq_len, dbias_blocks["BLOCK_M"]), cdiv(seq_len, dbias_blocks["BLOCK_N"]), heads),
+    }
+    return tiles, flags, {**flags, **loop_flags, **dq_blocks}, {**flags, **loop_flags, **dkdv_blocks}, grids
 
 
 def attention_fwd(
@@ -711,22 +768,30 @@ def attention_fwd(
     No dropout: the kernels support ``dropout_p = 0`` only.
     """
     _check_inputs(q, k, v, rel_pos_bias_table, rel_pos_index, bias)
-    batch, heads, seq_len, head_dim = q.shape
-    out = torch.empty((batch, seq_len, heads, head_dim), dtype=q.dtype, device=q.device).transpose(1, 2)
-    lse = torch.empty((batch, heads, seq_len), dtype=torch.float32, device=q.device)
+    shape, dtype, device = q.shape, q.dtype, q.device
+    batch, heads, seq_len, head_dim = shape
+    # the [B, H, N, D] view of a contiguous [B, N, H, D] tensor, allocated as such (an empty and a transpose cost
+    # twice the host time)
+    out_strides = (seq_len * heads * head_dim, head_dim, heads * head_dim, 1)
+    out = torch.empty_strided(shape, out_strides, dtype=dtype, device=device)
+    lse = torch.empty(batch, heads, seq_len, dtype=torch.float32, device=device)
     dense = _dense_bias(q, rel_pos_bias_table, rel_pos_index, bias)
-    blocks = _tiles(head_dim, seq_len, q.dtype)["fwd"]
     bias_ptr, bias_strides = _bias_args(q, dense)
+    strides = (q.stride(), k.stride(), v.stride(), out_strides)
+    grid, options = _fwd_plan(
+        batch, heads, seq_len, head_dim, dtype, q.element_size(), strides, dense is not None, _settings()
+    )
     launch(
-        _attention_fwd_kernel,
-        (cdiv(seq_len, blocks["BLOCK_M"]), batch * heads),
-        q, k, v, out, lse, bias_ptr,
-        *q.stride(), *k.stride(), *v.stride(), *out.stride(), *bias_strides,
-        heads, seq_len, scale * math.log2(math.e),
-        HEAD_DIM=head_dim, ALIGN=_head_alignment(q, k, v, out), BIAS=dense is not None,
-        **_head_dim_blocks(head_dim), **_dot_flags(q.dtype), **_loop_flags(q.dtype), **blocks,
+        _attention_fwd_kernel, grid, q, k, v, out, lse, bias_ptr,
+        *strides[0], *strides[1], *strides[2], *out_strides, *bias_strides,
+        heads, seq_len, scale * math.log2(math.e), **options,
     )  # fmt: skip
     return out, lse
+
+
+def _settings() -> tuple:
+    """The module settings the launch plans read (tests change them), for the plans' memo keys."""
+    return INTERPRETER, FWD_SMALL_N
 
 
 def attention_bwd(
@@ -766,49 +831,55 @@ def attention_bwd(
         raise ValueError(f"attention: lse must be a contiguous float32 [{batch}, {heads}, {seq_len}] tensor.")
     if bias_grad and rel_pos_bias_table is None and bias is None:
         raise ValueError("attention: bias_grad needs a rel_pos_bias_table or a bias.")
-    dq = torch.empty((batch, heads, seq_len, head_dim), dtype=q.dtype, device=q.device)
+    dtype, device = q.dtype, q.device
+    dq = torch.empty(batch, heads, seq_len, head_dim, dtype=dtype, device=device)
     dk = torch.empty_like(dq)
     dv = torch.empty_like(dq)
     delta = torch.empty_like(lse)
     dense = _dense_bias(q, rel_pos_bias_table, rel_pos_index, bias)
     dense_t = _dense_bias(q, rel_pos_bias_table, rel_pos_index, bias, transposed=True)
-    tiles = _tiles(head_dim, seq_len, q.dtype)
-    dq_blocks, dkdv_blocks = tiles["dq"], tiles["dkdv"]
     bias_ptr, bias_strides = _bias_args(q, dense)
     bias_t_ptr, bias_t_strides = _bias_args(q, dense_t)
-    flags = {
-        "HEAD_DIM": head_dim,
-        "ALIGN": _head_alignment(q, k, v, out, grad_out, dq, dk, dv),
-        **_head_dim_blocks(head_dim),
-        **_dot_flags(q.dtype),
-    }
+    # dq, dk, dv: contiguous
+    q_strides, k_strides, v_strides, grad_strides, d_strides = (
+        q.stride(),
+        k.stride(),
+        v.stride(),
+        grad_out.stride(),
+        dq.stride(),
+    )
+    out_strides = out.stride()
+    tiles, flags, dq_options, dkdv_options, grids = _bwd_plan(
+        batch,
+        heads,
+        seq_len,
+        head_dim,
+        dtype,
+        q.element_size(),
+        (q_strides, k_strides, v_strides, out_strides, grad_strides, d_strides),
+        _settings(),
+    )
     scalars = (heads, seq_len, scale * math.log2(math.e), scale)
+    has_bias = dense is not None
     # dQ first: it also writes delta = rowsum(dO * O), which the dK/dV and bias-gradient kernels read
     launch(
-        _attention_bwd_dq_kernel,
-        (cdiv(seq_len, dq_blocks["BLOCK_M"]), batch * heads),
-        q, k, v, out, grad_out, lse, delta, dq, bias_ptr,
-        *q.stride(), *k.stride(), *v.stride(), *out.stride(), *grad_out.stride(), *dq.stride(), *bias_strides,
-        *scalars, BIAS=dense is not None, **flags, **_loop_flags(q.dtype), **dq_blocks,
+        _attention_bwd_dq_kernel, grids["dq"], q, k, v, out, grad_out, lse, delta, dq, bias_ptr,
+        *q_strides, *k_strides, *v_strides, *out_strides, *grad_strides, *d_strides, *bias_strides,
+        *scalars, BIAS=has_bias, **dq_options,
     )  # fmt: skip
     launch(
-        _attention_bwd_dkdv_kernel,
-        (cdiv(seq_len, dkdv_blocks["BLOCK_N"]), batch * heads),
-        q, k, v, grad_out, lse, delta, dk, dv, bias_t_ptr,
-        *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dk.stride(), *dv.stride(), *bias_t_strides,
-        *scalars, BIAS=dense is not None, **flags, **_loop_flags(q.dtype), **dkdv_blocks,
+        _attention_bwd_dkdv_kernel, grids["dkdv"], q, k, v, grad_out, lse, delta, dk, dv, bias_t_ptr,
+        *q_strides, *k_strides, *v_strides, *grad_strides, *d_strides, *d_strides, *bias_t_strides,
+        *scalars, BIAS=has_bias, **dkdv_options,
     )  # fmt: skip
     if not bias_grad:
         return dq, dk, dv, q.new_empty(0)
-    grad_dense = torch.empty((heads, seq_len, seq_len), dtype=torch.float32, device=q.device)
-    dbias_blocks = tiles["dbias"]
+    grad_dense = torch.empty(heads, seq_len, seq_len, dtype=torch.float32, device=device)
     launch(
-        _attention_bwd_dbias_kernel,
-        (cdiv(seq_len, dbias_blocks["BLOCK_M"]), cdiv(seq_len, dbias_blocks["BLOCK_N"]), heads),
-        q, k, v, grad_out, lse, delta, dense, grad_dense,
-        *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *bias_strides,
+        _attention_bwd_dbias_kernel, grids["dbias"], q, k, v, grad_out, lse, delta, dense, grad_dense,
+        *q_strides, *k_strides, *v_strides, *grad_strides, *bias_strides,
         batch, heads, seq_len, scale * math.log2(math.e),
-        **flags, **dbias_blocks,
+        **flags, **tiles["dbias"],
     )  # fmt: skip
     return dq, dk, dv, _bias_grad(grad_dense, rel_pos_bias_table, rel_pos_index, bias)
 

@@ -28,12 +28,15 @@ from vitfast.ops._triton import (
     INTERPRETER,
     KERNEL_DTYPES,
     cdiv,
+    eager_memo,
+    empty,
     kernel_can_run,
     launch,
     log_fallback,
     next_power_of_2,
     num_sms,
     pdl_prologue,
+    rows_2d,
     tl,
     triton,
     triton_op,
@@ -447,14 +450,26 @@ def _bwd_grid(rows: int, block_rows: int, sm_count: int | None) -> tuple[int, in
     return cdiv(rows, rows_per_program), rows_per_program, block_rows
 
 
+@eager_memo
+def _fwd_plan(cols: int, rows: int, sm_count: int | None, tile: int) -> tuple[int, int, int, int]:
+    """``(programs, BLOCK_ROWS, BLOCK_C, num_warps)`` of the forward launch; ``tile``: ``_TILE``, which
+    :func:`_block_sizes` reads, in the memo's key (tests set it to the GPU's)."""
+    block_rows, block_c, num_warps = _block_sizes(cols, rows, sm_count)
+    return cdiv(rows, block_rows), block_rows, block_c, num_warps
+
+
+@eager_memo
+def _bwd_plan(cols: int, rows: int, sm_count: int | None, tile: int) -> tuple[int, int, int, int, int, int]:
+    """``(programs, rows_per_program, BLOCK_ROWS, BLOCK_C, num_warps, reduce_cols)`` of the backward launches;
+    ``tile`` as in :func:`_fwd_plan`."""
+    block_rows, block_c, num_warps = _block_sizes(cols, rows, sm_count)
+    programs, rows_per_program, block_rows = _bwd_grid(rows, block_rows, sm_count) if rows else (0, 1, block_rows)
+    reduce_cols = _REDUCE_COLS if sm_count is not None else next_power_of_2(cols)
+    return programs, rows_per_program, block_rows, block_c, num_warps, reduce_cols
+
+
 def _sm_count(device: torch.device) -> int | None:
     return num_sms(device) if device.type == "cuda" else None
-
-
-def _as_rows(t: torch.Tensor, cols: int) -> torch.Tensor:
-    """``t`` as ``[rows, cols]`` with unit column stride (copied only when a view cannot have one)."""
-    rows = t.reshape(-1, cols)
-    return rows if rows.stride(-1) == 1 or cols == 1 else rows.contiguous()
 
 
 def _check_param(name: str, param: torch.Tensor | None, cols: int, device: torch.device) -> None:
@@ -485,7 +500,8 @@ def _check_x(x: torch.Tensor) -> int:
     cols = x.shape[-1]
     if not 1 <= cols <= MAX_WIDTH:
         raise ValueError(f"layer_norm: the kernels take widths 1..{MAX_WIDTH}, got {cols}.")
-    _check_activation("x", x, x.shape, x.device)
+    if x.dtype not in KERNEL_DTYPES:
+        raise ValueError(f"layer_norm: x must be float16, bfloat16 or float32, got {x.dtype}.")
     return cols
 
 
@@ -509,23 +525,25 @@ def layer_norm_fwd(
     cols = _check_x(x)
     if gamma is not None and branch is None:
         raise ValueError("layer_norm: gamma (the layer scale of the branch) needs a branch.")
-    _check_activation("branch", branch, x.shape, x.device)
-    for name, param in (("gamma", gamma), ("weight", weight), ("bias", bias)):
-        _check_param(name, param, cols, x.device)
+    device, shape = x.device, x.shape
+    _check_activation("branch", branch, shape, device)
+    _check_param("gamma", gamma, cols, device)
+    _check_param("weight", weight, cols, device)
+    _check_param("bias", bias, cols, device)
 
-    x_rows = _as_rows(x, cols)
-    rows = x_rows.shape[0]
-    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    residual_out = torch.empty(x.shape if branch is not None else (0,), dtype=x.dtype, device=x.device)
-    mean = torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device)
-    rstd = torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device)
+    x_rows, rows, x_stride = rows_2d(x, cols)
+    stats_shape = shape[:-1]
+    out = empty(shape, x.dtype, device)
+    residual_out = empty(shape if branch is not None else (0,), x.dtype, device)
+    mean = empty(stats_shape, torch.float32, device)
+    rstd = empty(stats_shape, torch.float32, device)
     if rows == 0:
         return out, residual_out, mean, rstd
-    branch_rows = _as_rows(branch, cols) if branch is not None else x_rows
-    block_rows, block_c, num_warps = _block_sizes(cols, rows, _sm_count(x.device))
+    branch_rows, _, branch_stride = rows_2d(branch, cols) if branch is not None else (x_rows, rows, x_stride)
+    programs, block_rows, block_c, num_warps = _fwd_plan(cols, rows, _sm_count(device), _TILE)
     launch(
         _layer_norm_fwd_kernel,
-        (cdiv(rows, block_rows),),
+        (programs,),
         x_rows,
         branch_rows,
         gamma if gamma is not None else x_rows,  # stand-ins for absent tensors are never read (constexpr flags)
@@ -537,8 +555,8 @@ def layer_norm_fwd(
         rstd,
         rows,
         cols,
-        x_rows.stride(0),
-        branch_rows.stride(0),
+        x_stride,
+        branch_stride,
         eps,
         HAS_BRANCH=branch is not None,
         HAS_GAMMA=gamma is not None,
@@ -573,8 +591,7 @@ def layer_norm_residual_partials_fwd(
         raise ValueError(f"layer_norm_residual_partials: partials must be float32, got {partials.dtype}.")
     for name, param in (("branch_bias", branch_bias), ("gamma", gamma), ("weight", weight), ("bias", bias)):
         _check_param(name, param, cols, x.device)
-    x_rows = _as_rows(x, cols)
-    rows = x_rows.shape[0]
+    x_rows, rows, x_stride = rows_2d(x, cols)
     partials = partials.contiguous()
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     residual_out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
@@ -594,7 +611,7 @@ def layer_norm_residual_partials_fwd(
         residual_out,
         rows,
         cols,
-        x_rows.stride(0),
+        x_stride,
         eps,
         SPLITS=partials.shape[0],
         HAS_BRANCH_BIAS=branch_bias is not None,
@@ -636,48 +653,49 @@ def layer_norm_bwd(
     cols = _check_x(x)
     if gamma is not None and branch is None:
         raise ValueError("layer_norm: gamma (the layer scale of the branch) needs a branch.")
-    for name, t in (("d_out", d_out), ("d_residual", d_residual), ("branch", branch)):
-        _check_activation(name, t, x.shape, x.device)
-    for name, param in (("gamma", gamma), ("weight", weight), ("bias", bias)):
-        _check_param(name, param, cols, x.device)
+    device, shape = x.device, x.shape
+    _check_activation("d_out", d_out, shape, device)
+    _check_activation("d_residual", d_residual, shape, device)
+    _check_activation("branch", branch, shape, device)
+    _check_param("gamma", gamma, cols, device)
+    _check_param("weight", weight, cols, device)
+    _check_param("bias", bias, cols, device)
+    stats_shape = shape[:-1]
     for name, stat in (("mean", mean), ("rstd", rstd)):
-        if stat.shape != x.shape[:-1] or stat.dtype != torch.float32 or stat.device != x.device:
+        if stat.shape != stats_shape or stat.dtype != torch.float32 or stat.device != device:
             raise ValueError(
-                f"layer_norm: {name} must be float32 of shape {tuple(x.shape[:-1])} on {x.device}, got "
+                f"layer_norm: {name} must be float32 of shape {tuple(stats_shape)} on {device}, got "
                 f"{stat.dtype} {tuple(stat.shape)} on {stat.device}."
             )
 
-    x_rows = _as_rows(x, cols)
-    rows = x_rows.shape[0]
-    sm_count = _sm_count(x.device)
-    block_rows, block_c, num_warps = _block_sizes(cols, rows, sm_count)
-    programs, rows_per_program, block_rows = _bwd_grid(rows, block_rows, sm_count) if rows else (0, 1, block_rows)
+    x_rows, rows, x_stride = rows_2d(x, cols)
+    programs, rows_per_program, block_rows, block_c, num_warps, reduce_cols = _bwd_plan(
+        cols, rows, _sm_count(device), _TILE
+    )
     # the present parameters' rows of partial sums, stacked in one buffer (slot -1: absent)
-    params = (gamma, weight, bias)
-    slots = [-1, -1, -1]
-    for i in (i for i, param in enumerate(params) if param is not None):
-        slots[i] = max(slots) + 1
-    gamma_slot, weight_slot, bias_slot = slots
-    n_params = max(slots) + 1
+    gamma_slot = 0 if gamma is not None else -1
+    weight_slot = gamma_slot + 1 if weight is not None else -1
+    bias_slot = max(gamma_slot, weight_slot) + 1 if bias is not None else -1
+    n_params = max(gamma_slot, weight_slot, bias_slot) + 1
 
     def param_grad(param: torch.Tensor | None) -> torch.Tensor:
         if param is None:
-            return torch.empty((0,), dtype=x.dtype, device=x.device)
+            return empty((0,), x.dtype, device)
         # no rows: nothing to add up, and no kernel writes it
         return torch.zeros_like(param) if programs == 0 else torch.empty_like(param)
 
-    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    dx = empty(shape, x.dtype, device)
     # without gamma, dbranch is dx (the autograd glue hands dx itself on, this op's outputs may not alias)
-    dbranch = torch.empty(
-        x.shape if branch is not None else (0,), dtype=branch.dtype if branch is not None else x.dtype, device=x.device
-    )
-    dgamma, dweight, dbias = (param_grad(param) for param in params)
+    dbranch = empty(shape, branch.dtype, device) if branch is not None else empty((0,), x.dtype, device)
+    dgamma, dweight, dbias = param_grad(gamma), param_grad(weight), param_grad(bias)
     if programs == 0:
         return dx, dbranch, dgamma, dweight, dbias
-    partial = torch.empty((n_params, programs, cols), dtype=torch.float32, device=x.device)
-    d_out_rows = _as_rows(d_out, cols) if d_out is not None else x_rows
-    d_residual_rows = _as_rows(d_residual, cols) if d_residual is not None else x_rows
-    branch_rows = _as_rows(branch, cols) if branch is not None else x_rows
+    partial = empty((n_params, programs, cols), torch.float32, device)
+    d_out_rows, _, d_out_stride = rows_2d(d_out, cols) if d_out is not None else (x_rows, rows, x_stride)
+    d_residual_rows, _, d_residual_stride = (
+        rows_2d(d_residual, cols) if d_residual is not None else (x_rows, rows, x_stride)
+    )
+    branch_rows, _, branch_stride = rows_2d(branch, cols) if branch is not None else (x_rows, rows, x_stride)
     launch(
         _layer_norm_bwd_kernel,
         (programs,),
@@ -695,10 +713,10 @@ def layer_norm_bwd(
         rows,
         cols,
         rows_per_program,
-        d_out_rows.stride(0),
-        d_residual_rows.stride(0),
-        x_rows.stride(0),
-        branch_rows.stride(0),
+        d_out_stride,
+        d_residual_stride,
+        x_stride,
+        branch_stride,
         HAS_D_OUT=d_out is not None,
         HAS_D_RESIDUAL=d_residual is not None,
         HAS_BRANCH=branch is not None,
@@ -713,7 +731,6 @@ def layer_norm_bwd(
         num_warps=num_warps,
     )
     if n_params:
-        reduce_cols = _REDUCE_COLS if sm_count is not None else next_power_of_2(cols)
         launch(
             _layer_norm_bwd_reduce_kernel,
             (cdiv(cols, reduce_cols), n_params),

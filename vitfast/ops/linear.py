@@ -28,11 +28,14 @@ from vitfast.ops._triton import (
     INTERPRETER,
     KERNEL_DTYPES,
     cdiv,
+    eager_memo,
+    empty,
     kernel_can_run,
     launch,
     log_fallback,
     num_sms,
     pdl_prologue,
+    rows_2d,
     tl,
     triton,
     triton_op,
@@ -137,17 +140,14 @@ def linear_fwd(
         raise ValueError(f"x [..., {x.shape[-1]}] and weight {list(weight.shape)} do not match: weight must be [N, K].")
     if bias is not None and bias.shape != (weight.shape[0],):
         raise ValueError(f"bias must have shape [{weight.shape[0]}], got {list(bias.shape)}.")
-    rows = x.reshape(-1, x.shape[-1])
-    if rows.stride(-1) != 1:
-        rows = rows.contiguous()
+    k = x.shape[-1]
+    rows, m, row_stride = rows_2d(x, k)
     weight = weight if weight.stride(-1) == 1 else weight.contiguous()
-    m, k = rows.shape
     n = weight.shape[0]
-    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    out = empty((*x.shape[:-1], n), x.dtype, x.device)
     if m == 0:
-        return out.reshape(*x.shape[:-1], n)
-    config = _tile_config(m, n, x.dtype)
-    grid = (cdiv(m, config["BLOCK_M"]) * cdiv(n, config["BLOCK_N"]),)
+        return out
+    grid, options = _launch_plan(m, n, x.dtype, activation, INTERPRETER)
     launch(
         _linear_fwd_kernel,
         grid,
@@ -158,17 +158,29 @@ def linear_fwd(
         m,
         n,
         k,
-        rows.stride(0),
+        row_stride,
         weight.stride(0),
-        out.stride(0),
+        n,
         HAS_BIAS=bias is not None,
-        ACTIVATION=ACTIVATIONS.index(activation),
-        UPCAST_DOT=INTERPRETER and x.dtype != torch.float32,
-        # fp32 operands would otherwise run in TF32 (10-bit mantissa), far outside fp32 PyTorch's error
-        PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
-        **config,
+        **options,
     )
-    return out.reshape(*x.shape[:-1], n)
+    return out
+
+
+@eager_memo
+def _launch_plan(m: int, n: int, dtype: torch.dtype, activation: str | None, interpreter: bool) -> tuple[tuple, dict]:
+    """``(grid, constexprs and launch options but HAS_BIAS)`` of the forward kernel; ``interpreter``:
+    ``INTERPRETER`` (read for UPCAST_DOT), in the memo's key."""
+    config = _tile_config(m, n, dtype)
+    grid = (cdiv(m, config["BLOCK_M"]) * cdiv(n, config["BLOCK_N"]),)
+    options = {
+        "ACTIVATION": ACTIVATIONS.index(activation),
+        "UPCAST_DOT": interpreter and dtype != torch.float32,
+        # fp32 operands would otherwise run in TF32 (10-bit mantissa), far outside fp32 PyTorch's error
+        "PRECISION": "ieee" if dtype == torch.float32 else "tf32",
+        **config,
+    }
+    return grid, options
 
 
 # ------------------------------------------------------------------------------------------------------- split-K

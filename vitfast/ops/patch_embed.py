@@ -25,6 +25,7 @@ from vitfast.ops._triton import (
     launch,
     log_fallback,
     pdl_prologue,
+    rows_2d,
     tl,
     triton,
     triton_op,
@@ -509,11 +510,13 @@ def patch_embed_fwd(
     embed_dim, channels, patch_h, patch_w = weight.shape
     batch, _, _, width = x.shape
     num_prefix = 0 if cls_token is None else 1
-    out = torch.empty(batch, num_prefix + num_patches, embed_dim, device=x.device, dtype=weight.dtype)
+    tokens = num_prefix + num_patches
+    out = torch.empty(batch, tokens, embed_dim, device=x.device, dtype=weight.dtype)
     num_rows = batch * num_patches
     if num_rows == 0:
         return out
-    weight_2d = weight.reshape(embed_dim, channels * patch_h * patch_w)
+    patch_dim = channels * patch_h * patch_w
+    weight_2d, _, weight_stride = rows_2d(weight, patch_dim)
     stats = _scale_shift(x, mean, std)
     scale, shift = stats if stats is not None else (weight, weight)  # unused pointers when NORMALIZE is off
     grid = (cdiv(num_rows, _FWD_BLOCK_M) * cdiv(embed_dim, _FWD_BLOCK_N),)
@@ -531,13 +534,14 @@ def patch_embed_fwd(
         num_rows,
         num_patches,
         embed_dim,
-        weight_2d.shape[1],
+        patch_dim,
         width // patch_w,
         *x.stride(),
-        *weight_2d.stride(),
+        weight_stride,
+        1,
         *(pos_embed.stride()[1:] if pos_embed is not None else (0, 0)),
-        out.stride(0),
-        out.stride(1),
+        tokens * embed_dim,  # out: contiguous
+        embed_dim,
         PATCH_H=patch_h,
         PATCH_W=patch_w,
         NUM_PREFIX=num_prefix,

@@ -30,6 +30,7 @@ from vitfast.ops._triton import (
     INTERPRETER,
     KERNEL_DTYPES,
     cdiv,
+    eager_memo,
     kernel_can_run,
     launch,
     log_fallback,
@@ -147,15 +148,17 @@ def _check_qk(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Te
         raise ValueError(f"rope_2d_qk: q and k must be [..., N, D] of one shape, got {list(q.shape)}, {list(k.shape)}.")
     if q.dtype != k.dtype or not q.is_floating_point():
         raise ValueError(f"rope_2d_qk: q and k must share one float dtype, got {q.dtype} and {k.dtype}.")
-    seq_len, head_dim = q.shape[-2:]
+    shape = q.shape
+    seq_len, head_dim = shape[-2], shape[-1]
     if not 0 <= num_prefix_tokens <= seq_len:
         raise ValueError(f"rope_2d_qk: num_prefix_tokens={num_prefix_tokens} is outside [0, N={seq_len}].")
-    expected = [seq_len - num_prefix_tokens, head_dim]
+    rows = seq_len - num_prefix_tokens
+    table_shapes = ((rows, head_dim), (rows, head_dim // 2))
     for name, table in (("cos", cos), ("sin", sin)):
-        if list(table.shape) not in (expected, [expected[0], head_dim // 2]) or not table.is_floating_point():
+        if table.shape not in table_shapes or not table.is_floating_point():
             raise ValueError(
-                f"rope_2d_qk: the {name} table must be a float [N - num_prefix_tokens, D] = {expected} tensor (or "
-                f"[N - num_prefix_tokens, D // 2] with one angle per pair), got {table.dtype} {list(table.shape)}."
+                f"rope_2d_qk: the {name} table must be a float [N - num_prefix_tokens, D] = {[rows, head_dim]} tensor "
+                f"(or [N - num_prefix_tokens, D // 2] with one angle per pair), got {table.dtype} {list(table.shape)}."
             )
     if cos.shape != sin.shape:
         raise ValueError(f"rope_2d_qk: cos and sin must have one shape, got {list(cos.shape)} and {list(sin.shape)}.")
@@ -190,31 +193,57 @@ def rope_2d_qk_fwd(
     _check_qk(q, k, cos, sin, num_prefix_tokens)
     if q.dim() != 4:
         raise ValueError(f"rope_2d_qk_fwd: the kernel takes [B, H, N, D] tensors, got {list(q.shape)}.")
-    q, k = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k))
-    if cos.stride() != sin.stride():  # one offset tile serves both tables
+    q_strides, k_strides = q.stride(), k.stride()
+    if q_strides[-1] != 1:
+        q = q.contiguous()
+        q_strides = q.stride()
+    if k_strides[-1] != 1:
+        k = k.contiguous()
+        k_strides = k.stride()
+    cos_strides = cos.stride()
+    if cos_strides != sin.stride():  # one offset tile serves both tables
         cos, sin = cos.contiguous(), sin.contiguous()
-    batch, heads, seq_len, head_dim = q.shape
+        cos_strides = cos.stride()
+    shape = q.shape
+    batch, heads, seq_len, head_dim = shape
     # the [B, H, N, D] view of a contiguous [B, N, H, D] tensor, allocated as such (an empty and a transpose cost
     # twice the host time)
     out_strides = (seq_len * heads * head_dim, head_dim, heads * head_dim, 1)
-    q_out = torch.empty_strided(q.shape, out_strides, dtype=q.dtype, device=q.device)
-    k_out = torch.empty_strided(q.shape, out_strides, dtype=k.dtype, device=k.device)
-    if q_out.numel() == 0:
+    q_out = torch.empty_strided(shape, out_strides, dtype=q.dtype, device=q.device)
+    k_out = torch.empty_strided(shape, out_strides, dtype=k.dtype, device=k.device)
+    if batch * heads * seq_len * head_dim == 0:
         return q_out, k_out
-    block_h, block_pairs = next_power_of_2(heads), next_power_of_2(head_dim // 2)
-    block_n = max(1, _TILE // (block_h * 2 * block_pairs))
-    pair_stride = cos.stride(1) * (2 if cos.shape[-1] == head_dim else 1)
-    vector = 16 // q.element_size()  # elements in 16 bytes
-    strides = (q.stride(0), q.stride(2), q.stride(1), k.stride(0), k.stride(2), k.stride(1))  # the hinted offsets
-    stride_multiple = vector if all(stride % vector == 0 for stride in strides) else 1
+    grid, block_h, block_pairs, block_n, stride_multiple = _rope_plan(
+        batch, heads, seq_len, head_dim, q_strides, k_strides, q.element_size()
+    )
+    pair_stride = cos_strides[1] * (2 if cos.shape[-1] == head_dim else 1)
     launch(
-        _rope_qk_kernel, (cdiv(seq_len, block_n), batch), q, k, q_out, k_out, cos, sin,
-        q.stride(0), q.stride(2), q.stride(1), k.stride(0), k.stride(2), k.stride(1),
-        q_out.stride(0), q_out.stride(2), cos.stride(0), pair_stride, seq_len, num_prefix_tokens,
+        _rope_qk_kernel, grid, q, k, q_out, k_out, cos, sin,
+        q_strides[0], q_strides[2], q_strides[1], k_strides[0], k_strides[2], k_strides[1],
+        out_strides[0], out_strides[2], cos_strides[0], pair_stride, seq_len, num_prefix_tokens,
         HEADS=heads, HEAD_DIM=head_dim, BLOCK_H=block_h, BLOCK_PAIRS=block_pairs, BLOCK_N=block_n,
         INVERSE=inverse, STRIDE_MULTIPLE=stride_multiple, num_warps=4,
     )  # fmt: skip
     return q_out, k_out
+
+
+@eager_memo
+def _rope_plan(
+    batch: int,
+    heads: int,
+    seq_len: int,
+    head_dim: int,
+    q_strides: tuple[int, ...],
+    k_strides: tuple[int, ...],
+    element_size: int,
+) -> tuple[tuple[int, int], int, int, int, int]:
+    """``(grid, BLOCK_H, BLOCK_PAIRS, BLOCK_N, STRIDE_MULTIPLE)`` of the rotation kernel."""
+    block_h, block_pairs = next_power_of_2(heads), next_power_of_2(head_dim // 2)
+    block_n = max(1, _TILE // (block_h * 2 * block_pairs))
+    vector = 16 // element_size  # elements in 16 bytes
+    strides = (q_strides[0], q_strides[2], q_strides[1], k_strides[0], k_strides[2], k_strides[1])  # hinted offsets
+    stride_multiple = vector if all(stride % vector == 0 for stride in strides) else 1
+    return (cdiv(seq_len, block_n), batch), block_h, block_pairs, block_n, stride_multiple
 
 
 @triton_op("vitfast::rope_2d_qk")

@@ -35,12 +35,15 @@ from vitfast.ops._triton import (
     INTERPRETER,
     KERNEL_DTYPES,
     cdiv,
+    eager_memo,
+    empty,
     kernel_can_run,
     launch,
     log_fallback,
     next_power_of_2,
     num_sms,
     pdl_prologue,
+    rows_2d,
     tl,
     triton,
     triton_op,
@@ -439,12 +442,6 @@ def _swiglu_layer_norm_bwd_kernel(
     tl.store(partial_d_bias_ptr + program * param_cols + cols, d_bias, mask=cols < param_cols)
 
 
-def _rows(t: torch.Tensor, width: int) -> torch.Tensor:
-    """``t`` as a ``[rows, width]`` matrix with unit column stride: a view when one exists, else a copy."""
-    t = t.reshape(-1, width)
-    return t if t.stride(-1) == 1 else t.contiguous()
-
-
 def _check_dtype(what: str, t: torch.Tensor) -> None:
     if t.dtype not in KERNEL_DTYPES:
         raise ValueError(f"{what} must be float16, bfloat16 or float32 for the Triton kernel, got {t.dtype}.")
@@ -489,19 +486,29 @@ def _elementwise_blocks(n_cols: int) -> tuple[int, int]:
     return _rows_per_tile(block_n), block_n
 
 
+@eager_memo
+def _elementwise_plan(n_rows: int, n_cols: int, interpreter: bool) -> tuple[tuple[int, int], int, int]:
+    """``(grid, BLOCK_M, BLOCK_N)`` of the element-wise kernels; ``interpreter``: ``INTERPRETER``, which
+    :func:`_rows_per_tile` reads, in the memo's key (tests switch it off to run the GPU tiles)."""
+    block_m, block_n = _elementwise_blocks(n_cols)
+    return (cdiv(n_rows, block_m), cdiv(n_cols, block_n)), block_m, block_n
+
+
 # 256 threads for a ~4096-element tile: 16 elements per thread and tensor (two 16-byte loads in 16-bit dtypes), which
 # leaves the backward's fp32 operands in registers; the kernels are memory-bound, more warps buy nothing.
 _ELEMENTWISE_NUM_WARPS = 8
 
 
-def _launch_swiglu_fwd(gate: torch.Tensor, up: torch.Tensor | None, out: torch.Tensor, n_cols: int) -> None:
-    """``gate``/``up``/``out`` are ``[rows, ...]`` matrices with unit column stride; ``up`` None means packed."""
-    n_rows = gate.shape[0]
+def _launch_swiglu_fwd(
+    gate: tuple[torch.Tensor, int, int], up: tuple[torch.Tensor, int, int] | None, out: torch.Tensor, n_cols: int
+) -> None:
+    """``gate``/``up``: ``(rows, n_rows, row_stride)`` of :func:`rows_2d`; ``up`` None means packed; ``out``: contiguous
+    ``[..., n_cols]``."""
+    gate, n_rows, gate_stride = gate
     if n_rows == 0:
         return
-    block_m, block_n = _elementwise_blocks(n_cols)
-    grid = (cdiv(n_rows, block_m), cdiv(n_cols, block_n))
-    up_row_stride = 0 if up is None else up.stride(0)
+    grid, block_m, block_n = _elementwise_plan(n_rows, n_cols, INTERPRETER)
+    up, _, up_row_stride = up if up is not None else (None, n_rows, 0)
     launch(
         _swiglu_fwd_kernel,
         grid,
@@ -510,9 +517,9 @@ def _launch_swiglu_fwd(gate: torch.Tensor, up: torch.Tensor | None, out: torch.T
         out,
         n_rows,
         n_cols,
-        gate.stride(0),
+        gate_stride,
         up_row_stride,
-        out.stride(0),
+        n_cols,
         PACKED=up is None,
         BLOCK_M=block_m,
         BLOCK_N=block_n,
@@ -521,19 +528,20 @@ def _launch_swiglu_fwd(gate: torch.Tensor, up: torch.Tensor | None, out: torch.T
 
 
 def _launch_swiglu_bwd(
-    grad: torch.Tensor,
-    gate: torch.Tensor,
-    up: torch.Tensor | None,
+    grad: tuple[torch.Tensor, int, int],
+    gate: tuple[torch.Tensor, int, int],
+    up: tuple[torch.Tensor, int, int] | None,
     d_gate: torch.Tensor,
     d_up: torch.Tensor | None,
     n_cols: int,
 ) -> None:
-    """Matrices as in :func:`_launch_swiglu_fwd`; ``up`` and ``d_up`` None means packed ``gate`` and ``d_gate``."""
-    n_rows = gate.shape[0]
+    """Rows as in :func:`_launch_swiglu_fwd`; ``up`` and ``d_up`` None means packed ``gate`` and ``d_gate`` (both
+    contiguous, ``[..., n_cols]``, or ``[..., 2 n_cols]`` packed)."""
+    (grad, _, grad_stride), (gate, n_rows, gate_stride) = grad, gate
     if n_rows == 0:
         return
-    block_m, block_n = _elementwise_blocks(n_cols)
-    grid = (cdiv(n_rows, block_m), cdiv(n_cols, block_n))
+    grid, block_m, block_n = _elementwise_plan(n_rows, n_cols, INTERPRETER)
+    up, _, up_stride = up if up is not None else (None, n_rows, 0)
     launch(
         _swiglu_bwd_kernel,
         grid,
@@ -544,11 +552,11 @@ def _launch_swiglu_bwd(
         d_up,
         n_rows,
         n_cols,
-        grad.stride(0),
-        gate.stride(0),
-        0 if up is None else up.stride(0),
-        d_gate.stride(0),
-        0 if d_up is None else d_up.stride(0),
+        grad_stride,
+        gate_stride,
+        up_stride,
+        n_cols if d_up is not None else 2 * n_cols,
+        0 if d_up is None else n_cols,
         PACKED=up is None,
         BLOCK_M=block_m,
         BLOCK_N=block_n,
@@ -565,8 +573,8 @@ def swiglu_fwd(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """
     _check_pair(gate, up)
     width = gate.shape[-1]
-    out = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
-    _launch_swiglu_fwd(_rows(gate, width), _rows(up, width), out.view(-1, width), width)
+    out = empty(gate.shape, gate.dtype, gate.device)
+    _launch_swiglu_fwd(rows_2d(gate, width), rows_2d(up, width), out, width)
     return out
 
 
@@ -576,11 +584,9 @@ def swiglu_bwd(grad: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> tupl
     if grad.shape != gate.shape:
         raise ValueError(f"grad must have the shape of gate {tuple(gate.shape)}, got {tuple(grad.shape)}.")
     width = gate.shape[-1]
-    d_gate = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
-    d_up = torch.empty(up.shape, dtype=up.dtype, device=up.device)
-    _launch_swiglu_bwd(
-        _rows(grad, width), _rows(gate, width), _rows(up, width), d_gate.view(-1, width), d_up.view(-1, width), width
-    )
+    d_gate = empty(gate.shape, gate.dtype, gate.device)
+    d_up = empty(up.shape, up.dtype, up.device)
+    _launch_swiglu_bwd(rows_2d(grad, width), rows_2d(gate, width), rows_2d(up, width), d_gate, d_up, width)
     return d_gate, d_up
 
 
@@ -592,8 +598,8 @@ def swiglu_packed_fwd(x: torch.Tensor) -> torch.Tensor:
     """
     _check_packed(x)
     width = x.shape[-1] // 2
-    out = torch.empty((*x.shape[:-1], width), dtype=x.dtype, device=x.device)
-    _launch_swiglu_fwd(_rows(x, 2 * width), None, out.view(-1, width), width)
+    out = empty((*x.shape[:-1], width), x.dtype, x.device)
+    _launch_swiglu_fwd(rows_2d(x, 2 * width), None, out, width)
     return out
 
 
@@ -605,8 +611,8 @@ def swiglu_packed_bwd(grad: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         raise ValueError(
             f"grad must have shape {(*x.shape[:-1], width)} for x {tuple(x.shape)}, got {tuple(grad.shape)}."
         )
-    d_x = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    _launch_swiglu_bwd(_rows(grad, width), _rows(x, 2 * width), None, d_x.view(-1, 2 * width), None, width)
+    d_x = empty(x.shape, x.dtype, x.device)
+    _launch_swiglu_bwd(rows_2d(grad, width), rows_2d(x, 2 * width), None, d_x, None, width)
     return d_x
 
 
@@ -664,15 +670,40 @@ def _row_num_warps(block_m: int, block_n: int) -> int:
     return min(max(block_m * block_n // 512, 4), 16)
 
 
-def _layer_norm_bwd_programs(n_rows: int, block_m: int, device: torch.device) -> int:
-    # Each program walks a contiguous range of rows and keeps fp32 partial d_weight / d_bias in registers. On a GPU,
-    # 4 programs per SM fill it while the [programs, width] partial-sum buffer stays small, and more when a program
-    # would otherwise add over _MAX_CHAIN rows in sequence. The interpreter runs programs one after the other: the
-    # fewest that respect _MAX_CHAIN.
+def _layer_norm_bwd_programs(n_rows: int, block_m: int, sm_count: int | None) -> int:
+    # Each program walks a contiguous range of rows and keeps fp32 partial d_weight / d_bias in registers. On a GPU
+    # (sm_count given), 4 programs per SM fill it while the [programs, width] partial-sum buffer stays small, and
+    # more when a program would otherwise add over _MAX_CHAIN rows in sequence. The interpreter runs programs one
+    # after the other: the fewest that respect _MAX_CHAIN.
     wanted = cdiv(n_rows, _MAX_CHAIN)
-    if device.type == "cuda":
-        wanted = max(wanted, 4 * num_sms(device))
+    if sm_count is not None:
+        wanted = max(wanted, 4 * sm_count)
     return max(1, min(cdiv(n_rows, block_m), wanted))
+
+
+@eager_memo
+def _layer_norm_bwd_plan(
+    n_rows: int, padded_width: int, dtype: torch.dtype, sm_count: int | None, interpreter: bool
+) -> tuple[int, int, int, int, int, dict]:
+    """``(programs, rows_per_program, BLOCK_M, BLOCK_N, CHUNKS, launch options)`` of the sub-LN backward;
+    ``interpreter`` as in :func:`_elementwise_plan`."""
+    block_n, num_chunks = _backward_chunks(padded_width)
+    # half the forward's tile height: tiles of 2048 elements per chunk (2 x 1024 at EVA-02-L), 8 per thread at 8 warps
+    block_m = max(1, _rows_per_tile(block_n) // 2)
+    rows_per_program = cdiv(n_rows, _layer_norm_bwd_programs(n_rows, block_m, sm_count))
+    rows_per_program = cdiv(rows_per_program, block_m) * block_m  # <= _MAX_CHAIN: block_m is a power of 2
+    n_programs = cdiv(n_rows, rows_per_program)
+    options = _backward_launch(block_m, block_n, padded_width, dtype)
+    return n_programs, rows_per_program, block_m, block_n, next_power_of_2(num_chunks), options
+
+
+@eager_memo
+def _layer_norm_fwd_plan(n_rows: int, padded_width: int, interpreter: bool) -> tuple[tuple[int], int, int, int]:
+    """``(grid, BLOCK_M, BLOCK_N, num_warps)`` of the sub-LN forward; ``interpreter`` as in
+    :func:`_elementwise_plan`."""
+    block_n = next_power_of_2(padded_width)  # the whole row in one block: the statistics need all of it
+    block_m = _rows_per_tile(block_n)
+    return (cdiv(n_rows, block_m),), block_m, block_n, _row_num_warps(block_m, block_n)
 
 
 def swiglu_layer_norm_fwd(
@@ -687,18 +718,18 @@ def swiglu_layer_norm_fwd(
     ``[...]`` (the statistics of the product, rounded to the input dtype, that the backward reuses).
     """
     width, padded_width, param_width = _check_layer_norm(gate, up, width, weight, bias=bias)
-    out = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
-    mean = torch.empty(gate.shape[:-1], dtype=torch.float32, device=gate.device)
-    rstd = torch.empty(gate.shape[:-1], dtype=torch.float32, device=gate.device)
-    gate_rows, up_rows = _rows(gate, padded_width), _rows(up, padded_width)
-    n_rows = gate_rows.shape[0]
+    device, shape = gate.device, gate.shape
+    out = empty(shape, gate.dtype, device)
+    mean = empty(shape[:-1], torch.float32, device)
+    rstd = empty(shape[:-1], torch.float32, device)
+    gate_rows, n_rows, gate_stride = rows_2d(gate, padded_width)
+    up_rows, _, up_stride = rows_2d(up, padded_width)
     if n_rows == 0:
         return out, mean, rstd
-    block_n = next_power_of_2(padded_width)  # the whole row in one block: the statistics need all of it
-    block_m = _rows_per_tile(block_n)
+    grid, block_m, block_n, num_warps = _layer_norm_fwd_plan(n_rows, padded_width, INTERPRETER)
     launch(
         _swiglu_layer_norm_fwd_kernel,
-        (cdiv(n_rows, block_m),),
+        grid,
         gate_rows,
         up_rows,
         weight,
@@ -710,13 +741,13 @@ def swiglu_layer_norm_fwd(
         width,
         padded_width,
         param_width,
-        gate_rows.stride(0),
-        up_rows.stride(0),
+        gate_stride,
+        up_stride,
         padded_width,
         eps,
         BLOCK_M=block_m,
         BLOCK_N=block_n,
-        num_warps=_row_num_warps(block_m, block_n),
+        num_warps=num_warps,
     )
     return out, mean, rstd
 
@@ -747,20 +778,19 @@ def swiglu_layer_norm_bwd(
         )
     if mean.dtype != torch.float32 or rstd.dtype != torch.float32:
         raise ValueError(f"mean and rstd must be float32, got {mean.dtype} and {rstd.dtype}.")
-    d_gate = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
-    d_up = torch.empty(up.shape, dtype=up.dtype, device=up.device)
-    grad_rows, gate_rows, up_rows = (_rows(t, padded_width) for t in (grad, gate, up))
-    n_rows = gate_rows.shape[0]
+    device = gate.device
+    d_gate = empty(gate.shape, gate.dtype, device)
+    d_up = empty(up.shape, up.dtype, device)
+    grad_rows, _, grad_stride = rows_2d(grad, padded_width)
+    gate_rows, n_rows, gate_stride = rows_2d(gate, padded_width)
+    up_rows, _, up_stride = rows_2d(up, padded_width)
     if n_rows == 0:
-        return d_gate, d_up, torch.zeros((2, param_width), dtype=torch.float32, device=gate.device)
-    block_n, num_chunks = _backward_chunks(padded_width)
-    # half the forward's tile height: tiles of 2048 elements per chunk (2 x 1024 at EVA-02-L), 8 per thread at 8 warps
-    block_m = max(1, _rows_per_tile(block_n) // 2)
-    rows_per_program = cdiv(n_rows, _layer_norm_bwd_programs(n_rows, block_m, gate.device))
-    rows_per_program = cdiv(rows_per_program, block_m) * block_m  # <= _MAX_CHAIN: block_m is a power of 2
-    n_programs = cdiv(n_rows, rows_per_program)
+        return d_gate, d_up, torch.zeros((2, param_width), dtype=torch.float32, device=device)
+    n_programs, rows_per_program, block_m, block_n, chunks, options = _layer_norm_bwd_plan(
+        n_rows, padded_width, gate.dtype, num_sms(device) if device.type == "cuda" else None, INTERPRETER
+    )
     # the weight's and the bias's partial sums in one buffer: one reduction launch for both
-    partials = torch.empty((2, n_programs, param_width), dtype=torch.float32, device=gate.device)
+    partials = empty((2, n_programs, param_width), torch.float32, device)
     launch(
         _swiglu_layer_norm_bwd_kernel,
         (n_programs,),
@@ -779,16 +809,16 @@ def swiglu_layer_norm_bwd(
         padded_width,
         param_width,
         rows_per_program,
-        grad_rows.stride(0),
-        gate_rows.stride(0),
-        up_rows.stride(0),
+        grad_stride,
+        gate_stride,
+        up_stride,
         padded_width,
         padded_width,
         BLOCK_M=block_m,
         BLOCK_N=block_n,
-        CHUNKS=next_power_of_2(num_chunks),
+        CHUNKS=chunks,
         num_stages=1,
-        **_backward_launch(block_m, block_n, padded_width, gate.dtype),
+        **options,
     )
     return d_gate, d_up, partials.sum(1)
 
