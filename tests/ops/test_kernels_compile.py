@@ -188,7 +188,6 @@ def test_no_synchronous_global_loads_in_the_key_loop(report: dict, kernel: str, 
 
 
 _FILL_REASONS = {
-    "_patch_embed_fwd_kernel": "128-row x 128-wide output tiles: 12 / 78 CTAs at ViT-B/16 batch 1 / 8",
     "_patch_embed_bwd_dw_kernel": "128 x 128 weight-gradient tiles and few row splits: 36 / 72 CTAs at batch 1 / 8",
     "_patch_embed_bwd_dx_kernel": "128-row tiles of the image gradient: 12 / 78 CTAs at ViT-B/16 batch 1 / 8",
 }

@@ -100,6 +100,18 @@ def test_tokens_and_all_gradients_match_reference(patch, dtype) -> None:
     check_against_reference(make_inputs(patch), dtype)
 
 
+def test_tiles_follow_the_sm_count(monkeypatch) -> None:
+    """Off a GPU the tiles are chosen as for an H100's 132 SMs: these tiny inputs take 64 x 64 tiles (every other
+    test here runs them); with one SM the 128 x 128 tiles of large batches give every SM a program, and still match
+    the reference, uint8 normalization included."""
+    assert pe._fwd_blocks(24, EMBED_DIM, torch.device("cpu")) == (64, 64, 4)
+    assert pe._fwd_blocks(196 * 64, 768, torch.device("cpu"))[:2] == (128, 128)  # ViT-B/16 batch 64: 588 tiles
+    monkeypatch.setattr(pe, "_NOMINAL_SMS", 1)
+    assert pe._fwd_blocks(24, EMBED_DIM, torch.device("cpu"))[:2] == (128, 128)
+    check_against_reference(make_inputs(16), torch.bfloat16)
+    check_against_reference(make_inputs(14, uint8=True), torch.float32, x_grad=False, mean=MEAN, std=STD)
+
+
 @pytest.mark.parametrize(
     ("pos", "cls", "bias"),
     [("patches", True, True), ("patches", False, True), (None, True, False), (None, False, False)],
