@@ -168,6 +168,23 @@ def _center_rows(x, mask, cols):
 
 
 @triton.jit
+def _normalize_rows(
+    x, mask, col, col_mask, row_offset, cols, eps, weight_ptr, bias_ptr, out_ptr,
+    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+):  # fmt: skip
+    """Store ``LayerNorm(x)`` (affine where given) of the fp32 ``[BLOCK_ROWS, BLOCK_C]`` tile; ``(mean, rstd)``."""
+    centered, mean = _center_rows(x, mask, cols)
+    rstd = tl.rsqrt(tl.sum(centered * centered, axis=1) / cols + tl.cast(eps, tl.float32))
+    out = centered * rstd[:, None]
+    if HAS_WEIGHT:
+        out = out * tl.load(weight_ptr + col, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    if HAS_BIAS:
+        out = out + tl.load(bias_ptr + col, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    tl.store(out_ptr + row_offset * cols + col[None, :], out.to(out_ptr.dtype.element_ty), mask=mask)
+    return mean, rstd
+
+
+@triton.jit
 def _layer_norm_fwd_kernel(
     x_ptr,
     branch_ptr,
@@ -210,14 +227,9 @@ def _layer_norm_fwd_kernel(
         tl.store(residual_out_ptr + row_offset * cols + col[None, :], residual, mask=mask)
         # normalize the rounded sum, the tensor handed on, so that normed is exactly LayerNorm(residual_out)
         x = residual.to(tl.float32)
-    centered, mean = _center_rows(x, mask, cols)
-    rstd = tl.rsqrt(tl.sum(centered * centered, axis=1) / cols + tl.cast(eps, tl.float32))
-    out = centered * rstd[:, None]
-    if HAS_WEIGHT:
-        out = out * tl.load(weight_ptr + col, mask=col_mask, other=0.0).to(tl.float32)[None, :]
-    if HAS_BIAS:
-        out = out + tl.load(bias_ptr + col, mask=col_mask, other=0.0).to(tl.float32)[None, :]
-    tl.store(out_ptr + row_offset * cols + col[None, :], out.to(out_ptr.dtype.element_ty), mask=mask)
+    mean, rstd = _normalize_rows(
+        x, mask, col, col_mask, row_offset, cols, eps, weight_ptr, bias_ptr, out_ptr, HAS_WEIGHT, HAS_BIAS
+    )
     tl.store(mean_ptr + row, mean, mask=row_mask)
     tl.store(rstd_ptr + row, rstd, mask=row_mask)
 
@@ -267,14 +279,10 @@ def _layer_norm_partials_fwd_kernel(
     residual = (x + branch).to(residual_out_ptr.dtype.element_ty)
     tl.store(residual_out_ptr + row_offset * cols + col[None, :], residual, mask=mask)
     # normalize the rounded sum, the tensor handed on, so that normed is exactly LayerNorm(residual_out)
-    centered, _mean = _center_rows(residual.to(tl.float32), mask, cols)
-    rstd = tl.rsqrt(tl.sum(centered * centered, axis=1) / cols + tl.cast(eps, tl.float32))
-    out = centered * rstd[:, None]
-    if HAS_WEIGHT:
-        out = out * tl.load(weight_ptr + col, mask=col_mask, other=0.0).to(tl.float32)[None, :]
-    if HAS_BIAS:
-        out = out + tl.load(bias_ptr + col, mask=col_mask, other=0.0).to(tl.float32)[None, :]
-    tl.store(out_ptr + row_offset * cols + col[None, :], out.to(out_ptr.dtype.element_ty), mask=mask)
+    _normalize_rows(
+        residual.to(tl.float32), mask, col, col_mask, row_offset, cols, eps, weight_ptr, bias_ptr, out_ptr,
+        HAS_WEIGHT, HAS_BIAS,
+    )  # fmt: skip
 
 
 @triton.jit
