@@ -187,16 +187,10 @@ def test_no_synchronous_global_loads_in_the_key_loop(report: dict, kernel: str, 
     )
 
 
-_FILL_REASONS = {
-    "_patch_embed_bwd_dw_kernel": "128 x 128 weight-gradient tiles and few row splits: 36 / 72 CTAs at batch 1 / 8",
-    "_patch_embed_bwd_dx_kernel": "128-row tiles of the image gradient: 12 / 78 CTAs at ViT-B/16 batch 1 / 8",
-}
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "kernel",
-    [pytest.param(k, marks=_xfail(_FILL_REASONS[k])) if k in _FILL_REASONS else k for k in ALL_KERNELS],
+    ALL_KERNELS,
 )
 def test_every_sm_gets_a_program_or_the_shape_says_why(report: dict, kernel: str) -> None:
     """At least one program per SM, unless the work at its finest sensible grain has fewer units than SMs."""

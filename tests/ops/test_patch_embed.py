@@ -102,12 +102,15 @@ def test_tokens_and_all_gradients_match_reference(patch, dtype) -> None:
 
 def test_tiles_follow_the_sm_count(monkeypatch) -> None:
     """Off a GPU the tiles are chosen as for an H100's 132 SMs: these tiny inputs take 64 x 64 tiles (every other
-    test here runs them); with one SM the 128 x 128 tiles of large batches give every SM a program, and still match
-    the reference, uint8 normalization included."""
-    assert pe._fwd_blocks(24, EMBED_DIM, torch.device("cpu")) == (64, 64, 4)
-    assert pe._fwd_blocks(196 * 64, 768, torch.device("cpu"))[:2] == (128, 128)  # ViT-B/16 batch 64: 588 tiles
+    test here runs them); with one SM the 128 x 128 tiles of large batches give every SM a program, and the forward,
+    image-gradient and weight-gradient kernels still match the reference at them, uint8 normalization included."""
+    cpu = torch.device("cpu")
+    assert pe._tile(24, EMBED_DIM, 1, cpu) == (64, 4)
+    assert pe._tile(196 * 64, 768, 1, cpu) == (128, 8)  # ViT-B/16 batch 64: 588 forward tiles
+    assert pe._tile(768, 768, 8, cpu) == (128, 8)  # its weight gradient: 36 tiles x 8 row splits
+    assert pe._tile(768, 768, 2, cpu) == (64, 4)  # batch 8: 36 x 2
     monkeypatch.setattr(pe, "_NOMINAL_SMS", 1)
-    assert pe._fwd_blocks(24, EMBED_DIM, torch.device("cpu"))[:2] == (128, 128)
+    assert pe._tile(24, EMBED_DIM, 1, cpu) == (128, 8)
     check_against_reference(make_inputs(16), torch.bfloat16)
     check_against_reference(make_inputs(14, uint8=True), torch.float32, x_grad=False, mean=MEAN, std=STD)
 
@@ -171,11 +174,13 @@ def test_weight_gradient_split_over_rows_and_strided_grad(monkeypatch) -> None:
         assert_kernel_close(actual, exp, base, what=f"d_{name}")
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_weight_gradient_split_reduced_by_the_last_program_of_each_tile(monkeypatch, dtype) -> None:
-    """Split rows on a 2 x 2 grid of d_weight tiles (D = 160, K = 192): each tile's last program sums the partials
-    in split order and rounds once, so the result matches the reference and is the same bits on every call."""
+@pytest.mark.parametrize(("dtype", "sms"), [(torch.bfloat16, 132), (torch.float16, 1)])
+def test_weight_gradient_split_reduced_by_the_last_program_of_each_tile(monkeypatch, dtype, sms) -> None:
+    """Split rows on a grid of d_weight tiles (D = 160, K = 192: 3 x 3 tiles of 64, or with one nominal SM 2 x 2 of
+    128): each tile's last program sums the partials in split order and rounds once, so the result matches the
+    reference and is the same bits on every call."""
     monkeypatch.setattr(pe, "_DW_MIN_ROWS_PER_SPLIT", 32)
+    monkeypatch.setattr(pe, "_NOMINAL_SMS", sms)
     inputs = make_inputs(8, batch=5, embed_dim=160, size=(24, 40), pos=None)  # 75 patch rows: 32, 32, 11
     grad_out = torch.randn(5, 16, 160, dtype=torch.float64)
     args = [inputs["x"].to(dtype), inputs["weight"].to(dtype), None, None, 1, False, True]

@@ -449,15 +449,14 @@ def _patch_embed_bwd_dx_kernel(
     )
 
 
-# Forward tile: 128 patches x 128 features keeps an H100 SM's tensor cores busy while the [128, 32] im2col gather
-# (runs of ph * pw contiguous pixels) and the [32, 128] weight slice stay small enough for 3 pipeline stages. Where
-# those tiles cannot give every SM a program (ViT-B/16 at batch 1 / 8: 12 / 78 on 132 SMs), 64 x 64 tiles at 4 warps
-# (48 / 300): the forward at small batch is bound by reading the weight, which 4x more programs read in parallel.
-_FWD_BLOCK_M, _FWD_BLOCK_N, _FWD_BLOCK_K = 128, 128, 32
-_FWD_SMALL_BLOCK, _FWD_SMALL_WARPS = 64, 4
+# Output tiles of all three kernels: 128 x 128 (8 warps) keeps an H100 SM's tensor cores busy while the 32-deep
+# operand slices (the forward's [128, 32] im2col gather: runs of ph * pw contiguous pixels) stay small enough for 3
+# pipeline stages. Where those tiles cannot give every SM a program (ViT-B/16 at batch 1 / 8: 12 / 78 forward tiles
+# on 132 SMs), 64 x 64 tiles at 4 warps (48 / 300): at small batch the kernels are bound by reading the weight or the
+# gradient, which 4x more programs read in parallel. See _tile.
+_BIG_TILE, _SMALL_TILE, _SMALL_TILE_WARPS = 128, 64, 4
+_STEP = 32  # the reduction dimension's step of every kernel (patch entries, patch rows, features)
 _NOMINAL_SMS = 132  # an H100's, for the tile choice off a GPU (the interpreter)
-# d_weight tile: [128 features, 128 patch entries] accumulated over 32 patch rows per step.
-_DW_BLOCK_D, _DW_BLOCK_K, _DW_BLOCK_M = 128, 128, 32
 # d_weight has only ceil(D / 128) * ceil(K / 128) tiles (48 for ViT-L/16), too few for an H100's 132 SMs: the patch
 # rows are split so that about _DW_TARGET_PROGRAMS programs run (two waves at the kernel's one CTA per SM), but each
 # split keeps at least _DW_MIN_ROWS_PER_SPLIT rows so that reading its inputs outweighs writing its fp32 partial
@@ -466,8 +465,6 @@ _DW_TARGET_PROGRAMS = 264
 _DW_MIN_ROWS_PER_SPLIT = 1024
 # rows of a tile the last program sums at a time (16 fp32 registers per thread for the running sum at 8 warps)
 _DW_REDUCE_D = 32
-# d_image tile: [128 patches, 128 patch entries] accumulated over 32 features per step.
-_DX_BLOCK_M, _DX_BLOCK_K, _DX_BLOCK_D = 128, 128, 32
 _NUM_WARPS = 8  # 128 x 128 fp32 accumulators: 64 registers per thread with 8 warps
 _NUM_STAGES = 3
 
@@ -524,8 +521,8 @@ def patch_embed_fwd(
     weight_2d, _, weight_stride = rows_2d(weight, patch_dim)
     stats = _scale_shift(x, mean, std)
     scale, shift = stats if stats is not None else (weight, weight)  # unused pointers when NORMALIZE is off
-    block_m, block_n, num_warps = _fwd_blocks(num_rows, embed_dim, x.device)
-    grid = (cdiv(num_rows, block_m) * cdiv(embed_dim, block_n),)
+    block, num_warps = _tile(num_rows, embed_dim, 1, x.device)
+    grid = (cdiv(num_rows, block) * cdiv(embed_dim, block),)
     launch(
         _patch_embed_fwd_kernel,
         grid,
@@ -556,22 +553,27 @@ def patch_embed_fwd(
         HAS_POS=pos_embed is not None,
         NORMALIZE=stats is not None,
         **_dot_flags(weight.dtype),
-        BLOCK_M=block_m,
-        BLOCK_N=block_n,
-        BLOCK_K=_FWD_BLOCK_K,
+        BLOCK_M=block,
+        BLOCK_N=block,
+        BLOCK_K=_STEP,
         num_warps=num_warps,
         num_stages=_NUM_STAGES,
     )
     return out
 
 
-def _fwd_blocks(num_rows: int, embed_dim: int, device: torch.device) -> tuple[int, int, int]:
-    """``(BLOCK_M, BLOCK_N, num_warps)`` of the forward: 128 x 128 tiles where they give every SM a program, else
-    64 x 64 (see _FWD_SMALL_BLOCK)."""
+def _tile(rows: int, cols: int, splits: int, device: torch.device) -> tuple[int, int]:
+    """``(tile, num_warps)`` of a kernel writing a ``[rows, cols]`` output in square tiles, ``splits`` programs per
+    tile: 128 where those programs give every SM one, else 64 (see _BIG_TILE)."""
     sms = num_sms(device) if device.type == "cuda" else _NOMINAL_SMS
-    if cdiv(num_rows, _FWD_BLOCK_M) * cdiv(embed_dim, _FWD_BLOCK_N) >= sms:
-        return _FWD_BLOCK_M, _FWD_BLOCK_N, _NUM_WARPS
-    return _FWD_SMALL_BLOCK, _FWD_SMALL_BLOCK, _FWD_SMALL_WARPS
+    if cdiv(rows, _BIG_TILE) * cdiv(cols, _BIG_TILE) * splits >= sms:
+        return _BIG_TILE, _NUM_WARPS
+    return _SMALL_TILE, _SMALL_TILE_WARPS
+
+
+def _dw_splits(num_rows: int, tiles: int) -> int:
+    """Row splits of the weight gradient over ``tiles`` output tiles (see _DW_TARGET_PROGRAMS)."""
+    return max(1, min(cdiv(num_rows, _DW_MIN_ROWS_PER_SPLIT), cdiv(_DW_TARGET_PROGRAMS, tiles)))
 
 
 def _check_grad_out(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, num_prefix: int) -> int:
@@ -621,9 +623,11 @@ def patch_embed_bwd(
 
     d_weight = grad_out.new_empty(0)
     if needs_weight_grad:
-        tiles_d, tiles_k = cdiv(embed_dim, _DW_BLOCK_D), cdiv(patch_dim, _DW_BLOCK_K)
-        splits = max(1, min(cdiv(num_rows, _DW_MIN_ROWS_PER_SPLIT), cdiv(_DW_TARGET_PROGRAMS, tiles_d * tiles_k)))
-        rows_per_split = cdiv(cdiv(max(num_rows, 1), splits), _DW_BLOCK_M) * _DW_BLOCK_M
+        big = cdiv(embed_dim, _BIG_TILE) * cdiv(patch_dim, _BIG_TILE)
+        block, dw_warps = _tile(embed_dim, patch_dim, _dw_splits(num_rows, big), x.device)
+        tiles_d, tiles_k = cdiv(embed_dim, block), cdiv(patch_dim, block)
+        splits = _dw_splits(num_rows, tiles_d * tiles_k)
+        rows_per_split = cdiv(cdiv(max(num_rows, 1), splits), _STEP) * _STEP
         splits = cdiv(max(num_rows, 1), rows_per_split)
         if num_rows == 0:
             d_weight = torch.zeros_like(weight)
@@ -661,11 +665,11 @@ def patch_embed_bwd(
                 NORMALIZE=stats is not None,
                 SPLIT=split,
                 **_dot_flags(weight.dtype),
-                BLOCK_D=_DW_BLOCK_D,
-                BLOCK_K=_DW_BLOCK_K,
-                BLOCK_M=_DW_BLOCK_M,
+                BLOCK_D=block,
+                BLOCK_K=block,
+                BLOCK_M=_STEP,
                 REDUCE_D=_DW_REDUCE_D,
-                num_warps=_NUM_WARPS,
+                num_warps=dw_warps,
                 num_stages=_NUM_STAGES,
             )
             d_weight = d_weight.reshape(weight.shape)
@@ -674,10 +678,11 @@ def patch_embed_bwd(
     if needs_x_grad:
         d_x = torch.empty_like(x)
         weight_2d = weight.reshape(embed_dim, patch_dim)
+        dx_block, dx_warps = _tile(num_rows, patch_dim, 1, x.device)
         if num_rows > 0:
             launch(
                 _patch_embed_bwd_dx_kernel,
-                (cdiv(num_rows, _DX_BLOCK_M) * cdiv(patch_dim, _DX_BLOCK_K),),
+                (cdiv(num_rows, dx_block) * cdiv(patch_dim, dx_block),),
                 grad_out,
                 weight_2d,
                 scale,
@@ -695,10 +700,10 @@ def patch_embed_bwd(
                 NUM_PREFIX=num_prefix,
                 NORMALIZE=stats is not None,
                 **_dot_flags(weight.dtype),
-                BLOCK_M=_DX_BLOCK_M,
-                BLOCK_K=_DX_BLOCK_K,
-                BLOCK_D=_DX_BLOCK_D,
-                num_warps=_NUM_WARPS,
+                BLOCK_M=dx_block,
+                BLOCK_K=dx_block,
+                BLOCK_D=_STEP,
+                num_warps=dx_warps,
                 num_stages=_NUM_STAGES,
             )
     return [d_x, d_weight, d_bias, d_tokens]
