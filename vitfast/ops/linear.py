@@ -62,6 +62,18 @@ def linear_ref(
 
 
 @triton.jit
+def _grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """``(pid_m, pid_n)`` of output tile ``pid`` in grouped order: GROUP_M row-tiles share each weight column-tile
+    while it sits in L2."""
+    tiles_m = tl.cdiv(M, BLOCK_M)
+    tiles_n = tl.cdiv(N, BLOCK_N)
+    group_size = GROUP_M * tiles_n
+    first_m = (pid // group_size) * GROUP_M
+    rows_in_group = tl.minimum(tiles_m - first_m, GROUP_M)
+    return first_m + (pid % group_size) % rows_in_group, (pid % group_size) // rows_in_group
+
+
+@triton.jit
 def _linear_fwd_kernel(
     X, W, Bias, Out,
     M, N, K,
@@ -73,18 +85,12 @@ def _linear_fwd_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr, PDL: tl.constexpr = False,
+    GROUP_M: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):  # fmt: skip
     pdl_prologue(PDL)  # first: waits for the previous kernel when launched with PDL
-    # grouped tile order: GROUP_M row-tiles share each weight column-tile while it sits in L2
     pid = tl.program_id(0)
-    tiles_m = tl.cdiv(M, BLOCK_M)
-    tiles_n = tl.cdiv(N, BLOCK_N)
-    group_size = GROUP_M * tiles_n
-    first_m = (pid // group_size) * GROUP_M
-    rows_in_group = tl.minimum(tiles_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % group_size) % rows_in_group
-    pid_n = (pid % group_size) // rows_in_group
+    pid_m, pid_n = _grouped_tile(pid, M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -260,16 +266,10 @@ def _linear_split_k_kernel(
 ):  # fmt: skip
     pdl_prologue(PDL)  # first: waits for the previous kernel when launched with PDL
     # program (tile, split): one [BLOCK_M, BLOCK_N] output tile over K slice [split * depth, (split + 1) * depth),
-    # tiles in the grouped order of _linear_fwd_kernel (the slices of a tile read disjoint weight columns)
+    # tiles in _grouped_tile's order (the slices of a tile read disjoint weight columns)
     pid = tl.program_id(0)
     split = tl.program_id(1)
-    tiles_m = tl.cdiv(M, BLOCK_M)
-    tiles_n = tl.cdiv(N, BLOCK_N)
-    group_size = GROUP_M * tiles_n
-    first_m = (pid // group_size) * GROUP_M
-    rows_in_group = tl.minimum(tiles_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % group_size) % rows_in_group
-    pid_n = (pid % group_size) // rows_in_group
+    pid_m, pid_n = _grouped_tile(pid, M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
