@@ -1,7 +1,14 @@
-"""Shared test utilities: weight randomization and a scaled error bound."""
+"""Shared test utilities: weight randomization, a scaled error bound, the offline sm_90 reports."""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
 import torch
 from torch import nn
 
@@ -59,3 +66,29 @@ def assert_kernel_close(
     assert error <= 2 * baseline_error + floor, (
         f"{what}: scaled error {error:.3e} exceeds 2 x PyTorch's {baseline_error:.3e} + {floor:.0e}"
     )
+
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def offline_report(module: str, result_path: Path, timeout: int) -> dict:
+    """The JSON of ``python -m <module> --json`` (an offline sm_90 compile: ``benchmarks.kernel_report``,
+    ``benchmarks.pdl_check``), run in a subprocess without Triton's interpreter, which compiling real kernels needs;
+    the test skips where this machine cannot compile for sm_90, and fails on any other error."""
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    # this checkout's vitfast first, whatever an editable install elsewhere points at
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+    process = subprocess.run(
+        [sys.executable, "-m", module, "--json", str(result_path)],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    if process.returncode != 0:
+        pytest.fail(f"{module} exited with {process.returncode}:\n{process.stderr[-8000:]}")
+    result = json.loads(result_path.read_text())
+    if "unavailable" in result:
+        pytest.skip(f"cannot compile for sm_90 here: {result['unavailable']}")
+    return result

@@ -15,19 +15,14 @@ to a pass, which then fails the xfail until its mark is removed. Run with ``-s``
 from __future__ import annotations
 
 import importlib
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
 from benchmarks import kernel_report, sm90
+from tests.helpers import offline_report
 
 attention_module = importlib.import_module("vitfast.ops.attention")
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 
 # Spills are reported, not asserted, up to this many bytes of local memory per thread outside model shapes: a little
 # spilling on a kernel that sits at 255 registers costs a few percent, more points at a wrong tile configuration.
@@ -36,24 +31,7 @@ MAX_LOCAL_BYTES = 1024
 
 @pytest.fixture(scope="module")
 def report(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    result_path = tmp_path_factory.mktemp("compile") / "kernels.json"
-    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
-    # this checkout's vitfast first, whatever an editable install elsewhere points at
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
-    process = subprocess.run(
-        [sys.executable, "-m", "benchmarks.kernel_report", "--json", str(result_path)],
-        cwd=REPO_ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=1200,
-    )
-    if process.returncode != 0:
-        pytest.fail(f"benchmarks.kernel_report exited with {process.returncode}:\n{process.stderr[-8000:]}")
-    result = json.loads(result_path.read_text())
-    if "unavailable" in result:
-        pytest.skip(f"cannot compile for sm_90 here: {result['unavailable']}")
-    return result
+    return offline_report("benchmarks.kernel_report", tmp_path_factory.mktemp("compile") / "kernels.json", timeout=1200)
 
 
 def _compiled(report: dict) -> list[dict]:

@@ -10,20 +10,15 @@ access in PTX and SASS, the plain variant is the kernel as it was, and the launc
 from __future__ import annotations
 
 import importlib
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
+from tests.helpers import offline_report
 from vitfast.ops import _triton
 
 pytest.importorskip("triton")
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 OP_MODULES = ("layer_norm", "attention", "rope", "swiglu", "patch_embed", "linear")
 # what the engine's fused forward (and the unfused layers' forward) launches today; none of the backward kernels. The
 # rule the tests hold: every kernel whose name has no "_bwd" takes PDL (a new forward kernel must too).
@@ -111,23 +106,7 @@ def test_interpreted_kernels_never_get_pdl(monkeypatch) -> None:
 
 @pytest.fixture(scope="module")
 def report(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    result_path = tmp_path_factory.mktemp("pdl") / "pdl.json"
-    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
-    process = subprocess.run(
-        [sys.executable, "-m", "benchmarks.pdl_check", "--json", str(result_path)],
-        cwd=REPO_ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    if process.returncode != 0:
-        pytest.fail(f"benchmarks.pdl_check exited with {process.returncode}:\n{process.stderr[-8000:]}")
-    result = json.loads(result_path.read_text())
-    if "unavailable" in result:
-        pytest.skip(f"cannot compile for sm_90 here: {result['unavailable']}")
-    return result
+    return offline_report("benchmarks.pdl_check", tmp_path_factory.mktemp("pdl") / "pdl.json", timeout=600)
 
 
 @pytest.mark.slow
