@@ -41,7 +41,7 @@ from vitfast.backend import BACKENDS, implementations, override_impl, use_backen
 from vitfast.layers.mlp import Mlp, SwiGLU, SwiGLUPacked
 from vitfast.layers.pos_embed import resample_abs_pos_embed
 from vitfast.models.vision_transformer import VisionTransformer
-from vitfast.ops._triton import INTERPRETER, num_sms, pdl_supported, use_pdl
+from vitfast.ops._triton import INTERPRETER, pdl_supported, plan_sms, use_pdl
 from vitfast.ops.attention import attention_graph_policy
 from vitfast.ops.linear import linear_ref, split_k_splits
 from vitfast.ops.swiglu import aligned_width
@@ -549,9 +549,8 @@ def _project(
 ) -> torch.Tensor | _Partials:
     """``h @ weight.T + bias``, or with ``split_k`` its split-K partial sums where the split applies (else cuBLAS)."""
     if split_k:
-        sm_count = num_sms(h.device) if h.device.type == "cuda" else None
         rows, (n, k) = h.numel() // h.shape[-1], weight.shape
-        splits = split_k_splits(rows, n, k, sm_count)
+        splits = split_k_splits(rows, n, k, plan_sms(h.device))
         if splits > 1:
             return _Partials(ops.linear_split_k(h, weight, splits), bias, (*h.shape[:-1], n))
     return ops.linear(h, weight, bias)
@@ -690,9 +689,9 @@ class _FusedViT:
         """Whether any proj or fc2 GEMM of a forward of ``image`` (its batch size and grid) runs split-K."""
         grid = self.model.patch_embed.grid_size_for(image)
         rows = image.shape[0] * (grid[0] * grid[1] + self.model.num_prefix_tokens)
-        sm_count = num_sms(image.device) if image.device.type == "cuda" else None
+        sms = plan_sms(image.device)
         return any(
-            split_k_splits(rows, *weight.shape, sm_count) > 1
+            split_k_splits(rows, *weight.shape, sms) > 1
             for block in self.blocks
             for weight in (block.proj_weight, block.fc2_weight)
         )

@@ -15,6 +15,7 @@ import torch
 import vitfast.backend
 from tests.helpers import assert_kernel_close
 from vitfast import ops
+from vitfast.ops import _triton
 
 # vitfast.ops re-exports the function patch_embed under the module's own name
 pytest.importorskip("triton")
@@ -109,7 +110,7 @@ def test_tiles_follow_the_sm_count(monkeypatch) -> None:
     assert pe._tile(196 * 64, 768, 1, cpu) == (128, 8)  # ViT-B/16 batch 64: 588 forward tiles
     assert pe._tile(768, 768, 8, cpu) == (128, 8)  # its weight gradient: 36 tiles x 8 row splits
     assert pe._tile(768, 768, 2, cpu) == (64, 4)  # batch 8: 36 x 2
-    monkeypatch.setattr(pe, "_NOMINAL_SMS", 1)
+    monkeypatch.setattr(_triton, "NOMINAL_SMS", 1)
     assert pe._tile(24, EMBED_DIM, 1, cpu) == (128, 8)
     check_against_reference(make_inputs(16), torch.bfloat16)
     check_against_reference(make_inputs(14, uint8=True), torch.float32, x_grad=False, mean=MEAN, std=STD)
@@ -180,7 +181,7 @@ def test_weight_gradient_split_reduced_by_the_last_program_of_each_tile(monkeypa
     128): each tile's last program sums the partials in split order and rounds once, so the result matches the
     reference and is the same bits on every call."""
     monkeypatch.setattr(pe, "_DW_MIN_ROWS_PER_SPLIT", 32)
-    monkeypatch.setattr(pe, "_NOMINAL_SMS", sms)
+    monkeypatch.setattr(_triton, "NOMINAL_SMS", sms)
     inputs = make_inputs(8, batch=5, embed_dim=160, size=(24, 40), pos=None)  # 75 patch rows: 32, 32, 11
     grad_out = torch.randn(5, 16, 160, dtype=torch.float64)
     args = [inputs["x"].to(dtype), inputs["weight"].to(dtype), None, None, 1, False, True]

@@ -37,6 +37,7 @@ __all__ = [
     "log_fallback",
     "next_power_of_2",
     "num_sms",
+    "plan_sms",
     "pdl_prologue",
     "pdl_supported",
     "plain_eager",
@@ -107,6 +108,15 @@ def _sm_count(device_index: int) -> int:
 def num_sms(device: torch.device) -> int:
     """Streaming multiprocessors of a CUDA device (launch grids are sized from it); cached per device."""
     return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+# SM count assumed off a GPU (the interpreter): an H100's / H200's, so that CPU runs take the decisions those would
+NOMINAL_SMS = 132
+
+
+def plan_sms(device: torch.device) -> int:
+    """The SM count a launch plan is sized for: the device's on a GPU, :data:`NOMINAL_SMS` anywhere else."""
+    return num_sms(device) if device.type == "cuda" else NOMINAL_SMS
 
 
 def widen_bf16_dot(dtype: torch.dtype) -> bool:

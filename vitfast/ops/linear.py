@@ -27,14 +27,15 @@ from vitfast.ops._triton import (
     HAS_TRITON,
     INTERPRETER,
     KERNEL_DTYPES,
+    NOMINAL_SMS,
     cdiv,
     eager_memo,
     empty,
     kernel_can_run,
     launch,
     log_fallback,
-    num_sms,
     pdl_prologue,
+    plan_sms,
     rows_2d,
     tl,
     triton,
@@ -200,8 +201,6 @@ SPLIT_K_MIN_DEPTH = 256
 SPLIT_K_MAX = 8
 # Slices start at multiples of this many K elements: every BLOCK_K (64 in 16-bit, 32 in fp32) divides it.
 _SPLIT_K_GRAIN = 64
-# SM count assumed off a GPU (the interpreter): an H100's / H200's, so that CPU runs take the decisions those would.
-_NOMINAL_SMS = 132
 
 
 def _split_k_block_k(dtype: torch.dtype) -> int:
@@ -226,7 +225,7 @@ def split_k_splits(m: int, n: int, k: int, sm_count: int | None) -> int:
     ``S = 1`` means: the engine runs cuBLAS and the plain ``layer_norm_residual`` for that projection (this kernel
     without a split is the plain Triton GEMM, which cuBLAS beats at every shape measured).
     """
-    sms = sm_count if sm_count is not None else _NOMINAL_SMS
+    sms = sm_count if sm_count is not None else NOMINAL_SMS
     tiles = cdiv(m, _SPLIT_K_BLOCK) * cdiv(n, _SPLIT_K_BLOCK)
     if tiles >= sms:
         return 1
@@ -453,6 +452,5 @@ def linear_split_k(x: torch.Tensor, weight: torch.Tensor, splits: int | None = N
         )
     if splits is None:
         _check_split_k(x, weight, 1)
-        sm_count = num_sms(x.device) if x.device.type == "cuda" else None
-        splits = split_k_splits(x.numel() // max(x.shape[-1], 1), weight.shape[0], x.shape[-1], sm_count)
+        splits = split_k_splits(x.numel() // max(x.shape[-1], 1), weight.shape[0], x.shape[-1], plan_sms(x.device))
     return dispatch("linear_split_k", x.device)(x, weight, splits)

@@ -24,8 +24,8 @@ from vitfast.ops._triton import (
     kernel_can_run,
     launch,
     log_fallback,
-    num_sms,
     pdl_prologue,
+    plan_sms,
     rows_2d,
     tl,
     triton,
@@ -456,7 +456,6 @@ def _patch_embed_bwd_dx_kernel(
 # gradient, which 4x more programs read in parallel. See _tile.
 _BIG_TILE, _SMALL_TILE, _SMALL_TILE_WARPS = 128, 64, 4
 _STEP = 32  # the reduction dimension's step of every kernel (patch entries, patch rows, features)
-_NOMINAL_SMS = 132  # an H100's, for the tile choice off a GPU (the interpreter)
 # d_weight has only ceil(D / 128) * ceil(K / 128) tiles (48 for ViT-L/16), too few for an H100's 132 SMs: the patch
 # rows are split so that about _DW_TARGET_PROGRAMS programs run (two waves at the kernel's one CTA per SM), but each
 # split keeps at least _DW_MIN_ROWS_PER_SPLIT rows so that reading its inputs outweighs writing its fp32 partial
@@ -565,8 +564,7 @@ def patch_embed_fwd(
 def _tile(rows: int, cols: int, splits: int, device: torch.device) -> tuple[int, int]:
     """``(tile, num_warps)`` of a kernel writing a ``[rows, cols]`` output in square tiles, ``splits`` programs per
     tile: 128 where those programs give every SM one, else 64 (see _BIG_TILE)."""
-    sms = num_sms(device) if device.type == "cuda" else _NOMINAL_SMS
-    if cdiv(rows, _BIG_TILE) * cdiv(cols, _BIG_TILE) * splits >= sms:
+    if cdiv(rows, _BIG_TILE) * cdiv(cols, _BIG_TILE) * splits >= plan_sms(device):
         return _BIG_TILE, _NUM_WARPS
     return _SMALL_TILE, _SMALL_TILE_WARPS
 
