@@ -632,10 +632,13 @@ def patch_embed_bwd(
         else:
             d_weight = torch.empty(embed_dim, patch_dim, device=x.device, dtype=weight.dtype)
             split = splits > 1
-            # fp32 partial tiles and one arrival counter per d_weight tile, only when the rows are split
+            # fp32 partial tiles and one arrival counter per d_weight tile, only when the rows are split (else
+            # d_weight stands in for both, never read)
             padded = cdiv(patch_dim, 16) * 16
-            partials = torch.empty(splits if split else 0, embed_dim, padded, device=x.device, dtype=torch.float32)
-            arrivals = torch.zeros(tiles_d * tiles_k if split else 0, device=x.device, dtype=torch.int32)
+            partials = arrivals = d_weight
+            if split:
+                partials = torch.empty(splits, embed_dim, padded, device=x.device, dtype=torch.float32)
+                arrivals = torch.zeros(tiles_d * tiles_k, device=x.device, dtype=torch.int32)
             launch(
                 _patch_embed_bwd_dw_kernel,
                 (tiles_d, tiles_k, splits),
@@ -644,8 +647,8 @@ def patch_embed_bwd(
                 scale,
                 shift,
                 d_weight,
-                partials if split else d_weight,
-                arrivals if split else d_weight,
+                partials,
+                arrivals,
                 num_rows,
                 num_patches,
                 embed_dim,
@@ -655,7 +658,7 @@ def patch_embed_bwd(
                 splits,
                 *grad_out.stride(),
                 *x.stride(),
-                partials.stride(0) if split else 0,
+                embed_dim * padded,
                 padded,
                 PATCH_H=patch_h,
                 PATCH_W=patch_w,
