@@ -94,8 +94,10 @@ PY
       timeout 150 python3 benchmarks/gpu_layer_norm_check.py --json "$OUT/layer_norm.jsonl" 2>&1 | tail -10 ;;
     launch)
       # the launch cache on a real GPU (Triton 3.6 there): cached vs kernel[grid] results bitwise equal, host us per
-      # eager call cache on / off / aten (~1-2 min, mostly compiling)
-      timeout 180 python3 benchmarks/launch_cache_gpu_check.py --json "$OUT/launch_cache.jsonl" 2>&1 | tail -8 ;;
+      # eager call cache on / off / aten, without and with gradients; the native eager path (csrc/eager.cpp, built
+      # first for the device's torch: ~1-2 min) against the Python path (~3-4 min in all)
+      timeout 300 python3 benchmarks/launch_cache_gpu_check.py --native --json "$OUT/launch_cache.jsonl" 2>&1 \
+        | tail -10 ;;
     attention)
       # (not in the default list) 64 vs 128 forward query rows at N <= 256, and what the table gradient costs, ~1 min
       timeout 120 python3 benchmarks/attention_tiles.py --json "$OUT/attention_tiles.jsonl" 2>&1 | tail -20 ;;

@@ -246,6 +246,9 @@ def stand_in_gpu() -> Iterator[_LaunchCapture]:
     with sm90.offline_sm90(modules, capture):
         for module in saved:
             module.kernel_can_run = lambda *tensors: True
+        for module in modules:  # the native eager paths take the probe's CPU tensors too
+            if hasattr(module, "register_ext"):
+                module.register_ext(cpu=True)
         saved_backend, vitfast.backend._current = vitfast.backend._current, "triton"
         torch.set_num_threads(1)
         try:
@@ -255,6 +258,9 @@ def stand_in_gpu() -> Iterator[_LaunchCapture]:
             vitfast.backend._current = saved_backend
             for module, fn in saved.items():
                 module.kernel_can_run = fn
+            for module in modules:
+                if hasattr(module, "register_ext"):
+                    module.register_ext()
 
 
 class RecordedLaunches:

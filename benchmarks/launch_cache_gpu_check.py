@@ -1,20 +1,26 @@
 """On a GPU: the launch cache gives the same results as Triton's own launch, and what an eager call costs the host.
 
-    python benchmarks/launch_cache_gpu_check.py [--json out.jsonl]
+    python benchmarks/launch_cache_gpu_check.py [--json out.jsonl] [--native]
 
 For a few public ops at ViT-B widths (bf16, gradients on): outputs and gradients through the launch cache
-(:data:`vitfast.ops._triton.launch_cache`) and with it switched off (every launch through ``kernel[grid]``) must be
-bitwise equal; then the host time of one eager forward call (mean over back-to-back calls, no synchronization
-inside, so that the GPU work hides behind the host's) with the cache on and off, beside aten's nearest op. Runs on
-the CPU under ``TRITON_INTERPRET=1`` too (the cache is not used there; the equality then checks nothing new).
+(:data:`vitfast.ops._triton.launch_cache`; for an op with a native eager path, csrc/eager.cpp, that path, which
+replays the cache's launches) and with it switched off (every launch through ``kernel[grid]``, the Python path)
+must be bitwise equal; then the host time of one eager forward call (mean over back-to-back calls, no
+synchronization inside, so that the GPU work hides behind the host's) with the cache on and off, without and with
+gradients, and on the Python path with the cache on where the op has a native path, beside aten's nearest op.
+``--native``: compile the extension first (``vitfast._ext.load_jit``, CPU sources, ~1-2 min) when no build for this
+torch is installed, so that the native path exists. Runs on the CPU under ``TRITON_INTERPRET=1`` too (the cache
+is not used there; the equality then checks nothing new).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -54,9 +60,26 @@ def _results(call: Callable, leaves: list[torch.Tensor]) -> list[torch.Tensor]:
     return [o.detach() for o in outs] + list(grads)
 
 
-def _host_us(call: Callable) -> float:
+@contextlib.contextmanager
+def python_path() -> Iterator[list]:
+    """Every op's native eager path off (the Python eager path runs); yields the ops that had one."""
+    ops_with_native = []
+    for name in ("layer_norm", "attention", "rope", "swiglu", "patch_embed", "linear"):
+        for value in vars(importlib.import_module(f"vitfast.ops.{name}")).values():
+            if isinstance(value, _triton.EagerOp) and value.native is not None:
+                ops_with_native.append((value, value.native))
+    for op, _ in ops_with_native:
+        op.native = None
+    try:
+        yield [op for op, _ in ops_with_native]
+    finally:
+        for op, native in ops_with_native:
+            op.native = native
+
+
+def _host_us(call: Callable, grad: bool = False) -> float:
     calls = 200 if torch.cuda.is_available() else 3
-    with torch.no_grad():
+    with torch.set_grad_enabled(grad):
         for _ in range(calls // 10):
             call()
         if torch.cuda.is_available():
@@ -73,7 +96,16 @@ def _host_us(call: Callable) -> float:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--json", help="append one JSON line per op here")
+    parser.add_argument("--native", action="store_true", help="build the extension if needed (native eager path)")
     args = parser.parse_args(argv)
+    if args.native:
+        from vitfast import _ext
+
+        if not _ext.HAS_EXT:
+            print(f"building the extension ({_ext.reason})", flush=True)
+            start = time.perf_counter()
+            _ext.load_jit(with_cuda=False)
+            print(f"built in {time.perf_counter() - start:.0f} s", flush=True)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)
     failures = 0
@@ -89,14 +121,23 @@ def main(argv: list[str] | None = None) -> int:
             cached = _results(ours, leaves)
             equal = all(torch.equal(a, b) for a, b in zip(cached, uncached, strict=True))
             failures += not equal
+            with python_path() as natives:
+                python_us = _host_us(ours) if natives else None
+                python_grad_us = _host_us(ours, grad=True) if natives else None
             row = {
                 "op": name,
                 "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+                "versions": f"torch {torch.__version__}, triton {_triton.triton.__version__}",
                 "bitwise_equal": equal,
                 "cache_entries": len(_triton.launch_cache.entries),
+                "native_ops": len(natives),
                 "host_us_cache_on": round(_host_us(ours), 2),
                 "host_us_cache_off": round(off_us, 2),
                 "host_us_aten": round(_host_us(aten), 2),
+                "host_us_cache_on_grad": round(_host_us(ours, grad=True), 2),
+                "host_us_aten_grad": round(_host_us(aten, grad=True), 2),
+                "host_us_python_path": python_us and round(python_us, 2),
+                "host_us_python_path_grad": python_grad_us and round(python_grad_us, 2),
             }
             print(json.dumps(row), flush=True)
             if args.json:

@@ -1,13 +1,16 @@
 // The Python module of vitfast's compiled extension (vitfast._C, or load_jit's build): loading it registers the ops
 // (TORCH_LIBRARY_FRAGMENT / TORCH_LIBRARY_IMPL blocks of the op files run as the library loads); the module itself
-// only says what was built. Plain CPython API: torch/extension.h or pybind11 would triple the build time of the CPU
-// part for one function.
+// says what was built and holds the native eager path's functions (csrc/eager.cpp). Plain CPython API: torch/extension.h
+// or pybind11 would triple the build time of the CPU part for one function.
 #include <Python.h>
 
 #define VITFAST_STRINGIFY_(x) #x
 #define VITFAST_STRINGIFY(x) VITFAST_STRINGIFY_(x)
 #define VITFAST_CONCAT_(a, b) a##b
 #define VITFAST_CONCAT(a, b) VITFAST_CONCAT_(a, b)
+
+// the native eager launch path (csrc/eager.cpp)
+extern PyMethodDef vitfast_eager_methods[];
 
 namespace {
 
@@ -34,4 +37,11 @@ PyModuleDef module_def = {
 
 }  // namespace
 
-PyMODINIT_FUNC VITFAST_CONCAT(PyInit_, TORCH_EXTENSION_NAME)(void) { return PyModule_Create(&module_def); }
+PyMODINIT_FUNC VITFAST_CONCAT(PyInit_, TORCH_EXTENSION_NAME)(void) {
+  PyObject* module = PyModule_Create(&module_def);
+  if (module != nullptr && PyModule_AddFunctions(module, vitfast_eager_methods) != 0) {
+    Py_DECREF(module);
+    return nullptr;
+  }
+  return module;
+}

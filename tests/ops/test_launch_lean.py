@@ -298,12 +298,17 @@ def test_launch_cache_args_key_tells_apart_what_the_per_argument_key_does() -> N
         _triton._args_key((base, "a string"))
 
 
+@pytest.mark.parametrize("path", ["python", "native"])
 @pytest.mark.parametrize(
     "case", ["grad wanted", "no_grad", "inference_mode", "no input wants a gradient", "only a parameter wants one"]
 )
-def test_grad_mode_and_requires_grad_pick_the_autograd_node(monkeypatch, case: str) -> None:
-    """The direct path builds the autograd node exactly when a gradient is wanted, and never goes through the
-    registered op (which would raise here)."""
+def test_grad_mode_and_requires_grad_pick_the_autograd_node(monkeypatch, case: str, path: str) -> None:
+    """The direct path (Python, or its C++ twin) builds the autograd node exactly when a gradient is wanted, and
+    never goes through the registered op (which would raise here)."""
+    if path == "native" and ln._layer_norm_fwd_op.native is None:
+        pytest.skip("no native eager path here (the compiled extension is not loaded)")
+    if path == "python":
+        monkeypatch.setattr(ln._layer_norm_fwd_op, "native", None)
     monkeypatch.setattr(ln._layer_norm_fwd_op, "op", lambda *a: pytest.fail("went through the registered op"))
     x, weight = torch.randn(3, 16), torch.randn(16)
     if case in ("grad wanted", "no_grad", "inference_mode"):
@@ -316,7 +321,10 @@ def test_grad_mode_and_requires_grad_pick_the_autograd_node(monkeypatch, case: s
     wants_node = case in ("grad wanted", "only a parameter wants one")
     assert (out.grad_fn is not None) == wants_node
     if wants_node:
-        assert type(out.grad_fn).__name__ == "_EagerAutogradBackward"
+        if path == "python":
+            assert type(out.grad_fn).__name__ == "_EagerAutogradBackward"
+        else:
+            assert out.grad_fn.name().endswith("vitfast::eager::LayerNormFunction>")
         (grad,) = torch.autograd.grad(out.square().sum(), x if x.requires_grad else weight)
         reference = ln.layer_norm_ref(x.detach(), weight.detach(), None, 1e-6)
         assert grad.shape == (x if x.requires_grad else weight).shape

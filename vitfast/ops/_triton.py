@@ -35,6 +35,9 @@ __all__ = [
     "kernel_can_run",
     "launch",
     "log_fallback",
+    "native_fill",
+    "native_function",
+    "native_state",
     "next_power_of_2",
     "num_sms",
     "plan_sms",
@@ -149,6 +152,8 @@ def launch(kernel: Any, grid: tuple[int, ...], *args: Any, **kwargs: Any) -> Non
         if any(_is_fake(a) for a in values):
             return
         if _direct.depth or plain_eager(values):
+            if _direct.recorded is not None:
+                _direct.recorded.append((kernel, grid, args, kwargs))
             kernel[grid](*args, **kwargs)
             return
     elif _direct.depth or plain_eager((*args, *kwargs.values())):
@@ -157,6 +162,8 @@ def launch(kernel: Any, grid: tuple[int, ...], *args: Any, **kwargs: Any) -> Non
         # vit_base_patch16_224 bs 1 eager on the kernels 10.5 ms vs 5.1 ms on the reference path), far more than
         # the kernels themselves take.
         _add_pdl(kernel, kwargs)
+        if _direct.recorded is not None:
+            _direct.recorded.append((kernel, grid, args, kwargs))
         launch_cache(kernel, grid, args, kwargs)
         return
     torch.library.wrap_triton(kernel)[grid](*args, **kwargs)
@@ -290,43 +297,58 @@ class LaunchCache:
         stages_hook = hasattr(knobs.runtime, "add_stages_inspection_hook")
         return knobs, driver, hook_chain, JITFunction, stages_hook
 
-    def __call__(self, kernel: Any, grid: tuple[int, ...], args: tuple, kwargs: dict) -> None:
+    def _launch_api(self) -> Any:
+        """Triton's launch API when a launch may be replayed now, else None: no launch hook with calls, no
+        pipeline-inspection hook, and the private API this cache replays (checked once)."""
         api = self._api
         if api is None:
             api = self._api = self._detect()
         if api is False:
-            kernel[grid](*args, **kwargs)
-            return
-        knobs, driver, hook_chain, jit_function, stages_hook = api
-        constexpr_type = tl.constexpr
+            return None
+        knobs, _driver, hook_chain, _jit_function, stages_hook = api
         runtime = knobs.runtime
         enter_hook, exit_hook = runtime.launch_enter_hook, runtime.launch_exit_hook
         if (
-            type(kernel) is not jit_function
-            or kernel.pre_run_hooks
-            or type(grid) is not tuple
-            or not (enter_hook is None or (type(enter_hook) is hook_chain and not enter_hook.calls))
+            not (enter_hook is None or (type(enter_hook) is hook_chain and not enter_hook.calls))
             or not (exit_hook is None or (type(exit_hook) is hook_chain and not exit_hook.calls))
             or (stages_hook and runtime.add_stages_inspection_hook is not None)
         ):
-            kernel[grid](*args, **kwargs)
-            return
-        active = driver.active
+            return None
+        return api
+
+    def _active_driver(self, api: Any) -> Any:
+        active = api[1].active
         if active is not self._driver:  # a compiled kernel's handles belong to the driver that loaded it
             self.entries.clear()
             self._driver = active
+        return active
+
+    @staticmethod
+    def _key(api: Any, kernel: Any, device: Any, args: tuple, kwargs: dict) -> tuple:
+        """The entry's key (raises :class:`_Uncacheable` or TypeError for a launch the cache does not model)."""
+        knobs = api[0]
+        return (
+            id(kernel),
+            device,
+            knobs.runtime.debug,
+            knobs.compilation.instrumentation_mode,
+            len(kwargs),  # the names, then the values: no (name, value) pair built per keyword argument
+            *kwargs,
+            *kwargs.values(),
+            *_args_key(args),
+        )
+
+    def __call__(self, kernel: Any, grid: tuple[int, ...], args: tuple, kwargs: dict) -> None:
+        api = self._launch_api()
+        if api is None or type(kernel) is not api[3] or kernel.pre_run_hooks or type(grid) is not tuple:
+            kernel[grid](*args, **kwargs)
+            return
+        constexpr_type = tl.constexpr
+        runtime = api[0].runtime
+        active = self._active_driver(api)
         device = active.get_current_device()
         try:
-            key = (
-                id(kernel),
-                device,
-                runtime.debug,
-                knobs.compilation.instrumentation_mode,
-                len(kwargs),  # the names, then the values: no (name, value) pair built per keyword argument
-                *kwargs,
-                *kwargs.values(),
-                *_args_key(args),
-            )
+            key = self._key(api, kernel, device, args, kwargs)
             entry = self.entries.get(key)
         except (_Uncacheable, TypeError):  # TypeError: an unhashable keyword argument
             kernel[grid](*args, **kwargs)
@@ -352,11 +374,37 @@ class LaunchCache:
             entry.function,
             entry.packed_metadata,
             None,  # launch metadata: only launch hooks read it, and with one set the launch is not cached
-            enter_hook,
-            exit_hook,
+            runtime.launch_enter_hook,
+            runtime.launch_exit_hook,
             *args,
             *entry.constexprs,
         )
+
+    def entry(self, kernel: Any, grid: Any, args: tuple, kwargs: dict) -> _CompiledLaunch | None:
+        """The cached specialization that :meth:`__call__` replays for this launch (it has launched once), or None:
+        none cached, or one that reads module globals (the replay checks them per launch)."""
+        api = self._launch_api()
+        if api is None or type(kernel) is not api[3] or kernel.pre_run_hooks or type(grid) is not tuple:
+            return None
+        active = self._active_driver(api)
+        try:
+            entry = self.entries.get(self._key(api, kernel, active.get_current_device(), args, kwargs))
+        except (_Uncacheable, TypeError):
+            return None
+        return entry if entry is not None and entry.kernel is kernel and not entry.globals else None
+
+    def native_state(self) -> tuple[tuple, Any, Any, Any] | None:
+        """What a native replay (csrc/eager.cpp) needs now: ``(state, stream, enter hook, exit hook)``, where
+        ``state`` is everything :meth:`_key` reads besides the launch itself; None when no replay may run now."""
+        api = self._launch_api()
+        if api is None:
+            return None
+        knobs = api[0]
+        runtime = knobs.runtime
+        active = self._active_driver(api)
+        device = active.get_current_device()
+        state = (active, device, runtime.debug, knobs.compilation.instrumentation_mode, _pdl.on)
+        return state, active.get_current_stream(device), runtime.launch_enter_hook, runtime.launch_exit_hook
 
     def _fill(self, key: tuple, kernel: Any, grid: tuple, args: tuple, kwargs: dict) -> None:
         """Launch through ``kernel[grid]`` (compiling if needed); keep the compiled kernel when it can be replayed."""
@@ -380,9 +428,11 @@ launch_cache = LaunchCache()
 
 
 class _DirectCalls(threading.local):
-    """How deep this thread is inside the body of an :class:`EagerOp` called directly (launches need no check)."""
+    """How deep this thread is inside the body of an :class:`EagerOp` called directly (launches need no check), and
+    the list its launches are recorded in while :func:`native_fill` runs one (else None)."""
 
     depth = 0
+    recorded: list | None = None
 
 
 _direct = _DirectCalls()
@@ -396,10 +446,15 @@ def plain_eager(args: tuple[Any, ...]) -> bool:
     transform (vmap, grad, functionalize) and only plain tensors (no FakeTensor, DTensor or other subclass) among the
     arguments. Anything else goes through the registered op, which is what those tools are built to see.
     """
-    if _is_compiling() or _get_current_dispatch_mode() is not None or _peek_interpreter_stack() is not None:
+    if not _untraced():
         return False
     # the common argument types by a set lookup; isinstance only for the others (a subclass of Tensor is refused)
     return all(type(a) in _PLAIN_TYPES or not isinstance(a, torch.Tensor) for a in args)
+
+
+def _untraced() -> bool:
+    """:func:`plain_eager` but for the argument types: nothing compiling, no dispatch mode, no functorch transform."""
+    return not _is_compiling() and _get_current_dispatch_mode() is None and _peek_interpreter_stack() is None
 
 
 _is_compiling = torch.compiler.is_compiling
@@ -446,6 +501,7 @@ class EagerOp:
         self.fn = fn
         self.backward: Callable | None = None
         self.setup_context: Callable | None = None
+        self.native: Callable | None = None  # the C++ twin of the direct path, if any (:func:`native_function`)
 
     def register_autograd(self, backward: Callable, *, setup_context: Callable) -> None:
         self.op.register_autograd(backward, setup_context=setup_context)
@@ -463,14 +519,105 @@ class EagerOp:
         finally:
             _direct.depth -= 1
 
+    def native_call(self, *args: Any) -> Any:
+        """The op's native path (C++, :func:`native_function`) for this call, autograd node included, or
+        NotImplemented: no native path, a traced call, or arguments it does not take (it checks the tensors' types,
+        devices, dtypes, shapes and strides itself, so that a caller may try it before its own coverage checks)."""
+        native = self.native
+        if native is None or not (_direct.depth or _untraced()):
+            return NotImplemented
+        return native(*args)
+
     def __call__(self, *args: Any) -> Any:
         if not (_direct.depth or plain_eager(args)):
             return self.op(*args)
+        if self.native is not None:
+            result = self.native(*args)
+            if result is not NotImplemented:
+                return result
         if self.backward is not None and _is_grad_enabled():
             for a in args:
                 if isinstance(a, torch.Tensor) and a.requires_grad:
                     return _EagerAutograd.apply(self, *args)
         return self.direct(*args)
+
+
+# -------------------------------------------------------------------------------------- the native eager path
+# An EagerOp may have a C++ twin of its direct path (csrc/eager.cpp: checks, outputs, autograd node and launch in
+# C++). It takes the calls it can (else NotImplemented, and the Python path runs) and asks Python, through the two
+# callbacks below, whether it may replay a launch now (native_state) and, at a specialization's first call, for the
+# launch to replay (native_fill: the Python path runs once, its launch recorded). It replays only what the Python
+# path launched, with the arguments it passed (compared slot by slot when it fills).
+
+NATIVE_ENV = "VITFAST_NATIVE_EAGER"  # "0": no native eager path (the Python one runs; for comparisons)
+_native_tokens: dict[tuple, int] = {}
+
+
+def native_function(name: str) -> Callable | None:
+    """The compiled extension's function ``name`` for an :class:`EagerOp`'s native path, or None: no extension, no
+    Triton, or ``VITFAST_NATIVE_EAGER=0``."""
+    if not HAS_TRITON or os.environ.get(NATIVE_ENV, "").strip() == "0":
+        return None
+    from vitfast import _ext
+
+    return getattr(_ext.module, name, None) if _ext.HAS_EXT else None
+
+
+def native_state(*settings: Any) -> tuple[int, Any, Any, Any] | None:
+    """The native path's launch state, called once per native call: ``(token, stream, enter hook, exit hook)``, or
+    None when no replay may run now (a launch hook or pipeline-inspection hook is set; Triton's launch API is not the
+    one :class:`LaunchCache` replays).
+
+    ``token`` numbers everything a cached launch depends on besides its arguments: the driver and current device,
+    Triton's debug and instrumentation knobs, PDL, and the op's own ``settings`` (module values its launch plan
+    reads); the native path keys its launches by it. Under the interpreter there is no driver, stream or hook.
+    """
+    if INTERPRETER:
+        state: tuple = (None, settings)
+        stream = enter_hook = exit_hook = None
+    else:
+        found = launch_cache.native_state()
+        if found is None:
+            return None
+        launch_state, stream, enter_hook, exit_hook = found
+        state = (launch_state, settings)
+    token = _native_tokens.get(state)
+    if token is None:
+        token = _native_tokens[state] = len(_native_tokens)
+    return token, stream, enter_hook, exit_hook
+
+
+def native_fill(op: EagerOp, *args: Any) -> tuple[Any, tuple | None]:
+    """Run ``op``'s direct path once for the native path and answer ``(outputs, launch)``.
+
+    ``launch``: ``(grid, launcher, function, packed_metadata, constexprs, args)`` of the one kernel launch the call
+    made, what :class:`LaunchCache` replays for it (under the interpreter, a launcher that runs ``kernel[grid]``);
+    None when the call launched more or less than once or its launch is not cached (the native path then leaves
+    that specialization to Python).
+    """
+    recorded: list = []
+    outer, _direct.recorded = _direct.recorded, recorded
+    try:
+        outputs = op.direct(*args)
+    finally:
+        _direct.recorded = outer
+    if len(recorded) != 1:
+        return outputs, None
+    kernel, grid, launch_args, kwargs = recorded[0]
+    if type(grid) is not tuple or not 1 <= len(grid) <= 3:
+        return outputs, None
+    grid = (*grid, 1, 1)[:3]
+    if INTERPRETER:
+        names, count = tuple(kwargs), len(launch_args)
+
+        def launcher(grid_0, grid_1, grid_2, _stream, _function, _metadata, _launch, _enter, _exit, *values) -> None:
+            kernel[(grid_0, grid_1, grid_2)](*values[:count], **dict(zip(names, values[count:], strict=True)))
+
+        return outputs, (grid, launcher, None, None, tuple(kwargs.values()), launch_args)
+    entry = launch_cache.entry(kernel, grid, launch_args, kwargs)
+    if entry is None:
+        return outputs, None
+    return outputs, (grid, entry.launcher, entry.function, entry.packed_metadata, entry.constexprs, launch_args)
 
 
 def triton_op(name: str, *, mutates_args: tuple[str, ...] = ()) -> Callable[[Callable], EagerOp]:

@@ -19,6 +19,8 @@ through the dispatch.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -33,6 +35,9 @@ from vitfast.ops._triton import (
     kernel_can_run,
     launch,
     log_fallback,
+    native_fill,
+    native_function,
+    native_state,
     next_power_of_2,
     num_sms,
     pdl_prologue,
@@ -865,8 +870,13 @@ def layer_norm_backward(ctx, d_out, d_residual, _d_mean, _d_rstd):
     the same; it calls the :class:`~vitfast.ops._triton.EagerOp` itself, so that an eager backward skips the
     dispatcher too.
     """
-    normalized, branch, gamma, weight, bias, mean, rstd = ctx.saved_tensors
-    has_branch = ctx.branch_dtype is not None
+    return (*_layer_norm_grads(d_out, d_residual, *ctx.saved_tensors, ctx.branch_dtype), None)
+
+
+def _layer_norm_grads(d_out, d_residual, normalized, branch, gamma, weight, bias, mean, rstd, branch_dtype):
+    """``(dx, dbranch, dgamma, dweight, dbias)`` (None for an absent input) from what :func:`layer_norm_setup_context`
+    saved; also the backward of the native forward (csrc/eager.cpp), which saves the same tensors."""
+    has_branch = branch_dtype is not None
     if not has_branch:
         d_residual = None  # the empty residual_out placeholder of the plain variant carries no gradient
     if has_branch and gamma is None:
@@ -874,7 +884,7 @@ def layer_norm_backward(ctx, d_out, d_residual, _d_mean, _d_rstd):
         dx, _, dgamma, dweight, dbias = _layer_norm_bwd_op(
             d_out, d_residual, normalized, None, None, weight, bias, mean, rstd
         )
-        dbranch = dx.to(ctx.branch_dtype)
+        dbranch = dx.to(branch_dtype)
     else:
         dx, dbranch, dgamma, dweight, dbias = _layer_norm_bwd_op(
             d_out, d_residual, normalized, branch, gamma, weight, bias, mean, rstd
@@ -884,10 +894,31 @@ def layer_norm_backward(ctx, d_out, d_residual, _d_mean, _d_rstd):
         return grad if tensor is not None else None
 
     dbranch = dbranch if has_branch else None
-    return dx, dbranch, present(dgamma, gamma), present(dweight, weight), present(dbias, bias), None
+    return dx, dbranch, present(dgamma, gamma), present(dweight, weight), present(dbias, bias)
 
 
 _layer_norm_fwd_op.register_autograd(layer_norm_backward, setup_context=layer_norm_setup_context)
+
+
+def _native_state() -> tuple | None:
+    return native_state(_TILE)  # the launch plan reads _TILE (tests set it)
+
+
+def register_ext(cpu: bool = INTERPRETER) -> None:
+    """The native eager path of the forward (csrc/eager.cpp), when the compiled extension has it: at import, or by
+    ``vitfast._ext.load_jit``. ``cpu``: it also takes CPU tensors (the interpreter; the host-overhead probe's
+    stand-in GPU). Forgets the launches it cached."""
+    function = native_function("layer_norm_fwd_native")
+    if function is None:
+        return
+    from vitfast import _ext
+
+    fill = functools.partial(native_fill, _layer_norm_fwd_op)
+    _ext.module.layer_norm_native_setup(_native_state, fill, _layer_norm_grads, MAX_WIDTH, cpu)
+    _layer_norm_fwd_op.native = function
+
+
+register_ext()
 
 
 def _uncovered(x: torch.Tensor, *others: torch.Tensor | None) -> str | None:
@@ -913,6 +944,9 @@ if HAS_TRITON:
     def _layer_norm_triton(
         x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float
     ) -> torch.Tensor:
+        result = _layer_norm_fwd_op.native_call(x, None, None, weight, bias, eps)  # checks its own coverage
+        if result is not NotImplemented:
+            return result[0]
         reason = _uncovered(x, weight, bias)
         if reason is not None:
             log_fallback("layer_norm", reason)
@@ -927,6 +961,9 @@ if HAS_TRITON:
         bias: torch.Tensor | None,
         eps: float,
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        result = _layer_norm_fwd_op.native_call(x, branch, gamma, weight, bias, eps)  # checks its own coverage
+        if result is not NotImplemented:
+            return result[0], result[1]
         reason = _uncovered(x, branch, gamma, weight, bias)
         if reason is None and branch.shape != x.shape:
             reason = "branch broadcast to x's shape"

@@ -1,0 +1,223 @@
+"""The native eager path (csrc/eager.cpp): the LayerNorm forward's host work in C++, against the Python path.
+
+Under Triton's interpreter (these tests) the native path's "launcher" is a closure over ``kernel[grid]``, so the
+C++ argument lists, outputs and autograd node run for real and their results are compared bit for bit with the
+Python eager path's. What it replays on a GPU is the launch cache's compiled launcher (tests/ops/test_launch_cache.py).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+
+import pytest
+import torch
+
+from vitfast import _ext
+from vitfast.ops import _triton
+
+ln = importlib.import_module("vitfast.ops.layer_norm")
+
+pytestmark = pytest.mark.skipif(
+    ln._layer_norm_fwd_op.native is None, reason="no native eager path (the compiled extension is not loaded)"
+)
+
+
+@pytest.fixture
+def native():
+    """The extension's native LayerNorm entry point; its setup restored (and its cache emptied) afterwards."""
+    yield _ext.module
+    ln.register_ext()
+
+
+def _setup(module, *, state=None, fill=None, backward=None) -> None:
+    fill = fill or functools.partial(_triton.native_fill, ln._layer_norm_fwd_op)
+    module.layer_norm_native_setup(
+        state or ln._native_state, fill, backward or ln._layer_norm_grads, ln.MAX_WIDTH, True
+    )
+
+
+def _counting_fill(calls: list):
+    def fill(*args):
+        calls.append(args)
+        return _triton.native_fill(ln._layer_norm_fwd_op, *args)
+
+    return fill
+
+
+VARIANTS = ("plain", "no parameters", "residual", "residual + gamma")
+
+
+def _inputs(variant: str, shape: tuple[int, ...], dtype: torch.dtype, seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    cols = shape[-1]
+
+    def leaf(*size: int) -> torch.Tensor:
+        return torch.randn(*size, generator=generator).to(dtype).requires_grad_()
+
+    x = leaf(*shape)
+    branch = leaf(*shape) if variant.startswith("residual") else None
+    gamma = leaf(cols) if variant == "residual + gamma" else None
+    weight, bias = (None, None) if variant == "no parameters" else (leaf(cols), leaf(cols))
+    return x, branch, gamma, weight, bias
+
+
+def _run(inputs, eps: float = 1e-5):
+    """The op's outputs and the gradients of every input, through whichever path the op takes."""
+    outputs = ln._layer_norm_fwd_op(*inputs, eps)
+    out, residual_out = outputs[0], outputs[1]
+    weights = torch.linspace(-1.0, 1.0, out.numel()).reshape(out.shape)
+    loss = (out.float() * weights).sum()
+    if residual_out.numel():
+        loss = loss + (residual_out.float() * weights.flip(0)).sum()
+    leaves = [t for t in inputs if t is not None]
+    grads = torch.autograd.grad(loss, leaves)
+    return [o.detach() for o in outputs], list(grads)
+
+
+def _assert_same(a, b) -> None:
+    for x, y in zip(a[0] + a[1], b[0] + b[1], strict=True):
+        assert x.dtype == y.dtype and x.shape == y.shape
+        assert torch.equal(x, y)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("shape", [(3, 5, 48), (1, 33), (7, 130)])
+def test_native_matches_the_python_path_bit_for_bit(monkeypatch, native, variant, shape, dtype) -> None:
+    """Outputs (out, residual_out, mean, rstd) and every gradient: the first call (the Python launcher fills the
+    cache) and the second (the C++ replay) equal the Python path exactly, at odd widths and row counts too."""
+    fills: list = []
+    _setup(native, fill=_counting_fill(fills))
+    inputs = _inputs(variant, shape, dtype)
+    with monkeypatch.context() as m:
+        m.setattr(ln._layer_norm_fwd_op, "native", None)
+        expected = _run(inputs)
+    before = native.layer_norm_native_launches()
+    first = _run(inputs)
+    assert len(fills) == 1 and native.layer_norm_native_launches() == before + 1
+    replayed = _run(inputs)
+    assert len(fills) == 1, "the second call went through the Python launcher instead of the cached launch"
+    _assert_same(first, expected)
+    _assert_same(replayed, expected)
+
+
+def test_native_node_saves_what_the_python_node_saves(monkeypatch) -> None:
+    """The same tensors saved for backward (through saved_tensors_hooks, so recomputation and offloading see them)."""
+
+    def saved(native_path: bool) -> list[tuple]:
+        seen: list[tuple] = []
+
+        def pack(t: torch.Tensor):
+            seen.append((tuple(t.shape), t.dtype))
+            return t
+
+        inputs = _inputs("residual + gamma", (4, 24), torch.bfloat16)
+        with monkeypatch.context() as m:
+            if not native_path:
+                m.setattr(ln._layer_norm_fwd_op, "native", None)
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                out = ln._layer_norm_fwd_op(*inputs, 1e-6)[0]
+        out.float().sum().backward()
+        return seen
+
+    assert saved(True) == saved(False)
+
+
+def test_native_declines_what_it_does_not_take(native) -> None:
+    """NotImplemented (the Python path then runs, and raises its own errors) for anything outside its contract."""
+    x, w = torch.randn(4, 16), torch.randn(16)
+    eps = 1e-6
+    declined = {
+        "non-contiguous x": (x.t().contiguous().t(), None, None, None, None, eps),
+        "broadcast branch": (x, torch.randn(16).expand(4, 16), None, None, None, eps),
+        "gamma without a branch": (x, None, w, None, None, eps),
+        "weight of another width": (x, None, None, torch.randn(8), None, eps),
+        "strided weight": (x, None, None, torch.randn(32)[::2], None, eps),
+        "float64 x": (x.double(), None, None, None, None, eps),
+        "int eps": (x, None, None, None, None, 0),
+        "no rows": (torch.randn(0, 16), None, None, None, None, eps),
+        "a tensor subclass": (x.as_subclass(_Sub), None, None, None, None, eps),
+        "a meta tensor": (torch.empty(4, 16, device="meta"), None, None, None, None, eps),
+        "wider than the kernels": (torch.randn(1, ln.MAX_WIDTH + 1), None, None, None, None, eps),
+        "wrong arity": (x, None, None, None, None),
+    }
+    for what, args in declined.items():
+        assert native.layer_norm_fwd_native(*args) is NotImplemented, what
+    # and the public path still says what was wrong
+    with pytest.raises(ValueError, match="weight must have shape"):
+        ln._layer_norm_fwd_op(x, None, None, torch.randn(8), None, eps)
+
+
+class _Sub(torch.Tensor):
+    pass
+
+
+def test_native_does_not_replay_a_launch_whose_arguments_differ(native) -> None:
+    """A fill whose recorded launch did not use the arguments the C++ side would pass is not cached."""
+
+    def fill(*args):
+        outputs, launch = _triton.native_fill(ln._layer_norm_fwd_op, *args)
+        recorded = list(launch[5])
+        recorded[0] = recorded[0].clone()  # another tensor in x's slot
+        return outputs, (*launch[:5], tuple(recorded))
+
+    _setup(native, fill=fill)
+    inputs = _inputs("plain", (3, 16), torch.float32)
+    out = ln._layer_norm_fwd_op(*inputs, 1e-6)[0]
+    assert native.layer_norm_native_launches() == 0
+    torch.testing.assert_close(out, ln.layer_norm_ref(inputs[0], inputs[3], inputs[4], 1e-6), rtol=1e-5, atol=1e-5)
+
+
+def test_native_leaves_the_call_to_python_when_no_replay_may_run(native, monkeypatch) -> None:
+    """The state callback says no (a launch hook is set, say): NotImplemented, and the Python path runs."""
+    _setup(native, state=lambda: None)
+    x = torch.randn(3, 16)
+    assert native.layer_norm_fwd_native(x, None, None, None, None, 1e-6) is NotImplemented
+    calls = []
+    monkeypatch.setattr(ln._layer_norm_fwd_op, "fn", lambda *a: calls.append(a) or ln._layer_norm_fwd_reference(*a))
+    ln._layer_norm_fwd_op(x, None, None, None, None, 1e-6)
+    assert len(calls) == 1
+
+
+def test_native_keys_launches_by_the_plan_settings(native, monkeypatch) -> None:
+    """A module setting the launch plan reads (_TILE) is part of the key: changed, the launch is planned anew."""
+    _setup(native)
+    inputs = _inputs("plain", (64, 32), torch.float32)
+    _run(inputs)
+    count = native.layer_norm_native_launches()
+    monkeypatch.setattr(ln, "_TILE", ln._TILE // 4)
+    with monkeypatch.context() as m:
+        m.setattr(ln._layer_norm_fwd_op, "native", None)
+        expected = _run(inputs)
+    _assert_same(_run(inputs), expected)
+    assert native.layer_norm_native_launches() == count + 1
+
+
+def test_native_backward_errors_reach_the_caller(native) -> None:
+    def backward(*args):
+        raise ValueError("the backward failed here")
+
+    _setup(native, backward=backward)
+    x = torch.randn(3, 16, requires_grad=True)
+    out = ln._layer_norm_fwd_op(x, None, None, None, None, 1e-6)[0]
+    with pytest.raises(ValueError, match="the backward failed here"):
+        out.sum().backward()
+
+
+def test_native_saved_inputs_are_version_checked() -> None:
+    """x modified in place after the forward: backward refuses, as for any autograd node."""
+    x = torch.randn(3, 16)
+    leaf = torch.randn(16, requires_grad=True)
+    out = ln._layer_norm_fwd_op(x, None, None, leaf, None, 1e-6)[0]
+    assert out.grad_fn.name().endswith("LayerNormFunction>")
+    x.add_(1.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.sum().backward()
+
+
+def test_native_path_can_be_turned_off(monkeypatch) -> None:
+    monkeypatch.setenv(_triton.NATIVE_ENV, "0")
+    assert _triton.native_function("layer_norm_fwd_native") is None
+    monkeypatch.delenv(_triton.NATIVE_ENV)
+    assert _triton.native_function("layer_norm_fwd_native") is not None
