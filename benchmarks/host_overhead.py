@@ -16,14 +16,17 @@ Per op, median host microseconds per call (spread: min-max of the repeats), spli
   cache's call of the compiled kernel's no-op launcher; ``JITFunction.run`` before the cache existed);
 - ``ours``: our launcher function minus ``triton`` (argument checks, allocations, stride and grid arithmetic);
 - ``dispatch``: the public call minus the launcher (backend dispatch, coverage checks, the eager op path and its
-  autograd node);
+  autograd node). For an op with a native eager path (csrc/eager.cpp: LayerNorm, attention without a bias) the
+  public call does not run the Python launcher at all, so this comes out negative: the split describes the Python
+  path (``VITFAST_NATIVE_EAGER=0`` times the public call on it);
 
 and, in the same run, the nearest single aten op on fp32 tensors of the same tiny shapes with one intra-op thread
 (dispatch, allocation and a near-empty CPU kernel). ``F.scaled_dot_product_attention`` and ``F.conv2d`` are not
 used: their CPU paths cost far more host time than their CUDA dispatch, so attention is compared with its ``q k^T``
 matmul and the patch embedding with a GEMM. ``ratio`` = public call / aten. ``fwd+bwd`` rows time the public call
 plus ``backward()`` against the same for aten. Times are the thread's CPU time, so they hold on a shared machine
-(caches shared with other jobs still move them a little); absolute numbers depend on its CPU.
+(caches shared with other jobs still move them a little); absolute numbers depend on its CPU. The variants of one
+op are timed with their repeats interleaved, so that the ratios hold when the machine's speed drifts.
 """
 
 from __future__ import annotations
@@ -184,21 +187,33 @@ def time_per_call(fn: Callable[[], object], calls: int, repeats: int) -> dict[st
     time the thread waits while other processes hold the cores (wall time on a shared machine moved 2-3x between
     runs).
     """
-    for _ in range(max(3, calls // 10)):
-        fn()
+    return time_interleaved({"fn": fn}, calls, repeats)["fn"]
+
+
+def time_interleaved(fns: dict[str, Callable[[], object]], calls: int, repeats: int) -> dict[str, dict[str, float]]:
+    """:func:`time_per_call` of several functions, their repeats interleaved (one repeat of each in turn), so that
+    a change in the machine's speed during the measurement (a shared VM's moved aten's own time 1.8x between runs
+    a few seconds apart) reaches all of them alike and their ratios hold."""
+    for fn in fns.values():
+        for _ in range(max(3, calls // 10)):
+            fn()
     gc_was_enabled = gc.isenabled()
     gc.disable()
+    samples: dict[str, list[float]] = {name: [] for name in fns}
     try:
-        samples = []
         for _ in range(repeats):
-            start = time.thread_time_ns()
-            for _ in range(calls):
-                fn()
-            samples.append((time.thread_time_ns() - start) / calls / 1e3)
+            for name, fn in fns.items():
+                start = time.thread_time_ns()
+                for _ in range(calls):
+                    fn()
+                samples[name].append((time.thread_time_ns() - start) / calls / 1e3)
     finally:
         if gc_was_enabled:
             gc.enable()
-    return {"median": statistics.median(samples), "min": min(samples), "max": max(samples)}
+    return {
+        name: {"median": statistics.median(values), "min": min(values), "max": max(values)}
+        for name, values in samples.items()
+    }
 
 
 class _LaunchCapture:
@@ -303,24 +318,25 @@ def measure(calls: int = 200, repeats: int = 7) -> dict:
     with stand_in_gpu() as capture:
         for probe in probes():
             triton_only = recorded_launches(probe, capture)
-            timings = {
-                "public": time_per_call(probe.public, calls, repeats),
-                "launcher": time_per_call(probe.launcher, calls, repeats),
-                "triton": time_per_call(triton_only, calls, repeats),
-                "aten": time_per_call(probe.aten, calls, repeats),
-            }
+            timings = time_interleaved(
+                {"public": probe.public, "launcher": probe.launcher, "triton": triton_only, "aten": probe.aten},
+                calls,
+                repeats,
+            )
             row = {"op": probe.op, "label": probe.label, "aten_op": probe.aten_op, "launches": triton_only.count}
             row.update({f"{name}_us": value for name, value in timings.items()})
             public, launcher, triton_us = (timings[n]["median"] for n in ("public", "launcher", "triton"))
             row["split_us"] = {"dispatch": public - launcher, "ours": launcher - triton_us, "triton": triton_us}
             row["ratio"] = public / timings["aten"]["median"]
             if probe.public_backward is not None:
-                backward_calls = max(10, calls // 4)
-                row["fwd_bwd_us"] = time_per_call(probe.public_backward, backward_calls, repeats)
-                row["aten_fwd_bwd_us"] = time_per_call(probe.aten_backward, backward_calls, repeats)
+                backward = time_interleaved(
+                    {"ours": probe.public_backward, "aten": probe.aten_backward}, max(10, calls // 4), repeats
+                )
+                row["fwd_bwd_us"], row["aten_fwd_bwd_us"] = backward["ours"], backward["aten"]
                 row["fwd_bwd_ratio"] = row["fwd_bwd_us"]["median"] / row["aten_fwd_bwd_us"]["median"]
             rows.append(row)
             print(f"{probe.label:<26} {public:8.1f} us  ({row['ratio']:.1f}x aten)", file=sys.stderr, flush=True)
+        native = native_launches()
     return {
         "date": datetime.date.today().isoformat(),
         "machine": f"{_cpu_name()}, {platform.system()}, Python {platform.python_version()}",
@@ -328,8 +344,18 @@ def measure(calls: int = 200, repeats: int = 7) -> dict:
         "triton": triton.__version__,
         "calls": calls,
         "repeats": repeats,
+        "native_launches": native,
         "rows": rows,
     }
+
+
+def native_launches() -> dict[str, int] | None:
+    """Specializations each op's native eager path (csrc/eager.cpp) has cached: after the probes, one or more for
+    every op that has one (a path that never caches would fill, the Python launcher's cost and more, every call);
+    None without the compiled extension."""
+    from vitfast import _ext
+
+    return _ext.module.native_launches() if _ext.HAS_EXT and hasattr(_ext.module, "native_launches") else None
 
 
 def _cpu_name() -> str:

@@ -3,8 +3,9 @@
 // On the Python eager path one LayerNorm call costs ~30 us of host time at best against ~7 us for aten's
 // F.layer_norm (benchmarks/results/2026-12-01_host_overhead_lean.md): the autograd node of torch.autograd.Function
 // alone costs more than aten's whole op, and each output allocation ~2 us. Here the checks, the output allocation,
-// the autograd node (a C++ torch::autograd::Function) and the launch cache's key are C++; what stays Python is
-// decided once per specialization, by the Python path itself:
+// the autograd node (a C++ torch::autograd::Function) and the launch cache's key are C++, for the ops below
+// (LayerNorm's forward, attention's forward without a bias: one launch each); what stays Python is decided once per
+// specialization, by the Python path itself:
 //
 // - the launch: the compiled kernel's own launcher (Triton's), called with exactly the arguments JITFunction.run
 //   passes (the replay contract of _triton.LaunchCache). A specialization's first call runs the Python launcher
@@ -26,6 +27,8 @@
 
 #include <array>
 #include <cstdint>
+#include <cstring>
+#include <functional>
 #include <optional>
 #include <unordered_map>
 #include <vector>
@@ -126,8 +129,8 @@ void replay(const Launch& launch, const State& state, const std::vector<PyObject
   }
 }
 
-// Whether a recorded launch (the fill's: (kernel, grid, args, constexprs) as Python tuples) used exactly ``args``:
-// the same tensors (by identity) and the same ints and floats, slot by slot.
+// Whether the positional arguments a fill's launch was recorded with (a tuple) are exactly ``args``: the same tensor
+// objects and equal ints and floats of the same types, slot by slot.
 bool same_arguments(PyObject* recorded, const std::vector<PyObject*>& args) {
   if (!PyTuple_Check(recorded) || PyTuple_GET_SIZE(recorded) != static_cast<Py_ssize_t>(args.size())) {
     return false;
@@ -204,130 +207,231 @@ bool outputs_aligned(const variable_list& outputs) {
   return true;
 }
 
-// ---------------------------------------------------------------------------------------------------- LayerNorm
+// ------------------------------------------------------------------------------------------- shared by every op
 
-// vitfast::layer_norm_fwd(x, branch, gamma, weight, bias, eps) -> (out, residual_out, mean, rstd), the launch of
-// _layer_norm_fwd_kernel as layer_norm_fwd (vitfast/ops/layer_norm.py) makes it for contiguous tensors.
-struct LayerNormSetup {
-  Ref state, fill, backward;
-  int64_t max_width = 0;
-  bool cpu = false;  // also CPU tensors: under Triton's interpreter, or the host-overhead probe's stand-in GPU
-};
-LayerNormSetup* layer_norm_setup = nullptr;  // never freed: it holds Python references past finalization
-
-struct LayerNormKey {
-  int64_t token, rows, cols;
-  int32_t device, dtypes, aligned;
-  bool operator==(const LayerNormKey& o) const {
-    return token == o.token && rows == o.rows && cols == o.cols && device == o.device && dtypes == o.dtypes &&
-           aligned == o.aligned;
+Ref wrap(const at::Tensor& t) {
+  Ref object(THPVariable_Wrap(t));  // an undefined tensor wraps as None
+  if (!object) {
+    throw python_error();
   }
-};
+  return object;
+}
 
-struct LayerNormKeyHash {
-  size_t operator()(const LayerNormKey& k) const {
-    size_t h = std::hash<int64_t>()(k.token);
-    for (int64_t v : {k.rows, k.cols, static_cast<int64_t>(k.device), static_cast<int64_t>(k.dtypes),
-                      static_cast<int64_t>(k.aligned)}) {
+Ref int_object(int64_t value) {
+  Ref object(PyLong_FromLongLong(value));
+  if (!object) {
+    throw python_error();
+  }
+  return object;
+}
+
+int64_t float_bits(double value) {
+  int64_t bits;
+  std::memcpy(&bits, &value, sizeof(bits));
+  return bits;
+}
+
+// A specialization's key: what decides its launch besides the tensors' addresses (the launch state's token, sizes,
+// strides, dtypes, alignment, scalar arguments), as integers.
+using Key = std::vector<int64_t>;
+
+struct KeyHash {
+  size_t operator()(const Key& key) const {
+    size_t h = key.size();
+    for (int64_t v : key) {
       h = h * 1000003u ^ std::hash<int64_t>()(v);
     }
     return h;
   }
 };
 
-std::unordered_map<LayerNormKey, Launch, LayerNormKeyHash>* layer_norm_launches = nullptr;
-constexpr size_t kMaxLaunches = 4096;  // cached specializations (one per row count, dtypes, flags, alignment)
+constexpr size_t kMaxLaunches = 4096;  // cached specializations per op; emptied (and refilled as they recur) past it
 
-// One call: its Python arguments (borrowed), tensors and launch state.
+// One op's native path: its Python callbacks, whether it takes CPU tensors, its cached launches.
+struct NativeOp {
+  Ref state, fill, backward;
+  bool cpu = false;  // also CPU tensors: under Triton's interpreter, or the host-overhead probe's stand-in GPU
+  std::unordered_map<Key, Launch, KeyHash> launches;
+};
+
+// Set up an op's native path from (state, fill, backward, cpu, ...): a new setup forgets its cached launches.
+void set_up(NativeOp*& op, PyObject* const* args) {
+  if (op == nullptr) {
+    op = new NativeOp();  // never freed: it holds Python references past finalization
+  }
+  op->launches.clear();
+  op->state = borrowed(args[0]);
+  op->fill = borrowed(args[1]);
+  op->backward = borrowed(args[2]);
+  op->cpu = PyObject_IsTrue(args[3]) == 1;
+}
+
+// Whether the kernels can take a tensor on this device: a CUDA GPU, or the CPU where the op's setup says so.
+bool on_kernel_device(const NativeOp& op, const at::Tensor& t) { return t.is_cuda() || (op.cpu && t.is_cpu()); }
+
+// The forward of one call: replay the cached launch of ``key`` with ``outputs`` (allocated by the caller), or, at a
+// specialization's first call, run the fill (the Python path, on the call's Python arguments ``objects``) and keep
+// its launch when its recorded arguments are exactly ``arguments`` of the fill's outputs. Returns the outputs.
+variable_list run_forward(
+    NativeOp& op, const State& state, PyObject* const* objects, size_t count, Key&& key, variable_list outputs,
+    const std::function<std::vector<PyObject*>(const std::vector<PyObject*>&)>& arguments) {
+  auto found = op.launches.find(key);
+  // a cached launch was compiled for 16-byte-aligned outputs (the allocators' outputs always are; checked anyway)
+  if (found != op.launches.end() && outputs_aligned(outputs)) {
+    std::vector<Ref> owned;
+    std::vector<PyObject*> wrapped;
+    for (const at::Tensor& t : outputs) {
+      owned.push_back(wrap(t));
+      wrapped.push_back(owned.back().get());
+    }
+    replay(found->second, state, arguments(wrapped));
+    return outputs;
+  }
+  Ref filled(PyObject_Vectorcall(op.fill.get(), objects, count, nullptr));
+  if (!filled) {
+    throw python_error();
+  }
+  PyObject* answer = filled.get();
+  if (!PyTuple_Check(answer) || PyTuple_GET_SIZE(answer) != 2 || !PyTuple_Check(PyTuple_GET_ITEM(answer, 0)) ||
+      PyTuple_GET_SIZE(PyTuple_GET_ITEM(answer, 0)) != static_cast<Py_ssize_t>(outputs.size())) {
+    PyErr_SetString(PyExc_TypeError, "vitfast: a native fill must answer (the op's outputs, launch)");
+    throw python_error();
+  }
+  PyObject* filled_outputs = PyTuple_GET_ITEM(answer, 0);
+  variable_list result;
+  std::vector<PyObject*> objects_out;
+  for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(filled_outputs); ++i) {
+    PyObject* o = PyTuple_GET_ITEM(filled_outputs, i);
+    if (!THPVariable_Check(o)) {
+      PyErr_SetString(PyExc_TypeError, "vitfast: a native fill answered a non-tensor output");
+      throw python_error();
+    }
+    result.push_back(THPVariable_Unpack(o));
+    objects_out.push_back(o);
+  }
+  auto launch = filled_launch(PyTuple_GET_ITEM(answer, 1), arguments(objects_out));
+  if (launch.has_value() && outputs_aligned(result)) {
+    if (op.launches.size() >= kMaxLaunches) {
+      op.launches.clear();  // many shapes (varying row counts): refilled as they recur
+    }
+    op.launches.emplace(std::move(key), std::move(*launch));
+  }
+  return result;
+}
+
+// An op's Python backward, called from the autograd engine (which runs it without the GIL: every Python object
+// here is made under the GIL taken below): ``tensors`` (undefined ones as None), then ``extra()`` (a new reference)
+// as arguments; it answers ``count`` gradients (None as undefined), which this returns with one undefined more, for the
+// forward's last argument (the call, not a tensor). A Python error is kept for the engine, which re-raises it in the
+// thread that called backward.
+variable_list call_backward(
+    const NativeOp& op, const variable_list& tensors, const std::function<Ref()>& extra, size_t count) {
+  pybind11::gil_scoped_acquire gil;
+  try {
+    std::vector<Ref> owned;
+    std::vector<PyObject*> args;
+    for (const at::Tensor& t : tensors) {
+      owned.push_back(wrap(t));
+      args.push_back(owned.back().get());
+    }
+    owned.push_back(extra());
+    if (!owned.back()) {
+      throw python_error();
+    }
+    args.push_back(owned.back().get());
+    Ref answer(PyObject_Vectorcall(op.backward.get(), args.data(), args.size(), nullptr));
+    if (!answer) {
+      throw python_error();
+    }
+    if (!PyTuple_Check(answer.get()) || PyTuple_GET_SIZE(answer.get()) != static_cast<Py_ssize_t>(count)) {
+      PyErr_Format(PyExc_TypeError, "vitfast: a native backward must answer %zu gradients", count);
+      throw python_error();
+    }
+    variable_list grads(count + 1);
+    for (size_t i = 0; i < count; ++i) {
+      PyObject* g = PyTuple_GET_ITEM(answer.get(), i);
+      if (g != Py_None) {
+        if (!THPVariable_Check(g)) {
+          PyErr_SetString(PyExc_TypeError, "vitfast: a native backward answered a non-tensor gradient");
+          throw python_error();
+        }
+        grads[i] = THPVariable_Unpack(g);
+      }
+    }
+    return grads;
+  } catch (python_error& error) {
+    error.persist();
+    throw;
+  }
+}
+
+PyObject* not_implemented() { Py_RETURN_NOTIMPLEMENTED; }
+
+PyObject* output_tuple(const variable_list& outputs) {
+  PyObject* result = PyTuple_New(static_cast<Py_ssize_t>(outputs.size()));
+  if (result == nullptr) {
+    return nullptr;
+  }
+  for (size_t i = 0; i < outputs.size(); ++i) {
+    PyObject* o = THPVariable_Wrap(outputs[i]);
+    if (o == nullptr) {
+      Py_DECREF(result);
+      return nullptr;
+    }
+    PyTuple_SET_ITEM(result, static_cast<Py_ssize_t>(i), o);
+  }
+  return result;
+}
+
+bool wants_grad(std::initializer_list<const std::optional<at::Tensor>*> tensors) {
+  if (!at::GradMode::is_enabled()) {
+    return false;
+  }
+  for (const auto* t : tensors) {
+    if (t->has_value() && (*t)->requires_grad()) {
+      return true;
+    }
+  }
+  return false;
+}
+
+// ---------------------------------------------------------------------------------------------------- LayerNorm
+
+// vitfast::layer_norm_fwd(x, branch, gamma, weight, bias, eps) -> (out, residual_out, mean, rstd): the launch of
+// _layer_norm_fwd_kernel as layer_norm_fwd (vitfast/ops/layer_norm.py) makes it for contiguous tensors.
+NativeOp* layer_norm_op = nullptr;
+int64_t layer_norm_max_width = 0;
+
 struct LayerNormCall {
-  PyObject* objects[6];  // x, branch, gamma, weight, bias, eps
-  at::Tensor x;
-  std::optional<at::Tensor> branch, gamma, weight, bias;
+  PyObject* objects[6];  // x, branch, gamma, weight, bias, eps (borrowed)
+  std::optional<at::Tensor> x, branch, gamma, weight, bias;
   int64_t rows = 0, cols = 0;
   State state;
 };
 
-// The kernel's positional arguments, as layer_norm_fwd passes them: absent tensors stand in as x (never read).
-std::vector<PyObject*> layer_norm_arguments(
-    const LayerNormCall& call, PyObject* out, PyObject* residual_out, PyObject* mean, PyObject* rstd,
-    PyObject* rows, PyObject* cols) {
-  PyObject* x = call.objects[0];
-  auto or_x = [&](int slot) { return call.objects[slot] == Py_None ? x : call.objects[slot]; };
-  bool has_branch = call.branch.has_value();
-  return {x, or_x(1), or_x(2), or_x(3), or_x(4), out, has_branch ? residual_out : out, mean, rstd, rows, cols,
-          cols, cols, call.objects[5]};
-}
-
 variable_list layer_norm_forward(LayerNormCall& call) {
-  const at::Tensor& x = call.x;
+  const at::Tensor& x = *call.x;
   bool has_branch = call.branch.has_value();
   auto stats_shape = x.sizes().slice(0, x.dim() - 1);
-  at::Tensor out = at::empty(x.sizes(), x.options());
-  at::Tensor residual_out = has_branch ? at::empty(x.sizes(), x.options()) : at::empty({0}, x.options());
-  at::Tensor mean = at::empty(stats_shape, x.options().dtype(at::kFloat));
-  at::Tensor rstd = at::empty(stats_shape, x.options().dtype(at::kFloat));
-
-  // the specialization: dtypes (kernel dtypes only, so 5 bits each), presence and 16-byte alignment of the inputs
-  const std::optional<at::Tensor>* inputs[4] = {&call.branch, &call.gamma, &call.weight, &call.bias};
-  int32_t dtypes = static_cast<int32_t>(x.scalar_type());
-  int32_t alignment = aligned(x);
-  for (const auto* t : inputs) {
-    dtypes = dtypes * 32 + (t->has_value() ? static_cast<int32_t>((*t)->scalar_type()) + 1 : 0);
-    alignment = alignment * 2 + (t->has_value() && aligned(**t));
+  variable_list outputs = {
+      at::empty(x.sizes(), x.options()), has_branch ? at::empty(x.sizes(), x.options()) : at::empty({0}, x.options()),
+      at::empty(stats_shape, x.options().dtype(at::kFloat)), at::empty(stats_shape, x.options().dtype(at::kFloat))};
+  // the specialization: the rows, the dtypes, presence and 16-byte alignment of the inputs (the kernel's ints are
+  // rows and cols, its row strides cols: contiguous tensors)
+  Key key = {call.state.token, call.rows, call.cols, x.device().index()};
+  for (const auto* t : {&call.x, &call.branch, &call.gamma, &call.weight, &call.bias}) {
+    key.push_back(t->has_value() ? static_cast<int64_t>((*t)->scalar_type()) * 2 + aligned(**t) : -1);
   }
-  LayerNormKey key{call.state.token, call.rows, call.cols, x.device().index(), dtypes, alignment};
-
-  Ref rows(PyLong_FromLongLong(call.rows));
-  Ref cols(PyLong_FromLongLong(call.cols));
-  if (!rows || !cols) {
-    throw python_error();
-  }
-  // a cached launch was compiled for 16-byte-aligned outputs (the allocators' outputs always are; checked anyway)
-  auto found = layer_norm_launches->find(key);
-  if (found != layer_norm_launches->end() && outputs_aligned({out, residual_out, mean, rstd})) {
-    Ref outs[4] = {Ref(THPVariable_Wrap(out)), Ref(THPVariable_Wrap(residual_out)), Ref(THPVariable_Wrap(mean)),
-                   Ref(THPVariable_Wrap(rstd))};
-    for (const Ref& o : outs) {
-      if (!o) {
-        throw python_error();
-      }
-    }
-    replay(found->second, call.state,
-           layer_norm_arguments(call, outs[0].get(), outs[1].get(), outs[2].get(), outs[3].get(), rows.get(),
-                                cols.get()));
-    return {out, residual_out, mean, rstd};
-  }
-  // a specialization's first call: the Python launcher runs (and compiles), its launch recorded
-  Ref filled(PyObject_Vectorcall(layer_norm_setup->fill.get(), call.objects, 6, nullptr));
-  if (!filled) {
-    throw python_error();
-  }
-  if (!PyTuple_Check(filled.get()) || PyTuple_GET_SIZE(filled.get()) != 2 ||
-      !PyTuple_Check(PyTuple_GET_ITEM(filled.get(), 0)) || PyTuple_GET_SIZE(PyTuple_GET_ITEM(filled.get(), 0)) != 4) {
-    PyErr_SetString(PyExc_TypeError, "vitfast: the native fill must answer ((out, residual_out, mean, rstd), entry)");
-    throw python_error();
-  }
-  PyObject* outputs = PyTuple_GET_ITEM(filled.get(), 0);
-  variable_list result;
-  for (Py_ssize_t i = 0; i < 4; ++i) {
-    PyObject* o = PyTuple_GET_ITEM(outputs, i);
-    if (!THPVariable_Check(o)) {
-      PyErr_SetString(PyExc_TypeError, "vitfast: the native fill answered a non-tensor output");
-      throw python_error();
-    }
-    result.push_back(THPVariable_Unpack(o));
-  }
-  auto launch = filled_launch(
-      PyTuple_GET_ITEM(filled.get(), 1),
-      layer_norm_arguments(call, PyTuple_GET_ITEM(outputs, 0), PyTuple_GET_ITEM(outputs, 1),
-                           PyTuple_GET_ITEM(outputs, 2), PyTuple_GET_ITEM(outputs, 3), rows.get(), cols.get()));
-  if (launch.has_value() && outputs_aligned(result)) {
-    if (layer_norm_launches->size() >= kMaxLaunches) {
-      layer_norm_launches->clear();  // many row counts (varying shapes): refilled as they recur
-    }
-    layer_norm_launches->emplace(key, std::move(*launch));
-  }
-  return result;
+  Ref rows = int_object(call.rows);
+  Ref cols = int_object(call.cols);
+  auto arguments = [&](const std::vector<PyObject*>& outs) -> std::vector<PyObject*> {
+    PyObject* x_object = call.objects[0];
+    auto or_x = [&](int slot) { return call.objects[slot] == Py_None ? x_object : call.objects[slot]; };
+    // absent tensors stand in as x (never read: constexpr flags), residual_out as out without a branch
+    return {x_object, or_x(1), or_x(2), or_x(3), or_x(4), outs[0], has_branch ? outs[1] : outs[0], outs[2],
+            outs[3], rows.get(), cols.get(), cols.get(), cols.get(), call.objects[5]};
+  };
+  return run_forward(*layer_norm_op, call.state, call.objects, 6, std::move(key), std::move(outputs), arguments);
 }
 
 }  // namespace
@@ -352,85 +456,45 @@ struct LayerNormFunction : public torch::autograd::Function<LayerNormFunction> {
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    variable_list saved = ctx->get_saved_variables();
-    int64_t branch_dtype = ctx->saved_data["branch_dtype"].toInt();
-    variable_list result(6);  // x, branch, gamma, weight, bias, and none for the call
-    pybind11::gil_scoped_acquire gil;
-    try {
-      std::vector<Ref> args;
-      args.emplace_back(THPVariable_Wrap(grads[0]));
-      args.emplace_back(THPVariable_Wrap(grads[1]));
-      for (const at::Tensor& t : saved) {
-        args.emplace_back(THPVariable_Wrap(t));  // an undefined tensor wraps as None
-      }
-      if (branch_dtype >= 0) {
-        args.push_back(borrowed(reinterpret_cast<PyObject*>(torch::getTHPDtype(static_cast<at::ScalarType>(branch_dtype)))));
-      } else {
-        args.push_back(borrowed(Py_None));
-      }
-      std::vector<PyObject*> call;
-      for (const Ref& a : args) {
-        if (!a) {
-          throw python_error();
-        }
-        call.push_back(a.get());
-      }
-      Ref grads_in(PyObject_Vectorcall(layer_norm_setup->backward.get(), call.data(), call.size(), nullptr));
-      if (!grads_in) {
-        throw python_error();
-      }
-      if (!PyTuple_Check(grads_in.get()) || PyTuple_GET_SIZE(grads_in.get()) != 5) {
-        PyErr_SetString(PyExc_TypeError, "vitfast: the native backward must answer 5 gradients");
-        throw python_error();
-      }
-      for (Py_ssize_t i = 0; i < 5; ++i) {
-        PyObject* g = PyTuple_GET_ITEM(grads_in.get(), i);
-        if (g != Py_None) {
-          result[i] = THPVariable_Unpack(g);
-        }
-      }
-    } catch (python_error& error) {
-      error.persist();  // the engine re-raises it in the thread that called backward, which holds no Python error
-      throw;
+    // _layer_norm_grads(d_out, d_residual, *saved, branch_dtype) -> (dx, dbranch, dgamma, dweight, dbias)
+    variable_list tensors = {grads[0], grads[1]};
+    for (const at::Tensor& t : ctx->get_saved_variables()) {
+      tensors.push_back(t);
     }
-    return result;
+    int64_t branch_dtype = ctx->saved_data["branch_dtype"].toInt();
+    auto dtype = [branch_dtype] {
+      return borrowed(branch_dtype >= 0 ? reinterpret_cast<PyObject*>(
+                                              torch::getTHPDtype(static_cast<at::ScalarType>(branch_dtype)))
+                                        : Py_None);
+    };
+    return call_backward(*layer_norm_op, tensors, dtype, 5);
   }
 };
 
 namespace {
 
-PyObject* not_implemented() { Py_RETURN_NOTIMPLEMENTED; }
-
 // vitfast._C.layer_norm_fwd_native(x, branch, gamma, weight, bias, eps) -> (out, residual_out, mean, rstd) or
 // NotImplemented (the Python path runs).
 PyObject* layer_norm_fwd_native(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   HANDLE_TH_ERRORS
-  if (layer_norm_setup == nullptr || nargs != 6 || !PyFloat_CheckExact(args[5])) {
+  if (layer_norm_op == nullptr || nargs != 6 || !PyFloat_CheckExact(args[5]) || args[0] == Py_None) {
     return not_implemented();
   }
   LayerNormCall call;
-  for (int i = 0; i < 6; ++i) {
-    call.objects[i] = args[i];
-  }
-  std::optional<at::Tensor> x;
-  if (args[0] == Py_None || !unpack(args[0], x) || !unpack(args[1], call.branch) || !unpack(args[2], call.gamma) ||
+  std::memcpy(call.objects, args, sizeof(call.objects));
+  if (!unpack(args[0], call.x) || !unpack(args[1], call.branch) || !unpack(args[2], call.gamma) ||
       !unpack(args[3], call.weight) || !unpack(args[4], call.bias)) {
     return not_implemented();
   }
-  call.x = *x;
-  const at::Tensor& t = call.x;
-  if (t.dim() < 1 || !kernel_dtype(t.scalar_type()) || !t.is_contiguous()) {
+  const at::Tensor& t = *call.x;
+  if (t.dim() < 1 || !kernel_dtype(t.scalar_type()) || !t.is_contiguous() || !on_kernel_device(*layer_norm_op, t)) {
     return not_implemented();
   }
   call.cols = t.size(-1);
-  if (call.cols < 1 || call.cols > layer_norm_setup->max_width || t.numel() == 0) {
+  if (call.cols < 1 || call.cols > layer_norm_max_width || t.numel() == 0) {
     return not_implemented();
   }
   call.rows = t.numel() / call.cols;
-  bool cuda = t.is_cuda();
-  if (!cuda && !(layer_norm_setup->cpu && t.is_cpu())) {
-    return not_implemented();
-  }
   auto device = t.device();
   if (call.gamma.has_value() && !call.branch.has_value()) {
     return not_implemented();
@@ -450,76 +514,198 @@ PyObject* layer_norm_fwd_native(PyObject*, PyObject* const* args, Py_ssize_t nar
       }
     }
   }
-  if (!launch_state(layer_norm_setup->state.get(), call.state)) {
+  if (!launch_state(layer_norm_op->state.get(), call.state)) {
     return not_implemented();
   }
-  bool grad = at::GradMode::is_enabled() &&
-              (t.requires_grad() || (call.branch.has_value() && call.branch->requires_grad()) ||
-               (call.gamma.has_value() && call.gamma->requires_grad()) ||
-               (call.weight.has_value() && call.weight->requires_grad()) ||
-               (call.bias.has_value() && call.bias->requires_grad()));
-  variable_list outputs = grad ? LayerNormFunction::apply(t, call.branch, call.gamma, call.weight, call.bias, &call)
-                               : layer_norm_forward(call);
-  PyObject* result = PyTuple_New(4);
-  if (result == nullptr) {
-    return nullptr;
-  }
-  for (Py_ssize_t i = 0; i < 4; ++i) {
-    PyObject* o = THPVariable_Wrap(outputs[i]);
-    if (o == nullptr) {
-      Py_DECREF(result);
-      return nullptr;
-    }
-    PyTuple_SET_ITEM(result, i, o);
-  }
-  return result;
+  bool grad = wants_grad({&call.x, &call.branch, &call.gamma, &call.weight, &call.bias});
+  return output_tuple(grad ? LayerNormFunction::apply(t, call.branch, call.gamma, call.weight, call.bias, &call)
+                           : layer_norm_forward(call));
   END_HANDLE_TH_ERRORS
 }
 
-// vitfast._C.layer_norm_native_setup(state, fill, backward, max_width, cpu): the Python callbacks (see the
-// top of this file); a new setup forgets every cached launch.
+// vitfast._C.layer_norm_native_setup(state, fill, backward, cpu, max_width)
 PyObject* layer_norm_native_setup(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   HANDLE_TH_ERRORS
   if (nargs != 5) {
-    PyErr_SetString(PyExc_TypeError, "layer_norm_native_setup(state, fill, backward, max_width, cpu)");
+    PyErr_SetString(PyExc_TypeError, "layer_norm_native_setup(state, fill, backward, cpu, max_width)");
     return nullptr;
   }
-  int64_t max_width = PyLong_AsLongLong(args[3]);
+  int64_t max_width = PyLong_AsLongLong(args[4]);
   if (max_width == -1 && PyErr_Occurred()) {
     return nullptr;
   }
-  if (layer_norm_setup == nullptr) {
-    layer_norm_setup = new LayerNormSetup();
-    layer_norm_launches = new std::unordered_map<LayerNormKey, Launch, LayerNormKeyHash>();
-  }
-  layer_norm_launches->clear();
-  layer_norm_setup->state = borrowed(args[0]);
-  layer_norm_setup->fill = borrowed(args[1]);
-  layer_norm_setup->backward = borrowed(args[2]);
-  layer_norm_setup->max_width = max_width;
-  layer_norm_setup->cpu = PyObject_IsTrue(args[4]) == 1;
+  set_up(layer_norm_op, args);
+  layer_norm_max_width = max_width;
   Py_RETURN_NONE;
   END_HANDLE_TH_ERRORS
 }
 
-// vitfast._C.layer_norm_native_launches(): how many specializations are cached (tests).
-PyObject* layer_norm_native_launches(PyObject*, PyObject*) {
-  return PyLong_FromSize_t(layer_norm_launches == nullptr ? 0 : layer_norm_launches->size());
+// ---------------------------------------------------------------------------------------------------- attention
+
+// vitfast::attention_fwd(q, k, v, scale, None, None, None) -> (out, lse): the launch of _attention_fwd_kernel as
+// attention_fwd (vitfast/ops/attention.py) makes it without a bias, for q, k, v of any strides.
+NativeOp* attention_op = nullptr;
+std::vector<int64_t> attention_head_dims;
+double attention_log2e = 0.0;  // Python's math.log2(math.e), so that scale * log2(e) is the Python path's product
+
+struct AttentionCall {
+  PyObject* objects[7];  // q, k, v, scale, table, index, bias (borrowed)
+  std::optional<at::Tensor> q, k, v;
+  double scale = 0.0;
+  State state;
+};
+
+variable_list attention_forward(AttentionCall& call) {
+  const at::Tensor& q = *call.q;
+  int64_t batch = q.size(0), heads = q.size(1), seq_len = q.size(2), head_dim = q.size(3);
+  // out: the [B, H, N, D] view of a contiguous [B, N, H, D] tensor; lse: fp32 [B, H, N]
+  std::array<int64_t, 4> out_strides = {seq_len * heads * head_dim, head_dim, heads * head_dim, 1};
+  variable_list outputs = {at::empty_strided(q.sizes(), out_strides, q.options()),
+                           at::empty({batch, heads, seq_len}, q.options().dtype(at::kFloat))};
+  Key key = {call.state.token, q.device().index(), static_cast<int64_t>(q.scalar_type()), float_bits(call.scale)};
+  for (const auto* t : {&call.q, &call.k, &call.v}) {
+    key.push_back(aligned(**t));
+    for (int64_t d = 0; d < 4; ++d) {
+      key.push_back((*t)->size(d));
+      key.push_back((*t)->stride(d));
+    }
+  }
+  // the kernel's ints: the strides of q, k, v and out, the (absent) bias' three, heads, tokens; then scale * log2(e)
+  std::vector<Ref> ints;
+  for (const auto* t : {&call.q, &call.k, &call.v}) {
+    for (int64_t d = 0; d < 4; ++d) {
+      ints.push_back(int_object((*t)->stride(d)));
+    }
+  }
+  for (int64_t stride : out_strides) {
+    ints.push_back(int_object(stride));
+  }
+  Ref zero = int_object(0), heads_object = int_object(heads), tokens = int_object(seq_len);
+  Ref scale_log2(PyFloat_FromDouble(call.scale * attention_log2e));
+  if (!scale_log2) {
+    throw python_error();
+  }
+  auto arguments = [&](const std::vector<PyObject*>& outs) -> std::vector<PyObject*> {
+    std::vector<PyObject*> list = {call.objects[0], call.objects[1], call.objects[2], outs[0], outs[1],
+                                   call.objects[0]};  // q stands in for the absent bias (BIAS = False)
+    for (const Ref& i : ints) {
+      list.push_back(i.get());
+    }
+    list.insert(list.end(), {zero.get(), zero.get(), zero.get(), heads_object.get(), tokens.get(), scale_log2.get()});
+    return list;
+  };
+  return run_forward(*attention_op, call.state, call.objects, 7, std::move(key), std::move(outputs), arguments);
+}
+
+}  // namespace
+
+// named: its autograd node's name() is CppNode<vitfast::eager::AttentionFunction>
+struct AttentionFunction : public torch::autograd::Function<AttentionFunction> {
+  static variable_list forward(
+      AutogradContext* ctx, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, AttentionCall* call) {
+    variable_list outputs = attention_forward(*call);
+    ctx->save_for_backward({q, k, v, outputs[0], outputs[1]});  // what _attention_setup_context saves, bias-less
+    ctx->saved_data["scale"] = call->scale;
+    ctx->mark_non_differentiable({outputs[1]});
+    return outputs;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    // _attention_grads(grad_out, q, k, v, out, lse, scale) -> (dq, dk, dv)
+    variable_list tensors = {grads[0]};
+    for (const at::Tensor& t : ctx->get_saved_variables()) {
+      tensors.push_back(t);
+    }
+    double scale = ctx->saved_data["scale"].toDouble();
+    auto scale_object = [scale] { return Ref(PyFloat_FromDouble(scale)); };
+    return call_backward(*attention_op, tensors, scale_object, 3);
+  }
+};
+
+namespace {
+
+// vitfast._C.attention_fwd_native(q, k, v, scale, table, index, bias) -> (out, lse) or NotImplemented.
+PyObject* attention_fwd_native(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  if (attention_op == nullptr || nargs != 7 || !PyFloat_CheckExact(args[3]) || args[4] != Py_None ||
+      args[5] != Py_None || args[6] != Py_None) {
+    return not_implemented();  // the bias paths launch twice (gather, then attention): the Python path's
+  }
+  AttentionCall call;
+  std::memcpy(call.objects, args, sizeof(call.objects));
+  if (args[0] == Py_None || args[1] == Py_None || args[2] == Py_None || !unpack(args[0], call.q) ||
+      !unpack(args[1], call.k) || !unpack(args[2], call.v)) {
+    return not_implemented();
+  }
+  call.scale = PyFloat_AS_DOUBLE(args[3]);
+  const at::Tensor& q = *call.q;
+  if (q.dim() != 4 || !kernel_dtype(q.scalar_type()) || !on_kernel_device(*attention_op, q) || q.numel() == 0) {
+    return not_implemented();
+  }
+  for (const auto* t : {&call.k, &call.v}) {
+    const at::Tensor& u = **t;
+    if (u.sizes() != q.sizes() || u.scalar_type() != q.scalar_type() || u.device() != q.device()) {
+      return not_implemented();
+    }
+  }
+  bool head_dim_ok = false;
+  for (int64_t d : attention_head_dims) {
+    head_dim_ok = head_dim_ok || d == q.size(3);
+  }
+  if (!head_dim_ok || !launch_state(attention_op->state.get(), call.state)) {
+    return not_implemented();
+  }
+  bool grad = wants_grad({&call.q, &call.k, &call.v});
+  return output_tuple(grad ? AttentionFunction::apply(q, *call.k, *call.v, &call) : attention_forward(call));
+  END_HANDLE_TH_ERRORS
+}
+
+// vitfast._C.attention_native_setup(state, fill, backward, cpu, head_dims, log2e)
+PyObject* attention_native_setup(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  if (nargs != 6 || !PyTuple_Check(args[4]) || !PyFloat_Check(args[5])) {
+    PyErr_SetString(PyExc_TypeError, "attention_native_setup(state, fill, backward, cpu, head_dims, log2e)");
+    return nullptr;
+  }
+  std::vector<int64_t> head_dims;
+  for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(args[4]); ++i) {
+    head_dims.push_back(PyLong_AsLongLong(PyTuple_GET_ITEM(args[4], i)));
+    if (PyErr_Occurred()) {
+      return nullptr;
+    }
+  }
+  set_up(attention_op, args);
+  attention_head_dims = std::move(head_dims);
+  attention_log2e = PyFloat_AS_DOUBLE(args[5]);
+  Py_RETURN_NONE;
+  END_HANDLE_TH_ERRORS
+}
+
+// vitfast._C.native_launches(): cached specializations per op (tests).
+PyObject* native_launches(PyObject*, PyObject*) {
+  return Py_BuildValue("{s:n,s:n}", "layer_norm", layer_norm_op == nullptr ? 0 : layer_norm_op->launches.size(),
+                       "attention", attention_op == nullptr ? 0 : attention_op->launches.size());
 }
 
 }  // namespace
 
 }  // namespace vitfast::eager
 
-// The module's methods from this file (csrc/module.cpp lists them).
+// The module's methods from this file (csrc/module.cpp adds them).
 PyMethodDef vitfast_eager_methods[] = {
-    {"layer_norm_fwd_native", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(
-                                  vitfast::eager::layer_norm_fwd_native)),
+    {"layer_norm_fwd_native",
+     reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(vitfast::eager::layer_norm_fwd_native)),
      METH_FASTCALL, "The eager LayerNorm forward in C++ (vitfast/ops/layer_norm.py), or NotImplemented."},
-    {"layer_norm_native_setup", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(
-                                    vitfast::eager::layer_norm_native_setup)),
-     METH_FASTCALL, "Set the Python callbacks of the native LayerNorm path; forgets its cached launches."},
-    {"layer_norm_native_launches", vitfast::eager::layer_norm_native_launches, METH_NOARGS,
-     "How many specializations the native LayerNorm path has cached."},
+    {"layer_norm_native_setup",
+     reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(vitfast::eager::layer_norm_native_setup)),
+     METH_FASTCALL, "Set the Python side of the native LayerNorm path; forgets its cached launches."},
+    {"attention_fwd_native",
+     reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(vitfast::eager::attention_fwd_native)),
+     METH_FASTCALL, "The eager attention forward without a bias in C++ (vitfast/ops/attention.py), or NotImplemented."},
+    {"attention_native_setup",
+     reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(vitfast::eager::attention_native_setup)),
+     METH_FASTCALL, "Set the Python side of the native attention path; forgets its cached launches."},
+    {"native_launches", vitfast::eager::native_launches, METH_NOARGS,
+     "How many specializations each native eager path has cached."},
     {nullptr, nullptr, 0, nullptr},
 };

@@ -71,15 +71,16 @@ def assert_kernel_close(
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
-def offline_report(module: str, result_path: Path, timeout: int) -> dict:
-    """The JSON of ``python -m <module> --json`` (an offline sm_90 compile: ``benchmarks.kernel_report``,
-    ``benchmarks.pdl_check``), run in a subprocess without Triton's interpreter, which compiling real kernels needs;
-    the test skips where this machine cannot compile for sm_90, and fails on any other error."""
+def offline_report(module: str, result_path: Path, timeout: int, *args: str) -> dict:
+    """The JSON of ``python -m <module> --json <result_path> <args>`` (an offline sm_90 compile:
+    ``benchmarks.kernel_report``, ``benchmarks.pdl_check``, ``benchmarks.host_overhead``), run in a subprocess
+    without Triton's interpreter, which compiling real kernels needs; the test skips where this machine cannot
+    compile for sm_90, and fails on any other error."""
     env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
     # this checkout's vitfast first, whatever an editable install elsewhere points at
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
     process = subprocess.run(
-        [sys.executable, "-m", module, "--json", str(result_path)],
+        [sys.executable, "-m", module, "--json", str(result_path), *args],
         cwd=REPO_ROOT,
         env=env,
         capture_output=True,

@@ -164,7 +164,12 @@ def load_jit(verbose: bool = False, with_cuda: bool | None = None) -> ModuleType
         verbose=verbose,
     )
     _activate(library, None)
-    for op_module in ("vitfast.ops.preprocess", "vitfast.ops.layer_norm_ext", "vitfast.ops.layer_norm"):
+    for op_module in (
+        "vitfast.ops.preprocess",
+        "vitfast.ops.layer_norm_ext",
+        "vitfast.ops.layer_norm",
+        "vitfast.ops.attention",
+    ):
         importlib.import_module(op_module).register_ext()
     return library
 

@@ -33,7 +33,7 @@ def native():
 def _setup(module, *, state=None, fill=None, backward=None) -> None:
     fill = fill or functools.partial(_triton.native_fill, ln._layer_norm_fwd_op)
     module.layer_norm_native_setup(
-        state or ln._native_state, fill, backward or ln._layer_norm_grads, ln.MAX_WIDTH, True
+        state or ln._native_state, fill, backward or ln._layer_norm_grads, True, ln.MAX_WIDTH
     )
 
 
@@ -93,9 +93,9 @@ def test_native_matches_the_python_path_bit_for_bit(monkeypatch, native, variant
     with monkeypatch.context() as m:
         m.setattr(ln._layer_norm_fwd_op, "native", None)
         expected = _run(inputs)
-    before = native.layer_norm_native_launches()
+    before = native.native_launches()["layer_norm"]
     first = _run(inputs)
-    assert len(fills) == 1 and native.layer_norm_native_launches() == before + 1
+    assert len(fills) == 1 and native.native_launches()["layer_norm"] == before + 1
     replayed = _run(inputs)
     assert len(fills) == 1, "the second call went through the Python launcher instead of the cached launch"
     _assert_same(first, expected)
@@ -165,7 +165,7 @@ def test_native_does_not_replay_a_launch_whose_arguments_differ(native) -> None:
     _setup(native, fill=fill)
     inputs = _inputs("plain", (3, 16), torch.float32)
     out = ln._layer_norm_fwd_op(*inputs, 1e-6)[0]
-    assert native.layer_norm_native_launches() == 0
+    assert native.native_launches()["layer_norm"] == 0
     torch.testing.assert_close(out, ln.layer_norm_ref(inputs[0], inputs[3], inputs[4], 1e-6), rtol=1e-5, atol=1e-5)
 
 
@@ -185,13 +185,13 @@ def test_native_keys_launches_by_the_plan_settings(native, monkeypatch) -> None:
     _setup(native)
     inputs = _inputs("plain", (64, 32), torch.float32)
     _run(inputs)
-    count = native.layer_norm_native_launches()
+    count = native.native_launches()["layer_norm"]
     monkeypatch.setattr(ln, "_TILE", ln._TILE // 4)
     with monkeypatch.context() as m:
         m.setattr(ln._layer_norm_fwd_op, "native", None)
         expected = _run(inputs)
     _assert_same(_run(inputs), expected)
-    assert native.layer_norm_native_launches() == count + 1
+    assert native.native_launches()["layer_norm"] == count + 1
 
 
 def test_native_backward_errors_reach_the_caller(native) -> None:
@@ -221,3 +221,152 @@ def test_native_path_can_be_turned_off(monkeypatch) -> None:
     assert _triton.native_function("layer_norm_fwd_native") is None
     monkeypatch.delenv(_triton.NATIVE_ENV)
     assert _triton.native_function("layer_norm_fwd_native") is not None
+
+
+# ------------------------------------------------------------------------------------------------------ attention
+
+attn = importlib.import_module("vitfast.ops.attention")
+
+
+@pytest.fixture
+def attention_native():
+    if attn._attention_fwd_op.native is None:
+        pytest.skip("no native attention path")
+    yield _ext.module
+    attn.register_ext()
+
+
+def _attention_leaves(layout: str, dtype: torch.dtype, shape=(2, 2, 19, 32)):
+    generator = torch.Generator().manual_seed(1)
+    batch, heads, tokens, head_dim = shape
+    if layout == "contiguous":
+        return [torch.randn(*shape, generator=generator).to(dtype).requires_grad_() for _ in range(3)]
+    # timm's fused qkv projection: q, k, v are strided views of one [B, N, 3, H, D] tensor
+    return [torch.randn(batch, tokens, 3, heads, head_dim, generator=generator).to(dtype).requires_grad_()]
+
+
+def _attention_run(leaves, scale=None):
+    q, k, v = leaves if len(leaves) == 3 else leaves[0].permute(2, 0, 3, 1, 4).unbind(0)
+    out = attn._attention_triton(q, k, v, scale)
+    weights = torch.linspace(-1.0, 1.0, out.numel()).reshape(out.shape)
+    grads = torch.autograd.grad((out.float() * weights).sum(), leaves)
+    return [out.detach()], list(grads)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("layout", ["contiguous", "fused qkv view"])
+def test_native_attention_matches_the_python_path_bit_for_bit(monkeypatch, attention_native, layout, dtype) -> None:
+    """Output and dq / dk / dv, first call (fill) and second (replay), against the Python path; strided q, k, v
+    (timm's fused projection) are read in place on both."""
+    fills: list = []
+
+    def fill(*args):
+        fills.append(args)
+        return _triton.native_fill(attn._attention_fwd_op, *args)
+
+    attention_native.attention_native_setup(
+        attn._native_state, fill, attn._attention_grads, True, tuple(attn.KERNEL_HEAD_DIMS), attn.math.log2(attn.math.e)
+    )
+    leaves = _attention_leaves(layout, dtype)
+    with monkeypatch.context() as m:
+        m.setattr(attn._attention_fwd_op, "native", None)
+        expected = _attention_run(leaves)
+    first = _attention_run(leaves)
+    replayed = _attention_run(leaves)
+    assert len(fills) == 1 and attention_native.native_launches()["attention"] == 1
+    _assert_same(first, expected)
+    _assert_same(replayed, expected)
+    # another scale is another specialization (its scale * log2(e) is an argument the replay passes as recorded)
+    _assert_same(_attention_run(leaves, 0.5), _run_python_attention(monkeypatch, leaves, 0.5))
+    assert len(fills) == 2
+
+
+def _run_python_attention(monkeypatch, leaves, scale):
+    with monkeypatch.context() as m:
+        m.setattr(attn._attention_fwd_op, "native", None)
+        return _attention_run(leaves, scale)
+
+
+def test_native_attention_declines_what_it_does_not_take(attention_native) -> None:
+    q = torch.randn(1, 2, 5, 32)
+    table, index = torch.randn(9, 2), torch.zeros(5, 5, dtype=torch.long)
+    declined = {
+        "a relative position bias": (q, q, q, 0.1, table, index, None),
+        "a dense bias": (q, q, q, 0.1, None, None, torch.randn(2, 5, 5)),
+        "a head dim the kernels lack": (torch.randn(1, 2, 5, 24),) * 3 + (0.1, None, None, None),
+        "k of another shape": (q, torch.randn(1, 2, 6, 32), q, 0.1, None, None, None),
+        "v of another dtype": (q, q, q.half(), 0.1, None, None, None),
+        "3-d q": (q[0], q[0], q[0], 0.1, None, None, None),
+        "an int scale": (q, q, q, 1, None, None, None),
+        "no tokens": (torch.randn(1, 2, 0, 32),) * 3 + (0.1, None, None, None),
+    }
+    for what, args in declined.items():
+        assert attention_native.attention_fwd_native(*args) is NotImplemented, what
+
+
+def test_native_attention_node() -> None:
+    if attn._attention_fwd_op.native is None:
+        pytest.skip("no native attention path")
+    q = torch.randn(1, 2, 5, 32, requires_grad=True)
+    out = attn._attention_fwd_op(q, q.detach(), q.detach(), 0.125, None, None, None)[0]
+    assert out.grad_fn.name().endswith("vitfast::eager::AttentionFunction>")
+    assert out.stride() == (5 * 2 * 32, 32, 2 * 32, 1)  # [B, H, N, D] view of a contiguous [B, N, H, D]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the native path's real launches need a GPU")
+def test_gpu_native_paths_match_the_python_paths_and_capture(monkeypatch) -> None:
+    """On a GPU (the replay calls Triton's compiled launcher there): ViT-B/16 bs 8 shapes in bf16, LayerNorm,
+    residual LayerNorm and attention bitwise equal to the Python path, forward and backward; and inside a CUDA
+    graph capture (the replay launches on the capturing stream)."""
+    device = torch.device("cuda")
+    ln.register_ext()
+    attn.register_ext()
+    x, branch = (torch.randn(8, 197, 768, device=device, dtype=torch.bfloat16).requires_grad_() for _ in range(2))
+    w, b = (torch.randn(768, device=device, dtype=torch.bfloat16).requires_grad_() for _ in range(2))
+    qkv = torch.randn(8, 197, 3, 12, 64, device=device, dtype=torch.bfloat16).requires_grad_()
+
+    def calls():
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        outs = [
+            ln._layer_norm_fwd_op(x, None, None, w, b, 1e-6)[0],
+            *ln._layer_norm_fwd_op(x, branch, None, w, b, 1e-6)[:2],
+        ]
+        outs.append(attn._attention_triton(q, k, v))
+        grads = torch.autograd.grad([o.float().square().sum() for o in outs], [x, branch, w, b, qkv])
+        return [o.detach() for o in outs] + list(grads)
+
+    with monkeypatch.context() as m:
+        m.setattr(ln._layer_norm_fwd_op, "native", None)
+        m.setattr(attn._attention_fwd_op, "native", None)
+        expected = calls()
+    if ln._layer_norm_fwd_op.native is None or attn._attention_fwd_op.native is None:
+        pytest.skip("no native eager path (the compiled extension is not loaded for this torch)")
+    for _ in range(2):  # fill, then replay
+        got = calls()
+        assert all(torch.equal(a, e) for a, e in zip(got, expected, strict=True))
+    assert _ext.module.native_launches()["layer_norm"] >= 2 and _ext.module.native_launches()["attention"] >= 1
+    with torch.no_grad():
+        static_x = x.detach().clone()
+        ln._layer_norm_fwd_op(static_x, None, None, w.detach(), b.detach(), 1e-6)  # warm (filled above)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_out = ln._layer_norm_fwd_op(static_x, None, None, w.detach(), b.detach(), 1e-6)[0]
+        static_x.copy_(x.detach().flip(0))
+        graph.replay()
+        torch.cuda.synchronize()
+        reference = ln.layer_norm_ref(static_x, w.detach(), b.detach(), 1e-6)
+        torch.testing.assert_close(static_out.float(), reference.float(), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.slow
+def test_native_paths_cache_their_launches_on_the_compiled_launch_path(tmp_path) -> None:
+    """Off the interpreter (the host-overhead probe's stand-in sm_90 driver: Triton compiles, its launch cache fills,
+    the launch is a no-op), each native path caches the launch cache's entry and replays it: a path that never
+    cached would run the Python launcher, and more, on every call."""
+    from tests.helpers import offline_report
+
+    result = offline_report("benchmarks.host_overhead", tmp_path / "probe.json", 600, "--calls", "2", "--repeats", "1")
+    assert result["native_launches"] is not None, "the probe's process did not load the compiled extension"
+    assert result["native_launches"]["layer_norm"] >= 2  # plain and residual
+    assert result["native_launches"]["attention"] >= 1

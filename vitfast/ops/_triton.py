@@ -381,8 +381,7 @@ class LaunchCache:
         )
 
     def entry(self, kernel: Any, grid: Any, args: tuple, kwargs: dict) -> _CompiledLaunch | None:
-        """The cached specialization that :meth:`__call__` replays for this launch (it has launched once), or None:
-        none cached, or one that reads module globals (the replay checks them per launch)."""
+        """The cached specialization that :meth:`__call__` replays for this launch (it has launched once), or None."""
         api = self._launch_api()
         if api is None or type(kernel) is not api[3] or kernel.pre_run_hooks or type(grid) is not tuple:
             return None
@@ -391,7 +390,7 @@ class LaunchCache:
             entry = self.entries.get(self._key(api, kernel, active.get_current_device(), args, kwargs))
         except (_Uncacheable, TypeError):
             return None
-        return entry if entry is not None and entry.kernel is kernel and not entry.globals else None
+        return entry if entry is not None and entry.kernel is kernel else None
 
     def native_state(self) -> tuple[tuple, Any, Any, Any] | None:
         """What a native replay (csrc/eager.cpp) needs now: ``(state, stream, enter hook, exit hook)``, where
@@ -587,13 +586,16 @@ def native_state(*settings: Any) -> tuple[int, Any, Any, Any] | None:
     return token, stream, enter_hook, exit_hook
 
 
-def native_fill(op: EagerOp, *args: Any) -> tuple[Any, tuple | None]:
+def native_fill(op: EagerOp, *args: Any, globals_read: tuple[str, ...] = ()) -> tuple[Any, tuple | None]:
     """Run ``op``'s direct path once for the native path and answer ``(outputs, launch)``.
 
     ``launch``: ``(grid, launcher, function, packed_metadata, constexprs, args)`` of the one kernel launch the call
     made, what :class:`LaunchCache` replays for it (under the interpreter, a launcher that runs ``kernel[grid]``);
-    None when the call launched more or less than once or its launch is not cached (the native path then leaves
-    that specialization to Python).
+    None when the call launched more or less than once, its launch is not cached, or its kernel reads a module
+    global not named in ``globals_read`` (the native path then leaves that specialization to Python). The replay
+    does not check the globals a kernel read, as ``JITFunction.run`` does per launch: the op's state callback puts
+    the values of those it names into the token (:func:`native_state`), so that a changed one misses the cache and
+    the Python launch raises Triton's error.
     """
     recorded: list = []
     outer, _direct.recorded = _direct.recorded, recorded
@@ -615,7 +617,7 @@ def native_fill(op: EagerOp, *args: Any) -> tuple[Any, tuple | None]:
 
         return outputs, (grid, launcher, None, None, tuple(kwargs.values()), launch_args)
     entry = launch_cache.entry(kernel, grid, launch_args, kwargs)
-    if entry is None:
+    if entry is None or any(name not in globals_read for name, *_ in entry.globals):
         return outputs, None
     return outputs, (grid, entry.launcher, entry.function, entry.packed_metadata, entry.constexprs, launch_args)
 

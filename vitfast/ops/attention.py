@@ -31,6 +31,7 @@ gradient).
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -46,6 +47,9 @@ from vitfast.ops._triton import (
     kernel_can_run,
     launch,
     log_fallback,
+    native_fill,
+    native_function,
+    native_state,
     next_power_of_2,
     pdl_prologue,
     tl,
@@ -1020,6 +1024,13 @@ def _attention_setup_context(ctx, inputs, output) -> None:
     ctx.scale = scale
 
 
+def _attention_grads(grad_out, q, k, v, out, lse, scale):
+    """``(dq, dk, dv)`` of attention without a bias: the backward of the native forward (csrc/eager.cpp), which
+    saves what :func:`_attention_setup_context` does."""
+    grad_q, grad_k, grad_v, _ = _attention_bwd_op(grad_out, q, k, v, out, lse, scale, None, None, False, None)
+    return grad_q, grad_k, grad_v
+
+
 def _attention_backward(ctx, grad_out: torch.Tensor, _grad_lse: torch.Tensor | None):
     q, k, v, out, lse, rel_pos_bias_table, rel_pos_index, bias = ctx.saved_tensors
     # the bias' gradient only when it is wanted (a frozen table, the engine's constant dense bias: not)
@@ -1040,6 +1051,34 @@ def _attention_backward(ctx, grad_out: torch.Tensor, _grad_lse: torch.Tensor | N
 
 
 _attention_fwd_op.register_autograd(_attention_backward, setup_context=_attention_setup_context)
+
+
+# the module globals the forward kernel reads (JITFunction.run checks them per launch; the native replay keys on them)
+_NATIVE_GLOBALS = ("_LOG2E", "_LN2")
+
+
+def _native_state() -> tuple | None:
+    # the settings the launch plans read (tests set them), and the globals the kernel read
+    return native_state(_settings(), *(getattr(globals()[name], "value", None) for name in _NATIVE_GLOBALS))
+
+
+def register_ext(cpu: bool = INTERPRETER) -> None:
+    """The native eager path of the bias-less forward (csrc/eager.cpp), when the compiled extension has it: at import,
+    or by ``vitfast._ext.load_jit``. ``cpu``: it also takes CPU tensors (the interpreter; the host-overhead probe's
+    stand-in GPU). Forgets the launches it cached."""
+    function = native_function("attention_fwd_native")
+    if function is None:
+        return
+    from vitfast import _ext
+
+    fill = functools.partial(native_fill, _attention_fwd_op, globals_read=_NATIVE_GLOBALS)
+    _ext.module.attention_native_setup(
+        _native_state, fill, _attention_grads, cpu, tuple(KERNEL_HEAD_DIMS), math.log2(math.e)
+    )
+    _attention_fwd_op.native = function
+
+
+register_ext()
 
 
 def _uncovered(
@@ -1096,6 +1135,12 @@ if HAS_TRITON:
         dropout_p: float = 0.0,
         bias: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        if rope is None and rel_pos_bias_table is None and bias is None and not dropout_p and q.ndim == 4:
+            # the native path checks its own coverage (and takes no bias)
+            native_scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+            result = _attention_fwd_op.native_call(q, k, v, native_scale, None, None, None)
+            if result is not NotImplemented:
+                return result[0]
         reason = _uncovered(q, k, v, rel_pos_bias_table, rel_pos_index, dropout_p, bias)
         if reason is not None:
             log_fallback("attention", reason)

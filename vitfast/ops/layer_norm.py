@@ -914,7 +914,7 @@ def register_ext(cpu: bool = INTERPRETER) -> None:
     from vitfast import _ext
 
     fill = functools.partial(native_fill, _layer_norm_fwd_op)
-    _ext.module.layer_norm_native_setup(_native_state, fill, _layer_norm_grads, MAX_WIDTH, cpu)
+    _ext.module.layer_norm_native_setup(_native_state, fill, _layer_norm_grads, cpu, MAX_WIDTH)
     _layer_norm_fwd_op.native = function
 
 
