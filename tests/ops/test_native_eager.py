@@ -370,3 +370,25 @@ def test_native_paths_cache_their_launches_on_the_compiled_launch_path(tmp_path)
     assert result["native_launches"] is not None, "the probe's process did not load the compiled extension"
     assert result["native_launches"]["layer_norm"] >= 2  # plain and residual
     assert result["native_launches"]["attention"] >= 1
+
+
+def test_jit_trace_records_the_registered_op_not_a_direct_launch() -> None:
+    """Under torch.jit.trace neither eager path runs (a launch made outside the dispatcher would be missing from the
+    trace, whose replay would return the outputs' uninitialized memory): the trace holds vitfast::layer_norm_fwd and
+    computes LayerNorm of new inputs."""
+    import warnings
+
+    import vitfast
+
+    x, w, b = torch.randn(4, 32), torch.randn(32), torch.randn(32)
+
+    def f(x, w, b):
+        return ln.layer_norm(x, w, b) * 2
+
+    with vitfast.use_backend("triton"), torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # jit.trace's deprecation and tracer warnings
+        traced = torch.jit.trace(f, (x, w, b))
+    assert "vitfast::layer_norm_fwd" in str(traced.graph)
+    x2 = torch.randn(4, 32)
+    with vitfast.use_backend("triton"), torch.no_grad():
+        torch.testing.assert_close(traced(x2, w, b), 2 * ln.layer_norm_ref(x2, w, b, 1e-6), rtol=1e-5, atol=1e-5)

@@ -442,8 +442,9 @@ def plain_eager(args: tuple[Any, ...]) -> bool:
     """Whether a call may skip ``torch.library``'s dispatch: nothing traces it and no transform wraps it.
 
     Nothing compiling (dynamo), no dispatch mode (fake tensors, make_fx, FlopCounter, opcheck's checks), no functorch
-    transform (vmap, grad, functionalize) and only plain tensors (no FakeTensor, DTensor or other subclass) among the
-    arguments. Anything else goes through the registered op, which is what those tools are built to see.
+    transform (vmap, grad, functionalize), no ``torch.jit.trace`` and only plain tensors (no FakeTensor, DTensor or
+    other subclass) among the arguments. Anything else goes through the registered op, which is what those tools are
+    built to see.
     """
     if not _untraced():
         return False
@@ -452,11 +453,18 @@ def plain_eager(args: tuple[Any, ...]) -> bool:
 
 
 def _untraced() -> bool:
-    """:func:`plain_eager` but for the argument types: nothing compiling, no dispatch mode, no functorch transform."""
-    return not _is_compiling() and _get_current_dispatch_mode() is None and _peek_interpreter_stack() is None
+    """:func:`plain_eager` but for the argument types: nothing compiling, no dispatch mode, no functorch transform,
+    no ``torch.jit.trace`` (whose trace records the registered op; a direct launch would be left out of it)."""
+    return (
+        not _is_compiling()
+        and _get_current_dispatch_mode() is None
+        and _peek_interpreter_stack() is None
+        and _get_tracing_state() is None
+    )
 
 
 _is_compiling = torch.compiler.is_compiling
+_get_tracing_state = torch._C._get_tracing_state
 _peek_interpreter_stack = torch._C._functorch.peek_interpreter_stack
 
 
