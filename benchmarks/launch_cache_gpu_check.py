@@ -44,9 +44,15 @@ def _cases(device: torch.device) -> dict[str, tuple[Callable, Callable, list[tor
     q, k, v = (leaf(batch, heads, tokens, 64) for _ in range(3))
     cos, sin = ops.rope_2d_table((side, side), 64, device=device)
     fc_w, fc_b = leaf(4 * width, width), leaf(4 * width)
+    ln_w, ln_b = leaf(4 * width), leaf(4 * width)
     return {
         "layer_norm": (lambda: ops.layer_norm(x, w, b), lambda: F.layer_norm(x, (width,), w, b), [x, w, b]),
         "swiglu": (lambda: ops.swiglu(gate, up), lambda: F.silu(gate), [gate, up]),
+        "swiglu_layer_norm": (
+            lambda: ops.swiglu_layer_norm(gate, up, ln_w, ln_b),
+            lambda: F.layer_norm(gate, (4 * width,), ln_w, ln_b),
+            [gate, up, ln_w, ln_b],
+        ),
         "rope_2d_qk": (lambda: ops.rope_2d_qk(q, k, cos, sin, 1), lambda: torch.mul(q, k), [q, k]),
         "attention": (lambda: ops.attention(q, k, v), lambda: torch.matmul(q, k.transpose(-1, -2)), [q, k, v]),
         "linear + GELU": (lambda: ops.linear(x, fc_w, fc_b, "gelu"), lambda: F.linear(x, fc_w), [x, fc_w, fc_b]),

@@ -4,8 +4,8 @@
 // F.layer_norm (benchmarks/results/2026-12-01_host_overhead_lean.md): the autograd node of torch.autograd.Function
 // alone costs more than aten's whole op, and each output allocation ~2 us. Here the checks, the output allocation,
 // the autograd node (a C++ torch::autograd::Function) and the launch cache's key are C++, for the ops below
-// (LayerNorm's forward, attention's forward without a bias: one launch each); what stays Python is decided once per
-// specialization, by the Python path itself:
+// (the forwards of LayerNorm, of attention without a bias and of SwiGLU + sub-LN: one launch each); what stays
+// Python is decided once per specialization, by the Python path itself:
 //
 // - the launch: the compiled kernel's own launcher (Triton's), called with exactly the arguments JITFunction.run
 //   passes (the replay contract of _triton.LaunchCache). A specialization's first call runs the Python launcher
@@ -681,10 +681,151 @@ PyObject* attention_native_setup(PyObject*, PyObject* const* args, Py_ssize_t na
   END_HANDLE_TH_ERRORS
 }
 
+// ----------------------------------------------------------------------------------------- SwiGLU + sub-LN
+
+// vitfast::swiglu_layer_norm_fwd(gate, up, weight, bias, eps, width) -> (out, mean, rstd): the launch of
+// _swiglu_layer_norm_fwd_kernel as swiglu_layer_norm_fwd (vitfast/ops/swiglu.py) makes it for contiguous gate / up.
+NativeOp* swiglu_layer_norm_op = nullptr;
+int64_t swiglu_layer_norm_max_width = 0;
+
+struct SwigluLayerNormCall {
+  PyObject* objects[6];  // gate, up, weight, bias, eps, width (borrowed)
+  std::optional<at::Tensor> gate, up, weight, bias;
+  int64_t rows = 0, padded_width = 0, width = 0;
+  State state;
+};
+
+variable_list swiglu_layer_norm_forward(SwigluLayerNormCall& call) {
+  const at::Tensor& gate = *call.gate;
+  auto stats_shape = gate.sizes().slice(0, gate.dim() - 1);
+  variable_list outputs = {at::empty(gate.sizes(), gate.options()),
+                           at::empty(stats_shape, gate.options().dtype(at::kFloat)),
+                           at::empty(stats_shape, gate.options().dtype(at::kFloat))};
+  int64_t param_width = call.weight->size(0);
+  Key key = {call.state.token, gate.device().index(), call.rows, call.padded_width, call.width, param_width};
+  for (const auto* t : {&call.gate, &call.up, &call.weight, &call.bias}) {
+    key.push_back(static_cast<int64_t>((*t)->scalar_type()) * 2 + aligned(**t));
+  }
+  // the kernel's ints: rows, the norm's width, the rows' width, the parameters' length, the row strides of gate, up
+  // and out (contiguous: the rows' width)
+  Ref rows = int_object(call.rows), padded = int_object(call.padded_width), params = int_object(param_width);
+  auto arguments = [&](const std::vector<PyObject*>& outs) -> std::vector<PyObject*> {
+    return {call.objects[0], call.objects[1], call.objects[2], call.objects[3], outs[0],     outs[1],
+            outs[2],         rows.get(),      call.objects[5], padded.get(),    params.get(), padded.get(),
+            padded.get(),    padded.get(),    call.objects[4]};
+  };
+  return run_forward(*swiglu_layer_norm_op, call.state, call.objects, 6, std::move(key), std::move(outputs),
+                     arguments);
+}
+
+}  // namespace
+
+// named: its autograd node's name() is CppNode<vitfast::eager::SwigluLayerNormFunction>
+struct SwigluLayerNormFunction : public torch::autograd::Function<SwigluLayerNormFunction> {
+  static variable_list forward(
+      AutogradContext* ctx, const at::Tensor& gate, const at::Tensor& up, const at::Tensor& weight,
+      const at::Tensor& bias, SwigluLayerNormCall* call) {
+    variable_list outputs = swiglu_layer_norm_forward(*call);
+    ctx->save_for_backward({gate, up, weight, outputs[1], outputs[2]});  // what the setup context saves
+    ctx->saved_data["bias_dtype"] = static_cast<int64_t>(bias.scalar_type());
+    ctx->saved_data["width"] = call->width;
+    ctx->mark_non_differentiable({outputs[1], outputs[2]});
+    return outputs;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    // _swiglu_layer_norm_grads(grad, gate, up, weight, mean, rstd, (bias dtype, width)) -> (dgate, dup, dw, db)
+    variable_list tensors = {grads[0]};
+    for (const at::Tensor& t : ctx->get_saved_variables()) {
+      tensors.push_back(t);
+    }
+    auto bias_dtype = static_cast<at::ScalarType>(ctx->saved_data["bias_dtype"].toInt());
+    int64_t width = ctx->saved_data["width"].toInt();
+    auto extra = [bias_dtype, width] {
+      return Ref(Py_BuildValue("(On)", reinterpret_cast<PyObject*>(torch::getTHPDtype(bias_dtype)),
+                               static_cast<Py_ssize_t>(width)));
+    };
+    return call_backward(*swiglu_layer_norm_op, tensors, extra, 4);
+  }
+};
+
+namespace {
+
+// vitfast._C.swiglu_layer_norm_fwd_native(gate, up, weight, bias, eps, width) -> (out, mean, rstd) or
+// NotImplemented.
+PyObject* swiglu_layer_norm_fwd_native(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  if (swiglu_layer_norm_op == nullptr || nargs != 6 || !PyFloat_CheckExact(args[4]) || !PyLong_CheckExact(args[5])) {
+    return not_implemented();
+  }
+  SwigluLayerNormCall call;
+  std::memcpy(call.objects, args, sizeof(call.objects));
+  for (int i = 0; i < 4; ++i) {
+    if (args[i] == Py_None) {
+      return not_implemented();
+    }
+  }
+  if (!unpack(args[0], call.gate) || !unpack(args[1], call.up) || !unpack(args[2], call.weight) ||
+      !unpack(args[3], call.bias)) {
+    return not_implemented();
+  }
+  const at::Tensor& gate = *call.gate;
+  const at::Tensor& up = *call.up;
+  if (gate.dim() < 1 || !kernel_dtype(gate.scalar_type()) || !gate.is_contiguous() || !up.is_contiguous() ||
+      up.sizes() != gate.sizes() || up.scalar_type() != gate.scalar_type() || up.device() != gate.device() ||
+      !on_kernel_device(*swiglu_layer_norm_op, gate) || gate.numel() == 0) {
+    return not_implemented();
+  }
+  call.padded_width = gate.size(-1);
+  call.width = PyLong_AsLongLong(args[5]);
+  if (call.width == -1 && PyErr_Occurred()) {
+    PyErr_Clear();
+    return not_implemented();
+  }
+  if (call.padded_width > swiglu_layer_norm_max_width || call.width < 1 || call.width > call.padded_width) {
+    return not_implemented();
+  }
+  call.rows = gate.numel() / call.padded_width;
+  const at::Tensor& weight = *call.weight;
+  const at::Tensor& bias = *call.bias;
+  for (const at::Tensor* p : {&weight, &bias}) {
+    if (p->device() != gate.device() || p->dim() != 1 || p->size(0) != weight.size(0) || p->stride(0) != 1 ||
+        !kernel_dtype(p->scalar_type())) {
+      return not_implemented();
+    }
+  }
+  if ((weight.size(0) != call.width && weight.size(0) != call.padded_width) ||
+      !launch_state(swiglu_layer_norm_op->state.get(), call.state)) {
+    return not_implemented();
+  }
+  bool grad = wants_grad({&call.gate, &call.up, &call.weight, &call.bias});
+  return output_tuple(grad ? SwigluLayerNormFunction::apply(gate, up, weight, bias, &call)
+                           : swiglu_layer_norm_forward(call));
+  END_HANDLE_TH_ERRORS
+}
+
+// vitfast._C.swiglu_layer_norm_native_setup(state, fill, backward, cpu, max_width)
+PyObject* swiglu_layer_norm_native_setup(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  if (nargs != 5) {
+    PyErr_SetString(PyExc_TypeError, "swiglu_layer_norm_native_setup(state, fill, backward, cpu, max_width)");
+    return nullptr;
+  }
+  int64_t max_width = PyLong_AsLongLong(args[4]);
+  if (max_width == -1 && PyErr_Occurred()) {
+    return nullptr;
+  }
+  set_up(swiglu_layer_norm_op, args);
+  swiglu_layer_norm_max_width = max_width;
+  Py_RETURN_NONE;
+  END_HANDLE_TH_ERRORS
+}
+
 // vitfast._C.native_launches(): cached specializations per op (tests).
 PyObject* native_launches(PyObject*, PyObject*) {
-  return Py_BuildValue("{s:n,s:n}", "layer_norm", layer_norm_op == nullptr ? 0 : layer_norm_op->launches.size(),
-                       "attention", attention_op == nullptr ? 0 : attention_op->launches.size());
+  auto size = [](const NativeOp* op) { return static_cast<Py_ssize_t>(op == nullptr ? 0 : op->launches.size()); };
+  return Py_BuildValue("{s:n,s:n,s:n}", "layer_norm", size(layer_norm_op), "attention", size(attention_op),
+                       "swiglu_layer_norm", size(swiglu_layer_norm_op));
 }
 
 }  // namespace
@@ -705,6 +846,12 @@ PyMethodDef vitfast_eager_methods[] = {
     {"attention_native_setup",
      reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(vitfast::eager::attention_native_setup)),
      METH_FASTCALL, "Set the Python side of the native attention path; forgets its cached launches."},
+    {"swiglu_layer_norm_fwd_native",
+     reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(vitfast::eager::swiglu_layer_norm_fwd_native)),
+     METH_FASTCALL, "The eager SwiGLU + sub-LN forward in C++ (vitfast/ops/swiglu.py), or NotImplemented."},
+    {"swiglu_layer_norm_native_setup",
+     reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(vitfast::eager::swiglu_layer_norm_native_setup)),
+     METH_FASTCALL, "Set the Python side of the native SwiGLU + sub-LN path; forgets its cached launches."},
     {"native_launches", vitfast::eager::native_launches, METH_NOARGS,
      "How many specializations each native eager path has cached."},
     {nullptr, nullptr, 0, nullptr},

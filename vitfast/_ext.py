@@ -169,6 +169,7 @@ def load_jit(verbose: bool = False, with_cuda: bool | None = None) -> ModuleType
         "vitfast.ops.layer_norm_ext",
         "vitfast.ops.layer_norm",
         "vitfast.ops.attention",
+        "vitfast.ops.swiglu",
     ):
         importlib.import_module(op_module).register_ext()
     return library

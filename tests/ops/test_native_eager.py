@@ -313,18 +313,104 @@ def test_native_attention_node() -> None:
     assert out.stride() == (5 * 2 * 32, 32, 2 * 32, 1)  # [B, H, N, D] view of a contiguous [B, N, H, D]
 
 
+# ------------------------------------------------------------------------------------------- SwiGLU + sub-LN
+
+sw = importlib.import_module("vitfast.ops.swiglu")
+
+SUB_LN_CASES = {
+    "plain": ((3, 5, 48), None, "input"),
+    "fp32 parameters": ((4, 24), None, torch.float32),
+    "true width in padded rows, [width] parameters": ((7, 40), 36, "input"),
+    "true width in padded rows, padded parameters": ((2, 40), 36, "padded"),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("case", list(SUB_LN_CASES))
+def test_native_swiglu_layer_norm_matches_the_python_path_bit_for_bit(monkeypatch, case, dtype) -> None:
+    """EVA-02's sub-LN: output and the four gradients, fill and replay, against the Python path, also for the
+    zero-padded row layout (norm over the true width) with [width] or padded parameters."""
+    if sw._swiglu_layer_norm_fwd_op.native is None:
+        pytest.skip("no native SwiGLU + sub-LN path")
+    fills: list = []
+
+    def fill(*args):
+        fills.append(args)
+        return _triton.native_fill(sw._swiglu_layer_norm_fwd_op, *args)
+
+    _ext.module.swiglu_layer_norm_native_setup(
+        _triton.native_state, fill, sw._swiglu_layer_norm_grads, True, sw.MAX_LAYER_NORM_WIDTH
+    )
+    try:
+        shape, width, params = SUB_LN_CASES[case]
+        generator = torch.Generator().manual_seed(2)
+
+        def leaf(*size, dt=dtype):
+            return torch.randn(*size, generator=generator).to(dt).requires_grad_()
+
+        gate, up = leaf(*shape), leaf(*shape)
+        param_width = shape[-1] if width is None or params == "padded" else width
+        weight = leaf(param_width, dt=params if isinstance(params, torch.dtype) else dtype)
+        bias = leaf(param_width)
+
+        def run():
+            out = sw._swiglu_layer_norm_triton(gate, up, weight, bias, 1e-6, width)
+            weights = torch.linspace(-1.0, 1.0, out.numel()).reshape(out.shape)
+            return [out.detach()], list(torch.autograd.grad((out.float() * weights).sum(), [gate, up, weight, bias]))
+
+        with monkeypatch.context() as m:
+            m.setattr(sw._swiglu_layer_norm_fwd_op, "native", None)
+            expected = run()
+        first, replayed = run(), run()
+        assert len(fills) == 1 and _ext.module.native_launches()["swiglu_layer_norm"] == 1
+        _assert_same(first, expected)
+        _assert_same(replayed, expected)
+        assert (
+            sw._swiglu_layer_norm_fwd_op(gate, up, weight, bias, 1e-6, width or shape[-1])[0]
+            .grad_fn.name()
+            .endswith("vitfast::eager::SwigluLayerNormFunction>")
+        )
+    finally:
+        sw.register_ext()
+
+
+def test_native_swiglu_layer_norm_declines_what_it_does_not_take() -> None:
+    if sw._swiglu_layer_norm_fwd_op.native is None:
+        pytest.skip("no native SwiGLU + sub-LN path")
+    g, w = torch.randn(4, 16), torch.randn(16)
+    native = _ext.module.swiglu_layer_norm_fwd_native
+    declined = {
+        "strided gate": (torch.randn(4, 32)[:, :16], g, w, w, 1e-6, 16),
+        "up of another shape": (g, torch.randn(4, 8), w, w, 1e-6, 16),
+        "no weight": (g, g, None, w, 1e-6, 16),
+        "weight of another width": (g, g, torch.randn(12), w, 1e-6, 16),
+        "weight and bias of different lengths": (g, g, torch.randn(12), w, 1e-6, 12),
+        "width past the rows": (g, g, w, w, 1e-6, 17),
+        "width 0": (g, g, w, w, 1e-6, 0),
+        "float64": (g.double(), g.double(), w, w, 1e-6, 16),
+        "int eps": (g, g, w, w, 0, 16),
+        "no rows": (torch.randn(0, 16), torch.randn(0, 16), w, w, 1e-6, 16),
+    }
+    for what, args in declined.items():
+        assert native(*args) is NotImplemented, what
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the native path's real launches need a GPU")
 def test_gpu_native_paths_match_the_python_paths_and_capture(monkeypatch) -> None:
     """On a GPU (the replay calls Triton's compiled launcher there): ViT-B/16 bs 8 shapes in bf16, LayerNorm,
-    residual LayerNorm and attention bitwise equal to the Python path, forward and backward; and inside a CUDA
-    graph capture (the replay launches on the capturing stream)."""
+    residual LayerNorm, attention and EVA-02-B's sub-LN bitwise equal to the Python path, forward and backward; and
+    inside a CUDA graph capture (the replay launches on the capturing stream)."""
     device = torch.device("cuda")
     ln.register_ext()
     attn.register_ext()
+    sw.register_ext()
     x, branch = (torch.randn(8, 197, 768, device=device, dtype=torch.bfloat16).requires_grad_() for _ in range(2))
     w, b = (torch.randn(768, device=device, dtype=torch.bfloat16).requires_grad_() for _ in range(2))
     qkv = torch.randn(8, 197, 3, 12, 64, device=device, dtype=torch.bfloat16).requires_grad_()
+    # EVA-02-B's sub-LN: hidden 2048
+    gate, up = (torch.randn(8, 197, 2048, device=device, dtype=torch.bfloat16).requires_grad_() for _ in range(2))
+    sub_w, sub_b = (torch.randn(2048, device=device, dtype=torch.bfloat16).requires_grad_() for _ in range(2))
 
     def calls():
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
@@ -333,14 +419,17 @@ def test_gpu_native_paths_match_the_python_paths_and_capture(monkeypatch) -> Non
             *ln._layer_norm_fwd_op(x, branch, None, w, b, 1e-6)[:2],
         ]
         outs.append(attn._attention_triton(q, k, v))
-        grads = torch.autograd.grad([o.float().square().sum() for o in outs], [x, branch, w, b, qkv])
+        outs.append(sw._swiglu_layer_norm_triton(gate, up, sub_w, sub_b, 1e-6))
+        leaves = [x, branch, w, b, qkv, gate, up, sub_w, sub_b]
+        grads = torch.autograd.grad([o.float().square().sum() for o in outs], leaves)
         return [o.detach() for o in outs] + list(grads)
 
     with monkeypatch.context() as m:
         m.setattr(ln._layer_norm_fwd_op, "native", None)
         m.setattr(attn._attention_fwd_op, "native", None)
+        m.setattr(sw._swiglu_layer_norm_fwd_op, "native", None)
         expected = calls()
-    if ln._layer_norm_fwd_op.native is None or attn._attention_fwd_op.native is None:
+    if any(op.native is None for op in (ln._layer_norm_fwd_op, attn._attention_fwd_op, sw._swiglu_layer_norm_fwd_op)):
         pytest.skip("no native eager path (the compiled extension is not loaded for this torch)")
     for _ in range(2):  # fill, then replay
         got = calls()
@@ -370,6 +459,7 @@ def test_native_paths_cache_their_launches_on_the_compiled_launch_path(tmp_path)
     assert result["native_launches"] is not None, "the probe's process did not load the compiled extension"
     assert result["native_launches"]["layer_norm"] >= 2  # plain and residual
     assert result["native_launches"]["attention"] >= 1
+    assert result["native_launches"]["swiglu_layer_norm"] >= 1
 
 
 def test_jit_trace_records_the_registered_op_not_a_direct_launch() -> None:

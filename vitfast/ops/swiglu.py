@@ -26,6 +26,8 @@ saving it. For fp32 inputs the rounding is a no-op.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -40,6 +42,9 @@ from vitfast.ops._triton import (
     kernel_can_run,
     launch,
     log_fallback,
+    native_fill,
+    native_function,
+    native_state,
     next_power_of_2,
     num_sms,
     pdl_prologue,
@@ -899,17 +904,41 @@ def _swiglu_layer_norm_setup_context(ctx, inputs, output) -> None:
 
 
 def _swiglu_layer_norm_backward(ctx, grad: torch.Tensor, _grad_mean: torch.Tensor, _grad_rstd: torch.Tensor):
-    gate, up, weight, mean, rstd = ctx.saved_tensors
-    d_gate, d_up, d_params = _swiglu_layer_norm_bwd_op(grad, gate, up, weight, mean, rstd, ctx.width)
-    if weight.dtype == ctx.bias_dtype:
+    return (*_swiglu_layer_norm_grads(grad, *ctx.saved_tensors, (ctx.bias_dtype, ctx.width)), None, None)
+
+
+def _swiglu_layer_norm_grads(grad, gate, up, weight, mean, rstd, bias_dtype_and_width):
+    """``(d_gate, d_up, d_weight, d_bias)`` from what :func:`_swiglu_layer_norm_setup_context` saved; also the
+    backward of the native forward (csrc/eager.cpp), which saves the same."""
+    bias_dtype, width = bias_dtype_and_width
+    d_gate, d_up, d_params = _swiglu_layer_norm_bwd_op(grad, gate, up, weight, mean, rstd, width)
+    if weight.dtype == bias_dtype:
         d_params = d_params.to(weight.dtype)  # one cast for both (none for fp32 parameters)
-        return d_gate, d_up, d_params[0], d_params[1], None, None
-    return d_gate, d_up, d_params[0].to(weight.dtype), d_params[1].to(ctx.bias_dtype), None, None
+        return d_gate, d_up, d_params[0], d_params[1]
+    return d_gate, d_up, d_params[0].to(weight.dtype), d_params[1].to(bias_dtype)
 
 
 _swiglu_fwd_op.register_autograd(_swiglu_backward, setup_context=_swiglu_setup_context)
 _swiglu_packed_fwd_op.register_autograd(_swiglu_packed_backward, setup_context=_swiglu_setup_context)
 _swiglu_layer_norm_fwd_op.register_autograd(_swiglu_layer_norm_backward, setup_context=_swiglu_layer_norm_setup_context)
+
+
+def register_ext(cpu: bool = INTERPRETER) -> None:
+    """The native eager path of the SwiGLU + sub-LN forward (csrc/eager.cpp), when the compiled extension has it: at
+    import, or by ``vitfast._ext.load_jit``. ``cpu``: it also takes CPU tensors (the interpreter; the host-overhead
+    probe's stand-in GPU). Forgets the launches it cached."""
+    function = native_function("swiglu_layer_norm_fwd_native")
+    if function is None:
+        return
+    from vitfast import _ext
+
+    fill = functools.partial(native_fill, _swiglu_layer_norm_fwd_op)
+    # the launch plan reads INTERPRETER alone, a constant: no settings in the state
+    _ext.module.swiglu_layer_norm_native_setup(native_state, fill, _swiglu_layer_norm_grads, cpu, MAX_LAYER_NORM_WIDTH)
+    _swiglu_layer_norm_fwd_op.native = function
+
+
+register_ext()
 
 
 def _swiglu_unsupported(gate: torch.Tensor, up: torch.Tensor) -> str | None:
@@ -949,6 +978,11 @@ def _swiglu_layer_norm_triton(
     eps: float,
     width: int | None = None,
 ) -> torch.Tensor:
+    if weight is not None and bias is not None and gate.ndim:
+        # the native path checks its own coverage
+        result = _swiglu_layer_norm_fwd_op.native_call(gate, up, weight, bias, eps, width or gate.shape[-1])
+        if result is not NotImplemented:
+            return result[0]
     reason = _swiglu_unsupported(gate, up)
     if reason is None:
         if weight is None or bias is None:
