@@ -4,8 +4,8 @@
 // F.layer_norm (benchmarks/results/2026-12-01_host_overhead_lean.md): the autograd node of torch.autograd.Function
 // alone costs more than aten's whole op, and each output allocation ~2 us. Here the checks, the output allocation,
 // the autograd node (a C++ torch::autograd::Function) and the launch cache's key are C++, for the ops below
-// (the forwards of LayerNorm, of attention without a bias and of SwiGLU + sub-LN: one launch each); what stays
-// Python is decided once per specialization, by the Python path itself:
+// (the forwards of LayerNorm, of attention without a bias and of SwiGLU + sub-LN, and 2D RoPE: one launch each);
+// what stays Python is decided once per specialization, by the Python path itself:
 //
 // - the launch: the compiled kernel's own launcher (Triton's), called with exactly the arguments JITFunction.run
 //   passes (the replay contract of _triton.LaunchCache). A specialization's first call runs the Python launcher
@@ -821,11 +821,158 @@ PyObject* swiglu_layer_norm_native_setup(PyObject*, PyObject* const* args, Py_ss
   END_HANDLE_TH_ERRORS
 }
 
+// ------------------------------------------------------------------------------------------------------ 2D RoPE
+
+// vitfast::rope_2d_qk(q, k, cos, sin, num_prefix_tokens, inverse) -> (q_out, k_out): the launch of _rope_qk_kernel
+// as rope_2d_qk_fwd (vitfast/ops/rope.py) makes it for [B, H, N, D] q, k with unit stride along D and cos, sin of
+// one strides.
+NativeOp* rope_op = nullptr;
+
+struct RopeCall {
+  PyObject* objects[6];  // q, k, cos, sin, num_prefix_tokens, inverse (borrowed)
+  std::optional<at::Tensor> q, k, cos, sin;
+  int64_t prefix = 0;
+  State state;
+};
+
+variable_list rope_forward(RopeCall& call) {
+  const at::Tensor& q = *call.q;
+  int64_t heads = q.size(1), seq_len = q.size(2), head_dim = q.size(3);
+  // the [B, H, N, D] views of contiguous [B, N, H, D] tensors
+  std::array<int64_t, 4> out_strides = {seq_len * heads * head_dim, head_dim, heads * head_dim, 1};
+  variable_list outputs = {at::empty_strided(q.sizes(), out_strides, q.options()),
+                           at::empty_strided(q.sizes(), out_strides, q.options())};
+  Key key = {call.state.token, q.device().index(), static_cast<int64_t>(q.scalar_type()), call.prefix,
+             call.objects[5] == Py_True};
+  for (const auto* t : {&call.q, &call.k, &call.cos, &call.sin}) {
+    key.push_back(static_cast<int64_t>((*t)->scalar_type()) * 2 + aligned(**t));
+    for (int64_t d = 0; d < (*t)->dim(); ++d) {
+      key.push_back((*t)->size(d));
+      key.push_back((*t)->stride(d));
+    }
+  }
+  const at::Tensor& cos = *call.cos;
+  // the kernel's ints: q's and k's batch, token and head strides, out's batch and token strides, the table's row
+  // stride and the stride between pairs (two columns for a [rows, D] table), the tokens, the prefix tokens
+  std::vector<Ref> ints;
+  for (const auto* t : {&call.q, &call.k}) {
+    for (int64_t d : {0, 2, 1}) {
+      ints.push_back(int_object((*t)->stride(d)));
+    }
+  }
+  ints.push_back(int_object(out_strides[0]));
+  ints.push_back(int_object(out_strides[2]));
+  ints.push_back(int_object(cos.stride(0)));
+  ints.push_back(int_object(cos.stride(1) * (cos.size(1) == head_dim ? 2 : 1)));
+  ints.push_back(int_object(seq_len));
+  auto arguments = [&](const std::vector<PyObject*>& outs) -> std::vector<PyObject*> {
+    std::vector<PyObject*> list = {call.objects[0], call.objects[1], outs[0], outs[1], call.objects[2],
+                                   call.objects[3]};
+    for (const Ref& i : ints) {
+      list.push_back(i.get());
+    }
+    list.push_back(call.objects[4]);
+    return list;
+  };
+  return run_forward(*rope_op, call.state, call.objects, 6, std::move(key), std::move(outputs), arguments);
+}
+
+}  // namespace
+
+// named: its autograd node's name() is CppNode<vitfast::eager::RopeFunction>
+struct RopeFunction : public torch::autograd::Function<RopeFunction> {
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& q, const at::Tensor& k, RopeCall* call) {
+    variable_list outputs = rope_forward(*call);
+    ctx->save_for_backward({*call->cos, *call->sin});  // what _rope_2d_qk_setup_context saves
+    ctx->saved_data["prefix"] = call->prefix;
+    ctx->saved_data["inverse"] = call->objects[5] == Py_True;
+    return outputs;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    // _rope_2d_qk_grads(grad_q, grad_k, cos, sin, (num_prefix_tokens, inverse)) -> (dq, dk)
+    variable_list tensors = {grads[0], grads[1]};
+    for (const at::Tensor& t : ctx->get_saved_variables()) {
+      tensors.push_back(t);
+    }
+    int64_t prefix = ctx->saved_data["prefix"].toInt();
+    bool inverse = ctx->saved_data["inverse"].toBool();
+    auto extra = [prefix, inverse] {
+      return Ref(Py_BuildValue("(nO)", static_cast<Py_ssize_t>(prefix), inverse ? Py_True : Py_False));
+    };
+    return call_backward(*rope_op, tensors, extra, 2);
+  }
+};
+
+namespace {
+
+// vitfast._C.rope_2d_qk_native(q, k, cos, sin, num_prefix_tokens, inverse) -> (q_out, k_out) or NotImplemented.
+PyObject* rope_2d_qk_native(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  if (rope_op == nullptr || nargs != 6 || !PyLong_CheckExact(args[4]) || !PyBool_Check(args[5])) {
+    return not_implemented();
+  }
+  RopeCall call;
+  std::memcpy(call.objects, args, sizeof(call.objects));
+  for (int i = 0; i < 4; ++i) {
+    if (args[i] == Py_None) {
+      return not_implemented();
+    }
+  }
+  if (!unpack(args[0], call.q) || !unpack(args[1], call.k) || !unpack(args[2], call.cos) ||
+      !unpack(args[3], call.sin)) {
+    return not_implemented();
+  }
+  const at::Tensor& q = *call.q;
+  const at::Tensor& k = *call.k;
+  const at::Tensor& cos = *call.cos;
+  const at::Tensor& sin = *call.sin;
+  if (q.dim() != 4 || k.sizes() != q.sizes() || k.scalar_type() != q.scalar_type() ||
+      !kernel_dtype(q.scalar_type()) || q.stride(3) != 1 || k.stride(3) != 1 || q.numel() == 0 ||
+      !on_kernel_device(*rope_op, q) || k.device() != q.device() || q.size(3) % 2 != 0) {
+    return not_implemented();
+  }
+  call.prefix = PyLong_AsLongLong(args[4]);
+  if (call.prefix == -1 && PyErr_Occurred()) {
+    PyErr_Clear();
+    return not_implemented();
+  }
+  int64_t rows = q.size(2) - call.prefix, head_dim = q.size(3);
+  if (call.prefix < 0 || rows < 0) {
+    return not_implemented();
+  }
+  for (const at::Tensor* t : {&cos, &sin}) {
+    if (t->dim() != 2 || t->size(0) != rows || (t->size(1) != head_dim && t->size(1) != head_dim / 2) ||
+        !t->is_floating_point() || t->device() != q.device() || t->sizes() != cos.sizes() ||
+        t->strides() != cos.strides()) {
+      return not_implemented();
+    }
+  }
+  if (!launch_state(rope_op->state.get(), call.state)) {
+    return not_implemented();
+  }
+  bool grad = wants_grad({&call.q, &call.k});
+  return output_tuple(grad ? RopeFunction::apply(q, k, &call) : rope_forward(call));
+  END_HANDLE_TH_ERRORS
+}
+
+// vitfast._C.rope_2d_qk_native_setup(state, fill, backward, cpu)
+PyObject* rope_2d_qk_native_setup(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  if (nargs != 4) {
+    PyErr_SetString(PyExc_TypeError, "rope_2d_qk_native_setup(state, fill, backward, cpu)");
+    return nullptr;
+  }
+  set_up(rope_op, args);
+  Py_RETURN_NONE;
+  END_HANDLE_TH_ERRORS
+}
+
 // vitfast._C.native_launches(): cached specializations per op (tests).
 PyObject* native_launches(PyObject*, PyObject*) {
   auto size = [](const NativeOp* op) { return static_cast<Py_ssize_t>(op == nullptr ? 0 : op->launches.size()); };
-  return Py_BuildValue("{s:n,s:n,s:n}", "layer_norm", size(layer_norm_op), "attention", size(attention_op),
-                       "swiglu_layer_norm", size(swiglu_layer_norm_op));
+  return Py_BuildValue("{s:n,s:n,s:n,s:n}", "layer_norm", size(layer_norm_op), "attention", size(attention_op),
+                       "swiglu_layer_norm", size(swiglu_layer_norm_op), "rope_2d_qk", size(rope_op));
 }
 
 }  // namespace
@@ -852,6 +999,12 @@ PyMethodDef vitfast_eager_methods[] = {
     {"swiglu_layer_norm_native_setup",
      reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(vitfast::eager::swiglu_layer_norm_native_setup)),
      METH_FASTCALL, "Set the Python side of the native SwiGLU + sub-LN path; forgets its cached launches."},
+    {"rope_2d_qk_native",
+     reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(vitfast::eager::rope_2d_qk_native)), METH_FASTCALL,
+     "The eager 2D RoPE of q and k in C++ (vitfast/ops/rope.py), or NotImplemented."},
+    {"rope_2d_qk_native_setup",
+     reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(vitfast::eager::rope_2d_qk_native_setup)),
+     METH_FASTCALL, "Set the Python side of the native 2D RoPE path; forgets its cached launches."},
     {"native_launches", vitfast::eager::native_launches, METH_NOARGS,
      "How many specializations each native eager path has cached."},
     {nullptr, nullptr, 0, nullptr},

@@ -170,6 +170,7 @@ def load_jit(verbose: bool = False, with_cuda: bool | None = None) -> ModuleType
         "vitfast.ops.layer_norm",
         "vitfast.ops.attention",
         "vitfast.ops.swiglu",
+        "vitfast.ops.rope",
     ):
         importlib.import_module(op_module).register_ext()
     return library

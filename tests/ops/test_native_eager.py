@@ -395,22 +395,97 @@ def test_native_swiglu_layer_norm_declines_what_it_does_not_take() -> None:
         assert native(*args) is NotImplemented, what
 
 
+# ------------------------------------------------------------------------------------------------------ 2D RoPE
+
+rope = importlib.import_module("vitfast.ops.rope")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("layout", ["contiguous", "fused qkv view", "one angle per pair"])
+def test_native_rope_matches_the_python_path_bit_for_bit(monkeypatch, layout, dtype) -> None:
+    """q_out, k_out and dq, dk (the backward is the inverse rotation, itself a native call): fill, then replay."""
+    if rope._rope_2d_qk_op.native is None:
+        pytest.skip("no native RoPE path")
+    fills: list = []
+
+    def fill(*args):
+        fills.append(args)
+        return _triton.native_fill(rope._rope_2d_qk_op, *args)
+
+    _ext.module.rope_2d_qk_native_setup(rope._native_state, fill, rope._rope_2d_qk_grads, True)
+    try:
+        batch, heads, side, head_dim = 2, 3, 3, 32
+        tokens = side * side + 1
+        cos, sin = rope.rope_2d_table((side, side), head_dim)
+        if layout == "one angle per pair":
+            cos, sin = cos[:, ::2].contiguous(), sin[:, ::2].contiguous()
+        generator = torch.Generator().manual_seed(3)
+        if layout == "fused qkv view":
+            leaves = [torch.randn(batch, tokens, 3, heads, head_dim, generator=generator).to(dtype).requires_grad_()]
+        else:
+            shape = (batch, heads, tokens, head_dim)
+            leaves = [torch.randn(*shape, generator=generator).to(dtype).requires_grad_() for _ in range(2)]
+
+        def run():
+            q, k = leaves if len(leaves) == 2 else leaves[0].permute(2, 0, 3, 1, 4).unbind(0)[:2]
+            q_out, k_out = rope._rope_2d_qk_triton(q, k, cos, sin, 1)
+            weights = torch.linspace(-1.0, 1.0, q_out.numel()).reshape(q_out.shape)
+            loss = (q_out.float() * weights).sum() + (k_out.float() * weights.flip(0)).sum()
+            return [q_out.detach(), k_out.detach()], list(torch.autograd.grad(loss, leaves))
+
+        with monkeypatch.context() as m:
+            m.setattr(rope._rope_2d_qk_op, "native", None)
+            expected = run()
+        first = run()
+        launches = _ext.module.native_launches()["rope_2d_qk"]
+        assert len(fills) == launches == 2  # the rotation and the backward's inverse rotation
+        replayed = run()
+        assert len(fills) == 2
+        _assert_same(first, expected)
+        _assert_same(replayed, expected)
+    finally:
+        rope.register_ext()
+
+
+def test_native_rope_declines_what_it_does_not_take() -> None:
+    if rope._rope_2d_qk_op.native is None:
+        pytest.skip("no native RoPE path")
+    q = torch.randn(1, 2, 5, 8)
+    cos, sin = torch.randn(4, 8), torch.randn(4, 8)
+    native = _ext.module.rope_2d_qk_native
+    declined = {
+        "3-d q": (q[0], q[0], cos, sin, 1, False),
+        "a strided head dim": (q.transpose(2, 3).contiguous().transpose(2, 3), q, cos, sin, 1, False),
+        "k of another shape": (q, torch.randn(1, 2, 6, 8), cos, sin, 1, False),
+        "a table of the wrong length": (q, q, torch.randn(5, 8), torch.randn(5, 8), 1, False),
+        "tables of different strides": (q, q, cos, torch.randn(8, 4).t(), 1, False),
+        "prefix past the tokens": (q, q, cos, sin, 6, False),
+        "an int for inverse": (q, q, cos, sin, 1, 0),
+        "float64": (q.double(), q.double(), cos, sin, 1, False),
+    }
+    for what, args in declined.items():
+        assert native(*args) is NotImplemented, what
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the native path's real launches need a GPU")
 def test_gpu_native_paths_match_the_python_paths_and_capture(monkeypatch) -> None:
     """On a GPU (the replay calls Triton's compiled launcher there): ViT-B/16 bs 8 shapes in bf16, LayerNorm,
-    residual LayerNorm, attention and EVA-02-B's sub-LN bitwise equal to the Python path, forward and backward; and
+    residual LayerNorm, attention, EVA-02-B's sub-LN and 2D RoPE bitwise equal to the Python path, forward and
+    backward; and
     inside a CUDA graph capture (the replay launches on the capturing stream)."""
     device = torch.device("cuda")
     ln.register_ext()
     attn.register_ext()
     sw.register_ext()
+    rope.register_ext()
     x, branch = (torch.randn(8, 197, 768, device=device, dtype=torch.bfloat16).requires_grad_() for _ in range(2))
     w, b = (torch.randn(768, device=device, dtype=torch.bfloat16).requires_grad_() for _ in range(2))
     qkv = torch.randn(8, 197, 3, 12, 64, device=device, dtype=torch.bfloat16).requires_grad_()
     # EVA-02-B's sub-LN: hidden 2048
     gate, up = (torch.randn(8, 197, 2048, device=device, dtype=torch.bfloat16).requires_grad_() for _ in range(2))
     sub_w, sub_b = (torch.randn(2048, device=device, dtype=torch.bfloat16).requires_grad_() for _ in range(2))
+    cos, sin = rope.rope_2d_table((14, 14), 64, device=device)
 
     def calls():
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
@@ -420,6 +495,7 @@ def test_gpu_native_paths_match_the_python_paths_and_capture(monkeypatch) -> Non
         ]
         outs.append(attn._attention_triton(q, k, v))
         outs.append(sw._swiglu_layer_norm_triton(gate, up, sub_w, sub_b, 1e-6))
+        outs.extend(rope._rope_2d_qk_triton(q, k, cos, sin, 1))
         leaves = [x, branch, w, b, qkv, gate, up, sub_w, sub_b]
         grads = torch.autograd.grad([o.float().square().sum() for o in outs], leaves)
         return [o.detach() for o in outs] + list(grads)
@@ -428,8 +504,10 @@ def test_gpu_native_paths_match_the_python_paths_and_capture(monkeypatch) -> Non
         m.setattr(ln._layer_norm_fwd_op, "native", None)
         m.setattr(attn._attention_fwd_op, "native", None)
         m.setattr(sw._swiglu_layer_norm_fwd_op, "native", None)
+        m.setattr(rope._rope_2d_qk_op, "native", None)
         expected = calls()
-    if any(op.native is None for op in (ln._layer_norm_fwd_op, attn._attention_fwd_op, sw._swiglu_layer_norm_fwd_op)):
+    native_ops = (ln._layer_norm_fwd_op, attn._attention_fwd_op, sw._swiglu_layer_norm_fwd_op, rope._rope_2d_qk_op)
+    if any(op.native is None for op in native_ops):
         pytest.skip("no native eager path (the compiled extension is not loaded for this torch)")
     for _ in range(2):  # fill, then replay
         got = calls()
@@ -460,6 +538,7 @@ def test_native_paths_cache_their_launches_on_the_compiled_launch_path(tmp_path)
     assert result["native_launches"]["layer_norm"] >= 2  # plain and residual
     assert result["native_launches"]["attention"] >= 1
     assert result["native_launches"]["swiglu_layer_norm"] >= 1
+    assert result["native_launches"]["rope_2d_qk"] >= 2  # the rotation and its inverse (the backward)
 
 
 def test_jit_trace_records_the_registered_op_not_a_direct_launch() -> None:

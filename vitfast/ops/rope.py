@@ -22,6 +22,8 @@ to this order on an H100 (benchmarks/results/2026-11-22_h100_ops_eager.md).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from vitfast.backend import dispatch, register_impl
@@ -34,6 +36,9 @@ from vitfast.ops._triton import (
     kernel_can_run,
     launch,
     log_fallback,
+    native_fill,
+    native_function,
+    native_state,
     next_power_of_2,
     pdl_prologue,
     tl,
@@ -276,9 +281,40 @@ def _rope_2d_qk_backward(ctx, grad_q: torch.Tensor, grad_k: torch.Tensor):
 _rope_2d_qk_op.register_autograd(_rope_2d_qk_backward, setup_context=_rope_2d_qk_setup_context)
 
 
+def _rope_2d_qk_grads(grad_q, grad_k, cos, sin, prefix_and_inverse):
+    """``(dq, dk)``: the inverse rotation; the backward of the native forward (csrc/eager.cpp), which saves what
+    :func:`_rope_2d_qk_setup_context` does."""
+    num_prefix_tokens, inverse = prefix_and_inverse
+    return _rope_2d_qk_op(grad_q, grad_k, cos, sin, num_prefix_tokens, not inverse)
+
+
+def _native_state() -> tuple | None:
+    return native_state(_TILE)  # the launch plan reads _TILE
+
+
+def register_ext(cpu: bool = INTERPRETER) -> None:
+    """The native eager path of the rotation (csrc/eager.cpp), when the compiled extension has it: at import, or by
+    ``vitfast._ext.load_jit``. ``cpu``: it also takes CPU tensors (the interpreter; the host-overhead probe's stand-in
+    GPU). Forgets the launches it cached."""
+    function = native_function("rope_2d_qk_native")
+    if function is None:
+        return
+    from vitfast import _ext
+
+    fill = functools.partial(native_fill, _rope_2d_qk_op)
+    _ext.module.rope_2d_qk_native_setup(_native_state, fill, _rope_2d_qk_grads, cpu)
+    _rope_2d_qk_op.native = function
+
+
+register_ext()
+
+
 def _rope_2d_qk_triton(
     q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_prefix_tokens: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    result = _rope_2d_qk_op.native_call(q, k, cos, sin, num_prefix_tokens, False)  # checks its own coverage
+    if result is not NotImplemented:
+        return result
     reason = None
     if not kernel_can_run(q, k, cos, sin):
         reason = "tensors not on one CUDA device (nor on the CPU under the Triton interpreter)"
