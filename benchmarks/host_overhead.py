@@ -16,9 +16,9 @@ Per op, median host microseconds per call (spread: min-max of the repeats), spli
   cache's call of the compiled kernel's no-op launcher; ``JITFunction.run`` before the cache existed);
 - ``ours``: our launcher function minus ``triton`` (argument checks, allocations, stride and grid arithmetic);
 - ``dispatch``: the public call minus the launcher (backend dispatch, coverage checks, the eager op path and its
-  autograd node). For an op with a native eager path (csrc/eager.cpp: LayerNorm, attention without a bias,
-  2D RoPE, SwiGLU + sub-LN) the public call does not run the Python launcher at all, so this comes out negative: the split
-  describes the Python path (``VITFAST_NATIVE_EAGER=0`` times the public call on it);
+  autograd node). For an op with a native eager path (csrc/eager.cpp: LayerNorm, attention without a bias, 2D
+  RoPE, SwiGLU + sub-LN) the public call does not run the Python launcher at all, so this comes out negative: the
+  split describes the Python path (``VITFAST_NATIVE_EAGER=0`` times the public call on it);
 
 and, in the same run, the nearest single aten op on fp32 tensors of the same tiny shapes with one intra-op thread
 (dispatch, allocation and a near-empty CPU kernel). ``F.scaled_dot_product_attention`` and ``F.conv2d`` are not

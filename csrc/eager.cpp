@@ -523,11 +523,11 @@ PyObject* layer_norm_fwd_native(PyObject*, PyObject* const* args, Py_ssize_t nar
   END_HANDLE_TH_ERRORS
 }
 
-// vitfast._C.layer_norm_native_setup(state, fill, backward, cpu, max_width)
-PyObject* layer_norm_native_setup(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+// vitfast._C.layer_norm_fwd_native_setup(state, fill, backward, cpu, max_width)
+PyObject* layer_norm_fwd_native_setup(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   HANDLE_TH_ERRORS
   if (nargs != 5) {
-    PyErr_SetString(PyExc_TypeError, "layer_norm_native_setup(state, fill, backward, cpu, max_width)");
+    PyErr_SetString(PyExc_TypeError, "layer_norm_fwd_native_setup(state, fill, backward, cpu, max_width)");
     return nullptr;
   }
   int64_t max_width = PyLong_AsLongLong(args[4]);
@@ -660,11 +660,11 @@ PyObject* attention_fwd_native(PyObject*, PyObject* const* args, Py_ssize_t narg
   END_HANDLE_TH_ERRORS
 }
 
-// vitfast._C.attention_native_setup(state, fill, backward, cpu, head_dims, log2e)
-PyObject* attention_native_setup(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+// vitfast._C.attention_fwd_native_setup(state, fill, backward, cpu, head_dims, log2e)
+PyObject* attention_fwd_native_setup(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   HANDLE_TH_ERRORS
   if (nargs != 6 || !PyTuple_Check(args[4]) || !PyFloat_Check(args[5])) {
-    PyErr_SetString(PyExc_TypeError, "attention_native_setup(state, fill, backward, cpu, head_dims, log2e)");
+    PyErr_SetString(PyExc_TypeError, "attention_fwd_native_setup(state, fill, backward, cpu, head_dims, log2e)");
     return nullptr;
   }
   std::vector<int64_t> head_dims;
@@ -804,11 +804,11 @@ PyObject* swiglu_layer_norm_fwd_native(PyObject*, PyObject* const* args, Py_ssiz
   END_HANDLE_TH_ERRORS
 }
 
-// vitfast._C.swiglu_layer_norm_native_setup(state, fill, backward, cpu, max_width)
-PyObject* swiglu_layer_norm_native_setup(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+// vitfast._C.swiglu_layer_norm_fwd_native_setup(state, fill, backward, cpu, max_width)
+PyObject* swiglu_layer_norm_fwd_native_setup(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   HANDLE_TH_ERRORS
   if (nargs != 5) {
-    PyErr_SetString(PyExc_TypeError, "swiglu_layer_norm_native_setup(state, fill, backward, cpu, max_width)");
+    PyErr_SetString(PyExc_TypeError, "swiglu_layer_norm_fwd_native_setup(state, fill, backward, cpu, max_width)");
     return nullptr;
   }
   int64_t max_width = PyLong_AsLongLong(args[4]);
@@ -984,20 +984,20 @@ PyMethodDef vitfast_eager_methods[] = {
     {"layer_norm_fwd_native",
      reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(vitfast::eager::layer_norm_fwd_native)),
      METH_FASTCALL, "The eager LayerNorm forward in C++ (vitfast/ops/layer_norm.py), or NotImplemented."},
-    {"layer_norm_native_setup",
-     reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(vitfast::eager::layer_norm_native_setup)),
+    {"layer_norm_fwd_native_setup",
+     reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(vitfast::eager::layer_norm_fwd_native_setup)),
      METH_FASTCALL, "Set the Python side of the native LayerNorm path; forgets its cached launches."},
     {"attention_fwd_native",
      reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(vitfast::eager::attention_fwd_native)),
      METH_FASTCALL, "The eager attention forward without a bias in C++ (vitfast/ops/attention.py), or NotImplemented."},
-    {"attention_native_setup",
-     reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(vitfast::eager::attention_native_setup)),
+    {"attention_fwd_native_setup",
+     reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(vitfast::eager::attention_fwd_native_setup)),
      METH_FASTCALL, "Set the Python side of the native attention path; forgets its cached launches."},
     {"swiglu_layer_norm_fwd_native",
      reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(vitfast::eager::swiglu_layer_norm_fwd_native)),
      METH_FASTCALL, "The eager SwiGLU + sub-LN forward in C++ (vitfast/ops/swiglu.py), or NotImplemented."},
-    {"swiglu_layer_norm_native_setup",
-     reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(vitfast::eager::swiglu_layer_norm_native_setup)),
+    {"swiglu_layer_norm_fwd_native_setup",
+     reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(vitfast::eager::swiglu_layer_norm_fwd_native_setup)),
      METH_FASTCALL, "Set the Python side of the native SwiGLU + sub-LN path; forgets its cached launches."},
     {"rope_2d_qk_native",
      reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(vitfast::eager::rope_2d_qk_native)), METH_FASTCALL,

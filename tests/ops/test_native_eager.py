@@ -32,15 +32,17 @@ def native():
 
 def _setup(module, *, state=None, fill=None, backward=None) -> None:
     fill = fill or functools.partial(_triton.native_fill, ln._layer_norm_fwd_op)
-    module.layer_norm_native_setup(
+    module.layer_norm_fwd_native_setup(
         state or ln._native_state, fill, backward or ln._layer_norm_grads, True, ln.MAX_WIDTH
     )
 
 
-def _counting_fill(calls: list):
+def _counting_fill(calls: list, op=None, **options):
+    """A fill (``native_fill`` of ``op``, LayerNorm's by default) that records each call in ``calls``."""
+
     def fill(*args):
         calls.append(args)
-        return _triton.native_fill(ln._layer_norm_fwd_op, *args)
+        return _triton.native_fill(op or ln._layer_norm_fwd_op, *args, **options)
 
     return fill
 
@@ -260,11 +262,9 @@ def test_native_attention_matches_the_python_path_bit_for_bit(monkeypatch, atten
     (timm's fused projection) are read in place on both."""
     fills: list = []
 
-    def fill(*args):
-        fills.append(args)
-        return _triton.native_fill(attn._attention_fwd_op, *args)
+    fill = _counting_fill(fills, attn._attention_fwd_op)
 
-    attention_native.attention_native_setup(
+    attention_native.attention_fwd_native_setup(
         attn._native_state, fill, attn._attention_grads, True, tuple(attn.KERNEL_HEAD_DIMS), attn.math.log2(attn.math.e)
     )
     leaves = _attention_leaves(layout, dtype)
@@ -334,11 +334,9 @@ def test_native_swiglu_layer_norm_matches_the_python_path_bit_for_bit(monkeypatc
         pytest.skip("no native SwiGLU + sub-LN path")
     fills: list = []
 
-    def fill(*args):
-        fills.append(args)
-        return _triton.native_fill(sw._swiglu_layer_norm_fwd_op, *args)
+    fill = _counting_fill(fills, sw._swiglu_layer_norm_fwd_op)
 
-    _ext.module.swiglu_layer_norm_native_setup(
+    _ext.module.swiglu_layer_norm_fwd_native_setup(
         _triton.native_state, fill, sw._swiglu_layer_norm_grads, True, sw.MAX_LAYER_NORM_WIDTH
     )
     try:
@@ -408,9 +406,7 @@ def test_native_rope_matches_the_python_path_bit_for_bit(monkeypatch, layout, dt
         pytest.skip("no native RoPE path")
     fills: list = []
 
-    def fill(*args):
-        fills.append(args)
-        return _triton.native_fill(rope._rope_2d_qk_op, *args)
+    fill = _counting_fill(fills, rope._rope_2d_qk_op)
 
     _ext.module.rope_2d_qk_native_setup(rope._native_state, fill, rope._rope_2d_qk_grads, True)
     try:

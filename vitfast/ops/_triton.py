@@ -41,6 +41,7 @@ __all__ = [
     "next_power_of_2",
     "num_sms",
     "plan_sms",
+    "register_native",
     "pdl_prologue",
     "pdl_supported",
     "plain_eager",
@@ -628,6 +629,30 @@ def native_fill(op: EagerOp, *args: Any, globals_read: tuple[str, ...] = ()) -> 
     if entry is None or any(name not in globals_read for name, *_ in entry.globals):
         return outputs, None
     return outputs, (grid, entry.launcher, entry.function, entry.packed_metadata, entry.constexprs, launch_args)
+
+
+def register_native(
+    op: EagerOp,
+    name: str,
+    state: Callable,
+    backward: Callable,
+    cpu: bool,
+    *options: Any,
+    globals_read: tuple[str, ...] = (),
+) -> None:
+    """Give ``op`` the compiled extension's native eager path ``name`` (csrc/eager.cpp), when it has one: its setup
+    (``<name>_setup``) gets the op's state callback (:func:`native_state` with the op's plan settings), a fill over
+    :func:`native_fill`, the op's Python backward, ``cpu`` (take CPU tensors too: the interpreter, the host-overhead
+    probe's stand-in GPU) and the op's own ``options``; it forgets the launches the path had cached. Called at import
+    by each op module's ``register_ext``, and by ``vitfast._ext.load_jit``."""
+    function = native_function(name)
+    if function is None:
+        return
+    from vitfast import _ext
+
+    fill = functools.partial(native_fill, op, globals_read=globals_read)
+    getattr(_ext.module, f"{name}_setup")(state, fill, backward, cpu, *options)
+    op.native = function
 
 
 def triton_op(name: str, *, mutates_args: tuple[str, ...] = ()) -> Callable[[Callable], EagerOp]:

@@ -31,7 +31,6 @@ gradient).
 
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
@@ -47,11 +46,10 @@ from vitfast.ops._triton import (
     kernel_can_run,
     launch,
     log_fallback,
-    native_fill,
-    native_function,
     native_state,
     next_power_of_2,
     pdl_prologue,
+    register_native,
     tl,
     triton,
     triton_op,
@@ -1063,19 +1061,11 @@ def _native_state() -> tuple | None:
 
 
 def register_ext(cpu: bool = INTERPRETER) -> None:
-    """The native eager path of the bias-less forward (csrc/eager.cpp), when the compiled extension has it: at import,
-    or by ``vitfast._ext.load_jit``. ``cpu``: it also takes CPU tensors (the interpreter; the host-overhead probe's
-    stand-in GPU). Forgets the launches it cached."""
-    function = native_function("attention_fwd_native")
-    if function is None:
-        return
-    from vitfast import _ext
-
-    fill = functools.partial(native_fill, _attention_fwd_op, globals_read=_NATIVE_GLOBALS)
-    _ext.module.attention_native_setup(
-        _native_state, fill, _attention_grads, cpu, tuple(KERNEL_HEAD_DIMS), math.log2(math.e)
-    )
-    _attention_fwd_op.native = function
+    """The native eager path of the bias-less forward (csrc/eager.cpp; :func:`~vitfast.ops._triton.register_native`)."""
+    register_native(
+        _attention_fwd_op, "attention_fwd_native", _native_state, _attention_grads, cpu, tuple(KERNEL_HEAD_DIMS),
+        math.log2(math.e), globals_read=_NATIVE_GLOBALS,
+    )  # fmt: skip
 
 
 register_ext()

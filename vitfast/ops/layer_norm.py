@@ -19,8 +19,6 @@ through the dispatch.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.nn.functional as F
 
@@ -35,12 +33,11 @@ from vitfast.ops._triton import (
     kernel_can_run,
     launch,
     log_fallback,
-    native_fill,
-    native_function,
     native_state,
     next_power_of_2,
     num_sms,
     pdl_prologue,
+    register_native,
     rows_2d,
     tl,
     triton,
@@ -905,17 +902,8 @@ def _native_state() -> tuple | None:
 
 
 def register_ext(cpu: bool = INTERPRETER) -> None:
-    """The native eager path of the forward (csrc/eager.cpp), when the compiled extension has it: at import, or by
-    ``vitfast._ext.load_jit``. ``cpu``: it also takes CPU tensors (the interpreter; the host-overhead probe's
-    stand-in GPU). Forgets the launches it cached."""
-    function = native_function("layer_norm_fwd_native")
-    if function is None:
-        return
-    from vitfast import _ext
-
-    fill = functools.partial(native_fill, _layer_norm_fwd_op)
-    _ext.module.layer_norm_native_setup(_native_state, fill, _layer_norm_grads, cpu, MAX_WIDTH)
-    _layer_norm_fwd_op.native = function
+    """The native eager path of the forward (csrc/eager.cpp; :func:`~vitfast.ops._triton.register_native`)."""
+    register_native(_layer_norm_fwd_op, "layer_norm_fwd_native", _native_state, _layer_norm_grads, cpu, MAX_WIDTH)
 
 
 register_ext()

@@ -22,8 +22,6 @@ to this order on an H100 (benchmarks/results/2026-11-22_h100_ops_eager.md).
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
 from vitfast.backend import dispatch, register_impl
@@ -36,11 +34,10 @@ from vitfast.ops._triton import (
     kernel_can_run,
     launch,
     log_fallback,
-    native_fill,
-    native_function,
     native_state,
     next_power_of_2,
     pdl_prologue,
+    register_native,
     tl,
     triton,
     triton_op,
@@ -293,17 +290,8 @@ def _native_state() -> tuple | None:
 
 
 def register_ext(cpu: bool = INTERPRETER) -> None:
-    """The native eager path of the rotation (csrc/eager.cpp), when the compiled extension has it: at import, or by
-    ``vitfast._ext.load_jit``. ``cpu``: it also takes CPU tensors (the interpreter; the host-overhead probe's stand-in
-    GPU). Forgets the launches it cached."""
-    function = native_function("rope_2d_qk_native")
-    if function is None:
-        return
-    from vitfast import _ext
-
-    fill = functools.partial(native_fill, _rope_2d_qk_op)
-    _ext.module.rope_2d_qk_native_setup(_native_state, fill, _rope_2d_qk_grads, cpu)
-    _rope_2d_qk_op.native = function
+    """The native eager path of the rotation (csrc/eager.cpp; :func:`~vitfast.ops._triton.register_native`)."""
+    register_native(_rope_2d_qk_op, "rope_2d_qk_native", _native_state, _rope_2d_qk_grads, cpu)
 
 
 register_ext()

@@ -26,8 +26,6 @@ saving it. For fp32 inputs the rounding is a no-op.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.nn.functional as F
 
@@ -42,12 +40,11 @@ from vitfast.ops._triton import (
     kernel_can_run,
     launch,
     log_fallback,
-    native_fill,
-    native_function,
     native_state,
     next_power_of_2,
     num_sms,
     pdl_prologue,
+    register_native,
     rows_2d,
     tl,
     triton,
@@ -924,18 +921,13 @@ _swiglu_layer_norm_fwd_op.register_autograd(_swiglu_layer_norm_backward, setup_c
 
 
 def register_ext(cpu: bool = INTERPRETER) -> None:
-    """The native eager path of the SwiGLU + sub-LN forward (csrc/eager.cpp), when the compiled extension has it: at
-    import, or by ``vitfast._ext.load_jit``. ``cpu``: it also takes CPU tensors (the interpreter; the host-overhead
-    probe's stand-in GPU). Forgets the launches it cached."""
-    function = native_function("swiglu_layer_norm_fwd_native")
-    if function is None:
-        return
-    from vitfast import _ext
-
-    fill = functools.partial(native_fill, _swiglu_layer_norm_fwd_op)
-    # the launch plan reads INTERPRETER alone, a constant: no settings in the state
-    _ext.module.swiglu_layer_norm_native_setup(native_state, fill, _swiglu_layer_norm_grads, cpu, MAX_LAYER_NORM_WIDTH)
-    _swiglu_layer_norm_fwd_op.native = function
+    """The native eager path of the SwiGLU + sub-LN forward (csrc/eager.cpp;
+    :func:`~vitfast.ops._triton.register_native`); its launch plan reads INTERPRETER alone, a constant: no settings in
+    its state."""
+    register_native(
+        _swiglu_layer_norm_fwd_op, "swiglu_layer_norm_fwd_native", native_state, _swiglu_layer_norm_grads, cpu,
+        MAX_LAYER_NORM_WIDTH,
+    )  # fmt: skip
 
 
 register_ext()
