@@ -12,8 +12,9 @@
 //   ("fill", a Python callback), whose one launch is recorded; its arguments are compared slot by slot with the list
 //   this file builds from the same call, and only an identical list is cached (anything else stays on the Python
 //   path, every call). Under Triton's interpreter the "launcher" is a Python closure over kernel[grid].
-// - the launch state (a Python callback, once per call): whether a replay is allowed now (no tracing, no launch
-//   hooks, the debug knobs of the cache's key), a token for that state, the stream, the hooks to pass on.
+// - the launch state (a Python callback, once per call): whether a replay is allowed now (no launch hooks; the
+//   debug knobs, PDL, driver, device, plan settings and kernel globals in a token that keys the cache), the stream,
+//   the hooks to pass on. Tracing (dynamo, fake tensors, functorch, jit.trace) is refused before this is called.
 // - the backward: the op's Python backward (a callback under the GIL), as on the Python path.
 //
 // An input this path does not take (a tensor subclass, non-contiguous or broadcast tensors, a dtype or width the
