@@ -788,6 +788,19 @@ def time_on_gpu(report: dict) -> None:
     report["gpu"] = torch.cuda.get_device_name()
 
 
+def json_or_unavailable(report: dict, json_path: Path | None) -> int | None:
+    """The exit status when a report's command is done before its markdown: 0 after writing ``--json`` (an
+    unavailable toolchain included, which the JSON says), 2 when sm_90 cannot be compiled here (said on stderr);
+    None to go on. Shared with :mod:`benchmarks.pdl_check`."""
+    if json_path is not None:
+        json_path.write_text(json.dumps(report, indent=1))
+        return 0
+    if "unavailable" in report:
+        print(f"cannot compile for sm_90 here: {report['unavailable']}", file=sys.stderr)
+        return 2
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.kernel_report", description=__doc__.split("\n")[0])
     parser.add_argument("--json", type=Path, help="write the JSON report to this path only (no markdown)")
@@ -812,12 +825,9 @@ def main(argv: list[str] | None = None) -> int:
             if "measured_us" in row:
                 row["floor_fraction"] = row["floor_us"][args.gpu_peaks] / row["measured_us"]
         report["gpu_peaks"] = args.gpu_peaks
-    if args.json is not None:
-        args.json.write_text(json.dumps(report, indent=1))
-        return 0
-    if "unavailable" in report:
-        print(f"cannot compile for sm_90 here: {report['unavailable']}", file=sys.stderr)
-        return 2
+    done = json_or_unavailable(report, args.json)
+    if done is not None:
+        return done
     suffix = f"_{report['gpu_peaks'].lower()}" if args.gpu else ""
     stem = args.out_dir / f"{report['date']}_kernel_report{suffix}"
     stem.with_suffix(".json").write_text(json.dumps(report, indent=1))

@@ -201,12 +201,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out-dir", type=Path, default=kernel_report.RESULTS, help="where the dated files go")
     args = parser.parse_args(argv)
     report = collect()
-    if args.json is not None:
-        args.json.write_text(json.dumps(report, indent=1))
-        return 0
-    if "unavailable" in report:
-        print(f"cannot compile for sm_90 here: {report['unavailable']}", file=sys.stderr)
-        return 2
+    done = kernel_report.json_or_unavailable(report, args.json)
+    if done is not None:
+        return done
     text = (
         f"triton {report['triton']}, {report['target']}, {report['date']} (`python -m benchmarks.pdl_check`). "
         "regs, smem: plain / PDL variant; wait/trig: griddepcontrol.wait / .launch_dependents in the PDL variant's "

@@ -197,6 +197,11 @@ bool unpack(PyObject* object, std::optional<at::Tensor>& out) {
   return out->defined();
 }
 
+// A tensor argument that must be given: false for None too.
+bool unpack_required(PyObject* object, std::optional<at::Tensor>& out) {
+  return object != Py_None && unpack(object, out);
+}
+
 bool aligned(const at::Tensor& t) { return (reinterpret_cast<uintptr_t>(t.data_ptr()) & 15) == 0; }
 
 bool outputs_aligned(const variable_list& outputs) {
@@ -321,12 +326,17 @@ variable_list run_forward(
 }
 
 // An op's Python backward, called from the autograd engine (which runs it without the GIL: every Python object
-// here is made under the GIL taken below): ``tensors`` (undefined ones as None), then ``extra()`` (a new reference)
-// as arguments; it answers ``count`` gradients (None as undefined), which this returns with one undefined more, for the
+// here is made under the GIL taken below): the gradients it uses and the saved tensors (undefined ones as None), then
+// ``extra()`` (a new reference) as arguments; it answers ``count`` gradients (None as undefined), which this returns with one undefined more, for the
 // forward's last argument (the call, not a tensor). A Python error is kept for the engine, which re-raises it in the
 // thread that called backward.
-variable_list call_backward(
-    const NativeOp& op, const variable_list& tensors, const std::function<Ref()>& extra, size_t count) {
+variable_list call_backward(const NativeOp& op, AutogradContext* ctx, const variable_list& grads, size_t used_grads,
+                            const std::function<Ref()>& extra, size_t count) {
+  // the gradients of the first ``used_grads`` outputs, then what the forward saved
+  variable_list tensors(grads.begin(), grads.begin() + static_cast<std::ptrdiff_t>(used_grads));
+  for (const at::Tensor& t : ctx->get_saved_variables()) {
+    tensors.push_back(t);
+  }
   pybind11::gil_scoped_acquire gil;
   try {
     std::vector<Ref> owned;
@@ -458,17 +468,13 @@ struct LayerNormFunction : public torch::autograd::Function<LayerNormFunction> {
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     // _layer_norm_grads(d_out, d_residual, *saved, branch_dtype) -> (dx, dbranch, dgamma, dweight, dbias)
-    variable_list tensors = {grads[0], grads[1]};
-    for (const at::Tensor& t : ctx->get_saved_variables()) {
-      tensors.push_back(t);
-    }
     int64_t branch_dtype = ctx->saved_data["branch_dtype"].toInt();
     auto dtype = [branch_dtype] {
       return borrowed(branch_dtype >= 0 ? reinterpret_cast<PyObject*>(
                                               torch::getTHPDtype(static_cast<at::ScalarType>(branch_dtype)))
                                         : Py_None);
     };
-    return call_backward(*layer_norm_op, tensors, dtype, 5);
+    return call_backward(*layer_norm_op, ctx, grads, 2, dtype, 5);
   }
 };
 
@@ -478,12 +484,12 @@ namespace {
 // NotImplemented (the Python path runs).
 PyObject* layer_norm_fwd_native(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   HANDLE_TH_ERRORS
-  if (layer_norm_op == nullptr || nargs != 6 || !PyFloat_CheckExact(args[5]) || args[0] == Py_None) {
+  if (layer_norm_op == nullptr || nargs != 6 || !PyFloat_CheckExact(args[5])) {
     return not_implemented();
   }
   LayerNormCall call;
   std::memcpy(call.objects, args, sizeof(call.objects));
-  if (!unpack(args[0], call.x) || !unpack(args[1], call.branch) || !unpack(args[2], call.gamma) ||
+  if (!unpack_required(args[0], call.x) || !unpack(args[1], call.branch) || !unpack(args[2], call.gamma) ||
       !unpack(args[3], call.weight) || !unpack(args[4], call.bias)) {
     return not_implemented();
   }
@@ -613,13 +619,9 @@ struct AttentionFunction : public torch::autograd::Function<AttentionFunction> {
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     // _attention_grads(grad_out, q, k, v, out, lse, scale) -> (dq, dk, dv)
-    variable_list tensors = {grads[0]};
-    for (const at::Tensor& t : ctx->get_saved_variables()) {
-      tensors.push_back(t);
-    }
     double scale = ctx->saved_data["scale"].toDouble();
     auto scale_object = [scale] { return Ref(PyFloat_FromDouble(scale)); };
-    return call_backward(*attention_op, tensors, scale_object, 3);
+    return call_backward(*attention_op, ctx, grads, 1, scale_object, 3);
   }
 };
 
@@ -634,8 +636,7 @@ PyObject* attention_fwd_native(PyObject*, PyObject* const* args, Py_ssize_t narg
   }
   AttentionCall call;
   std::memcpy(call.objects, args, sizeof(call.objects));
-  if (args[0] == Py_None || args[1] == Py_None || args[2] == Py_None || !unpack(args[0], call.q) ||
-      !unpack(args[1], call.k) || !unpack(args[2], call.v)) {
+  if (!unpack_required(args[0], call.q) || !unpack_required(args[1], call.k) || !unpack_required(args[2], call.v)) {
     return not_implemented();
   }
   call.scale = PyFloat_AS_DOUBLE(args[3]);
@@ -736,17 +737,13 @@ struct SwigluLayerNormFunction : public torch::autograd::Function<SwigluLayerNor
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     // _swiglu_layer_norm_grads(grad, gate, up, weight, mean, rstd, (bias dtype, width)) -> (dgate, dup, dw, db)
-    variable_list tensors = {grads[0]};
-    for (const at::Tensor& t : ctx->get_saved_variables()) {
-      tensors.push_back(t);
-    }
     auto bias_dtype = static_cast<at::ScalarType>(ctx->saved_data["bias_dtype"].toInt());
     int64_t width = ctx->saved_data["width"].toInt();
     auto extra = [bias_dtype, width] {
       return Ref(Py_BuildValue("(On)", reinterpret_cast<PyObject*>(torch::getTHPDtype(bias_dtype)),
                                static_cast<Py_ssize_t>(width)));
     };
-    return call_backward(*swiglu_layer_norm_op, tensors, extra, 4);
+    return call_backward(*swiglu_layer_norm_op, ctx, grads, 1, extra, 4);
   }
 };
 
@@ -761,13 +758,8 @@ PyObject* swiglu_layer_norm_fwd_native(PyObject*, PyObject* const* args, Py_ssiz
   }
   SwigluLayerNormCall call;
   std::memcpy(call.objects, args, sizeof(call.objects));
-  for (int i = 0; i < 4; ++i) {
-    if (args[i] == Py_None) {
-      return not_implemented();
-    }
-  }
-  if (!unpack(args[0], call.gate) || !unpack(args[1], call.up) || !unpack(args[2], call.weight) ||
-      !unpack(args[3], call.bias)) {
+  if (!unpack_required(args[0], call.gate) || !unpack_required(args[1], call.up) ||
+      !unpack_required(args[2], call.weight) || !unpack_required(args[3], call.bias)) {
     return not_implemented();
   }
   const at::Tensor& gate = *call.gate;
@@ -892,16 +884,12 @@ struct RopeFunction : public torch::autograd::Function<RopeFunction> {
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     // _rope_2d_qk_grads(grad_q, grad_k, cos, sin, (num_prefix_tokens, inverse)) -> (dq, dk)
-    variable_list tensors = {grads[0], grads[1]};
-    for (const at::Tensor& t : ctx->get_saved_variables()) {
-      tensors.push_back(t);
-    }
     int64_t prefix = ctx->saved_data["prefix"].toInt();
     bool inverse = ctx->saved_data["inverse"].toBool();
     auto extra = [prefix, inverse] {
       return Ref(Py_BuildValue("(nO)", static_cast<Py_ssize_t>(prefix), inverse ? Py_True : Py_False));
     };
-    return call_backward(*rope_op, tensors, extra, 2);
+    return call_backward(*rope_op, ctx, grads, 2, extra, 2);
   }
 };
 
@@ -915,13 +903,8 @@ PyObject* rope_2d_qk_native(PyObject*, PyObject* const* args, Py_ssize_t nargs) 
   }
   RopeCall call;
   std::memcpy(call.objects, args, sizeof(call.objects));
-  for (int i = 0; i < 4; ++i) {
-    if (args[i] == Py_None) {
-      return not_implemented();
-    }
-  }
-  if (!unpack(args[0], call.q) || !unpack(args[1], call.k) || !unpack(args[2], call.cos) ||
-      !unpack(args[3], call.sin)) {
+  if (!unpack_required(args[0], call.q) || !unpack_required(args[1], call.k) || !unpack_required(args[2], call.cos) ||
+      !unpack_required(args[3], call.sin)) {
     return not_implemented();
   }
   const at::Tensor& q = *call.q;

@@ -517,21 +517,27 @@ def test_fused_forward_traces_as_one_graph(name: str) -> None:
     """What the compiled candidate compiles: dynamo traces the fused forward on the reference ops with fullgraph=True
     (a graph break raises), here without inductor (backend="eager"): fused qkv / GELU, rel-pos bias + layer scale,
     split qkv + RoPE + SwiGLU with sub-LN, the padded 2730-wide SwiGLU; uint8 images and the features call once."""
-    engine_module = importlib.import_module("vitfast.engine")
     img_size = 28 if "patch14" in name else 32
     engine = vitfast.optimize(_model(name, img_size=img_size, depth=1), batch_sizes=(2,), device="cpu")
     cases = [(torch.randn(2, 3, img_size, img_size), False)]
     if name == "vit_small_patch16_224":
         cases += [(torch.randint(0, 256, (2, 3, img_size, img_size), dtype=torch.uint8), False), (cases[0][0], True)]
     for image, features_only in cases:
-        engine.fused.prepare(image)
-        traced = torch.compile(
-            engine_module._own_code(engine_module._forward), backend="eager", fullgraph=True, dynamic=False
-        )
-        with torch.inference_mode(), engine._candidate(COMPILED_CANDIDATE):
-            out = traced(engine.fused, features_only, image)
-            expected = engine_module._forward(engine.fused, features_only, image)
-        torch.testing.assert_close(out, expected, rtol=0, atol=0)
+        _assert_traced_forward_matches(engine, COMPILED_CANDIDATE, image, features_only)
+
+
+def _assert_traced_forward_matches(engine, candidate: str, image: torch.Tensor, features_only: bool) -> None:
+    """The engine's fused forward under ``candidate``, traced by dynamo with fullgraph=True (backend="eager": no
+    inductor), gives exactly what it gives untraced."""
+    engine_module = importlib.import_module("vitfast.engine")
+    engine.fused.prepare(image)
+    traced = torch.compile(
+        engine_module._own_code(engine_module._forward), backend="eager", fullgraph=True, dynamic=False
+    )
+    with torch.inference_mode(), engine._candidate(candidate):
+        out = traced(engine.fused, features_only, image)
+        expected = engine_module._forward(engine.fused, features_only, image)
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
 
 
 @pytest.mark.slow  # ~10 s each: dynamo, then the interpreted kernels
@@ -542,18 +548,9 @@ def test_kernels_forward_traces_as_one_graph(name: str) -> None:
     attention kernel with the relative position bias, layer-scale residual LayerNorms; EVA-02: rope_2d_qk before
     SDPA, SwiGLU + sub-LN."""
     pytest.importorskip("triton")
-    engine_module = importlib.import_module("vitfast.engine")
     img_size = 28 if "patch14" in name else 32
     engine = vitfast.optimize(_model(name, img_size=img_size, depth=1), batch_sizes=(1,), device="cpu")
-    image = torch.randn(1, 3, img_size, img_size)
-    engine.fused.prepare(image)
-    traced = torch.compile(
-        engine_module._own_code(engine_module._forward), backend="eager", fullgraph=True, dynamic=False
-    )
-    with torch.inference_mode(), engine._candidate(COMPILED_KERNELS_CANDIDATE):
-        out = traced(engine.fused, False, image)
-        expected = engine_module._forward(engine.fused, False, image)
-    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    _assert_traced_forward_matches(engine, COMPILED_KERNELS_CANDIDATE, torch.randn(1, 3, img_size, img_size), False)
 
 
 @pytest.fixture(scope="module")

@@ -317,6 +317,14 @@ class LaunchCache:
             return None
         return api
 
+    def _replay_api(self, kernel: Any, grid: Any) -> Any:
+        """:meth:`_launch_api` for a launch of ``kernel`` over ``grid`` that the cache models: a plain
+        ``JITFunction`` without pre-run hooks, a tuple grid; else None."""
+        api = self._launch_api()
+        if api is None or type(kernel) is not api[3] or kernel.pre_run_hooks or type(grid) is not tuple:
+            return None
+        return api
+
     def _active_driver(self, api: Any) -> Any:
         active = api[1].active
         if active is not self._driver:  # a compiled kernel's handles belong to the driver that loaded it
@@ -340,8 +348,8 @@ class LaunchCache:
         )
 
     def __call__(self, kernel: Any, grid: tuple[int, ...], args: tuple, kwargs: dict) -> None:
-        api = self._launch_api()
-        if api is None or type(kernel) is not api[3] or kernel.pre_run_hooks or type(grid) is not tuple:
+        api = self._replay_api(kernel, grid)
+        if api is None:
             kernel[grid](*args, **kwargs)
             return
         constexpr_type = tl.constexpr
@@ -383,8 +391,8 @@ class LaunchCache:
 
     def entry(self, kernel: Any, grid: Any, args: tuple, kwargs: dict) -> _CompiledLaunch | None:
         """The cached specialization that :meth:`__call__` replays for this launch (it has launched once), or None."""
-        api = self._launch_api()
-        if api is None or type(kernel) is not api[3] or kernel.pre_run_hooks or type(grid) is not tuple:
+        api = self._replay_api(kernel, grid)
+        if api is None:
             return None
         active = self._active_driver(api)
         try:
