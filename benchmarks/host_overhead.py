@@ -16,9 +16,9 @@ Per op, median host microseconds per call (spread: min-max of the repeats), spli
   cache's call of the compiled kernel's no-op launcher; ``JITFunction.run`` before the cache existed);
 - ``ours``: our launcher function minus ``triton`` (argument checks, allocations, stride and grid arithmetic);
 - ``dispatch``: the public call minus the launcher (backend dispatch, coverage checks, the eager op path and its
-  autograd node). For an op with a native eager path (csrc/eager.cpp: LayerNorm, attention without a bias, 2D
-  RoPE, SwiGLU + sub-LN) the public call does not run the Python launcher at all, so this comes out negative: the
-  split describes the Python path (``VITFAST_NATIVE_EAGER=0`` times the public call on it);
+  autograd node). With the native eager path (csrc/eager.cpp: every op, once its key has a plan) the public call
+  does not run the Python launcher at all, so this comes out negative: the split describes the Python path
+  (``VITFAST_NATIVE_EAGER=0`` times the public call on it);
 
 and, in the same run, the nearest single aten op on fp32 tensors of the same tiny shapes with one intra-op thread
 (dispatch, allocation and a near-empty CPU kernel). ``F.scaled_dot_product_attention`` and ``F.conv2d`` are not
@@ -349,13 +349,15 @@ def measure(calls: int = 200, repeats: int = 7) -> dict:
     }
 
 
-def native_launches() -> dict[str, int] | None:
-    """Specializations each op's native eager path (csrc/eager.cpp) has cached: after the probes, one or more for
-    every op that has one (a path that never caches would fill, the Python launcher's cost and more, every call);
-    None without the compiled extension."""
-    from vitfast import _ext
+def native_launches() -> dict[str, list[int]] | None:
+    """Per op with a native eager entry point (csrc/eager.cpp), ``[plans, declined keys]`` after the probes: one plan
+    or more for every op the probes call whose Python path can be replayed (a key that never gets a plan runs the
+    Python path, the fill's watch and more, on every call); None without the compiled extension."""
+    from vitfast.ops import _triton
 
-    return _ext.module.native_launches() if _ext.HAS_EXT and hasattr(_ext.module, "native_launches") else None
+    if _triton.native_api() is None:
+        return None
+    return {name: list(_triton.native_plans(op)) for name, op in _triton.EAGER_OPS.items() if op.native is not None}
 
 
 def _cpu_name() -> str:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib
 import json
 import time
 from collections.abc import Callable, Iterator
@@ -69,11 +68,7 @@ def _results(call: Callable, leaves: list[torch.Tensor]) -> list[torch.Tensor]:
 @contextlib.contextmanager
 def python_path() -> Iterator[list]:
     """Every op's native eager path off (the Python eager path runs); yields the ops that had one."""
-    ops_with_native = []
-    for name in ("layer_norm", "attention", "rope", "swiglu", "patch_embed", "linear"):
-        for value in vars(importlib.import_module(f"vitfast.ops.{name}")).values():
-            if isinstance(value, _triton.EagerOp) and value.native is not None:
-                ops_with_native.append((value, value.native))
+    ops_with_native = [(op, op.native) for op in _triton.EAGER_OPS.values() if op.native is not None]
     for op, _ in ops_with_native:
         op.native = None
     try:

@@ -91,3 +91,14 @@ def _isolated_backend_and_seed():
     torch.manual_seed(0)
     yield
     vitfast.backend._current = None
+
+
+@pytest.fixture(autouse=True)
+def _fresh_native_plans():
+    """Each test starts with no native eager plans (csrc/eager.cpp). A plan replays what an op's Python path did at
+    its key's first call, so a test that patches that path (a module's ``launch``, a plan setting) must not meet a
+    plan that an earlier test in the same worker made."""
+    from vitfast import _ext
+
+    _ext.register_ops()
+    yield

@@ -164,16 +164,27 @@ def load_jit(verbose: bool = False, with_cuda: bool | None = None) -> ModuleType
         verbose=verbose,
     )
     _activate(library, None)
-    for op_module in (
-        "vitfast.ops.preprocess",
-        "vitfast.ops.layer_norm_ext",
-        "vitfast.ops.layer_norm",
-        "vitfast.ops.attention",
-        "vitfast.ops.swiglu",
-        "vitfast.ops.rope",
-    ):
-        importlib.import_module(op_module).register_ext()
+    register_ops()
     return library
+
+
+# the op modules with a Python side for the extension (``register_ext``: its C++ ops, or their native eager paths)
+OP_MODULES = (
+    "vitfast.ops.preprocess",
+    "vitfast.ops.layer_norm_ext",
+    "vitfast.ops.layer_norm",
+    "vitfast.ops.attention",
+    "vitfast.ops.swiglu",
+    "vitfast.ops.rope",
+    "vitfast.ops.linear",
+    "vitfast.ops.patch_embed",
+)
+
+
+def register_ops() -> None:
+    """Register every op module's Python side for the loaded extension (a native eager path starts without plans)."""
+    for op_module in OP_MODULES:
+        importlib.import_module(op_module).register_ext()
 
 
 _load_installed()

@@ -317,14 +317,15 @@ def test_grad_mode_and_requires_grad_pick_the_autograd_node(monkeypatch, case: s
         weight.requires_grad_()
     mode = {"no_grad": torch.no_grad(), "inference_mode": torch.inference_mode()}.get(case, contextlib.nullcontext())
     with mode:
-        out = ln._layer_norm_fwd_op(x, None, None, weight, None, 1e-6)[0]
+        for _ in range(2):  # the native path's second call replays what its first (a fill: the Python path) did
+            out = ln._layer_norm_fwd_op(x, None, None, weight, None, 1e-6)[0]
     wants_node = case in ("grad wanted", "only a parameter wants one")
     assert (out.grad_fn is not None) == wants_node
     if wants_node:
         if path == "python":
             assert type(out.grad_fn).__name__ == "_EagerAutogradBackward"
         else:
-            assert out.grad_fn.name().endswith("vitfast::eager::LayerNormFunction>")
+            assert out.grad_fn.name().endswith("vitfast::eager::NativeFunction>")
         (grad,) = torch.autograd.grad(out.square().sum(), x if x.requires_grad else weight)
         reference = ln.layer_norm_ref(x.detach(), weight.detach(), None, 1e-6)
         assert grad.shape == (x if x.requires_grad else weight).shape

@@ -23,9 +23,10 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
-from torch.utils._python_dispatch import _get_current_dispatch_mode
+from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes, _get_current_dispatch_mode
 
 __all__ = [
+    "EAGER_OPS",
     "HAS_TRITON",
     "INTERPRETER",
     "KERNEL_DTYPES",
@@ -35,8 +36,9 @@ __all__ = [
     "kernel_can_run",
     "launch",
     "log_fallback",
+    "native_api",
     "native_fill",
-    "native_function",
+    "native_plans",
     "native_state",
     "next_power_of_2",
     "num_sms",
@@ -154,8 +156,9 @@ def launch(kernel: Any, grid: tuple[int, ...], *args: Any, **kwargs: Any) -> Non
             return
         if _direct.depth or plain_eager(values):
             if _direct.recorded is not None:
-                _direct.recorded.append((kernel, grid, args, kwargs))
-            kernel[grid](*args, **kwargs)
+                _record(kernel, grid, args, kwargs, lambda: kernel[grid](*args, **kwargs))
+            else:
+                kernel[grid](*args, **kwargs)
             return
     elif _direct.depth or plain_eager((*args, *kwargs.values())):
         # Plain eager call (CUDA-graph capture included): launch directly. Through wrap_triton, each eager launch
@@ -164,10 +167,19 @@ def launch(kernel: Any, grid: tuple[int, ...], *args: Any, **kwargs: Any) -> Non
         # the kernels themselves take.
         _add_pdl(kernel, kwargs)
         if _direct.recorded is not None:
-            _direct.recorded.append((kernel, grid, args, kwargs))
-        launch_cache(kernel, grid, args, kwargs)
+            _record(kernel, grid, args, kwargs, lambda: launch_cache(kernel, grid, args, kwargs))
+        else:
+            launch_cache(kernel, grid, args, kwargs)
         return
     torch.library.wrap_triton(kernel)[grid](*args, **kwargs)
+
+
+def _record(kernel: Any, grid: Any, args: tuple, kwargs: dict, run: Callable) -> None:
+    """A launch while :func:`native_fill` runs: recorded, and run outside the fill's dispatch mode (which watches the
+    op's own aten ops; the interpreter's run no other)."""
+    _direct.recorded.append((kernel, grid, args, kwargs))
+    with _disable_current_modes():
+        run()
 
 
 class _Uncacheable(Exception):
@@ -437,10 +449,12 @@ launch_cache = LaunchCache()
 
 class _DirectCalls(threading.local):
     """How deep this thread is inside the body of an :class:`EagerOp` called directly (launches need no check), and
-    the list its launches are recorded in while :func:`native_fill` runs one (else None)."""
+    the list its launches are recorded in while :func:`native_fill` runs one (else None), and what the op's
+    setup_context did during that fill (a :class:`_RecordedContext`)."""
 
     depth = 0
     recorded: list | None = None
+    context: Any = None
 
 
 _direct = _DirectCalls()
@@ -487,7 +501,11 @@ class _EagerAutograd(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, op: EagerOp, *args: Any) -> Any:
         output = op.direct(*args)
-        op.setup_context(ctx, args, output)
+        if _direct.recorded is not None:  # a native fill: what setup_context does is kept for the native node
+            _direct.context = _RecordedContext(ctx)
+            op.setup_context(_direct.context, args, output)
+        else:
+            op.setup_context(ctx, args, output)
         ctx.eager_op = op
         return output
 
@@ -517,7 +535,7 @@ class EagerOp:
         self.fn = fn
         self.backward: Callable | None = None
         self.setup_context: Callable | None = None
-        self.native: Callable | None = None  # the C++ twin of the direct path, if any (:func:`native_function`)
+        self.native: Callable | None = None  # its native entry point, if any (:func:`register_native`)
 
     def register_autograd(self, backward: Callable, *, setup_context: Callable) -> None:
         self.op.register_autograd(backward, setup_context=setup_context)
@@ -536,18 +554,20 @@ class EagerOp:
             _direct.depth -= 1
 
     def native_call(self, *args: Any) -> Any:
-        """The op's native path (C++, :func:`native_function`) for this call, autograd node included, or
-        NotImplemented: no native path, a traced call, or arguments it does not take (it checks the tensors' types,
-        devices, dtypes, shapes and strides itself, so that a caller may try it before its own coverage checks)."""
+        """The op's native entry point (C++, :func:`register_native`) for this call, autograd node included, or
+        NotImplemented: no native path, a traced call, a call inside another op's fill, or arguments it does not
+        take. A public wrapper may try it before its own checks: the op's ``covers`` (its coverage check) runs at a
+        key's first call, and a key it declines stays with the Python path."""
         native = self.native
-        if native is None or not (_direct.depth or _untraced()):
+        if native is None or _direct.recorded is not None or not (_direct.depth or _untraced()):
             return NotImplemented
         return native(*args)
 
     def __call__(self, *args: Any) -> Any:
         if not (_direct.depth or plain_eager(args)):
             return self.op(*args)
-        if self.native is not None:
+        # not inside another op's fill, whose recording must see every launch its Python path makes
+        if self.native is not None and _direct.recorded is None:
             result = self.native(*args)
             if result is not NotImplemented:
                 return result
@@ -559,24 +579,23 @@ class EagerOp:
 
 
 # -------------------------------------------------------------------------------------- the native eager path
-# An EagerOp may have a C++ twin of its direct path (csrc/eager.cpp: checks, outputs, autograd node and launch in
-# C++). It takes the calls it can (else NotImplemented, and the Python path runs) and asks Python, through the two
-# callbacks below, whether it may replay a launch now (native_state) and, at a specialization's first call, for the
-# launch to replay (native_fill: the Python path runs once, its launch recorded). It replays only what the Python
-# path launched, with the arguments it passed (compared slot by slot when it fills).
+# An EagerOp may have a native entry point (csrc/eager.cpp): one C++ mechanism for every op, which knows none of
+# them. It keys a call by its arguments' types, values and tensor layouts, and replays what the Python path did for
+# the key's first call (native_fill: the launches, the allocations, what the autograd node saves), or answers
+# NotImplemented and the Python path runs. It asks Python once per call whether it may launch now (native_state).
 
 NATIVE_ENV = "VITFAST_NATIVE_EAGER"  # "0": no native eager path (the Python one runs; for comparisons)
 _native_tokens: dict[tuple, int] = {}
 
 
-def native_function(name: str) -> Callable | None:
-    """The compiled extension's function ``name`` for an :class:`EagerOp`'s native path, or None: no extension, no
+def native_api() -> Any:
+    """The compiled extension's native-path functions (``native_op``, ``native_plans``), or None: no extension, no
     Triton, or ``VITFAST_NATIVE_EAGER=0``."""
     if not HAS_TRITON or os.environ.get(NATIVE_ENV, "").strip() == "0":
         return None
     from vitfast import _ext
 
-    return getattr(_ext.module, name, None) if _ext.HAS_EXT else None
+    return _ext.module if _ext.HAS_EXT and hasattr(_ext.module, "native_op") else None
 
 
 def native_state(*settings: Any) -> tuple[int, Any, Any, Any] | None:
@@ -586,81 +605,280 @@ def native_state(*settings: Any) -> tuple[int, Any, Any, Any] | None:
 
     ``token`` numbers everything a cached launch depends on besides its arguments: the driver and current device,
     Triton's debug and instrumentation knobs, PDL, and the op's own ``settings`` (module values its launch plan
-    reads); the native path keys its launches by it. Under the interpreter there is no driver, stream or hook.
+    reads, and the values of the kernel globals it names); the native path keys its plans by it. Under the
+    interpreter there is no driver, stream or hook.
     """
     if INTERPRETER:
-        state: tuple = (None, settings)
+        state: tuple = (None, NOMINAL_SMS, settings)
         stream = enter_hook = exit_hook = None
     else:
         found = launch_cache.native_state()
         if found is None:
             return None
         launch_state, stream, enter_hook, exit_hook = found
-        state = (launch_state, settings)
+        state = (launch_state, NOMINAL_SMS, settings)  # NOMINAL_SMS: what plan_sms answers off a GPU
     token = _native_tokens.get(state)
     if token is None:
         token = _native_tokens[state] = len(_native_tokens)
     return token, stream, enter_hook, exit_hook
 
 
-def native_fill(op: EagerOp, *args: Any, globals_read: tuple[str, ...] = ()) -> tuple[Any, tuple | None]:
-    """Run ``op``'s direct path once for the native path and answer ``(outputs, launch)``.
+# the aten ops a fill may run and still give a plan: allocations (uninitialized) and views
+_ALLOCATIONS = frozenset(
+    (
+        torch.ops.aten.empty.memory_format,
+        torch.ops.aten.empty_like.default,
+        torch.ops.aten.empty_strided.default,
+        torch.ops.aten.new_empty.default,
+        torch.ops.aten.new_empty_strided.default,
+    )
+)
 
-    ``launch``: ``(grid, launcher, function, packed_metadata, constexprs, args)`` of the one kernel launch the call
-    made, what :class:`LaunchCache` replays for it (under the interpreter, a launcher that runs ``kernel[grid]``);
-    None when the call launched more or less than once, its launch is not cached, or its kernel reads a module
-    global not named in ``globals_read`` (the native path then leaves that specialization to Python). The replay
-    does not check the globals a kernel read, as ``JITFunction.run`` does per launch: the op's state callback puts
-    the values of those it names into the token (:func:`native_state`), so that a changed one misses the cache and
-    the Python launch raises Triton's error.
+
+class _AllocationsOnly(TorchDispatchMode):
+    """Watches a fill: ``only`` stays true while the Python path runs no aten op but allocations and views, so that
+    its outputs and temporaries hold what its launches wrote and nothing else (launches run outside the mode)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.only = True
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        if func not in _ALLOCATIONS and not func.is_view:
+            self.only = False
+        return func(*args, **(kwargs or {}))
+
+
+class _RecordedContext:
+    """The ctx an op's setup_context gets during a fill that wants a gradient: it passes everything on to the real
+    ctx and keeps what was saved, marked non-differentiable and set, for the native node."""
+
+    _MODELLED = frozenset(("save_for_backward", "mark_non_differentiable", "needs_input_grad"))
+
+    def __init__(self, ctx: Any) -> None:
+        object.__setattr__(self, "ctx", ctx)
+        object.__setattr__(self, "saved", ())
+        object.__setattr__(self, "constant", ())
+        object.__setattr__(self, "attrs", {})
+        object.__setattr__(self, "modelled", True)
+
+    def save_for_backward(self, *tensors: Any) -> None:
+        object.__setattr__(self, "saved", tensors)
+        self.ctx.save_for_backward(*tensors)
+
+    def mark_non_differentiable(self, *tensors: Any) -> None:
+        object.__setattr__(self, "constant", tensors)
+        self.ctx.mark_non_differentiable(*tensors)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        self.attrs[name] = value
+        setattr(self.ctx, name, value)
+
+    def __getattr__(self, name: str) -> Any:  # needs_input_grad; anything else the native node does not model
+        if name not in self._MODELLED:
+            object.__setattr__(self, "modelled", False)
+        return getattr(self.ctx, name)
+
+
+_CONSTANT_TYPES = (type(None), bool, int, float, str, torch.dtype)
+
+
+def _constant(value: Any) -> bool:
+    """Whether a ctx attribute can be kept for every call of a key (a tensor cannot)."""
+    if isinstance(value, tuple):
+        return all(_constant(v) for v in value)
+    return type(value) in _CONSTANT_TYPES
+
+
+def _plan(args: tuple, result: Any, launches: list, context: _RecordedContext | None) -> tuple | None:
+    """The plan csrc/eager.cpp replays for a fill, or None when it cannot model the call.
+
+    Every tensor a launch got is a call argument (the same address and dtype) or a fresh allocation: a buffer, on a
+    storage no argument shares; each output is a buffer's own view, one output per storage. A saved tensor is an
+    argument or an output (the same object); the ctx's attributes are constants.
     """
+    single = type(result) in _PLAIN_TENSORS
+    outputs = (result,) if single else result
+    if not isinstance(outputs, tuple) or not outputs or not launches:
+        return None
+    by_address: dict[tuple, int] = {}
+    argument_storages = set()
+    for i, a in enumerate(args):
+        if type(a) in _PLAIN_TENSORS:
+            by_address.setdefault((a.data_ptr(), a.dtype), i)
+            argument_storages.add(a.untyped_storage().data_ptr())
+    buffers: list[tuple] = []
+    views: dict[int, torch.Tensor] = {}  # storage address -> the view its buffer is allocated as
+    index: dict[int, int] = {}
+
+    def buffer(t: torch.Tensor) -> int | None:
+        storage = t.untyped_storage()
+        address, nbytes = storage.data_ptr(), storage.nbytes()
+        if t.layout != torch.strided or nbytes % t.element_size():
+            return None
+        if nbytes and address in argument_storages:
+            return None
+        view = views.get(address) if nbytes else None  # an empty storage has no address: a buffer of its own
+        if view is None:
+            if nbytes:
+                views[address], index[address] = t, len(buffers)
+            buffers.append(
+                (t.dtype, tuple(t.shape), t.stride(), t.storage_offset(), nbytes // t.element_size(),
+                 not t.data_ptr() & 15)
+            )  # fmt: skip
+            return len(buffers) - 1
+        return index[address] if view.data_ptr() == t.data_ptr() and view.dtype == t.dtype else None
+
+    output_buffers = []
+    for o in outputs:
+        if type(o) not in _PLAIN_TENSORS:
+            return None
+        storage = o.untyped_storage()
+        if storage.nbytes() and storage.data_ptr() in views:
+            return None  # a second output on one storage
+        b = buffer(o)
+        if b is None:
+            return None
+        output_buffers.append(b)
+    steps = []
+    for grid, launcher, function, metadata, constexprs, launch_args in launches:
+        slots = []
+        for a in launch_args:
+            if type(a) in _PLAIN_TENSORS:
+                i = by_address.get((a.data_ptr(), a.dtype))
+                if i is None:
+                    i = buffer(a)
+                    if i is None:
+                        return None
+                    slots.append((1, i))
+                else:
+                    slots.append((0, i))
+            elif a is None or type(a) in (int, float, bool):
+                slots.append((2, a))
+            else:
+                return None
+        steps.append((grid, launcher, function, metadata, constexprs, tuple(slots)))
+    saved: list[tuple] = []
+    differentiable: tuple = ()
+    attrs: dict = {}
+    if context is not None:
+        if not context.modelled or not all(_constant(v) for v in context.attrs.values()):
+            return None
+        for t in context.saved:
+            position = next((i for i, a in enumerate(args) if a is t), None) if t is not None else None
+            if t is None:
+                saved.append((2, None))
+            elif position is not None:
+                saved.append((0, position))
+            elif (j := next((j for j, o in enumerate(outputs) if o is t), None)) is not None:
+                saved.append((1, j))
+            else:
+                return None
+        constant = {id(t) for t in context.constant}
+        if len(constant) != sum(any(o is t for o in outputs) for t in context.constant):
+            return None  # marked a tensor that is not an output
+        differentiable = tuple(id(o) not in constant for o in outputs)
+        attrs = dict(context.attrs)
+    return single, tuple(buffers), tuple(output_buffers), tuple(steps), tuple(saved), differentiable, attrs
+
+
+def native_fill(
+    op: EagerOp, covers: Callable | None, globals_read: tuple[str, ...], grad: bool, *args: Any
+) -> tuple[Any, tuple | bool | None]:
+    """Run ``op``'s Python path once for the native entry point and answer ``(result, plan)``.
+
+    ``plan``: what csrc/eager.cpp replays for every later call with this key (:func:`_plan`); False when it never
+    can for this key: ``covers(*args)`` (the op's coverage check: a function of the key too) says no, and then
+    ``result`` is NotImplemented and nothing ran; or the path ran an aten op other than an allocation or a view; or a
+    kernel reads a module global not named in ``globals_read`` (the replay does not check globals per launch as
+    ``JITFunction.run`` does: the op's state callback keys on the values of those it names, so that a changed one
+    misses the cache and the Python launch raises Triton's error). None: not this time (a launch not in the launch
+    cache yet, a layout the plan does not model).
+    """
+    if covers is not None and not covers(*args):
+        return NotImplemented, False
     recorded: list = []
+    watch = _AllocationsOnly()
     outer, _direct.recorded = _direct.recorded, recorded
+    _direct.context = None
     try:
-        outputs = op.direct(*args)
+        with watch:
+            result = _EagerAutograd.apply(op, *args) if grad else op.direct(*args)
     finally:
         _direct.recorded = outer
-    if len(recorded) != 1:
-        return outputs, None
-    kernel, grid, launch_args, kwargs = recorded[0]
-    if type(grid) is not tuple or not 1 <= len(grid) <= 3:
-        return outputs, None
-    grid = (*grid, 1, 1)[:3]
-    if INTERPRETER:
-        names, count = tuple(kwargs), len(launch_args)
+    context, _direct.context = _direct.context, None
+    if not watch.only:
+        return result, False
+    launches = []
+    for kernel, grid, launch_args, kwargs in recorded:
+        if type(grid) is not tuple or not 1 <= len(grid) <= 3:
+            return result, None
+        grid = (*grid, 1, 1)[:3]
+        if INTERPRETER:
+            launches.append((grid, _interpreted(kernel, tuple(kwargs), len(launch_args)), None, None,
+                             tuple(kwargs.values()), launch_args))  # fmt: skip
+            continue
+        entry = launch_cache.entry(kernel, grid, launch_args, kwargs)
+        if entry is None:
+            return result, None
+        if any(name not in globals_read for name, *_ in entry.globals):
+            return result, False
+        launches.append((grid, entry.launcher, entry.function, entry.packed_metadata, entry.constexprs, launch_args))
+    return result, _plan(args, result, launches, context if grad else None)
 
-        def launcher(grid_0, grid_1, grid_2, _stream, _function, _metadata, _launch, _enter, _exit, *values) -> None:
-            kernel[(grid_0, grid_1, grid_2)](*values[:count], **dict(zip(names, values[count:], strict=True)))
 
-        return outputs, (grid, launcher, None, None, tuple(kwargs.values()), launch_args)
-    entry = launch_cache.entry(kernel, grid, launch_args, kwargs)
-    if entry is None or any(name not in globals_read for name, *_ in entry.globals):
-        return outputs, None
-    return outputs, (grid, entry.launcher, entry.function, entry.packed_metadata, entry.constexprs, launch_args)
+def _interpreted(kernel: Any, names: tuple[str, ...], count: int) -> Callable:
+    """Under the interpreter, a "launcher" with the compiled launcher's signature that runs ``kernel[grid]``."""
+
+    def launcher(grid_0, grid_1, grid_2, _stream, _function, _metadata, _launch, _enter, _exit, *values) -> None:
+        kernel[(grid_0, grid_1, grid_2)](*values[:count], **dict(zip(names, values[count:], strict=True)))
+
+    return launcher
+
+
+class _NativeContext:
+    """The ctx an op's backward gets from a native node: the fill's attributes, the saved tensors, needs_input_grad."""
+
+    def __init__(self, attrs: dict, saved_tensors: tuple, needs_input_grad: tuple) -> None:
+        self.__dict__.update(attrs)
+        self.saved_tensors = saved_tensors
+        self.needs_input_grad = needs_input_grad
+
+
+def _native_backward(op: EagerOp, attrs: dict, needs_input_grad: tuple, grads: tuple, saved: tuple) -> tuple:
+    """A native node's backward: ``op``'s registered backward, one gradient per op argument. A non-differentiable
+    output's gradient is None (a Python node would pass zeros; no backward reads them)."""
+    result = op.backward(_NativeContext(attrs, saved, needs_input_grad), *grads)
+    return result if isinstance(result, tuple) else (result,)
 
 
 def register_native(
-    op: EagerOp,
-    name: str,
-    state: Callable,
-    backward: Callable,
-    cpu: bool,
-    *options: Any,
-    globals_read: tuple[str, ...] = (),
+    op: EagerOp, state: Callable, cpu: bool, *, covers: Callable | None = None, globals_read: tuple[str, ...] = ()
 ) -> None:
-    """Give ``op`` the compiled extension's native eager path ``name`` (csrc/eager.cpp), when it has one: its setup
-    (``<name>_setup``) gets the op's state callback (:func:`native_state` with the op's plan settings), a fill over
-    :func:`native_fill`, the op's Python backward, ``cpu`` (take CPU tensors too: the interpreter, the host-overhead
-    probe's stand-in GPU) and the op's own ``options``; it forgets the launches the path had cached. Called at import
-    by each op module's ``register_ext``, and by ``vitfast._ext.load_jit``."""
-    function = native_function(name)
-    if function is None:
-        return
-    from vitfast import _ext
+    """Give ``op`` a native entry point (csrc/eager.cpp) when the compiled extension has one, with no plans yet.
 
-    fill = functools.partial(native_fill, op, globals_read=globals_read)
-    getattr(_ext.module, f"{name}_setup")(state, fill, backward, cpu, *options)
-    op.native = function
+    ``state``: its launch-state callback (:func:`native_state` with the op's plan settings and the values of the
+    kernel globals in ``globals_read``); ``cpu``: take CPU tensors too (the interpreter, the host-overhead probe's
+    stand-in GPU); ``covers``: the op's coverage check (the public wrapper's, for an op whose wrapper tries the native
+    path before its own checks), a function of the key alone. The contract the op keeps: its Python path's launches,
+    allocations and saved tensors are a function of its arguments' types, values and layouts and of ``state``; and
+    every kernel goes through :func:`launch`. Called at import by each op module's ``register_ext``, and by
+    ``vitfast._ext.load_jit``.
+    """
+    api = native_api()
+    if api is None:
+        return
+    fill = functools.partial(native_fill, op, covers, globals_read)
+    backward = functools.partial(_native_backward, op) if op.backward is not None else None
+    op.native = api.native_op(state, fill, backward, cpu)
+
+
+def native_plans(op: EagerOp) -> tuple[int, int]:
+    """``(plans, declined keys)`` of ``op``'s native entry point; (0, 0) without one."""
+    return (0, 0) if op.native is None else native_api().native_plans(op.native)
+
+
+EAGER_OPS: dict[str, EagerOp] = {}  # every op triton_op made, by name ("vitfast::layer_norm_fwd")
 
 
 def triton_op(name: str, *, mutates_args: tuple[str, ...] = ()) -> Callable[[Callable], EagerOp]:
@@ -672,7 +890,8 @@ def triton_op(name: str, *, mutates_args: tuple[str, ...] = ()) -> Callable[[Cal
         raise ValueError(f"{name}: the eager launch path takes only ops that mutate nothing.")
 
     def register(fn: Callable) -> EagerOp:
-        return EagerOp(torch.library.triton_op(name, mutates_args=mutates_args)(fn), fn)
+        op = EAGER_OPS[name] = EagerOp(torch.library.triton_op(name, mutates_args=mutates_args)(fn), fn)
+        return op
 
     return register
 

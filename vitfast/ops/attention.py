@@ -1022,13 +1022,6 @@ def _attention_setup_context(ctx, inputs, output) -> None:
     ctx.scale = scale
 
 
-def _attention_grads(grad_out, q, k, v, out, lse, scale):
-    """``(dq, dk, dv)`` of attention without a bias: the backward of the native forward (csrc/eager.cpp), which
-    saves what :func:`_attention_setup_context` does."""
-    grad_q, grad_k, grad_v, _ = _attention_bwd_op(grad_out, q, k, v, out, lse, scale, None, None, False, None)
-    return grad_q, grad_k, grad_v
-
-
 def _attention_backward(ctx, grad_out: torch.Tensor, _grad_lse: torch.Tensor | None):
     q, k, v, out, lse, rel_pos_bias_table, rel_pos_index, bias = ctx.saved_tensors
     # the bias' gradient only when it is wanted (a frozen table, the engine's constant dense bias: not)
@@ -1051,21 +1044,24 @@ def _attention_backward(ctx, grad_out: torch.Tensor, _grad_lse: torch.Tensor | N
 _attention_fwd_op.register_autograd(_attention_backward, setup_context=_attention_setup_context)
 
 
-# the module globals the forward kernel reads (JITFunction.run checks them per launch; the native replay keys on them)
+# the module globals the kernels read (JITFunction.run checks them per launch; the native replay keys on them)
 _NATIVE_GLOBALS = ("_LOG2E", "_LN2")
 
 
 def _native_state() -> tuple | None:
-    # the settings the launch plans read (tests set them), and the globals the kernel read
+    # the settings the launch plans read (tests set them), and the globals the kernels read
     return native_state(_settings(), *(getattr(globals()[name], "value", None) for name in _NATIVE_GLOBALS))
 
 
+def _covers(q, k, v, _scale, rel_pos_bias_table, rel_pos_index, bias) -> bool:
+    """Whether the kernels take the call (the wrapper's coverage check, for the native entry point)."""
+    return _uncovered(q, k, v, rel_pos_bias_table, rel_pos_index, 0.0, bias) is None
+
+
 def register_ext(cpu: bool = INTERPRETER) -> None:
-    """The native eager path of the bias-less forward (csrc/eager.cpp; :func:`~vitfast.ops._triton.register_native`)."""
-    register_native(
-        _attention_fwd_op, "attention_fwd_native", _native_state, _attention_grads, cpu, tuple(KERNEL_HEAD_DIMS),
-        math.log2(math.e), globals_read=_NATIVE_GLOBALS,
-    )  # fmt: skip
+    """The native eager entry points of the ops here (csrc/eager.cpp; :func:`~vitfast.ops._triton.register_native`)."""
+    register_native(_attention_fwd_op, _native_state, cpu, covers=_covers, globals_read=_NATIVE_GLOBALS)
+    register_native(_attention_bwd_op, _native_state, cpu, globals_read=_NATIVE_GLOBALS)
 
 
 register_ext()
@@ -1125,11 +1121,10 @@ if HAS_TRITON:
         dropout_p: float = 0.0,
         bias: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        if rope is None and rel_pos_bias_table is None and bias is None and not dropout_p and q.ndim == 4:
-            # the native path checks its own coverage (and takes no bias)
+        if rope is None and not dropout_p and q.ndim == 4:
             native_scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-            result = _attention_fwd_op.native_call(q, k, v, native_scale, None, None, None)
-            if result is not NotImplemented:
+            result = _attention_fwd_op.native_call(q, k, v, native_scale, rel_pos_bias_table, rel_pos_index, bias)
+            if result is not NotImplemented:  # covers: _covers
                 return result[0]
         reason = _uncovered(q, k, v, rel_pos_bias_table, rel_pos_index, dropout_p, bias)
         if reason is not None:

@@ -861,18 +861,15 @@ def layer_norm_setup_context(ctx, inputs, output) -> None:
 
 
 def layer_norm_backward(ctx, d_out, d_residual, _d_mean, _d_rstd):
-    """The autograd backward of a ``layer_norm_fwd``-shaped op (saved by :func:`layer_norm_setup_context`).
+    """The autograd backward of a ``layer_norm_fwd``-shaped op (saved by :func:`layer_norm_setup_context`):
+    ``(dx, dbranch, dgamma, dweight, dbias, None)``, None for an absent input.
 
     Shared by the Triton op here and the CUDA C++ forward (:mod:`vitfast.ops.layer_norm_ext`), whose statistics are
     the same; it calls the :class:`~vitfast.ops._triton.EagerOp` itself, so that an eager backward skips the
     dispatcher too.
     """
-    return (*_layer_norm_grads(d_out, d_residual, *ctx.saved_tensors, ctx.branch_dtype), None)
-
-
-def _layer_norm_grads(d_out, d_residual, normalized, branch, gamma, weight, bias, mean, rstd, branch_dtype):
-    """``(dx, dbranch, dgamma, dweight, dbias)`` (None for an absent input) from what :func:`layer_norm_setup_context`
-    saved; also the backward of the native forward (csrc/eager.cpp), which saves the same tensors."""
+    normalized, branch, gamma, weight, bias, mean, rstd = ctx.saved_tensors
+    branch_dtype = ctx.branch_dtype
     has_branch = branch_dtype is not None
     if not has_branch:
         d_residual = None  # the empty residual_out placeholder of the plain variant carries no gradient
@@ -891,19 +888,26 @@ def _layer_norm_grads(d_out, d_residual, normalized, branch, gamma, weight, bias
         return grad if tensor is not None else None
 
     dbranch = dbranch if has_branch else None
-    return dx, dbranch, present(dgamma, gamma), present(dweight, weight), present(dbias, bias)
+    return dx, dbranch, present(dgamma, gamma), present(dweight, weight), present(dbias, bias), None
 
 
 _layer_norm_fwd_op.register_autograd(layer_norm_backward, setup_context=layer_norm_setup_context)
 
 
 def _native_state() -> tuple | None:
-    return native_state(_TILE)  # the launch plan reads _TILE (tests set it)
+    return native_state(_TILE, _sm_count)  # what the launch plans read (tests set them)
+
+
+def _covers(x, branch, gamma, weight, bias, _eps) -> bool:
+    """Whether the forward kernel takes the call (the wrappers' coverage check, for the native entry point)."""
+    return _uncovered(x, branch, gamma, weight, bias) is None and (branch is None or branch.shape == x.shape)
 
 
 def register_ext(cpu: bool = INTERPRETER) -> None:
-    """The native eager path of the forward (csrc/eager.cpp; :func:`~vitfast.ops._triton.register_native`)."""
-    register_native(_layer_norm_fwd_op, "layer_norm_fwd_native", _native_state, _layer_norm_grads, cpu, MAX_WIDTH)
+    """The native eager entry points of the ops here (csrc/eager.cpp; :func:`~vitfast.ops._triton.register_native`)."""
+    register_native(_layer_norm_fwd_op, _native_state, cpu, covers=_covers)
+    register_native(_layer_norm_bwd_op, _native_state, cpu)
+    register_native(_layer_norm_partials_fwd_op, _native_state, cpu)
 
 
 register_ext()
@@ -932,7 +936,7 @@ if HAS_TRITON:
     def _layer_norm_triton(
         x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float
     ) -> torch.Tensor:
-        result = _layer_norm_fwd_op.native_call(x, None, None, weight, bias, eps)  # checks its own coverage
+        result = _layer_norm_fwd_op.native_call(x, None, None, weight, bias, eps)  # covers: _covers
         if result is not NotImplemented:
             return result[0]
         reason = _uncovered(x, weight, bias)
@@ -949,7 +953,7 @@ if HAS_TRITON:
         bias: torch.Tensor | None,
         eps: float,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        result = _layer_norm_fwd_op.native_call(x, branch, gamma, weight, bias, eps)  # checks its own coverage
+        result = _layer_norm_fwd_op.native_call(x, branch, gamma, weight, bias, eps)  # covers: _covers
         if result is not NotImplemented:
             return result[0], result[1]
         reason = _uncovered(x, branch, gamma, weight, bias)

@@ -34,8 +34,10 @@ from vitfast.ops._triton import (
     kernel_can_run,
     launch,
     log_fallback,
+    native_state,
     pdl_prologue,
     plan_sms,
+    register_native,
     rows_2d,
     tl,
     triton,
@@ -380,6 +382,32 @@ def _linear_backward(ctx, grad_out: torch.Tensor):
 
 _linear_fwd_op.register_autograd(_linear_backward, setup_context=_linear_setup_context)
 
+
+def _uncovered(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> str | None:
+    """Why the GEMM kernel cannot take the call (then the reference runs), or None."""
+    if not kernel_can_run(x, weight, bias):
+        return "tensors on a device the kernels cannot run on"
+    if x.dtype not in KERNEL_DTYPES or weight.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype):
+        return f"dtypes {x.dtype} / {weight.dtype} (kernels: one of fp16, bf16, fp32 for all)"
+    if x.numel() == 0 or x.ndim == 0:
+        return "empty input"
+    return None
+
+
+def _covers(x, weight, bias, _activation) -> bool:
+    return _uncovered(x, weight, bias) is None
+
+
+def _native_state() -> tuple | None:
+    return native_state(INTERPRETER)  # the launch plans read INTERPRETER (tests set it)
+
+
+def register_ext(cpu: bool = INTERPRETER) -> None:
+    """The native eager entry points of the ops here (csrc/eager.cpp; :func:`~vitfast.ops._triton.register_native`)."""
+    register_native(_linear_fwd_op, _native_state, cpu, covers=_covers)
+    register_native(_linear_split_k_op, _native_state, cpu)
+
+
 register_impl("linear", "reference", linear_ref)
 
 if HAS_TRITON:
@@ -387,18 +415,15 @@ if HAS_TRITON:
     def _linear_triton(
         x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, activation: str | None = None
     ) -> torch.Tensor:
-        reason = None
-        if not kernel_can_run(x, weight, bias):
-            reason = "tensors on a device the kernels cannot run on"
-        elif x.dtype not in KERNEL_DTYPES or weight.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype):
-            reason = f"dtypes {x.dtype} / {weight.dtype} (kernels: one of fp16, bf16, fp32 for all)"
-        elif x.numel() == 0 or x.ndim == 0:
-            reason = "empty input"
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"unknown activation {activation!r}; choose one of {ACTIVATIONS}.")
+        result = _linear_fwd_op.native_call(x, weight, bias, ACTIVATIONS.index(activation))  # covers: _covers
+        if result is not NotImplemented:
+            return result
+        reason = _uncovered(x, weight, bias)
         if reason is not None:
             log_fallback("linear", reason)
             return linear_ref(x, weight, bias, activation)
-        if activation not in ACTIVATIONS:
-            raise ValueError(f"unknown activation {activation!r}; choose one of {ACTIVATIONS}.")
         return _linear_fwd_op(x, weight, bias, ACTIVATIONS.index(activation))
 
     register_impl("linear", "triton", _linear_triton)
@@ -411,6 +436,7 @@ def _linear_split_k_op(x: torch.Tensor, weight: torch.Tensor, splits: int) -> to
     return linear_split_k_fwd(x, weight, splits)
 
 
+register_ext()
 register_impl("linear_split_k", "reference", linear_split_k_ref)
 
 if HAS_TRITON:

@@ -19,13 +19,16 @@ import torch.nn.functional as F
 from vitfast.backend import dispatch, register_impl
 from vitfast.ops._triton import (
     HAS_TRITON,
+    INTERPRETER,
     KERNEL_DTYPES,
     cdiv,
     kernel_can_run,
     launch,
     log_fallback,
+    native_state,
     pdl_prologue,
     plan_sms,
+    register_native,
     rows_2d,
     tl,
     triton,
@@ -810,6 +813,30 @@ def _patch_embed_backward(ctx, grad_out: torch.Tensor):
 _patch_embed_fwd_op.register_autograd(_patch_embed_backward, setup_context=_patch_embed_setup_context)
 
 
+def _covers(x, weight, bias, pos_embed, cls_token, mean, std) -> bool:
+    """Whether the kernel takes a call without mean / std (the wrapper's checks, for the native entry point)."""
+    _check_tokens_inputs(x, weight, bias, pos_embed, cls_token, mean, std)
+    return (
+        mean is None
+        and std is None
+        and kernel_can_run(x, weight, bias, pos_embed, cls_token)
+        and (weight.dtype in KERNEL_DTYPES)
+    )
+
+
+def _native_state() -> tuple | None:
+    return native_state(_DW_MIN_ROWS_PER_SPLIT)  # what the launch plans read besides the device (tests set it)
+
+
+def register_ext(cpu: bool = INTERPRETER) -> None:
+    """The native eager entry points of the ops here (csrc/eager.cpp; :func:`~vitfast.ops._triton.register_native`)."""
+    register_native(_patch_embed_fwd_op, _native_state, cpu, covers=_covers)
+    register_native(_patch_embed_bwd_op, _native_state, cpu)
+
+
+register_ext()
+
+
 register_impl("patch_embed", "reference", patch_embed_ref)
 register_impl("patch_embed_tokens", "reference", patch_embed_tokens_ref)
 
@@ -824,6 +851,10 @@ def _patch_embed_tokens_triton(
     std: ChannelStats = None,
 ) -> torch.Tensor:
     """The fused kernel where it covers the call, else the reference (logged once per reason)."""
+    if mean is None and std is None:
+        result = _patch_embed_fwd_op.native_call(x, weight, bias, pos_embed, cls_token, None, None)  # covers: _covers
+        if result is not NotImplemented:
+            return result
     _check_tokens_inputs(x, weight, bias, pos_embed, cls_token, mean, std)
     stats = [s for s in (mean, std) if isinstance(s, torch.Tensor)]
     if not kernel_can_run(x, weight, bias, pos_embed, cls_token):

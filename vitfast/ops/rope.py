@@ -278,38 +278,41 @@ def _rope_2d_qk_backward(ctx, grad_q: torch.Tensor, grad_k: torch.Tensor):
 _rope_2d_qk_op.register_autograd(_rope_2d_qk_backward, setup_context=_rope_2d_qk_setup_context)
 
 
-def _rope_2d_qk_grads(grad_q, grad_k, cos, sin, prefix_and_inverse):
-    """``(dq, dk)``: the inverse rotation; the backward of the native forward (csrc/eager.cpp), which saves what
-    :func:`_rope_2d_qk_setup_context` does."""
-    num_prefix_tokens, inverse = prefix_and_inverse
-    return _rope_2d_qk_op(grad_q, grad_k, cos, sin, num_prefix_tokens, not inverse)
-
-
 def _native_state() -> tuple | None:
     return native_state(_TILE)  # the launch plan reads _TILE
 
 
+def _covers(q, k, cos, sin, _num_prefix_tokens, _inverse) -> bool:
+    """Whether the kernel takes the call (the wrapper's coverage check, for the native entry point)."""
+    return _uncovered(q, k, cos, sin) is None
+
+
 def register_ext(cpu: bool = INTERPRETER) -> None:
-    """The native eager path of the rotation (csrc/eager.cpp; :func:`~vitfast.ops._triton.register_native`)."""
-    register_native(_rope_2d_qk_op, "rope_2d_qk_native", _native_state, _rope_2d_qk_grads, cpu)
+    """The native eager entry point of the rotation (csrc/eager.cpp; :func:`~vitfast.ops._triton.register_native`)."""
+    register_native(_rope_2d_qk_op, _native_state, cpu, covers=_covers)
 
 
 register_ext()
 
 
+def _uncovered(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> str | None:
+    """Why the kernel cannot take the call (then the reference runs), or None."""
+    if not kernel_can_run(q, k, cos, sin):
+        return "tensors not on one CUDA device (nor on the CPU under the Triton interpreter)"
+    if q.dtype not in KERNEL_DTYPES:
+        return f"dtype {q.dtype} (the kernel takes float16, bfloat16, float32)"
+    if q.dim() != 4:
+        return f"{q.dim()}-d q / k (the kernel takes [B, H, N, D])"
+    return None
+
+
 def _rope_2d_qk_triton(
     q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_prefix_tokens: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    result = _rope_2d_qk_op.native_call(q, k, cos, sin, num_prefix_tokens, False)  # checks its own coverage
+    result = _rope_2d_qk_op.native_call(q, k, cos, sin, num_prefix_tokens, False)  # covers: _covers
     if result is not NotImplemented:
         return result
-    reason = None
-    if not kernel_can_run(q, k, cos, sin):
-        reason = "tensors not on one CUDA device (nor on the CPU under the Triton interpreter)"
-    elif q.dtype not in KERNEL_DTYPES:
-        reason = f"dtype {q.dtype} (the kernel takes float16, bfloat16, float32)"
-    elif q.dim() != 4:
-        reason = f"{q.dim()}-d q / k (the kernel takes [B, H, N, D])"
+    reason = _uncovered(q, k, cos, sin)
     if reason is not None:
         log_fallback("rope_2d_qk", reason)
         return rope_2d_qk_ref(q, k, cos, sin, num_prefix_tokens)

@@ -901,18 +901,13 @@ def _swiglu_layer_norm_setup_context(ctx, inputs, output) -> None:
 
 
 def _swiglu_layer_norm_backward(ctx, grad: torch.Tensor, _grad_mean: torch.Tensor, _grad_rstd: torch.Tensor):
-    return (*_swiglu_layer_norm_grads(grad, *ctx.saved_tensors, (ctx.bias_dtype, ctx.width)), None, None)
-
-
-def _swiglu_layer_norm_grads(grad, gate, up, weight, mean, rstd, bias_dtype_and_width):
-    """``(d_gate, d_up, d_weight, d_bias)`` from what :func:`_swiglu_layer_norm_setup_context` saved; also the
-    backward of the native forward (csrc/eager.cpp), which saves the same."""
-    bias_dtype, width = bias_dtype_and_width
-    d_gate, d_up, d_params = _swiglu_layer_norm_bwd_op(grad, gate, up, weight, mean, rstd, width)
-    if weight.dtype == bias_dtype:
+    """``(d_gate, d_up, d_weight, d_bias, None, None)``."""
+    gate, up, weight, mean, rstd = ctx.saved_tensors
+    d_gate, d_up, d_params = _swiglu_layer_norm_bwd_op(grad, gate, up, weight, mean, rstd, ctx.width)
+    if weight.dtype == ctx.bias_dtype:
         d_params = d_params.to(weight.dtype)  # one cast for both (none for fp32 parameters)
-        return d_gate, d_up, d_params[0], d_params[1]
-    return d_gate, d_up, d_params[0].to(weight.dtype), d_params[1].to(bias_dtype)
+        return d_gate, d_up, d_params[0], d_params[1], None, None
+    return d_gate, d_up, d_params[0].to(weight.dtype), d_params[1].to(ctx.bias_dtype), None, None
 
 
 _swiglu_fwd_op.register_autograd(_swiglu_backward, setup_context=_swiglu_setup_context)
@@ -920,14 +915,29 @@ _swiglu_packed_fwd_op.register_autograd(_swiglu_packed_backward, setup_context=_
 _swiglu_layer_norm_fwd_op.register_autograd(_swiglu_layer_norm_backward, setup_context=_swiglu_layer_norm_setup_context)
 
 
+def _native_state() -> tuple | None:
+    return native_state(INTERPRETER)  # the launch plans read INTERPRETER (tests set it to run the GPU tiles)
+
+
+def _swiglu_covers(gate, up) -> bool:
+    return _swiglu_unsupported(gate, up) is None
+
+
+def _swiglu_packed_covers(x) -> bool:
+    return _swiglu_unsupported(x, x) is None and x.shape[-1] % 2 == 0
+
+
+def _swiglu_layer_norm_covers(gate, up, weight, bias, _eps, width) -> bool:
+    return _swiglu_layer_norm_uncovered(gate, up, weight, bias, width) is None
+
+
 def register_ext(cpu: bool = INTERPRETER) -> None:
-    """The native eager path of the SwiGLU + sub-LN forward (csrc/eager.cpp;
-    :func:`~vitfast.ops._triton.register_native`); its launch plan reads INTERPRETER alone, a constant: no settings in
-    its state."""
-    register_native(
-        _swiglu_layer_norm_fwd_op, "swiglu_layer_norm_fwd_native", native_state, _swiglu_layer_norm_grads, cpu,
-        MAX_LAYER_NORM_WIDTH,
-    )  # fmt: skip
+    """The native eager entry points of the ops here (csrc/eager.cpp; :func:`~vitfast.ops._triton.register_native`)."""
+    register_native(_swiglu_fwd_op, _native_state, cpu, covers=_swiglu_covers)
+    register_native(_swiglu_packed_fwd_op, _native_state, cpu, covers=_swiglu_packed_covers)
+    register_native(_swiglu_layer_norm_fwd_op, _native_state, cpu, covers=_swiglu_layer_norm_covers)
+    for op in (_swiglu_bwd_op, _swiglu_packed_bwd_op, _swiglu_layer_norm_bwd_op):
+        register_native(op, _native_state, cpu)
 
 
 register_ext()
@@ -946,7 +956,29 @@ def _swiglu_unsupported(gate: torch.Tensor, up: torch.Tensor) -> str | None:
     return None
 
 
+def _swiglu_layer_norm_uncovered(
+    gate: torch.Tensor, up: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, width: int | None
+) -> str | None:
+    """Why the SwiGLU + sub-LN kernel cannot take these tensors, or None when it can."""
+    reason = _swiglu_unsupported(gate, up)
+    if reason is None:
+        if weight is None or bias is None:
+            reason = "LayerNorm without weight or bias"
+        elif not kernel_can_run(gate, weight, bias):
+            reason = "weight / bias on another device"
+        elif weight.dtype not in KERNEL_DTYPES or bias.dtype not in KERNEL_DTYPES:
+            reason = f"weight / bias dtypes {weight.dtype} / {bias.dtype}"
+        elif gate.shape[-1] > MAX_LAYER_NORM_WIDTH:
+            reason = f"width over {MAX_LAYER_NORM_WIDTH}"
+        elif weight.shape != bias.shape or weight.shape[-1] not in (width or gate.shape[-1], gate.shape[-1]):
+            reason = "weight / bias shape not [width]"
+    return reason
+
+
 def _swiglu_triton(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    result = _swiglu_fwd_op.native_call(gate, up)  # covers: _swiglu_covers
+    if result is not NotImplemented:
+        return result
     reason = _swiglu_unsupported(gate, up)
     if reason is not None:
         log_fallback("swiglu", reason)
@@ -955,6 +987,9 @@ def _swiglu_triton(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 
 def _swiglu_packed_triton(x: torch.Tensor) -> torch.Tensor:
+    result = _swiglu_packed_fwd_op.native_call(x)  # covers: _swiglu_packed_covers
+    if result is not NotImplemented:
+        return result
     reason = _swiglu_unsupported(x, x)
     if reason is not None:
         log_fallback("swiglu_packed", reason)
@@ -970,23 +1005,11 @@ def _swiglu_layer_norm_triton(
     eps: float,
     width: int | None = None,
 ) -> torch.Tensor:
-    if weight is not None and bias is not None and gate.ndim:
-        # the native path checks its own coverage
+    if gate.ndim:
         result = _swiglu_layer_norm_fwd_op.native_call(gate, up, weight, bias, eps, width or gate.shape[-1])
-        if result is not NotImplemented:
+        if result is not NotImplemented:  # covers: _swiglu_layer_norm_covers
             return result[0]
-    reason = _swiglu_unsupported(gate, up)
-    if reason is None:
-        if weight is None or bias is None:
-            reason = "LayerNorm without weight or bias"
-        elif not kernel_can_run(gate, weight, bias):
-            reason = "weight / bias on another device"
-        elif weight.dtype not in KERNEL_DTYPES or bias.dtype not in KERNEL_DTYPES:
-            reason = f"weight / bias dtypes {weight.dtype} / {bias.dtype}"
-        elif gate.shape[-1] > MAX_LAYER_NORM_WIDTH:
-            reason = f"width over {MAX_LAYER_NORM_WIDTH}"
-        elif weight.shape != bias.shape or weight.shape[-1] not in (width or gate.shape[-1], gate.shape[-1]):
-            reason = "weight / bias shape not [width]"
+    reason = _swiglu_layer_norm_uncovered(gate, up, weight, bias, width)
     if reason is not None:
         log_fallback("swiglu_layer_norm", reason)
         return swiglu_layer_norm_ref(gate, up, weight, bias, eps, width)
