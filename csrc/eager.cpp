@@ -140,10 +140,13 @@ int64_t float_bits(double value) {
 
 // An argument of a recorded launch, or a tensor the autograd node saves.
 struct Slot {
-  enum Kind : int64_t { kInput = 0, kBuffer = 1, kConstant = 2 };  // saved: kBuffer means an output, kConstant None
+  // saved: kBuffer means an output, kConstant None. kView: a view of buffer ``index`` at another storage offset
+  enum Kind : int64_t { kInput = 0, kBuffer = 1, kConstant = 2, kView = 3 };
   int64_t kind = kConstant;
   int64_t index = 0;
   PyObject* value = nullptr;  // kConstant (borrowed from the plan's tuple)
+  std::vector<int64_t> sizes, strides;  // kView
+  int64_t offset = 0;
 };
 
 // A fresh allocation of the Python path (an output or a temporary): its storage's length and the view of it that
@@ -225,15 +228,27 @@ Buffer parse_buffer(PyObject* spec) {
   return b;
 }
 
+// (kind, index or constant), or (kView, buffer, sizes, strides, storage offset)
 Slot parse_slot(PyObject* spec, size_t inputs, size_t buffers) {
   Slot s;
-  s.kind = as_int(item(spec, 0, 2, "slot"), "slot kind");
+  if (!PyTuple_Check(spec) || PyTuple_GET_SIZE(spec) < 2) {
+    plan_error("slot");
+  }
+  s.kind = as_int(PyTuple_GET_ITEM(spec, 0), "slot kind");
   if (s.kind == Slot::kConstant) {
-    s.value = PyTuple_GET_ITEM(spec, 1);
+    s.value = item(spec, 1, 2, "slot");
     return s;
   }
-  s.index = as_int(PyTuple_GET_ITEM(spec, 1), "slot index");
-  size_t bound = s.kind == Slot::kInput ? inputs : s.kind == Slot::kBuffer ? buffers : 0;
+  s.index = as_int(item(spec, 1, s.kind == Slot::kView ? 5 : 2, "slot"), "slot index");
+  if (s.kind == Slot::kView) {
+    s.sizes = int_list(PyTuple_GET_ITEM(spec, 2), "view sizes");
+    s.strides = int_list(PyTuple_GET_ITEM(spec, 3), "view strides");
+    s.offset = as_int(PyTuple_GET_ITEM(spec, 4), "view offset");
+    if (s.sizes.size() != s.strides.size()) {
+      plan_error("view rank");
+    }
+  }
+  size_t bound = s.kind == Slot::kInput ? inputs : s.kind == Slot::kBuffer || s.kind == Slot::kView ? buffers : 0;
   if (s.index < 0 || static_cast<size_t>(s.index) >= bound) {
     plan_error("slot index");
   }
@@ -374,20 +389,27 @@ variable_list replay(const Plan& plan, const Call& call) {
     buffers.push_back(spec.exact ? at::empty_strided(spec.sizes, spec.strides, options)
                                  : at::empty({spec.elements}, options).as_strided(spec.sizes, spec.strides,
                                                                                   spec.offset));
+    // a launch was specialized on this alignment (the allocators' buffers are 512- or 64-byte aligned, and the
+    // offset is the plan's: this never fails, and a replay that would pass another alignment must not run)
+    if (aligned(buffers.back()) != spec.aligned && buffers.back().numel() != 0) {
+      PyErr_SetString(PyExc_RuntimeError, "vitfast: a native replay's allocation is not aligned as its plan's");
+      throw python_error();
+    }
     if (spec.launched) {
-      // a launch was specialized on this alignment (the allocators' buffers are 512- or 64-byte aligned, and the
-      // offset is the plan's: this never fails, and a replay that would pass another alignment must not run)
-      if (aligned(buffers.back()) != spec.aligned && buffers.back().numel() != 0) {
-        PyErr_SetString(PyExc_RuntimeError, "vitfast: a native replay's allocation is not aligned as its plan's");
-        throw python_error();
-      }
       wrapped[b] = checked(THPVariable_Wrap(buffers.back()));
     }
   }
   std::vector<PyObject*> args;
+  std::vector<Ref> views;  // the views this call's launches got, alive until they ran
   for (const Step& step : plan.steps) {
     args.clear();
     for (const Slot& slot : step.args) {
+      if (slot.kind == Slot::kView) {
+        views.push_back(checked(THPVariable_Wrap(buffers[slot.index].as_strided(slot.sizes, slot.strides,
+                                                                                 slot.offset))));
+        args.push_back(views.back().get());
+        continue;
+      }
       args.push_back(slot.kind == Slot::kInput    ? call.args[slot.index]
                      : slot.kind == Slot::kBuffer ? wrapped[slot.index].get()
                                                   : slot.value);

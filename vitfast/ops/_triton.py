@@ -693,9 +693,10 @@ def _constant(value: Any) -> bool:
 def _plan(args: tuple, result: Any, launches: list, context: _RecordedContext | None) -> tuple | None:
     """The plan csrc/eager.cpp replays for a fill, or None when it cannot model the call.
 
-    Every tensor a launch got is a call argument (the same address and dtype) or a fresh allocation: a buffer, on a
-    storage no argument shares; each output is a buffer's own view, one output per storage. A saved tensor is an
-    argument or an output (the same object); the ctx's attributes are constants.
+    Every tensor a launch got is a call argument (the same address and dtype) or lies in a fresh allocation: a
+    buffer (on a storage no argument shares), or a view of one at another offset; each output is a buffer's own view,
+    one output per storage. A saved tensor is an argument or an output (the same object); the ctx's attributes are
+    constants.
     """
     single = type(result) in _PLAIN_TENSORS
     outputs = (result,) if single else result
@@ -708,26 +709,31 @@ def _plan(args: tuple, result: Any, launches: list, context: _RecordedContext | 
             by_address.setdefault((a.data_ptr(), a.dtype), i)
             argument_storages.add(a.untyped_storage().data_ptr())
     buffers: list[tuple] = []
-    views: dict[int, torch.Tensor] = {}  # storage address -> the view its buffer is allocated as
-    index: dict[int, int] = {}
+    views: dict[int, tuple[torch.Tensor, int]] = {}  # storage address -> (the view its buffer is allocated as, index)
 
-    def buffer(t: torch.Tensor) -> int | None:
+    def slot(t: torch.Tensor) -> tuple | None:
+        """``(1, buffer)``, ``(3, buffer, sizes, strides, storage offset)`` (another view of a buffer) or None."""
         storage = t.untyped_storage()
         address, nbytes = storage.data_ptr(), storage.nbytes()
         if t.layout != torch.strided or nbytes % t.element_size():
             return None
         if nbytes and address in argument_storages:
             return None
-        view = views.get(address) if nbytes else None  # an empty storage has no address: a buffer of its own
-        if view is None:
+        found = views.get(address) if nbytes else None  # an empty storage has no address: a buffer of its own
+        if found is None:
             if nbytes:
-                views[address], index[address] = t, len(buffers)
+                views[address] = (t, len(buffers))
             buffers.append(
                 (t.dtype, tuple(t.shape), t.stride(), t.storage_offset(), nbytes // t.element_size(),
                  not t.data_ptr() & 15)
             )  # fmt: skip
-            return len(buffers) - 1
-        return index[address] if view.data_ptr() == t.data_ptr() and view.dtype == t.dtype else None
+            return 1, len(buffers) - 1
+        view, index = found
+        if view.dtype != t.dtype:
+            return None
+        if view.data_ptr() == t.data_ptr():
+            return 1, index
+        return 3, index, tuple(t.shape), t.stride(), t.storage_offset()
 
     output_buffers = []
     for o in outputs:
@@ -736,23 +742,18 @@ def _plan(args: tuple, result: Any, launches: list, context: _RecordedContext | 
         storage = o.untyped_storage()
         if storage.nbytes() and storage.data_ptr() in views:
             return None  # a second output on one storage
-        b = buffer(o)
-        if b is None:
+        output_buffers.append(slot(o))
+        if output_buffers[-1] is None:
             return None
-        output_buffers.append(b)
     steps = []
     for grid, launcher, function, metadata, constexprs, launch_args in launches:
         slots = []
         for a in launch_args:
             if type(a) in _PLAIN_TENSORS:
                 i = by_address.get((a.data_ptr(), a.dtype))
-                if i is None:
-                    i = buffer(a)
-                    if i is None:
-                        return None
-                    slots.append((1, i))
-                else:
-                    slots.append((0, i))
+                slots.append((0, i) if i is not None else slot(a))
+                if slots[-1] is None:
+                    return None
             elif a is None or type(a) in (int, float, bool):
                 slots.append((2, a))
             else:
@@ -779,7 +780,8 @@ def _plan(args: tuple, result: Any, launches: list, context: _RecordedContext | 
             return None  # marked a tensor that is not an output
         differentiable = tuple(id(o) not in constant for o in outputs)
         attrs = dict(context.attrs)
-    return single, tuple(buffers), tuple(output_buffers), tuple(steps), tuple(saved), differentiable, attrs
+    outputs_at = tuple(b for _, b in output_buffers)
+    return single, tuple(buffers), outputs_at, tuple(steps), tuple(saved), differentiable, attrs
 
 
 def native_fill(

@@ -474,8 +474,13 @@ def _bwd_plan(cols: int, rows: int, sm_count: int | None, tile: int) -> tuple[in
     ``tile`` as in :func:`_fwd_plan`."""
     block_rows, block_c, num_warps = _block_sizes(cols, rows, sm_count)
     programs, rows_per_program, block_rows = _bwd_grid(rows, block_rows, sm_count) if rows else (0, 1, block_rows)
-    reduce_cols = _REDUCE_COLS if sm_count is not None else next_power_of_2(cols)
-    return programs, rows_per_program, block_rows, block_c, num_warps, reduce_cols
+    return programs, rows_per_program, block_rows, block_c, num_warps, reduce_block(cols, sm_count)
+
+
+def reduce_block(cols: int, sm_count: int | None) -> int:
+    """The column tile of :func:`reduce_param_partials`: 32 on a GPU, the whole row elsewhere (the interpreter pays
+    per program)."""
+    return _REDUCE_COLS if sm_count is not None else next_power_of_2(cols)
 
 
 def _sm_count(device: torch.device) -> int | None:
@@ -741,23 +746,41 @@ def layer_norm_bwd(
         num_warps=num_warps,
     )
     if n_params:
-        launch(
-            _layer_norm_bwd_reduce_kernel,
-            (cdiv(cols, reduce_cols), n_params),
+        reduce_param_partials(
             partial,
-            dgamma if gamma is not None else partial,  # stand-ins: never written (their slot is -1)
-            dweight if weight is not None else partial,
-            dbias if bias is not None else partial,
-            programs,
-            cols,
-            GAMMA_SLOT=gamma_slot,
-            WEIGHT_SLOT=weight_slot,
-            BIAS_SLOT=bias_slot,
-            BLOCK_P=_REDUCE_ROWS,
-            BLOCK_COLS=reduce_cols,
-            num_warps=4,  # 8 fp32 values per thread of the 32 x 32 tile: two 128-bit loads
-        )
+            (dgamma if gamma is not None else None, dweight if weight is not None else None,
+             dbias if bias is not None else None),
+            reduce_cols,
+        )  # fmt: skip
     return dx, dbranch, dgamma, dweight, dbias
+
+
+def reduce_param_partials(
+    partial: torch.Tensor, grads: tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None], block: int
+) -> None:
+    """Add up fp32 parameter-gradient partial sums ``partial`` ``[n_params, programs, cols]`` over the programs into
+    ``grads`` (gamma's, weight's, bias's: ``[cols]`` each in its dtype, None when absent; the present ones are the
+    slots of ``partial`` in that order), by one launch of :func:`_layer_norm_bwd_reduce_kernel` over ``block``-wide
+    column tiles. Shared by the LayerNorm and the SwiGLU + sub-LN backward."""
+    n_params, programs, cols = partial.shape
+    slots, present = [], 0
+    for grad in grads:
+        slots.append(present if grad is not None else -1)
+        present += grad is not None
+    launch(
+        _layer_norm_bwd_reduce_kernel,
+        (cdiv(cols, block), n_params),
+        partial,
+        *(grad if grad is not None else partial for grad in grads),  # stand-ins: never written (their slot is -1)
+        programs,
+        cols,
+        GAMMA_SLOT=slots[0],
+        WEIGHT_SLOT=slots[1],
+        BIAS_SLOT=slots[2],
+        BLOCK_P=_REDUCE_ROWS,
+        BLOCK_COLS=block,
+        num_warps=4,  # 8 fp32 values per thread of the 32 x 32 tile: two 128-bit loads
+    )
 
 
 def _layer_norm_fwd_reference(

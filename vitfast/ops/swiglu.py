@@ -50,6 +50,7 @@ from vitfast.ops._triton import (
     triton,
     triton_op,
 )
+from vitfast.ops.layer_norm import reduce_block, reduce_param_partials
 
 __all__ = [
     "aligned_width",
@@ -466,8 +467,9 @@ def _check_packed(x: torch.Tensor) -> None:
 
 
 # Longest run of rows whose parameter gradients a backward program adds in sequence: fp32 rounding error grows with
-# the run (the interpreter's numpy also adds a tile's rows in sequence). Programs' partial sums then meet in a
-# pairwise torch.sum.
+# the run (the interpreter's numpy also adds a tile's rows in sequence). Programs' partial sums then meet in the
+# LayerNorm backward's reduction kernel (layer_norm.reduce_param_partials: 32-row tiles added in sequence, then a
+# tree over a tile's rows).
 _MAX_CHAIN = 64
 
 
@@ -788,8 +790,9 @@ def swiglu_layer_norm_bwd(
     up_rows, _, up_stride = rows_2d(up, padded_width)
     if n_rows == 0:
         return d_gate, d_up, torch.zeros((2, param_width), dtype=torch.float32, device=device)
+    sm_count = num_sms(device) if device.type == "cuda" else None
     n_programs, rows_per_program, block_m, block_n, chunks, options = _layer_norm_bwd_plan(
-        n_rows, padded_width, gate.dtype, num_sms(device) if device.type == "cuda" else None, INTERPRETER
+        n_rows, padded_width, gate.dtype, sm_count, INTERPRETER
     )
     # the weight's and the bias's partial sums in one buffer: one reduction launch for both
     partials = empty((2, n_programs, param_width), torch.float32, device)
@@ -822,7 +825,9 @@ def swiglu_layer_norm_bwd(
         num_stages=1,
         **options,
     )
-    return d_gate, d_up, partials.sum(1)
+    d_params = empty((2, param_width), torch.float32, device)
+    reduce_param_partials(partials, (None, d_params[0], d_params[1]), reduce_block(param_width, sm_count))
+    return d_gate, d_up, d_params
 
 
 @triton_op("vitfast::swiglu_fwd")
