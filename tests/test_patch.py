@@ -282,44 +282,6 @@ def test_compiled_patched_model_has_no_graph_break() -> None:
     assert_close_scaled(out.float(), model(image).float(), tol=2e-2, what="compiled vs eager")
 
 
-def _ddp_worker(rank: int, world_size: int, port: int, results) -> None:
-    import torch.distributed as dist
-    from torch.nn.parallel import DistributedDataParallel
-
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
-    try:
-        torch.manual_seed(0)
-        model = vitfast.patch(_timm_model("eva02_tiny_patch14_224"))
-        ddp = DistributedDataParallel(model)
-        images = torch.randn(world_size * 2, 3, 112, 112, generator=torch.Generator().manual_seed(3))
-        ddp(images[rank * 2 : rank * 2 + 2]).square().mean().backward()
-        results[rank] = {name: p.grad.clone() for name, p in model.named_parameters()}
-    finally:
-        dist.destroy_process_group()
-
-
-@pytest.mark.slow
-def test_distributed_data_parallel_averages_the_patched_gradients() -> None:
-    """Two gloo processes on the CPU (reference path): DDP's averaged gradients equal one process on the full batch."""
-    import socket
-
-    import torch.multiprocessing as mp
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    results = mp.Manager().dict()
-    mp.spawn(_ddp_worker, args=(2, port, results), nprocs=2, join=True)
-
-    torch.manual_seed(0)
-    model = vitfast.patch(_timm_model("eva02_tiny_patch14_224"))
-    images = torch.randn(4, 3, 112, 112, generator=torch.Generator().manual_seed(3))
-    model(images).square().mean().backward()
-    for name, p in model.named_parameters():
-        for rank in range(2):
-            assert_close_scaled(results[rank][name], p.grad, tol=1e-5, what=f"rank {rank} {name}")
-
-
 FSDP_STEPS = 3
 
 
@@ -336,30 +298,39 @@ def _fsdp_train(model: torch.nn.Module, images: torch.Tensor) -> list[float]:
     return losses
 
 
-def _fsdp2_worker(rank: int, world_size: int, port: int, results) -> None:
+def _gloo_worker(rank: int, world_size: int, port: int, results) -> None:
+    """One rank of both distributed runs, in one process group (one spawn of processes that import torch, not two):
+    DDP's gradients of one step, then FSDP2's losses and gathered parameters after ``FSDP_STEPS`` steps."""
     import torch.distributed as dist
     from torch.distributed.fsdp import fully_shard
+    from torch.nn.parallel import DistributedDataParallel
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
     try:
+        images = torch.randn(world_size * 2, 3, 112, 112, generator=torch.Generator().manual_seed(3))
+        mine = images[rank * 2 : rank * 2 + 2]
+        torch.manual_seed(0)
+        model = vitfast.patch(_timm_model("eva02_tiny_patch14_224"))
+        ddp_model = DistributedDataParallel(model)  # kept: its reducer must outlive the backward
+        ddp_model(mine).square().mean().backward()
+        ddp = {name: p.grad.clone() for name, p in model.named_parameters()}
+
         torch.manual_seed(0)
         model = vitfast.patch(_timm_model("eva02_tiny_patch14_224"))
         for block in model.blocks:
             fully_shard(block)
         fully_shard(model)
-        images = torch.randn(world_size * 2, 3, 112, 112, generator=torch.Generator().manual_seed(3))
-        losses = _fsdp_train(model, images[rank * 2 : rank * 2 + 2])
+        losses = _fsdp_train(model, mine)
         # the sharded parameters gathered back, to compare with one process's after the same steps
         params = {name: p.full_tensor().detach().clone() for name, p in model.named_parameters()}
-        results[rank] = {"losses": losses, "params": params}
+        results[rank] = {"ddp": ddp, "fsdp_losses": losses, "fsdp_params": params}
     finally:
         dist.destroy_process_group()
 
 
-@pytest.mark.slow
-def test_fsdp2_fully_shard_trains_the_patched_model_as_one_process() -> None:
-    """Two gloo processes on the CPU, ``fully_shard`` per block and on the root: the mean of the two ranks' losses is
-    one process's loss on the whole batch at every step, and the parameters after the steps are the same."""
+@pytest.fixture(scope="module")
+def gloo_ranks() -> dict:
+    """What each of two gloo processes on the CPU (reference path) got in :func:`_gloo_worker`, by rank."""
     import socket
 
     import torch.multiprocessing as mp
@@ -368,18 +339,38 @@ def test_fsdp2_fully_shard_trains_the_patched_model_as_one_process() -> None:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     results = mp.Manager().dict()
-    mp.spawn(_fsdp2_worker, args=(2, port, results), nprocs=2, join=True)
+    mp.spawn(_gloo_worker, args=(2, port, results), nprocs=2, join=True)
+    return dict(results)
 
+
+def _one_process_model() -> tuple[torch.nn.Module, torch.Tensor]:
     torch.manual_seed(0)
     model = vitfast.patch(_timm_model("eva02_tiny_patch14_224"))
-    images = torch.randn(4, 3, 112, 112, generator=torch.Generator().manual_seed(3))
+    return model, torch.randn(4, 3, 112, 112, generator=torch.Generator().manual_seed(3))
+
+
+@pytest.mark.slow
+def test_distributed_data_parallel_averages_the_patched_gradients(gloo_ranks: dict) -> None:
+    """DDP's averaged gradients on two ranks equal one process's on the full batch."""
+    model, images = _one_process_model()
+    model(images).square().mean().backward()
+    for name, p in model.named_parameters():
+        for rank in range(2):
+            assert_close_scaled(gloo_ranks[rank]["ddp"][name], p.grad, tol=1e-5, what=f"rank {rank} {name}")
+
+
+@pytest.mark.slow
+def test_fsdp2_fully_shard_trains_the_patched_model_as_one_process(gloo_ranks: dict) -> None:
+    """``fully_shard`` per block and on the root, two ranks: the mean of the two ranks' losses is one process's loss
+    on the whole batch at every step, and the parameters after the steps are the same."""
+    model, images = _one_process_model()
     expected = _fsdp_train(model, images)
-    sharded = [(a + b) / 2 for a, b in zip(results[0]["losses"], results[1]["losses"], strict=True)]
+    sharded = [(a + b) / 2 for a, b in zip(gloo_ranks[0]["fsdp_losses"], gloo_ranks[1]["fsdp_losses"], strict=True)]
     torch.testing.assert_close(torch.tensor(sharded), torch.tensor(expected), rtol=1e-5, atol=1e-7)
     assert expected[-1] < expected[0], "the steps did not train (the comparison would be of untouched weights)"
     for name, p in model.named_parameters():
         for rank in range(2):
-            assert_close_scaled(results[rank]["params"][name], p.detach(), tol=1e-5, what=f"rank {rank} {name}")
+            assert_close_scaled(gloo_ranks[rank]["fsdp_params"][name], p.detach(), tol=1e-5, what=f"rank {rank} {name}")
 
 
 @pytest.mark.parametrize(
