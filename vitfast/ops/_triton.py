@@ -41,6 +41,7 @@ __all__ = [
     "native_plans",
     "native_state",
     "next_power_of_2",
+    "gpu_sms",
     "num_sms",
     "plan_sms",
     "register_native",
@@ -120,9 +121,15 @@ def num_sms(device: torch.device) -> int:
 NOMINAL_SMS = 132
 
 
+def gpu_sms(device: torch.device) -> int | None:
+    """The device's SM count on a GPU; None anywhere else (plans that size for the interpreter there)."""
+    return num_sms(device) if device.type == "cuda" else None
+
+
 def plan_sms(device: torch.device) -> int:
     """The SM count a launch plan is sized for: the device's on a GPU, :data:`NOMINAL_SMS` anywhere else."""
-    return num_sms(device) if device.type == "cuda" else NOMINAL_SMS
+    sms = gpu_sms(device)
+    return NOMINAL_SMS if sms is None else sms
 
 
 def widen_bf16_dot(dtype: torch.dtype) -> bool:

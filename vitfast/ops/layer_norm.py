@@ -30,12 +30,12 @@ from vitfast.ops._triton import (
     cdiv,
     eager_memo,
     empty,
+    gpu_sms,
     kernel_can_run,
     launch,
     log_fallback,
     native_state,
     next_power_of_2,
-    num_sms,
     pdl_prologue,
     register_native,
     rows_2d,
@@ -483,8 +483,7 @@ def reduce_block(cols: int, sm_count: int | None) -> int:
     return _REDUCE_COLS if sm_count is not None else next_power_of_2(cols)
 
 
-def _sm_count(device: torch.device) -> int | None:
-    return num_sms(device) if device.type == "cuda" else None
+_sm_count = gpu_sms  # what the plans read (a module attribute: tests set it, and the native state names it)
 
 
 def _check_param(name: str, param: torch.Tensor | None, cols: int, device: torch.device) -> None:

@@ -37,12 +37,12 @@ from vitfast.ops._triton import (
     cdiv,
     eager_memo,
     empty,
+    gpu_sms,
     kernel_can_run,
     launch,
     log_fallback,
     native_state,
     next_power_of_2,
-    num_sms,
     pdl_prologue,
     register_native,
     rows_2d,
@@ -790,7 +790,7 @@ def swiglu_layer_norm_bwd(
     up_rows, _, up_stride = rows_2d(up, padded_width)
     if n_rows == 0:
         return d_gate, d_up, torch.zeros((2, param_width), dtype=torch.float32, device=device)
-    sm_count = num_sms(device) if device.type == "cuda" else None
+    sm_count = gpu_sms(device)
     n_programs, rows_per_program, block_m, block_n, chunks, options = _layer_norm_bwd_plan(
         n_rows, padded_width, gate.dtype, sm_count, INTERPRETER
     )
