@@ -3,7 +3,8 @@
 
     python -m benchmarks.autograd_node_cost          # table (builds a two-line extension first, ~1 min)
 
-Rows, in one run with their repeats interleaved (thread CPU time, median of 9 repeats of 1000 calls, min-max):
+Rows, in one run with their repeats interleaved (:func:`benchmarks.host_overhead.time_interleaved`:
+thread CPU time, median of 9 repeats of 1000 calls, min-max):
 
 - a toy extension's call that only allocates its output (``at::empty_like``: the bare call);
 - the same through ``Function<T>::apply``: without inputs that want a gradient, with them, then also saving two
@@ -19,9 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
-import statistics
 import sys
-import time
 from collections.abc import Callable
 
 import torch
@@ -52,19 +51,6 @@ at::Tensor call(at::Tensor a, at::Tensor b, int64_t mode) {
 """
 
 
-def _time(fns: dict[str, Callable[[], object]], calls: int = 1000, repeats: int = 9) -> dict[str, list[float]]:
-    samples: dict[str, list[float]] = {name: [] for name in fns}
-    for fn in fns.values():
-        fn()
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start = time.thread_time_ns()
-            for _ in range(calls):
-                fn()
-            samples[name].append((time.thread_time_ns() - start) / calls / 1000)
-    return samples
-
-
 def main() -> int:
     from torch.utils.cpp_extension import load_inline
 
@@ -91,11 +77,11 @@ def main() -> int:
             native, gate_d, up_d = swiglu._swiglu_fwd_op.native, gate.detach(), up.detach()
             fns["vitfast native swiglu, no gradient"] = lambda: native(gate_d, up_d)
             fns["vitfast native swiglu, gradient"] = lambda: native(gate, up)
-        samples = _time(fns)
+        timings = host_overhead.time_interleaved(fns, calls=1000, repeats=9)
     if problem is not None:
         print(f"(vitfast's native rows left out: {problem})", file=sys.stderr)
-    for name, values in samples.items():
-        print(f"{statistics.median(values):7.2f} us ({min(values):.2f}-{max(values):.2f})  {name}")
+    for name, t in timings.items():
+        print(f"{t['median']:7.2f} us ({t['min']:.2f}-{t['max']:.2f})  {name}")
     return 0
 
 
