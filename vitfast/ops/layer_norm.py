@@ -687,9 +687,7 @@ def layer_norm_bwd(
         cols, rows, _sm_count(device), _TILE
     )
     # the present parameters' rows of partial sums, stacked in one buffer (slot -1: absent)
-    gamma_slot = 0 if gamma is not None else -1
-    weight_slot = gamma_slot + 1 if weight is not None else -1
-    bias_slot = max(gamma_slot, weight_slot) + 1 if bias is not None else -1
+    gamma_slot, weight_slot, bias_slot = _param_slots(gamma, weight, bias)
     n_params = max(gamma_slot, weight_slot, bias_slot) + 1
 
     def param_grad(param: torch.Tensor | None) -> torch.Tensor:
@@ -754,6 +752,15 @@ def layer_norm_bwd(
     return dx, dbranch, dgamma, dweight, dbias
 
 
+def _param_slots(*params: torch.Tensor | None) -> tuple[int, ...]:
+    """Each present parameter's row of the partial sums (in order, from 0), -1 for an absent one."""
+    slots, present = [], 0
+    for param in params:
+        slots.append(present if param is not None else -1)
+        present += param is not None
+    return tuple(slots)
+
+
 def reduce_param_partials(
     partial: torch.Tensor, grads: tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None], block: int
 ) -> None:
@@ -762,10 +769,7 @@ def reduce_param_partials(
     slots of ``partial`` in that order), by one launch of :func:`_layer_norm_bwd_reduce_kernel` over ``block``-wide
     column tiles. Shared by the LayerNorm and the SwiGLU + sub-LN backward."""
     n_params, programs, cols = partial.shape
-    slots, present = [], 0
-    for grad in grads:
-        slots.append(present if grad is not None else -1)
-        present += grad is not None
+    slots = _param_slots(*grads)
     launch(
         _layer_norm_bwd_reduce_kernel,
         (cdiv(cols, block), n_params),
