@@ -23,15 +23,15 @@ if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
 
 # The longest test files first: the README's command hands whole files to its workers (`--dist loadfile`) in
 # collection order, and a long file handed out last leaves the other worker idle while it runs (33 s of a 9.5 min run
-# on two cores, 2026-12-01, with the kernel-report compile file, 117 s, starting mid-run). Measured worker-seconds
-# (2026-12-02): parity 128, kernel compile 108 (one test: started first), engine 64, attention 62, export 53, patch 52.
+# on two cores, 2026-12-01, with the kernel-report compile file, 117 s, starting mid-run). Measured worker-seconds then:
+# parity 236, kernel compile 117, patch 79, attention 63, engine 60, export 57.
 _LONGEST_FIRST = (
     "tests/ops/test_kernels_compile.py",
     "tests/models/test_parity_timm.py",
-    "tests/test_engine.py",
-    "tests/ops/test_attention.py",
-    "tests/test_export.py",
     "tests/test_patch.py",
+    "tests/ops/test_attention.py",
+    "tests/test_engine.py",
+    "tests/test_export.py",
 )
 
 
