@@ -39,11 +39,13 @@ import importlib
 import json
 import platform
 import statistics
+import struct
 import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -337,6 +339,7 @@ def measure(calls: int = 200, repeats: int = 7) -> dict:
             rows.append(row)
             print(f"{probe.label:<26} {public:8.1f} us  ({row['ratio']:.1f}x aten)", file=sys.stderr, flush=True)
         native = native_launches()
+        direct = direct_launch_check(capture)
     return {
         "date": datetime.date.today().isoformat(),
         "machine": f"{_cpu_name()}, {platform.system()}, Python {platform.python_version()}",
@@ -345,8 +348,169 @@ def measure(calls: int = 200, repeats: int = 7) -> dict:
         "calls": calls,
         "repeats": repeats,
         "native_launches": native,
+        "direct_launch": direct,
         "rows": rows,
     }
+
+
+# The bytes Triton's launcher packs for a scalar of each signature type (its C extractors: an int in its width, a
+# float as a C float or double), for the check below; a pointer is the tensor's address.
+_TRITON_PACKING = {"i32": "<i", "u32": "<I", "i64": "<q", "u64": "<Q", "fp32": "<f", "fp64": "<d"}
+
+
+def _triton_cells(compiled: Any, args: tuple) -> list[tuple[bool, int]]:
+    """The kernel parameters Triton's launcher passes for a launch with ``args``, as ``(is a pointer, value)`` of
+    8-byte cells: the non-constexpr arguments by the compiled kernel's signature (a tensor's address, a scalar's
+    bits), then the two null scratch pointers."""
+    cells = []
+    for kind, value in zip(compiled.src.signature.values(), args, strict=False):
+        if kind == "constexpr":
+            continue
+        if kind.startswith("*"):
+            cells.append((True, value.data_ptr()))
+        else:
+            cells.append((False, int.from_bytes(struct.pack(_TRITON_PACKING[kind], value).ljust(8, b"\0"), "little")))
+    return [*cells, (False, 0), (False, 0)]
+
+
+def _compare_launches(
+    fill: list[tuple], recorded: list[dict], addresses: Callable[[int], int | None], across: bool = True
+) -> list[str]:
+    """What differs between the launches the fill made through Triton (kernel, grid, args, kwargs) and the direct
+    launches of the replay (the recording launch's). A fill address that ``addresses`` cannot map to the replay's (a
+    temporary, an output the op does not return) binds at its first use: every later use must pass the same replay
+    address, no two fill addresses one, and none null; ``across``: over all the launches (tensors that live through
+    them all, as in one forward), else per launch (a backward's: the allocator reuses what an earlier op freed)."""
+    from vitfast.ops import _triton
+
+    if len(fill) != len(recorded):
+        return [f"{len(fill)} launches in the fill, {len(recorded)} direct launches in the replay"]
+    problems: list[str] = []
+    bound: dict[int, int] = {}
+    for (kernel, grid, args, kwargs), got in zip(fill, recorded, strict=True):
+        grid, kwargs = (*grid, 1, 1)[:3], dict(kwargs)
+        _triton._add_pdl(kernel, kwargs)  # what launch() passes on (the capture sees the call before it)
+        compiled = _triton.launch_cache.entry(kernel, grid, args, kwargs).compiled
+        metadata, name = compiled.metadata, kernel.fn.__name__
+        want = {"grid": grid, "block": (32 * metadata.num_warps, 1, 1), "shared": metadata.shared, "stream": 0,
+                "function": compiled.function, "attrs": [(6, 1)] if metadata.launch_pdl else []}  # fmt: skip
+        for field, value in want.items():
+            have = tuple(got[field]) if isinstance(value, tuple) else got[field]
+            if have != value:
+                problems.append(f"{name}: {field} {have} instead of {value}")
+        cells = _triton_cells(compiled, args)
+        if not across:
+            bound.clear()
+        if len(cells) != len(got["params"]):
+            problems.append(f"{name}: {len(got['params'])} parameters instead of {len(cells)}")
+            continue
+        for i, ((pointer, value), param) in enumerate(zip(cells, got["params"], strict=True)):
+            want_value = addresses(value) if pointer else value
+            if pointer and want_value is None:
+                want_value = bound.get(value)
+                if want_value is None:
+                    if param == 0 or param in bound.values():
+                        problems.append(f"{name}: parameter {i} is {param:#x}: null, or another tensor's")
+                    bound[value] = want_value = param
+            if param != want_value:
+                problems.append(f"{name}: parameter {i} is {param:#x} instead of {want_value:#x}")
+    return problems
+
+
+def direct_launch_check(capture: _LaunchCapture) -> dict[str, Any]:
+    """The native replays' direct launches (csrc/eager.cpp calling cuLaunchKernelEx itself, ``_triton._direct_launch``)
+    against what Triton's launcher passes for the same launches, per probe, through the stand-in's recording launch
+    (:class:`benchmarks.sm90.StandInLaunch`, built against NVIDIA's cuda.h).
+
+    Per probe, with fresh native entry points: a first call (the fill: the Python path, its launches through Triton
+    and the capture), then a replay; each direct launch's grid, block, shared memory, stream, function, attributes
+    and parameter cells must be what Triton's packing rules give for the fill's launch (:func:`_triton_cells`, the
+    rules written here again from Triton's extractors), a tensor argument's address mapped from the fill's to the
+    replay's (an input's is the same, an output's the replay output's). The replay must call no Python launch.
+    Then the same for fwd+bwd (counts and the non-pointer cells: the backward's inputs are the autograd engine's);
+    what a replay in a thread without a current context did (retained its device's primary context, once); PDL (the
+    layer norm compiled with ``launch_pdl``: the attribute set); and a launch that fails (the replay raises).
+    ``{"unavailable": why}`` without the compiled extension.
+    """
+    import inspect
+
+    from triton.runtime.driver import driver
+
+    from vitfast.ops import _triton
+
+    if _triton.native_api() is None:
+        return {"unavailable": "no compiled extension (vitfast._C)"}
+    launch = sm90.StandInLaunch.build()
+    active = driver.active
+    modules = [importlib.import_module(f"vitfast.ops.{name}") for name in OP_MODULES]
+
+    def fresh(functions: tuple[int, ...] | None) -> None:  # new native entry points: plans with these functions
+        active.launch_driver = functions
+        for module in modules:
+            if hasattr(module, "register_ext"):
+                module.register_ext(cpu=True)
+
+    def run(fn: Callable[[], Any]) -> tuple[list, Any, list, list]:
+        capture.launches.clear()
+        capture.recording = True
+        try:
+            first = fn()
+            fill = list(capture.launches)
+            capture.launches.clear()
+            launch.clear()
+            second = fn()
+            return fill, (first, second), launch.launches(), list(capture.launches)
+        finally:
+            capture.recording = False
+
+    def outputs(result: Any) -> list[torch.Tensor]:
+        return [result] if isinstance(result, torch.Tensor) else [o for o in result if isinstance(o, torch.Tensor)]
+
+    rows = []
+    try:
+        for probe in probes():
+            fresh(launch.recording)
+            inputs = [v for v in inspect.getclosurevars(probe.public).nonlocals.values() if isinstance(v, torch.Tensor)]
+            spans = [(t.untyped_storage().data_ptr(), t.untyped_storage().nbytes()) for t in inputs]
+            fill, (first, second), recorded, python = run(probe.public)
+            moved = {a.data_ptr(): b.data_ptr() for a, b in zip(outputs(first), outputs(second), strict=True)}
+
+            def addresses(address: int, moved: dict = moved, spans: list = spans) -> int | None:
+                if any(start <= address < start + size for start, size in spans):
+                    return address
+                return moved.get(address)
+
+            problems = _compare_launches(fill, recorded, addresses)
+            problems += [f"{len(python)} launches through Python in the replay"] if python else []
+            row = {"label": probe.label, "launches": len(fill), "direct": len(recorded), "problems": problems}
+            if probe.public_backward is not None:
+                fresh(launch.recording)
+                fill, _, recorded, python = run(probe.public_backward)
+                row["fwd_bwd"] = {"launches": len(fill), "direct": len(recorded), "python": len(python)}
+                if len(fill) == len(recorded):
+                    row["fwd_bwd"]["problems"] = _compare_launches(fill, recorded, lambda address: None, across=False)
+            rows.append(row)
+        context = launch.context()  # since the last probe's fwd+bwd: its thread started without a context
+        # PDL: a forward compiled with launch_pdl launches with the programmatic-serialization attribute
+        ln_probe = next(p for p in probes() if p.label == "layer_norm")
+        fresh(launch.recording)
+        saved, _triton._pdl.on = _triton._pdl.on, True
+        try:
+            fill, _, recorded, _ = run(ln_probe.public)
+        finally:
+            _triton._pdl.on = saved
+        pdl = {"launches": len(fill), "attrs": [r["attrs"] for r in recorded]}
+        # a launch the driver refuses: the replay raises instead of returning unwritten outputs
+        fresh(launch.failing)
+        ln_probe.public()
+        try:
+            ln_probe.public()
+            failure = "no error"
+        except RuntimeError as exc:
+            failure = str(exc)
+    finally:
+        fresh(None)
+    return {"rows": rows, "context": context, "pdl": pdl, "failure": failure}
 
 
 def native_launches() -> dict[str, list[int]] | None:

@@ -17,6 +17,7 @@ The toolchain is the triton wheel's own ``ptxas`` / ``cuobjdump``; :func:`toolch
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import io
 import os
 import re
@@ -104,6 +105,10 @@ class Sm90Driver:
 
         self.target = GPUTarget("cuda", 90, 32)
         self.utils = _Utils()
+        self.launch_driver: tuple[int, ...] | None = None  # native replays' driver functions; None: StandInLaunch.noop
+
+    def direct_launch_driver(self) -> tuple[int, ...]:
+        return self.launch_driver if self.launch_driver is not None else StandInLaunch.build().noop
 
     def get_current_device(self) -> int:
         return 0
@@ -119,6 +124,83 @@ class Sm90Driver:
 
     def get_active_torch_device(self) -> torch.device:
         return torch.device("cpu")
+
+
+class _Recorded(ctypes.Structure):
+    """One launch the recording launch kept (``Recorded`` in sm90_launch.c)."""
+
+    _fields_ = [
+        ("grid", ctypes.c_uint * 3),
+        ("block", ctypes.c_uint * 3),
+        ("shared", ctypes.c_uint),
+        ("num_attrs", ctypes.c_uint),
+        ("stream", ctypes.c_ulonglong),
+        ("function", ctypes.c_ulonglong),
+        ("attr_id", ctypes.c_int * 4),
+        ("attr_value", ctypes.c_int * 4),
+        ("num_params", ctypes.c_int),
+        ("params", ctypes.c_ulonglong * 64),
+    ]
+
+
+class StandInLaunch:
+    """The stand-in driver's launch functions (``sm90_launch.c``, compiled with the system C compiler against the
+    triton wheel's ``cuda.h``) for native replays' direct launches, as ``vitfast.ops._triton.direct_launch_driver``
+    gives them: ``noop`` (a launch that does nothing, in a thread that has a context), ``recording`` (keeps every
+    launch, :meth:`launches`, in a thread that starts without a context, :meth:`context`; :meth:`clear`) and
+    ``failing`` (a launch that answers an error). One build per process."""
+
+    _built: StandInLaunch | None = None
+
+    def __init__(self, library: ctypes.CDLL) -> None:
+        self._library = library
+
+        def address(name: str) -> int:
+            return ctypes.cast(getattr(library, name), ctypes.c_void_p).value
+
+        context = [address(f"recording_{name}") for name in ("set_current", "retain_primary", "get_device")]
+        self.noop = (address("stand_in_launch"), address("stand_in_get_current"), *context)
+        self.recording = (address("recording_launch"), address("recording_get_current"), *context)
+        self.failing = (address("failing_launch"), address("stand_in_get_current"), *context)
+        library.recorded_launch.restype = ctypes.POINTER(_Recorded)
+
+    @classmethod
+    def build(cls) -> StandInLaunch:
+        if cls._built is None:
+            import triton
+
+            include = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "include")
+            source = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sm90_launch.c")
+            out = os.path.join(tempfile.mkdtemp(prefix="vitfast_sm90_"), "sm90_launch.so")
+            compiler = os.environ.get("CC", "cc")
+            subprocess.run([compiler, "-O2", "-shared", "-fPIC", "-I", include, source, "-o", out], check=True,
+                           capture_output=True)  # fmt: skip
+            cls._built = cls(ctypes.CDLL(out))
+        return cls._built
+
+    def launches(self) -> list[dict[str, Any]]:
+        """Every launch the recording launch kept since :meth:`clear`: grid, block, shared bytes, stream, function,
+        ``attrs`` (``(id, value)``) and ``params`` (each as an unsigned 64-bit cell)."""
+        kept = []
+        for i in range(self._library.recorded_launches()):
+            r = self._library.recorded_launch(i).contents
+            kept.append({
+                "grid": tuple(r.grid), "block": tuple(r.block), "shared": r.shared, "stream": r.stream,
+                "function": r.function, "attrs": [(r.attr_id[a], r.attr_value[a]) for a in range(r.num_attrs)],
+                "params": list(r.params[: r.num_params]),
+            })  # fmt: skip
+        return kept
+
+    def context(self) -> dict[str, int]:
+        """What the replays did for a context since :meth:`clear`: ``sets`` (cuCtxSetCurrent calls), ``device`` (the
+        one cuDevicePrimaryCtxRetain got: cuDeviceGet's answer, the ordinal + 100) and the current ``context``."""
+        sets, device, context = ctypes.c_int(), ctypes.c_int(), ctypes.c_ulonglong()
+        self._library.context_state(ctypes.byref(sets), ctypes.byref(device), ctypes.byref(context))
+        return {"sets": sets.value, "device": device.value, "context": context.value}
+
+    def clear(self) -> None:
+        self._library.clear_recorded()
+        self._library.clear_context()
 
 
 class DevicePointer:
@@ -376,7 +458,8 @@ def offline_sm90(op_modules: list[Any], launch: Any, sm_count: int = SM_COUNT):
 
     Sets Triton's active driver to :class:`Sm90Driver`, a cold cache (so that ptxas runs and prints its log), the
     launch function of ``op_modules`` to ``launch`` (a :class:`Recorder`, or anything else with the same signature),
-    and the SM count the launchers read; everything is restored on exit.
+    the SM count the launchers read, and the stand-in's driver functions for native replays' direct launches
+    (:class:`StandInLaunch`; the driver's ``launch_driver`` picks others); everything is restored on exit.
     """
     from triton.runtime.driver import driver
 
@@ -384,6 +467,13 @@ def offline_sm90(op_modules: list[Any], launch: Any, sm_count: int = SM_COUNT):
 
     saved_launches = [(module, module.launch) for module in op_modules]
     saved_sm_count = triton_helpers._sm_count
+    saved_driver_functions = triton_helpers.direct_launch_driver
+
+    def direct_launch_driver(active: Any) -> tuple[int, ...] | None:
+        if isinstance(active, Sm90Driver) and os.environ.get(triton_helpers.DIRECT_ENV, "").strip() != "0":
+            return active.direct_launch_driver()
+        return saved_driver_functions(active)
+
     saved_env = {key: os.environ.get(key) for key in ("TRITON_CACHE_DIR", "TRITON_DUMP_PTXAS_LOG")}
     with tempfile.TemporaryDirectory() as cache_dir:
         os.environ["TRITON_CACHE_DIR"] = cache_dir
@@ -391,6 +481,7 @@ def offline_sm90(op_modules: list[Any], launch: Any, sm_count: int = SM_COUNT):
         saved_driver = driver._active
         driver.set_active(Sm90Driver())
         triton_helpers._sm_count = lambda _index: sm_count
+        triton_helpers.direct_launch_driver = direct_launch_driver
         for module, _ in saved_launches:
             module.launch = launch
         try:
@@ -399,6 +490,7 @@ def offline_sm90(op_modules: list[Any], launch: Any, sm_count: int = SM_COUNT):
             for module, saved in saved_launches:
                 module.launch = saved
             triton_helpers._sm_count = saved_sm_count
+            triton_helpers.direct_launch_driver = saved_driver_functions
             driver._active = saved_driver  # reset_active() would create the real driver, which needs a GPU
             for key, value in saved_env.items():
                 if value is None:

@@ -18,9 +18,12 @@
 //   the same thing. Each launch argument is a call argument (by address), a fresh allocation ("buffer": an output or
 //   a temporary), or a constant of the key. The autograd node saves what the op's setup_context saved (inputs and
 //   outputs by identity) and keeps its attributes (constants of the key) for the op's Python backward.
-// - the launch: the compiled kernel's own launcher (Triton's), called with exactly the arguments JITFunction.run
-//   passes (the replay contract of _triton.LaunchCache). Under Triton's interpreter the "launcher" is a Python
-//   closure over kernel[grid].
+// - the launch: on Triton's CUDA driver, cuLaunchKernelEx called from here with the kernel's parameters packed as
+//   Triton's launcher packs them (_triton._direct_launch derives them from the compiled kernel's signature and
+//   checks them against its PTX), so a replay calls no Python per launch; otherwise (another driver, a kernel with
+//   scratch memory or clusters, VITFAST_DIRECT_LAUNCH=0) the compiled kernel's own launcher (Triton's), called with
+//   exactly the arguments JITFunction.run passes (the replay contract of _triton.LaunchCache). Under Triton's
+//   interpreter the "launcher" is a Python closure over kernel[grid].
 // - the launch state (a Python callback, once per call): whether a replay is allowed now (no launch hooks), the
 //   token, the stream, the hooks to pass on. Tracing (dynamo, fake tensors, functorch, jit.trace) is refused by the
 //   Python caller before this runs.
@@ -32,11 +35,13 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_strided.h>
 #include <ATen/ops/zeros.h>
+#include <c10/util/SmallVector.h>
 #include <torch/csrc/Dtype.h>
 #include <torch/csrc/Exceptions.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/csrc/autograd/python_variable.h>
 
+#include <algorithm>
 #include <array>
 #include <cstdint>
 #include <cstring>
@@ -157,18 +162,62 @@ struct Buffer {
   int64_t offset = 0, elements = 0;
   bool exact = false;     // empty_strided(sizes, strides) allocates exactly that storage
   bool aligned = false;   // its address was 16-byte aligned (a launch was specialized on it)
-  bool launched = false;  // an argument of a launch (wrapped as a Python tensor per call)
+  bool launched = false;  // an argument of a launcher's call (wrapped as a Python tensor per call)
+};
+
+// The CUDA driver's launch, as cuda.h declares it (the ABI of the driver API, stable across CUDA versions):
+// cuLaunchKernelEx(const CUlaunchConfig*, CUfunction, void** kernelParams, void** extra) -> CUresult.
+struct LaunchAttribute {
+  int32_t id;  // CUlaunchAttributeID
+  char pad[4];
+  union {
+    char bytes[64];
+    int32_t flag;  // programmaticStreamSerializationAllowed, cooperative, ...
+  } value;
+};
+static_assert(sizeof(LaunchAttribute) == 72, "CUlaunchAttribute is 72 bytes");
+struct LaunchConfig {
+  uint32_t grid_x, grid_y, grid_z, block_x, block_y, block_z, shared;
+  void* stream;  // CUstream
+  LaunchAttribute* attrs;
+  uint32_t num_attrs;
+};
+static_assert(sizeof(LaunchConfig) == 56, "CUlaunchConfig is 56 bytes");
+constexpr int32_t kProgrammaticStreamSerialization = 6;  // CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
+
+// The driver functions a direct launch calls (each returns a CUresult), in the order _triton.direct_launch_driver
+// gives their addresses: the launch, and what Triton's launcher does first (ensureCudaContext): a thread without a
+// current context (the autograd engine's, say) gets its device's primary context.
+struct Driver {
+  int (*launch)(const LaunchConfig*, void* function, void** params, void** extra) = nullptr;  // cuLaunchKernelEx
+  int (*get_current)(void** context) = nullptr;                                               // cuCtxGetCurrent
+  int (*set_current)(void* context) = nullptr;                                                // cuCtxSetCurrent
+  int (*retain_primary)(void** context, int device) = nullptr;  // cuDevicePrimaryCtxRetain
+  int (*get_device)(int* device, int ordinal) = nullptr;        // cuDeviceGet
+};
+
+// A launch the replay makes itself, as Triton's launcher makes it (_triton._direct_launch): cuLaunchKernelEx with
+// the kernel's parameters packed from the step's arguments, no Python call, no tensor wrapped.
+struct Direct {
+  Driver driver;
+  void* function = nullptr;  // CUfunction
+  uint32_t block = 0, shared = 0;
+  bool pdl = false;
+  std::vector<int64_t> pointer;  // per kernel parameter: the step argument whose address it is, or -1 (bits)
+  std::vector<uint64_t> bits;    // per kernel parameter: a constant's bits, little-endian in the parameter's size
 };
 
 // One recorded launch: what the Python launch cache replays for it (_triton._CompiledLaunch), with slots for its
-// positional arguments.
+// positional arguments; ``direct``: the replay launches it itself (else it calls the launcher).
 struct Step {
   std::array<PyObject*, 3> grid{};
+  std::array<uint32_t, 3> dims{};
   PyObject* launcher = nullptr;
   PyObject* function = nullptr;
   PyObject* metadata = nullptr;
   std::vector<PyObject*> constexprs;
   std::vector<Slot> args;
+  std::optional<Direct> direct;
 };
 
 // What one key replays. Its Python objects are borrowed from ``source`` (the fill's answer), which it owns; a node
@@ -255,8 +304,68 @@ Slot parse_slot(PyObject* spec, size_t inputs, size_t buffers) {
   return s;
 }
 
+template <typename F>
+void set_function(F& f, PyObject* address) {
+  uint64_t value = PyLong_AsUnsignedLongLong(address);
+  if (PyErr_Occurred()) {
+    throw python_error();
+  }
+  if (value == 0) {
+    plan_error("a null driver function");
+  }
+  f = reinterpret_cast<F>(static_cast<uintptr_t>(value));
+}
+
+// A step's direct launch: (the driver functions' addresses, CUfunction, threads per block, shared bytes, PDL,
+// parameters), where a parameter is (0, bits) or (1, the step argument whose address it is: a tensor's slot).
+Direct parse_direct(PyObject* spec, const std::vector<Slot>& args) {
+  Direct d;
+  PyObject* driver = item(spec, 0, 6, "direct launch");
+  item(driver, 0, 5, "direct launch driver");
+  set_function(d.driver.launch, PyTuple_GET_ITEM(driver, 0));
+  set_function(d.driver.get_current, PyTuple_GET_ITEM(driver, 1));
+  set_function(d.driver.set_current, PyTuple_GET_ITEM(driver, 2));
+  set_function(d.driver.retain_primary, PyTuple_GET_ITEM(driver, 3));
+  set_function(d.driver.get_device, PyTuple_GET_ITEM(driver, 4));
+  uint64_t function = PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(spec, 1));
+  if (PyErr_Occurred()) {
+    throw python_error();
+  }
+  d.function = reinterpret_cast<void*>(static_cast<uintptr_t>(function));
+  d.block = static_cast<uint32_t>(as_int(PyTuple_GET_ITEM(spec, 2), "direct block"));
+  d.shared = static_cast<uint32_t>(as_int(PyTuple_GET_ITEM(spec, 3), "direct shared memory"));
+  d.pdl = PyTuple_GET_ITEM(spec, 4) == Py_True;
+  PyObject* params = PyTuple_GET_ITEM(spec, 5);
+  if (!PyTuple_Check(params)) {
+    plan_error("direct launch fields");
+  }
+  for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(params); ++i) {
+    PyObject* p = PyTuple_GET_ITEM(params, i);
+    int64_t kind = as_int(item(p, 0, 2, "direct parameter"), "direct parameter kind");
+    if (kind == 1) {
+      int64_t arg = as_int(PyTuple_GET_ITEM(p, 1), "direct parameter argument");
+      if (arg < 0 || static_cast<size_t>(arg) >= args.size() || args[arg].kind == Slot::kConstant) {
+        plan_error("direct parameter argument");
+      }
+      d.pointer.push_back(arg);
+      d.bits.push_back(0);
+    } else if (kind == 0) {
+      uint64_t bits = PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(p, 1));
+      if (PyErr_Occurred()) {
+        throw python_error();
+      }
+      d.pointer.push_back(-1);
+      d.bits.push_back(bits);
+    } else {
+      plan_error("direct parameter kind");
+    }
+  }
+  return d;
+}
+
 // The fill's plan: (single, buffers, outputs, steps, saved, differentiable, attrs), where a step is (grid, launcher,
-// function, packed metadata, constexprs, argument slots) and a slot (kind, index or constant).
+// function, packed metadata, constexprs, argument slots, direct launch or None) and a slot (kind, index or
+// constant).
 c10::intrusive_ptr<Plan> parse_plan(PyObject* spec, size_t nargs, Ref backward) {
   auto plan = c10::make_intrusive<Plan>();
   plan->source = borrowed(spec);
@@ -288,10 +397,14 @@ c10::intrusive_ptr<Plan> parse_plan(PyObject* spec, size_t nargs, Ref backward) 
   for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(steps); ++i) {
     PyObject* s = PyTuple_GET_ITEM(steps, i);
     Step step;
-    PyObject* grid = item(s, 0, 6, "step");
+    PyObject* grid = item(s, 0, 7, "step");
     for (Py_ssize_t d = 0; d < 3; ++d) {
       step.grid[d] = item(grid, d, 3, "grid");
-      as_int(step.grid[d], "grid");
+      int64_t dim = as_int(step.grid[d], "grid");
+      if (dim < 0 || dim > UINT32_MAX) {
+        plan_error("grid");
+      }
+      step.dims[d] = static_cast<uint32_t>(dim);
     }
     step.launcher = PyTuple_GET_ITEM(s, 1);
     step.function = PyTuple_GET_ITEM(s, 2);
@@ -304,12 +417,16 @@ c10::intrusive_ptr<Plan> parse_plan(PyObject* spec, size_t nargs, Ref backward) 
     for (Py_ssize_t j = 0; j < PyTuple_GET_SIZE(constexprs); ++j) {
       step.constexprs.push_back(PyTuple_GET_ITEM(constexprs, j));
     }
+    PyObject* direct = PyTuple_GET_ITEM(s, 6);
     for (Py_ssize_t j = 0; j < PyTuple_GET_SIZE(args); ++j) {
       Slot slot = parse_slot(PyTuple_GET_ITEM(args, j), nargs, plan->buffers.size());
-      if (slot.kind == Slot::kBuffer) {
+      if (slot.kind == Slot::kBuffer && direct == Py_None) {
         plan->buffers[slot.index].launched = true;
       }
       step.args.push_back(slot);
+    }
+    if (direct != Py_None) {
+      step.direct = parse_direct(direct, step.args);
     }
     plan->steps.push_back(std::move(step));
   }
@@ -378,6 +495,62 @@ void launch(const Step& step, const State& state, const std::vector<PyObject*>& 
   checked(PyObject_Vectorcall(step.launcher, call.data(), call.size(), nullptr));
 }
 
+// The address a direct launch passes for a tensor slot: a call argument's, a buffer's, or a view's into a buffer.
+uint64_t address(const Slot& slot, const Call& call, const std::vector<at::Tensor>& buffers) {
+  if (slot.kind == Slot::kInput) {
+    return reinterpret_cast<uintptr_t>(call.tensors[slot.index].data_ptr());
+  }
+  const at::Tensor& buffer = buffers[slot.index];
+  if (slot.kind == Slot::kBuffer) {
+    return reinterpret_cast<uintptr_t>(buffer.data_ptr());
+  }
+  return reinterpret_cast<uintptr_t>(buffer.storage().data()) + slot.offset * buffer.itemsize();
+}
+
+void driver_check(int result, const char* function) {
+  if (result != 0) {
+    PyErr_Format(PyExc_RuntimeError,
+                 "vitfast: %s failed with CUresult %d in a native replay (set VITFAST_DIRECT_LAUNCH=0 to launch "
+                 "through Triton's launcher instead)",
+                 function, result);
+    throw python_error();
+  }
+}
+
+// A step's launch made here (_triton._direct_launch), as Triton's launcher makes it: nothing for an empty grid; a
+// current context (the device's primary one where the thread has none); the grid, 32 x num_warps threads, the
+// kernel's shared memory, the stream, PDL's attribute when the kernel was compiled for it; parameters packed in
+// 8-byte cells (the driver reads each in its declared size), a null after the last.
+void launch_direct(const Step& step, const Direct& d, uint64_t stream, const Call& call,
+                   const std::vector<at::Tensor>& buffers) {
+  if (static_cast<uint64_t>(step.dims[0]) * step.dims[1] * step.dims[2] == 0) {
+    return;
+  }
+  void* context = nullptr;
+  driver_check(d.driver.get_current(&context), "cuCtxGetCurrent");
+  if (context == nullptr) {
+    int device = 0;
+    driver_check(d.driver.get_device(&device, std::max<int>(0, call.device.index())), "cuDeviceGet");
+    driver_check(d.driver.retain_primary(&context, device), "cuDevicePrimaryCtxRetain");
+    driver_check(d.driver.set_current(context), "cuCtxSetCurrent");
+  }
+  c10::SmallVector<uint64_t, 48> cells(d.bits.begin(), d.bits.end());
+  c10::SmallVector<void*, 49> params(cells.size() + 1, nullptr);
+  for (size_t i = 0; i < cells.size(); ++i) {
+    if (d.pointer[i] >= 0) {
+      cells[i] = address(step.args[d.pointer[i]], call, buffers);
+    }
+    params[i] = &cells[i];
+  }
+  LaunchAttribute pdl{};
+  pdl.id = kProgrammaticStreamSerialization;
+  pdl.value.flag = 1;
+  LaunchConfig config{step.dims[0], step.dims[1], step.dims[2], d.block, 1, 1, d.shared,
+                      reinterpret_cast<void*>(static_cast<uintptr_t>(stream)), d.pdl ? &pdl : nullptr,
+                      d.pdl ? 1u : 0u};
+  driver_check(d.driver.launch(&config, d.function, params.data(), nullptr), "cuLaunchKernelEx");
+}
+
 // Replays a plan for a call: allocates its buffers, launches its steps; returns the outputs.
 variable_list replay(const Plan& plan, const Call& call) {
   std::vector<at::Tensor> buffers;
@@ -401,7 +574,18 @@ variable_list replay(const Plan& plan, const Call& call) {
   }
   std::vector<PyObject*> args;
   std::vector<Ref> views;  // the views this call's launches got, alive until they ran
+  std::optional<uint64_t> stream;
   for (const Step& step : plan.steps) {
+    if (step.direct) {
+      if (!stream) {
+        stream = PyLong_AsUnsignedLongLong(call.state.stream.get());
+        if (PyErr_Occurred()) {
+          throw python_error();
+        }
+      }
+      launch_direct(step, *step.direct, *stream, call, buffers);
+      continue;
+    }
     args.clear();
     for (const Slot& slot : step.args) {
       if (slot.kind == Slot::kView) {

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import struct
 from collections.abc import Callable
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -373,7 +375,7 @@ def test_plan_models_only_fresh_allocations_and_arguments() -> None:
         if saved is not None:
             context = _triton._RecordedContext(type("Ctx", (), {"save_for_backward": lambda self, *t: None})())
             context.save_for_backward(*saved)
-        return _triton._plan((x,), result, [((1, 1, 1), None, None, None, (), launch_args)], context)
+        return _triton._plan((x,), result, [((1, 1, 1), None, None, None, (), launch_args, None)], context)
 
     assert plan(out, (x, out)) is not None
     assert plan(x.view(2, 4), (x,)) is None  # an output on the argument's storage
@@ -439,15 +441,21 @@ def test_gpu_native_paths_match_the_python_paths_and_capture() -> None:
         torch.testing.assert_close(static_out.float(), reference.float(), rtol=2e-2, atol=2e-2)
 
 
-@pytest.mark.slow
-def test_native_paths_cache_their_launches_on_the_compiled_launch_path(tmp_path) -> None:
-    """Off the interpreter (the host-overhead probe's stand-in sm_90 driver: Triton compiles, its launch cache fills,
-    the launch is a no-op), each op the probe calls gets a plan and replays it: an op that never got one would run
-    the Python path and the fill's watch on every call."""
+@pytest.fixture(scope="module")
+def probe_result(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """The host-overhead probe's JSON (two calls a repeat: its checks, not its timings), from a subprocess off the
+    interpreter: the stand-in sm_90 driver, Triton compiles, its launch cache fills, the launch is a no-op."""
     from tests.helpers import offline_report
 
-    result = offline_report("benchmarks.host_overhead", tmp_path / "probe.json", 600, "--calls", "2", "--repeats", "1")
-    plans = result["native_launches"]
+    path = tmp_path_factory.mktemp("probe") / "probe.json"
+    return offline_report("benchmarks.host_overhead", path, 600, "--calls", "2", "--repeats", "1")
+
+
+@pytest.mark.slow
+def test_native_paths_cache_their_launches_on_the_compiled_launch_path(probe_result: dict) -> None:
+    """Off the interpreter each op the probe calls gets a plan and replays it: an op that never got one would run
+    the Python path and the fill's watch on every call."""
+    plans = probe_result["native_launches"]
     assert plans is not None, "the probe's process did not load the compiled extension"
     for name in ("layer_norm_fwd", "layer_norm_bwd", "attention_fwd", "attention_bwd", "swiglu_fwd", "swiglu_bwd",
                  "swiglu_packed_fwd", "swiglu_packed_bwd", "swiglu_layer_norm_fwd", "swiglu_layer_norm_bwd",
@@ -455,6 +463,35 @@ def test_native_paths_cache_their_launches_on_the_compiled_launch_path(tmp_path)
         assert plans[f"vitfast::{name}"][0] >= 1, name
     assert plans["vitfast::layer_norm_fwd"][0] >= 2  # plain and residual
     assert plans["vitfast::rope_2d_qk"][0] >= 2  # the rotation and its inverse (the backward)
+
+
+@pytest.mark.slow
+def test_native_replays_launch_directly_with_what_tritons_launcher_passes(probe_result: dict) -> None:
+    """A replay launches with cuLaunchKernelEx itself (the stand-in's recording launch, built against NVIDIA's cuda.h):
+    every launch of every probe's forward, and of its fwd+bwd where the backward replays; the grid, block, shared
+    memory, stream, function, attributes and each parameter cell as Triton's launcher packs them for the fill's
+    launch (benchmarks.host_overhead.direct_launch_check); no Python launch in the replay; PDL's attribute for a
+    kernel compiled for it; a launch the driver refuses raises."""
+    check = probe_result["direct_launch"]
+    assert "unavailable" not in check, check
+    partly_python = {"attention + rel-pos bias", "patch_embed_tokens"}  # backwards computing with torch: no plan
+    for row in check["rows"]:
+        assert row["launches"] >= 1 and row["direct"] == row["launches"], row
+        assert row["problems"] == [], row
+        if row["label"] in partly_python:
+            assert 1 <= row["fwd_bwd"]["direct"] < row["fwd_bwd"]["launches"], row
+        elif "fwd_bwd" in row:
+            fwd_bwd = row["fwd_bwd"]
+            assert fwd_bwd["direct"] == fwd_bwd["launches"] >= 1 and fwd_bwd["python"] == 0, row
+            assert fwd_bwd["problems"] == [], row
+    labels = {row["label"] for row in check["rows"]}
+    assert labels >= {"layer_norm", "attention + RoPE", "swiglu_packed", "linear + GELU"}
+    assert sum(row["launches"] for row in check["rows"]) >= 13
+    # the stand-in's thread had no context: the first direct launch made its device's primary one current, once
+    assert check["context"] == {"sets": 1, "device": 100, "context": 0xC0}
+    # 6: CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
+    assert check["pdl"] == {"launches": 1, "attrs": [[[6, 1]]]}
+    assert "cuLaunchKernelEx failed with CUresult 1" in check["failure"]
 
 
 def test_jit_trace_records_the_registered_op_not_a_direct_launch() -> None:
@@ -478,3 +515,64 @@ def test_jit_trace_records_the_registered_op_not_a_direct_launch() -> None:
     x2 = torch.randn(4, 32)
     with vitfast.use_backend("triton"), torch.no_grad():
         torch.testing.assert_close(traced(x2, w, b), 2 * ln.layer_norm_ref(x2, w, b, 1e-6), rtol=1e-5, atol=1e-5)
+
+
+def _compiled(signature: dict, ptx_params: list[str], **metadata) -> SimpleNamespace:
+    fields = {"num_warps": 4, "num_ctas": 1, "shared": 1024, "launch_pdl": False, "launch_cooperative_grid": False,
+              "global_scratch_size": 0, "profile_scratch_size": 0, "tensordesc_meta": [], **metadata}  # fmt: skip
+    ptx = ".visible .entry k(\n" + ",\n".join(f"\t.param {p} k_param_{i}" for i, p in enumerate(ptx_params)) + "\n)"
+    return SimpleNamespace(metadata=SimpleNamespace(**fields), function=7, src=SimpleNamespace(signature=signature),
+                           asm={"ptx": ptx})  # fmt: skip
+
+
+POINTER = ".u64 .ptr .global .align 1"
+
+
+def test_direct_launch_templates_only_what_the_ptx_declares() -> None:
+    """A compiled kernel launches directly only when its PTX entry declares exactly the parameters Triton's packing
+    rules give its signature (the positional non-constexprs, then two scratch pointers), and Triton launches it
+    with nothing but those and PDL; anything else keeps Triton's launcher."""
+    signature = {"x": "*bf16", "n": "i32", "stride": "constexpr", "eps": "fp32", "big": "i64", "BLOCK": "constexpr"}
+    ptx = [POINTER, ".u32", ".f32", ".u64", POINTER, POINTER]
+
+    def template(compiled: SimpleNamespace, constexprs: tuple = (64,)):
+        return _triton._direct_template(SimpleNamespace(compiled=compiled, constexprs=constexprs))
+
+    assert template(_compiled(signature, ptx)) == (7, 128, 1024, False, ((0, "*"), (1, "i32"), (3, "fp32"),
+                                                                          (4, "i64")))  # fmt: skip
+    assert template(_compiled(signature, ptx, launch_pdl=True))[3] is True
+    assert template(_compiled(signature, ptx[:-1])) is None  # one scratch pointer: another Triton
+    assert template(_compiled(signature, [POINTER, ".f32", ".u32", *ptx[3:]])) is None  # types out of order
+    assert template(_compiled(signature, [".u64", *ptx[1:]])) is None  # a pointer PTX does not declare as one
+    assert template(_compiled(signature, ptx), constexprs=(1, 64)) is None  # a keyword argument the kernel takes
+    assert template(_compiled(signature, ptx), constexprs=()) is not None  # a positional constexpr: dropped
+    for change in ({"global_scratch_size": 16}, {"profile_scratch_size": 8}, {"num_ctas": 2},
+                   {"launch_cooperative_grid": True}, {"tensordesc_meta": [{}]}):  # fmt: skip
+        assert template(_compiled(signature, ptx, **change)) is None, change
+    assert template(_compiled({**signature, "n": "i1"}, ptx)) is None  # a type whose packing is not modelled
+    assert template(SimpleNamespace(**{**vars(_compiled(signature, ptx)), "function": None})) is None
+
+
+def test_direct_launch_packs_scalars_as_tritons_launcher() -> None:
+    """A step's parameters: a tensor argument by position, scalars as Triton's extractors pack them (an int in its
+    width, two's complement; an fp32 as a C float); None for a value the parameter's type does not take; None
+    without a cuLaunchKernelEx for the active driver (any driver but Triton's CUDA one, here)."""
+    template = (7, 128, 1024, False, ((0, "*"), (1, "i32"), (3, "fp32"), (4, "i64")))
+    args = (torch.empty(4), -2, 1, 1e-6, 2**40)
+    assert _triton._direct_launch(template, args) is None  # this machine's driver: no direct launch
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(_triton, "direct_launch_driver", lambda active: (1, 2, 3, 4, 5))
+        eps = int.from_bytes(struct.pack("<f", 1e-6), "little")
+        params = ((1, 0), (0, 0xFFFF_FFFE), (0, eps), (0, 2**40), (0, 0), (0, 0))
+        assert _triton._direct_launch(template, args) == ((1, 2, 3, 4, 5), 7, 128, 1024, False, params)
+        assert _triton._direct_launch(template, (4, -2, 1, 1e-6, 2**40)) is None  # an int where a tensor goes
+        assert _triton._direct_launch(template, (torch.empty(4), 2.5, 1, 1e-6, 2**40)) is None  # a float for an i32
+        assert _triton._direct_launch(template, (torch.empty(4), -2, 1, 1e39, 2**40)) is None  # past float32
+        assert _triton._direct_launch(None, args) is None
+
+
+def test_direct_launch_driver_is_only_for_tritons_cuda_driver(monkeypatch) -> None:
+    assert _triton.direct_launch_driver(object()) is None
+    cuda_driver = type("CudaDriver", (), {"__module__": "triton.backends.nvidia.driver"})()
+    monkeypatch.setenv(_triton.DIRECT_ENV, "0")
+    assert _triton.direct_launch_driver(cuda_driver) is None  # the off switch

@@ -15,9 +15,12 @@ tests run on a GPU, and opcheck on the CPU skips its AOT-dispatch checks.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import functools
 import logging
 import os
+import re
+import struct
 import threading
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -31,6 +34,7 @@ __all__ = [
     "INTERPRETER",
     "KERNEL_DTYPES",
     "cdiv",
+    "direct_launch_driver",
     "eager_memo",
     "empty",
     "gpu_sms",
@@ -237,10 +241,12 @@ def _args_key(args: tuple) -> list:
 class _CompiledLaunch:
     """One cached specialization: the compiled kernel's launcher and what ``JITFunction.run`` passes to it."""
 
-    __slots__ = ("constexprs", "function", "globals", "kernel", "launcher", "packed_metadata")
+    __slots__ = ("compiled", "constexprs", "direct", "function", "globals", "kernel", "launcher", "packed_metadata")
 
     def __init__(self, kernel: Any, compiled: Any, constexprs: tuple) -> None:
         self.kernel = kernel  # the cache is keyed by id(kernel): this keeps the id from being reused
+        self.compiled = compiled
+        self.direct: Any = _MISSING  # _direct_template(self), on a native fill's first use
         self.launcher = compiled.run
         self.function = compiled.function
         self.packed_metadata = compiled.packed_metadata
@@ -753,7 +759,7 @@ def _plan(args: tuple, result: Any, launches: list, context: _RecordedContext | 
         if output_buffers[-1] is None:
             return None
     steps = []
-    for grid, launcher, function, metadata, constexprs, launch_args in launches:
+    for grid, launcher, function, metadata, constexprs, launch_args, direct in launches:
         slots = []
         for a in launch_args:
             if type(a) in _PLAIN_TENSORS:
@@ -765,7 +771,7 @@ def _plan(args: tuple, result: Any, launches: list, context: _RecordedContext | 
                 slots.append((2, a))
             else:
                 return None
-        steps.append((grid, launcher, function, metadata, constexprs, tuple(slots)))
+        steps.append((grid, launcher, function, metadata, constexprs, tuple(slots), direct))
     saved: list[tuple] = []
     differentiable: tuple = ()
     attrs: dict = {}
@@ -789,6 +795,148 @@ def _plan(args: tuple, result: Any, launches: list, context: _RecordedContext | 
         attrs = dict(context.attrs)
     outputs_at = tuple(b for _, b in output_buffers)
     return single, tuple(buffers), outputs_at, tuple(steps), tuple(saved), differentiable, attrs
+
+
+# A native replay's own launch (csrc/eager.cpp, launch_direct), on Triton's CUDA driver: cuLaunchKernelEx with the
+# parameters Triton's launcher would pass. Triton packs each non-constexpr argument by its signature type
+# (triton/backends/nvidia/driver.c's extractors in 3.8, the generated launcher in 3.6, the same rules): a pointer as
+# the tensor's 64-bit address, an int in its width, an fp32 as a C float; then two scratch pointers (global,
+# profile), null for a kernel without scratch memory. Per type: the PTX parameter types the kernel's entry may
+# declare for it, and the bits of a constant (None: not a value Triton's launcher would take as it is).
+DIRECT_ENV = "VITFAST_DIRECT_LAUNCH"  # "0": native replays call Triton's launcher instead of cuLaunchKernelEx
+_PTX_ENTRY = re.compile(r"\.entry\s+[\w$]+\s*\(([^)]*)\)")
+_INTS = (int, bool)
+
+
+def _bits_int(width: int) -> Callable[[Any], int | None]:
+    return lambda v: int(v) & ((1 << width) - 1) if type(v) in _INTS else None
+
+
+def _bits_float(code: str) -> Callable[[Any], int | None]:
+    def bits(v: Any) -> int | None:
+        try:
+            return struct.unpack("<Q" if code == "d" else "<I", struct.pack("<" + code, v))[0]
+        except (struct.error, OverflowError, TypeError):  # a float32 overflow: Triton's cast gives inf, not this
+            return None
+
+    return bits
+
+
+_DIRECT_SCALARS: dict[str, tuple[tuple[str, ...], Callable[[Any], int | None]]] = {
+    "i32": ((".u32", ".s32", ".b32"), _bits_int(32)),
+    "u32": ((".u32", ".s32", ".b32"), _bits_int(32)),
+    "i64": ((".u64", ".s64", ".b64"), _bits_int(64)),
+    "u64": ((".u64", ".s64", ".b64"), _bits_int(64)),
+    "fp32": ((".f32",), _bits_float("f")),
+    "fp64": ((".f64",), _bits_float("d")),
+}
+_DIRECT_SCRATCH = 2  # Triton's trailing scratch pointers (global, profile)
+_DRIVER_FUNCTIONS = (
+    "cuLaunchKernelEx",
+    "cuCtxGetCurrent",
+    "cuCtxSetCurrent",
+    "cuDevicePrimaryCtxRetain",
+    "cuDeviceGet",
+)
+_libcuda: list = []  # [(the library, its functions' addresses or None)], once per process
+
+
+def direct_launch_driver(active: Any) -> tuple[int, ...] | None:
+    """The addresses of the CUDA driver functions a native replay's direct launch calls (``_DRIVER_FUNCTIONS``, from
+    libcuda.so.1, the library Triton's launcher opens) for Triton's CUDA driver ``active``; None for another driver,
+    without libcuda, or with ``VITFAST_DIRECT_LAUNCH=0`` (then replays call Triton's launcher). The host-overhead
+    probe's stand-in driver replaces this function."""
+    if os.environ.get(DIRECT_ENV, "").strip() == "0" or type(active).__module__ != "triton.backends.nvidia.driver":
+        return None
+    if not _libcuda:
+        try:
+            library = ctypes.CDLL("libcuda.so.1")
+            found = tuple(ctypes.cast(getattr(library, name), ctypes.c_void_p).value for name in _DRIVER_FUNCTIONS)
+            _libcuda.append((library, found if all(found) else None))
+        except (OSError, AttributeError):
+            _libcuda.append((None, None))
+    return _libcuda[0][1]
+
+
+def _ptx_params(ptx: str) -> list[tuple[str, bool]] | None:
+    """``(type, is a pointer)`` of each parameter of the PTX's kernel entry, or None."""
+    match = _PTX_ENTRY.search(ptx)
+    if match is None:
+        return None
+    params = []
+    for declaration in match.group(1).split(","):
+        tokens = declaration.split()
+        if len(tokens) < 3 or tokens[0] != ".param":
+            return None
+        params.append((tokens[1], ".ptr" in tokens))
+    return params
+
+
+def _direct_template(entry: _CompiledLaunch) -> tuple | None:
+    """What a direct launch of ``entry``'s compiled kernel takes from it: ``(CUfunction, threads per block, shared
+    bytes, PDL, ((positional argument, type), ...) of its parameters)``, or None when the replay must call Triton's
+    launcher: a kernel Triton launches with more than the parameters and PDL (scratch memory, clusters, a cooperative
+    grid, tensor descriptors, instrumentation), a signature type not modelled, or a PTX entry that does not declare
+    exactly the parameters Triton's packing rules give."""
+    compiled = entry.compiled
+    metadata = getattr(compiled, "metadata", None)
+    function = getattr(compiled, "function", None)
+    if metadata is None or type(function) is not int:
+        return None
+    plain = (
+        getattr(metadata, "num_ctas", None) == 1
+        and getattr(metadata, "launch_cooperative_grid", True) is False
+        and getattr(metadata, "global_scratch_size", None) == 0
+        and getattr(metadata, "profile_scratch_size", None) == 0
+        and not getattr(metadata, "tensordesc_meta", None)
+        and not getattr(metadata, "instrumentation_mode", "")
+    )
+    try:
+        types = list(compiled.src.signature.values())
+        ptx = compiled.asm["ptx"]
+    except (AttributeError, KeyError, TypeError):
+        return None
+    positional = len(types) - len(entry.constexprs)
+    if not plain or positional < 0 or any(t != "constexpr" for t in types[positional:]):
+        return None
+    kept = [(i, t) for i, t in enumerate(types[:positional]) if t != "constexpr"]
+    expected = []
+    for _, t in kept:
+        if not isinstance(t, str) or not (t.startswith("*") or t in _DIRECT_SCALARS):
+            return None
+        expected.append(((".u64",), True) if t.startswith("*") else (_DIRECT_SCALARS[t][0], False))
+    expected += [((".u64",), True)] * _DIRECT_SCRATCH
+    declared = _ptx_params(ptx if isinstance(ptx, str) else "")
+    if declared is None or len(declared) != len(expected):
+        return None
+    pairs = zip(declared, expected, strict=True)
+    if any(kind not in kinds or pointer != want for (kind, pointer), (kinds, want) in pairs):
+        return None
+    kept = tuple((i, "*" if t.startswith("*") else t) for i, t in kept)
+    return function, 32 * metadata.num_warps, metadata.shared, bool(metadata.launch_pdl), kept
+
+
+def _direct_launch(template: tuple | None, args: tuple) -> tuple | None:
+    """A step's direct launch for a launch with ``args`` (csrc/eager.cpp's ``parse_direct``): the driver functions'
+    addresses, then the template with each parameter as ``(1, argument)`` (a tensor's address) or ``(0, bits)``;
+    None without a direct launch for the active driver, or when an argument is not what its parameter's type takes."""
+    driver = direct_launch_driver(launch_cache._driver) if template is not None else None
+    if driver is None:
+        return None
+    *config, kept = template
+    params = []
+    for index, kind in kept:
+        value = args[index]
+        if kind == "*":
+            if type(value) not in _PLAIN_TENSORS:
+                return None
+            params.append((1, index))
+            continue
+        bits = _DIRECT_SCALARS[kind][1](value)
+        if bits is None:
+            return None
+        params.append((0, bits))
+    return (driver, *config, (*params, *[(0, 0)] * _DIRECT_SCRATCH))
 
 
 def native_fill(
@@ -825,14 +973,17 @@ def native_fill(
         grid = (*grid, 1, 1)[:3]
         if INTERPRETER:
             launches.append((grid, _interpreted(kernel, tuple(kwargs), len(launch_args)), None, None,
-                             tuple(kwargs.values()), launch_args))  # fmt: skip
+                             tuple(kwargs.values()), launch_args, None))  # fmt: skip
             continue
         entry = launch_cache.entry(kernel, grid, launch_args, kwargs)
         if entry is None:
             return result, None
         if any(name not in globals_read for name, *_ in entry.globals):
             return result, False
-        launches.append((grid, entry.launcher, entry.function, entry.packed_metadata, entry.constexprs, launch_args))
+        if entry.direct is _MISSING:
+            entry.direct = _direct_template(entry)
+        launches.append((grid, entry.launcher, entry.function, entry.packed_metadata, entry.constexprs, launch_args,
+                         _direct_launch(entry.direct, launch_args)))  # fmt: skip
     return result, _plan(args, result, launches, context if grad else None)
 
 
