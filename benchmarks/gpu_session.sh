@@ -95,7 +95,8 @@ PY
     launch)
       # the launch cache on a real GPU (Triton 3.6 there): cached vs kernel[grid] results bitwise equal, host us per
       # eager call cache on / off / aten, without and with gradients; the native eager path (csrc/eager.cpp, built
-      # first for the device's torch: ~1-2 min) against the Python path (~3-4 min in all)
+      # first for the device's torch: ~1-2 min) against the Python path, and its own cuLaunchKernelEx launches against
+      # Triton's launcher (VITFAST_DIRECT_LAUNCH=0), each bitwise against kernel[grid] (~3-4 min in all)
       timeout 300 python3 benchmarks/launch_cache_gpu_check.py --native --json "$OUT/launch_cache.jsonl" 2>&1 \
         | tail -10 ;;
     attention)

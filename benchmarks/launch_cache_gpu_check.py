@@ -8,6 +8,8 @@ replays the cache's launches) and with it switched off (every launch through ``k
 must be bitwise equal; then the host time of one eager forward call (mean over back-to-back calls, no
 synchronization inside, so that the GPU work hides behind the host's) with the cache on and off, without and with
 gradients, and on the Python path with the cache on where the op has a native path, beside aten's nearest op.
+The native replay's own launches (cuLaunchKernelEx, on Triton's CUDA driver) against Triton's launcher
+(``VITFAST_DIRECT_LAUNCH=0``): both bitwise equal to ``kernel[grid]``, and the host time of each.
 ``--native``: compile the extension first (``vitfast._ext.load_jit``, CPU sources, ~1-2 min) when no build for this
 torch is installed, so that the native path exists. Runs on the CPU under ``TRITON_INTERPRET=1`` too (the cache
 is not used there; the equality then checks nothing new).
@@ -17,7 +19,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
 import json
+import os
 import time
 from collections.abc import Callable, Iterator
 
@@ -27,6 +31,8 @@ import torch.nn.functional as F
 from vitfast import ops
 from vitfast.backend import use_backend
 from vitfast.ops import _triton
+
+OP_MODULES = ("layer_norm", "attention", "rope", "swiglu", "patch_embed", "linear")
 
 
 def _cases(device: torch.device) -> dict[str, tuple[Callable, Callable, list[torch.Tensor]]]:
@@ -78,6 +84,26 @@ def python_path() -> Iterator[list]:
             op.native = native
 
 
+@contextlib.contextmanager
+def triton_launcher() -> Iterator[None]:
+    """Native replays through Triton's launcher instead of their own cuLaunchKernelEx (``VITFAST_DIRECT_LAUNCH=0``):
+    fresh native entry points whose plans are made inside; the previous ones (and their plans) back on exit."""
+    saved = {op: op.native for op in _triton.EAGER_OPS.values()}
+    previous = os.environ.get(_triton.DIRECT_ENV)
+    os.environ[_triton.DIRECT_ENV] = "0"
+    try:
+        for name in OP_MODULES:
+            importlib.import_module(f"vitfast.ops.{name}").register_ext()
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(_triton.DIRECT_ENV, None)
+        else:
+            os.environ[_triton.DIRECT_ENV] = previous
+        for op, native in saved.items():
+            op.native = native
+
+
 def _host_us(call: Callable, grad: bool = False) -> float:
     calls = 200 if torch.cuda.is_available() else 3
     with torch.set_grad_enabled(grad):
@@ -119,9 +145,15 @@ def main(argv: list[str] | None = None) -> int:
                 off_us = _host_us(ours)
             finally:
                 _triton.launch_cache._api = detected
-            cached = _results(ours, leaves)
+            _results(ours, leaves)  # the native path's fill (the Python path)
+            cached = _results(ours, leaves)  # its replay: direct launches on Triton's CUDA driver
             equal = all(torch.equal(a, b) for a, b in zip(cached, uncached, strict=True))
-            failures += not equal
+            with triton_launcher():
+                _results(ours, leaves)
+                through_launcher = _results(ours, leaves)
+                launcher_us, launcher_grad_us = _host_us(ours), _host_us(ours, grad=True)
+            equal_launcher = all(torch.equal(a, b) for a, b in zip(through_launcher, uncached, strict=True))
+            failures += not (equal and equal_launcher)
             with python_path() as natives:
                 python_us = _host_us(ours) if natives else None
                 python_grad_us = _host_us(ours, grad=True) if natives else None
@@ -130,6 +162,8 @@ def main(argv: list[str] | None = None) -> int:
                 "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
                 "versions": f"torch {torch.__version__}, triton {_triton.triton.__version__}",
                 "bitwise_equal": equal,
+                "bitwise_equal_triton_launcher": equal_launcher,
+                "direct_launch": _triton.direct_launch_driver(_triton.launch_cache._driver) is not None,
                 "cache_entries": len(_triton.launch_cache.entries),
                 "native_ops": len(natives),
                 "host_us_cache_on": round(_host_us(ours), 2),
@@ -139,6 +173,8 @@ def main(argv: list[str] | None = None) -> int:
                 "host_us_aten_grad": round(_host_us(aten, grad=True), 2),
                 "host_us_python_path": python_us and round(python_us, 2),
                 "host_us_python_path_grad": python_grad_us and round(python_grad_us, 2),
+                "host_us_triton_launcher": round(launcher_us, 2),
+                "host_us_triton_launcher_grad": round(launcher_grad_us, 2),
             }
             print(json.dumps(row), flush=True)
             if args.json:
