@@ -1,5 +1,6 @@
-"""What an autograd node costs the host, per call: torch's C++ ``Function<T>::apply`` (the native eager path's node,
-``csrc/eager.cpp`` NativeFunction) against aten's generated node, no GPU needed.
+"""What an autograd node costs the host, per call: torch's C++ ``Function<T>::apply`` (the native eager path's node
+until 2026-12-02) and the native path's own ``torch::autograd::Node`` (``csrc/eager.cpp`` NativeNode, in its
+``swiglu`` rows) against aten's generated node, no GPU needed.
 
     python -m benchmarks.autograd_node_cost          # table (builds a two-line extension first, ~1 min)
 
@@ -8,7 +9,7 @@ thread CPU time, median of 9 repeats of 1000 calls, min-max):
 
 - a toy extension's call that only allocates its output (``at::empty_like``: the bare call);
 - the same through ``Function<T>::apply``: without inputs that want a gradient, with them, then also saving two
-  tensors for backward, then also writing two ``saved_data`` entries (what NativeFunction does);
+  tensors for backward, then also writing two ``saved_data`` entries (what the native path's node did through it);
 - aten's ``F.silu`` on the same tensors without and with a gradient (its node is generated C++);
 - vitfast's native ``swiglu`` forward (the stand-in sm_90 driver of :mod:`benchmarks.host_overhead`) without and
   with a gradient, when the probe's toolchain is here.

@@ -38,7 +38,9 @@
 #include <c10/util/SmallVector.h>
 #include <torch/csrc/Dtype.h>
 #include <torch/csrc/Exceptions.h>
-#include <torch/csrc/autograd/custom_function.h>
+#include <torch/csrc/autograd/function.h>
+#include <torch/csrc/autograd/functions/utils.h>
+#include <torch/csrc/autograd/saved_variable.h>
 #include <torch/csrc/autograd/python_variable.h>
 
 #include <algorithm>
@@ -46,6 +48,7 @@
 #include <cstdint>
 #include <cstring>
 #include <functional>
+#include <mutex>
 #include <optional>
 #include <unordered_map>
 #include <vector>
@@ -54,7 +57,6 @@ namespace vitfast::eager {
 
 namespace {
 
-using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
 // An owned Python reference.
@@ -629,50 +631,63 @@ PyObject* output_object(const Plan& plan, const variable_list& outputs) {
 
 }  // namespace
 
-// The autograd node of a replayed call that wants a gradient; named (not in the anonymous namespace): its name() is
-// CppNode<vitfast::eager::NativeFunction>. Its inputs are the call's tensors; the call and its plan ride along.
-struct NativeFunction : public torch::autograd::Function<NativeFunction> {
-  static variable_list forward(AutogradContext* ctx, at::TensorList inputs, const Call* call,
-                               const c10::intrusive_ptr<Plan>* plan_ptr) {
-    const Plan& plan = **plan_ptr;
-    variable_list outputs = replay(plan, *call);
-    variable_list saved;
-    for (const Slot& slot : plan.saved) {
-      saved.push_back(slot.kind == Slot::kInput    ? call->tensors[slot.index]
-                      : slot.kind == Slot::kBuffer ? outputs[slot.index]
-                                                   : at::Tensor());
-    }
-    ctx->save_for_backward(saved);
-    variable_list constant;
-    for (size_t j = 0; j < outputs.size(); ++j) {
-      if (!plan.differentiable[j]) {
-        constant.push_back(outputs[j]);
-      }
-    }
-    if (!constant.empty()) {
-      ctx->mark_non_differentiable(constant);
-    }
-    // a missing gradient is zeros for a differentiable output (as a Python node's), None for another (whose
-    // gradient a backward never reads): no zeros allocated and filled for LayerNorm's statistics or attention's lse
-    ctx->set_materialize_grads(false);
-    ctx->saved_data["plan"] = at::IValue::make_capsule(*plan_ptr);
-    ctx->saved_data["device"] = call->device;
-    return outputs;
+// The autograd node of a replayed call that wants a gradient, written against torch::autograd::Node as aten's
+// generated nodes are, not through torch::autograd::Function<T>::apply, whose bookkeeping (input and output info,
+// _wrap_outputs' view and dirty handling, a context's saved_data) cost more than the replay itself
+// (benchmarks/results/2026-12-01_autograd_node_cost.md): a replay's outputs are fresh, non-view tensors, so each
+// differentiable one just gets this node as its history. Its inputs are the call's tensors, its saved variables
+// what the op's setup_context saved, its backward the op's Python one. Named (not in the anonymous namespace), so
+// that grad_fn.name() says vitfast::eager::NativeNode.
+//
+// Torch's node pointer changed from std::shared_ptr to c10::intrusive_ptr between 2.11 and 2.14 (pytorch #181782):
+// NodePtr is whichever Edge holds, and the two places that make one from a Node (make_node, self) choose at compile
+// time; everything else (set_history, collect_next_edges, SavedVariable::unpack) takes NodePtr in both.
+using NodePtr = decltype(torch::autograd::Edge::function);
+constexpr bool kSharedNodes = std::is_same_v<NodePtr, std::shared_ptr<torch::autograd::Node>>;
+
+template <class N, class... Args>
+NodePtr make_node(Args&&... args) {
+  if constexpr (kSharedNodes) {
+    // deleteNode (found by argument-dependent lookup) frees long chains of nodes without deep recursion
+    return NodePtr(new N(std::forward<Args>(args)...), [](N* node) { deleteNode(node); });
+  } else {
+    return c10::make_intrusive<N>(std::forward<Args>(args)...);
+  }
+}
+
+template <class N>
+NodePtr self(N* node) {
+  if constexpr (kSharedNodes) {
+    return node->shared_from_this();
+  } else {
+    return c10::intrusive_ptr<N>::unsafe_reclaim_from_nonowning(node);
+  }
+}
+
+struct NativeNode : public torch::autograd::Node {
+  NativeNode(c10::intrusive_ptr<Plan> plan, at::Device device) : plan(std::move(plan)), device(device) {}
+
+  std::string name() const override { return "vitfast::eager::NativeNode"; }
+
+  void release_variables() override {
+    std::lock_guard<std::mutex> lock(mutex);
+    saved.clear();
+    released = true;
   }
 
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    auto plan = c10::static_intrusive_pointer_cast<Plan>(ctx->saved_data["plan"].toCapsule());
-    at::Device device = ctx->saved_data["device"].toDevice();
+  variable_list apply(variable_list&& grads) override {
+    std::lock_guard<std::mutex> lock(mutex);  // the engine may run one node from several threads
+    TORCH_CHECK(!released, torch::autograd::ERR_BACKWARD_TWICE);
     for (size_t j = 0; j < grads.size() && j < plan->outputs.size(); ++j) {
       if (!grads[j].defined() && plan->differentiable[j]) {
         const Buffer& spec = plan->buffers[plan->outputs[j]];
         grads[j] = at::zeros(spec.sizes, at::TensorOptions().dtype(spec.dtype).device(device));
       }
     }
-    variable_list saved = ctx->get_saved_variables();
-    std::vector<bool> needs(plan->tensor_args.size());
-    for (size_t k = 0; k < needs.size(); ++k) {
-      needs[k] = ctx->needs_input_grad(k);
+    variable_list unpacked;
+    unpacked.reserve(saved.size());
+    for (const torch::autograd::SavedVariable& variable : saved) {
+      unpacked.push_back(variable.unpack(self(this)));
     }
     // the op's backward (a Python callback): (attrs, needs_input_grad, grads, saved) -> one gradient per argument
     pybind11::gil_scoped_acquire gil;
@@ -685,14 +700,14 @@ struct NativeFunction : public torch::autograd::Function<NativeFunction> {
         return tuple;
       };
       std::vector<bool> wanted(plan->nargs, false);  // per op argument
-      for (size_t k = 0; k < needs.size(); ++k) {
-        wanted[plan->tensor_args[k]] = needs[k];
+      for (size_t k = 0; k < plan->tensor_args.size(); ++k) {
+        wanted[plan->tensor_args[k]] = task_should_compute_output(k);
       }
       Ref needs_tuple = checked(PyTuple_New(plan->nargs));
       for (int64_t i = 0; i < plan->nargs; ++i) {
         PyTuple_SET_ITEM(needs_tuple.get(), i, Py_NewRef(wanted[i] ? Py_True : Py_False));
       }
-      Ref grads_tuple = tensors(grads), saved_tuple = tensors(saved);
+      Ref grads_tuple = tensors(grads), saved_tuple = tensors(unpacked);
       std::array<PyObject*, 4> args = {plan->attrs, needs_tuple.get(), grads_tuple.get(), saved_tuple.get()};
       Ref answer = checked(PyObject_Vectorcall(plan->backward.get(), args.data(), args.size(), nullptr));
       if (!PyTuple_Check(answer.get()) || PyTuple_GET_SIZE(answer.get()) != plan->nargs) {
@@ -700,10 +715,10 @@ struct NativeFunction : public torch::autograd::Function<NativeFunction> {
                      static_cast<long long>(plan->nargs));
         throw python_error();
       }
-      variable_list result(plan->tensor_args.size() + 2);  // and none for the call and the plan
+      variable_list result(plan->tensor_args.size());
       for (size_t k = 0; k < plan->tensor_args.size(); ++k) {
         PyObject* g = PyTuple_GET_ITEM(answer.get(), plan->tensor_args[k]);
-        if (g != Py_None) {
+        if (g != Py_None && task_should_compute_output(k)) {
           if (!THPVariable_Check(g)) {
             PyErr_SetString(PyExc_TypeError, "vitfast: a native backward answered a non-tensor gradient");
             throw python_error();
@@ -717,7 +732,49 @@ struct NativeFunction : public torch::autograd::Function<NativeFunction> {
       throw;
     }
   }
+
+  c10::intrusive_ptr<Plan> plan;
+  at::Device device;
+  std::vector<torch::autograd::SavedVariable> saved;  // per plan->saved (an undefined one for None)
+  std::mutex mutex;
+  bool released = false;
 };
+
+namespace {
+
+// A replay that wants a gradient: its outputs with a NativeNode as their history (the differentiable ones), which
+// saves what the op's setup_context saved (an output as an output: no reference cycle through its grad_fn).
+variable_list replay_with_node(const c10::intrusive_ptr<Plan>& plan, const Call& call) {
+  variable_list outputs = replay(*plan, call);
+  std::vector<at::Tensor> inputs;
+  inputs.reserve(plan->tensor_args.size());
+  for (int64_t i : plan->tensor_args) {
+    inputs.push_back(call.tensors[i]);
+  }
+  NodePtr node = make_node<NativeNode>(plan, call.device);
+  auto* native = static_cast<NativeNode*>(node.get());
+  node->set_next_edges(torch::autograd::collect_next_edges(inputs));
+  for (size_t j = 0; j < outputs.size(); ++j) {
+    if (plan->differentiable[j]) {
+      torch::autograd::set_history(outputs[j], node);
+    } else {
+      node->add_input_metadata(torch::autograd::Node::undefined_input());
+    }
+  }
+  native->saved.reserve(plan->saved.size());
+  for (const Slot& slot : plan->saved) {
+    if (slot.kind == Slot::kInput) {
+      native->saved.emplace_back(call.tensors[slot.index], false);
+    } else if (slot.kind == Slot::kBuffer) {
+      native->saved.emplace_back(outputs[slot.index], static_cast<bool>(plan->differentiable[slot.index]));
+    } else {
+      native->saved.emplace_back();
+    }
+  }
+  return outputs;
+}
+
+}  // namespace
 
 namespace {
 
@@ -860,12 +917,7 @@ PyObject* call_native(NativeOp& op, PyObject* const* args, size_t nargs) {
   if (!wants_grad) {
     return output_object(*plan, replay(*plan, call));
   }
-  std::vector<at::Tensor> inputs;
-  for (int64_t i : plan->tensor_args) {
-    inputs.push_back(call.tensors[i]);
-  }
-  const Call* call_ptr = &call;
-  return output_object(*plan, NativeFunction::apply(at::TensorList(inputs), call_ptr, &plan));
+  return output_object(*plan, replay_with_node(plan, call));
 }
 
 // ------------------------------------------------------------------------------------------ the module's functions

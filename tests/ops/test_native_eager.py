@@ -269,9 +269,30 @@ def test_native_node_is_the_cpp_node_and_version_checks_its_saved_inputs() -> No
     leaf = torch.randn(16, requires_grad=True)
     for _ in range(2):
         out = ln._layer_norm_fwd_op(x, None, None, leaf, None, 1e-6)[0]
-    assert out.grad_fn.name().endswith("vitfast::eager::NativeFunction>")
+    assert out.grad_fn.name() == "vitfast::eager::NativeNode"
     x.add_(1.0)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.sum().backward()
+
+
+def test_native_node_frees_its_saved_tensors_after_backward_unless_retained() -> None:
+    """The node's graph as any node's: its outputs are its inputs in order, its next functions its inputs' (None for
+    one that wants no gradient), a second backward through a freed graph raises, and with retain_graph the same
+    gradients come twice."""
+    x = torch.randn(3, 16, requires_grad=True)
+    w = torch.randn(16)
+    for _ in range(2):
+        out, *_, mean, rstd = ln._layer_norm_fwd_op(x, None, None, w, None, 1e-6)
+    assert out.grad_fn.name() == "vitfast::eager::NativeNode"
+    assert mean.grad_fn.name() == rstd.grad_fn.name() == "vitfast::eager::NativeNode"  # one node, four outputs
+    assert (out.output_nr, mean.output_nr, rstd.output_nr) == (0, 2, 3)
+    assert [f is None for f, _ in out.grad_fn.next_functions] == [False, True]  # x's accumulator; w wants none
+    out.sum().backward(retain_graph=True)
+    first = x.grad.clone()
+    x.grad = None
+    out.sum().backward()
+    torch.testing.assert_close(x.grad, first, rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match="backward through the graph a second time"):
         out.sum().backward()
 
 
