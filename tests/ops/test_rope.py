@@ -134,6 +134,24 @@ def test_fallbacks_and_errors() -> None:
         ops.rope_2d_qk(q.long(), k.long(), cos, sin, 1)
 
 
+def test_errors_of_a_kernel_call_whose_checks_run_once_a_key() -> None:
+    """On the Triton backend the public wrapper tries the native entry point before its checks, whose coverage check
+    runs them at a key's first call: a bad call raises the wrapper's error every time (its key is declined), and a
+    good one afterwards still gives the reference's result."""
+    cos, sin = ops.rope_2d_table((4, 4), 64, device=DEVICE)
+    q, k = (torch.randn(2, 2, 17, 64, device=DEVICE) for _ in range(2))
+    with use_backend("triton"):
+        for _ in range(3):  # the fill's coverage check, then the declined key
+            with pytest.raises(ValueError, match=r"\[N - num_prefix_tokens, D\] = \[17, 64\]"):
+                ops.rope_2d_qk(q, k, cos, sin, 0)
+            with pytest.raises(ValueError, match="outside"):
+                ops.rope_2d_qk(q, k, cos, sin, 18)
+        for _ in range(2):
+            out = ops.rope_2d_qk(q, k, cos, sin, 1)
+    for a, b in zip(out, ops.rope_2d_qk_ref(q, k, cos, sin, 1), strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
 def test_opcheck_cpu() -> None:
     q, k = _qk(1, 2, (3, 5), 32, 1, torch.float32, "packed")
     cos, sin = ops.rope_2d_table((3, 5), 32, device=DEVICE)
