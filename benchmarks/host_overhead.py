@@ -245,6 +245,13 @@ def unavailable() -> str | None:
     return problem
 
 
+def _register_native(modules: list, cpu: bool) -> None:
+    """Fresh native eager entry points (no plans) for the ops of ``modules``; ``cpu``: taking CPU tensors too."""
+    for module in modules:
+        if hasattr(module, "register_ext"):
+            module.register_ext(cpu=cpu)
+
+
 @contextlib.contextmanager
 def stand_in_gpu() -> Iterator[_LaunchCapture]:
     """Our ops on CPU tensors take the Triton path to a no-op sm_90 launch; yields the capture of the launches.
@@ -263,9 +270,7 @@ def stand_in_gpu() -> Iterator[_LaunchCapture]:
     with sm90.offline_sm90(modules, capture):
         for module in saved:
             module.kernel_can_run = lambda *tensors: True
-        for module in modules:  # the native eager paths take the probe's CPU tensors too
-            if hasattr(module, "register_ext"):
-                module.register_ext(cpu=True)
+        _register_native(modules, cpu=True)  # the native eager paths take the probe's CPU tensors too
         saved_backend, vitfast.backend._current = vitfast.backend._current, "triton"
         torch.set_num_threads(1)
         try:
@@ -275,9 +280,7 @@ def stand_in_gpu() -> Iterator[_LaunchCapture]:
             vitfast.backend._current = saved_backend
             for module, fn in saved.items():
                 module.kernel_can_run = fn
-            for module in modules:
-                if hasattr(module, "register_ext"):
-                    module.register_ext()
+            _register_native(modules, cpu=False)
 
 
 class RecordedLaunches:
@@ -446,9 +449,7 @@ def direct_launch_check(capture: _LaunchCapture) -> dict[str, Any]:
 
     def fresh(functions: tuple[int, ...] | None) -> None:  # new native entry points: plans with these functions
         active.launch_driver = functions
-        for module in modules:
-            if hasattr(module, "register_ext"):
-                module.register_ext(cpu=True)
+        _register_native(modules, cpu=True)
 
     def run(fn: Callable[[], Any]) -> tuple[list, Any, list, list]:
         capture.launches.clear()

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib
 import json
 import os
 import time
@@ -28,11 +27,9 @@ from collections.abc import Callable, Iterator
 import torch
 import torch.nn.functional as F
 
-from vitfast import ops
+from vitfast import _ext, ops
 from vitfast.backend import use_backend
 from vitfast.ops import _triton
-
-OP_MODULES = ("layer_norm", "attention", "rope", "swiglu", "patch_embed", "linear")
 
 
 def _cases(device: torch.device) -> dict[str, tuple[Callable, Callable, list[torch.Tensor]]]:
@@ -92,8 +89,7 @@ def triton_launcher() -> Iterator[None]:
     previous = os.environ.get(_triton.DIRECT_ENV)
     os.environ[_triton.DIRECT_ENV] = "0"
     try:
-        for name in OP_MODULES:
-            importlib.import_module(f"vitfast.ops.{name}").register_ext()
+        _ext.register_ops()
         yield
     finally:
         if previous is None:

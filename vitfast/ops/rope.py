@@ -317,6 +317,13 @@ def _rope_2d_qk_triton(
     result = _rope_2d_qk_op.native_call(q, k, cos, sin, num_prefix_tokens, False)  # covers: _covers
     if result is not NotImplemented:
         return result
+    return _rope_2d_qk_python(q, k, cos, sin, num_prefix_tokens)
+
+
+def _rope_2d_qk_python(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_prefix_tokens: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The Triton backend past the native entry point: the op (its Python eager path), or the reference."""
     reason = _uncovered(q, k, cos, sin)
     if reason is not None:
         log_fallback("rope_2d_qk", reason)
@@ -348,6 +355,7 @@ def rope_2d_qk(
         result = _rope_2d_qk_op.native_call(q, k, cos, sin, num_prefix_tokens, False)
         if result is not NotImplemented:
             return result
+        impl = _rope_2d_qk_python  # the native entry point declined: not tried twice
     _check_qk(q, k, cos, sin, num_prefix_tokens)
     return impl(q, k, cos, sin, num_prefix_tokens)
 
