@@ -164,6 +164,7 @@ struct Buffer {
   int64_t offset = 0, elements = 0;
   bool exact = false;     // empty_strided(sizes, strides) allocates exactly that storage
   bool aligned = false;   // its address was 16-byte aligned (a launch was specialized on it)
+  bool zeroed = false;    // the Python path allocated it zero-filled (torch.zeros): so does the replay
   bool launched = false;  // an argument of a launcher's call (wrapped as a Python tensor per call)
 };
 
@@ -251,10 +252,10 @@ struct Plan : torch::CustomClassHolder {
   }
 };
 
-// Buffer ``(dtype, sizes, strides, storage offset, storage elements, aligned)``.
+// Buffer ``(dtype, sizes, strides, storage offset, storage elements, aligned, zeroed)``.
 Buffer parse_buffer(PyObject* spec) {
   Buffer b;
-  PyObject* dtype = item(spec, 0, 6, "buffer");
+  PyObject* dtype = item(spec, 0, 7, "buffer");
   if (!THPDtype_Check(dtype)) {
     plan_error("buffer dtype");
   }
@@ -264,6 +265,7 @@ Buffer parse_buffer(PyObject* spec) {
   b.offset = as_int(PyTuple_GET_ITEM(spec, 3), "buffer offset");
   b.elements = as_int(PyTuple_GET_ITEM(spec, 4), "buffer elements");
   b.aligned = PyTuple_GET_ITEM(spec, 5) == Py_True;
+  b.zeroed = PyTuple_GET_ITEM(spec, 6) == Py_True;
   if (b.sizes.size() != b.strides.size()) {
     plan_error("buffer rank");
   }
@@ -569,6 +571,9 @@ variable_list replay(const Plan& plan, const Call& call) {
     if (aligned(buffers.back()) != spec.aligned && buffers.back().numel() != 0) {
       PyErr_SetString(PyExc_RuntimeError, "vitfast: a native replay's allocation is not aligned as its plan's");
       throw python_error();
+    }
+    if (spec.zeroed) {
+      buffers.back().zero_();  // on the current stream, before any launch of the plan
     }
     if (spec.launched) {
       wrapped[b] = checked(THPVariable_Wrap(buffers.back()));

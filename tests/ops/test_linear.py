@@ -64,6 +64,43 @@ def test_gradients_through_the_kernel() -> None:
 
 
 @requires_kernels
+@pytest.mark.parametrize("activation", [None, "gelu", "quick_gelu"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_backward_of_each_activation(dtype, activation) -> None:
+    """The backward's written-out activation derivatives (no autograd pass) against fp64 autograd through the
+    reference, within rule 5 of the same-dtype reference's own gradients; with and without a bias."""
+    for bias in (True, False):
+        x, weight, b = _inputs((2, 9, 40), 24, dtype, grad=True, bias=bias)
+        grad_out = torch.randn(2, 9, 24, device=DEVICE).to(dtype)
+        wanted = [t for t in (x, weight, b) if t is not None]
+        with use_backend("triton"):
+            grads = torch.autograd.grad(ops.linear(x, weight, b, activation), wanted, grad_out)
+        leaves = [t.detach().double().requires_grad_() for t in wanted]
+        exact = torch.autograd.grad(ops.linear_ref(*leaves[:2], leaves[2] if bias else None, activation), leaves,
+                                    grad_out.double())  # fmt: skip
+        baseline = torch.autograd.grad(ops.linear_ref(x, weight, b, activation), wanted, grad_out)
+        for name, got, want, base in zip(("x", "weight", "bias"), grads, exact, baseline, strict=False):
+            assert got.dtype == dtype
+            assert_kernel_close(got, want, base, what=f"d_{name} {activation} {dtype} bias={bias}")
+
+
+@requires_kernels
+def test_backward_computes_only_the_gradients_wanted() -> None:
+    """A frozen weight and bias (a linear probe's backbone, say): only the input's gradient, equal to the one computed
+    with all three."""
+    x, weight, bias = _inputs((3, 40), 24, torch.float32, grad=True)
+    grad_out = torch.randn(3, 24, device=DEVICE)
+    with use_backend("triton"):
+        (all_x, *_rest) = torch.autograd.grad(ops.linear(x, weight, bias, "gelu"), (x, weight, bias), grad_out)
+        weight.requires_grad_(False)
+        bias.requires_grad_(False)
+        out = ops.linear(x, weight, bias, "gelu")
+        (only_x,) = torch.autograd.grad(out, (x,), grad_out)
+    assert out.grad_fn is not None and weight.grad is None and bias.grad is None
+    torch.testing.assert_close(only_x, all_x, rtol=0, atol=0)
+
+
+@requires_kernels
 def test_opcheck() -> None:
     x, weight, bias = _inputs((9, 32), 16, torch.float32, grad=True)
     torch.library.opcheck(

@@ -584,6 +584,16 @@ class EagerOp:
             result = self.native(*args)
             if result is not NotImplemented:
                 return result
+        return self._python(args)
+
+    def after_native(self, *args: Any) -> Any:
+        """The call of a wrapper whose :meth:`native_call` answered NotImplemented: as calling the op, without asking
+        the native entry point a second time."""
+        if not (_direct.depth or plain_eager(args)):
+            return self.op(*args)
+        return self._python(args)
+
+    def _python(self, args: tuple) -> Any:
         if self.backward is not None and _is_grad_enabled():
             for a in args:
                 if isinstance(a, torch.Tensor) and a.requires_grad:
@@ -648,18 +658,27 @@ _ALLOCATIONS = frozenset(
 )
 
 
+# ... and zero-filled allocations (a split reduction's arrival counters, say), which a replay allocates zeroed
+_ZEROED = frozenset((torch.ops.aten.zeros.default, torch.ops.aten.zeros_like.default))
+
+
 class _AllocationsOnly(TorchDispatchMode):
-    """Watches a fill: ``only`` stays true while the Python path runs no aten op but allocations and views, so that
-    its outputs and temporaries hold what its launches wrote and nothing else (launches run outside the mode)."""
+    """Watches a fill: ``only`` stays true while the Python path runs no aten op but allocations (zero-filled ones
+    too) and views, so that its outputs and temporaries hold what its launches wrote and nothing else, or zeros
+    where nothing wrote (launches run outside the mode). ``zeroed``: the storages a zero-filled allocation made."""
 
     def __init__(self) -> None:
         super().__init__()
         self.only = True
+        self.zeroed: set[int] = set()
 
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
-        if func not in _ALLOCATIONS and not func.is_view:
+        result = func(*args, **(kwargs or {}))
+        if func in _ZEROED:
+            self.zeroed.add(result.untyped_storage().data_ptr())
+        elif func not in _ALLOCATIONS and not func.is_view:
             self.only = False
-        return func(*args, **(kwargs or {}))
+        return result
 
 
 class _RecordedContext:
@@ -703,13 +722,15 @@ def _constant(value: Any) -> bool:
     return type(value) in _CONSTANT_TYPES
 
 
-def _plan(args: tuple, result: Any, launches: list, context: _RecordedContext | None) -> tuple | None:
+def _plan(
+    args: tuple, result: Any, launches: list, context: _RecordedContext | None, zeroed: set[int] = frozenset()
+) -> tuple | None:
     """The plan csrc/eager.cpp replays for a fill, or None when it cannot model the call.
 
     Every tensor a launch got is a call argument (the same address and dtype) or lies in a fresh allocation: a
-    buffer (on a storage no argument shares), or a view of one at another offset; each output is a buffer's own view,
-    one output per storage. A saved tensor is an argument or an output (the same object); the ctx's attributes are
-    constants.
+    buffer (on a storage no argument shares; allocated zero-filled where its storage is in ``zeroed``), or a view of
+    one at another offset; each output is a buffer's own view, one output per storage. A saved tensor is an argument
+    or an output (the same object); the ctx's attributes are constants.
     """
     single = type(result) in _PLAIN_TENSORS
     outputs = (result,) if single else result
@@ -738,7 +759,7 @@ def _plan(args: tuple, result: Any, launches: list, context: _RecordedContext | 
                 views[address] = (t, len(buffers))
             buffers.append(
                 (t.dtype, tuple(t.shape), t.stride(), t.storage_offset(), nbytes // t.element_size(),
-                 not t.data_ptr() & 15)
+                 not t.data_ptr() & 15, bool(nbytes) and address in zeroed)
             )  # fmt: skip
             return 1, len(buffers) - 1
         view, index = found
@@ -946,7 +967,8 @@ def native_fill(
 
     ``plan``: what csrc/eager.cpp replays for every later call with this key (:func:`_plan`); False when it never
     can for this key: ``covers(*args)`` (the op's coverage check: a function of the key too) says no, and then
-    ``result`` is NotImplemented and nothing ran; or the path ran an aten op other than an allocation or a view; or a
+    ``result`` is NotImplemented and nothing ran; or the path ran an aten op other than an allocation (zero-filled or
+    not) or a view; or a
     kernel reads a module global not named in ``globals_read`` (the replay does not check globals per launch as
     ``JITFunction.run`` does: the op's state callback keys on the values of those it names, so that a changed one
     misses the cache and the Python launch raises Triton's error). None: not this time (a launch not in the launch
@@ -984,7 +1006,7 @@ def native_fill(
             entry.direct = _direct_template(entry)
         launches.append((grid, entry.launcher, entry.function, entry.packed_metadata, entry.constexprs, launch_args,
                          _direct_launch(entry.direct, launch_args)))  # fmt: skip
-    return result, _plan(args, result, launches, context if grad else None)
+    return result, _plan(args, result, launches, context if grad else None, watch.zeroed)
 
 
 def _interpreted(kernel: Any, names: tuple[str, ...], count: int) -> Callable:

@@ -814,7 +814,8 @@ def attention_bwd(
     Inputs as :func:`attention_fwd`, plus ``grad_out`` and ``out`` ``[B, H, N, D]`` (any strides) and the forward's
     fp32 ``lse`` ``[B, H, N]`` (contiguous). ``dq``, ``dk``, ``dv``: contiguous ``[B, H, N, D]`` in the input dtype.
     ``d_bias`` when ``bias_grad``: the gradient of the bias given, ``[num_rel, H]`` in the table's dtype or
-    ``[H, N, N]`` in the dense bias' dtype; else an empty tensor. The table is gathered again (one launch) rather than
+    ``[H, N, N]`` in the dense bias' dtype; else an empty tensor (:func:`_attention_bwd_kernels` and then
+    :func:`_bias_grad`). The table is gathered again (one launch) rather than
     its dense bias kept from the forward, and gathered once more transposed for the dK/dV kernel (a dense ``bias``
     is copied transposed). The bias gradient ``sum_b dS[b]`` comes from a kernel of its own: each program owns one
     tile of one head's fp32 ``[N, N]`` gradient and loops over the batch, recomputing S and dP (no atomics, so that
@@ -822,6 +823,28 @@ def attention_bwd(
     with atomics, ~N^2 / num_rel pairs per entry, not batch-way: the table gradient's fp32 sums are not bitwise
     deterministic there). dq, dk, dv are.
     """
+    dq, dk, dv, grad_dense = _attention_bwd_kernels(
+        grad_out, q, k, v, out, lse, scale, rel_pos_bias_table, rel_pos_index, bias_grad, bias
+    )
+    return dq, dk, dv, _bias_grad(grad_dense, rel_pos_bias_table, rel_pos_index, bias) if bias_grad else grad_dense
+
+
+def _attention_bwd_kernels(
+    grad_out: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    scale: float,
+    rel_pos_bias_table: torch.Tensor | None,
+    rel_pos_index: torch.Tensor | None,
+    bias_grad: bool,
+    bias: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`attention_bwd`'s launches, its fourth output the fp32 ``[H, N, N]`` gradient of the dense bias (or an
+    empty tensor): only kernel launches and allocations, what the ``vitfast::attention_bwd`` op runs (the native
+    eager path replays it); the op's autograd backward scatters that gradient (:func:`_bias_grad`)."""
     _check_inputs(q, k, v, rel_pos_bias_table, rel_pos_index, bias)
     if grad_out.shape != q.shape or out.shape != q.shape or grad_out.dtype != q.dtype or out.dtype != q.dtype:
         raise ValueError(
@@ -883,7 +906,7 @@ def attention_bwd(
         batch, heads, seq_len, scale * math.log2(math.e),
         **flags, **tiles["dbias"],
     )  # fmt: skip
-    return dq, dk, dv, _bias_grad(grad_dense, rel_pos_bias_table, rel_pos_index, bias)
+    return dq, dk, dv, grad_dense
 
 
 def _bias_grad(
@@ -955,7 +978,7 @@ def _attention_bwd_reference(
     bias_grad: bool,
     bias: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """What :func:`attention_bwd` computes, in plain PyTorch (fp32, explicit softmax backward)."""
+    """What :func:`_attention_bwd_kernels` computes, in plain PyTorch (fp32, explicit softmax backward)."""
     scores = _reference_scores(q, k, scale, rel_pos_bias_table, rel_pos_index, bias)
     probs = (scores - lse[..., None]).exp()
     grad_out = grad_out.float()
@@ -964,9 +987,7 @@ def _attention_bwd_reference(
     grad_scores = probs * (grad_out @ v.float().transpose(-1, -2) - delta)
     grad_q = (grad_scores @ k.float()) * scale
     grad_k = (grad_scores.transpose(-1, -2) @ q.float()) * scale
-    d_bias = (
-        _bias_grad(grad_scores.sum(dim=0), rel_pos_bias_table, rel_pos_index, bias) if bias_grad else q.new_empty(0)
-    )
+    d_bias = grad_scores.sum(dim=0) if bias_grad else q.new_empty(0)  # fp32 [H, N, N]
     return grad_q.to(q.dtype), grad_k.to(k.dtype), grad_v.to(v.dtype), d_bias
 
 
@@ -1008,7 +1029,7 @@ def _attention_bwd_op(
     if not kernel_can_run(grad_out, q, k, v, out, lse, rel_pos_bias_table, rel_pos_index, bias):
         _check_inputs(q, k, v, rel_pos_bias_table, rel_pos_index, bias)
         return _attention_bwd_reference(*args)
-    return attention_bwd(*args)
+    return _attention_bwd_kernels(*args)
 
 
 # ------------------------------------------------------------------------------------------------------ autograd glue
@@ -1027,9 +1048,11 @@ def _attention_backward(ctx, grad_out: torch.Tensor, _grad_lse: torch.Tensor | N
     # the bias' gradient only when it is wanted (a frozen table, the engine's constant dense bias: not)
     table_grad = rel_pos_bias_table is not None and ctx.needs_input_grad[4]
     dense_grad = bias is not None and ctx.needs_input_grad[6]
-    grad_q, grad_k, grad_v, grad_bias = _attention_bwd_op(
+    grad_q, grad_k, grad_v, grad_dense = _attention_bwd_op(
         grad_out, q, k, v, out, lse, ctx.scale, rel_pos_bias_table, rel_pos_index, table_grad or dense_grad, bias
     )
+    # the dense gradient scattered into the table outside the kernels' op (aten ops: the op stays launches only)
+    grad_bias = _bias_grad(grad_dense, rel_pos_bias_table, rel_pos_index, bias) if table_grad or dense_grad else None
     return (
         grad_q,
         grad_k,
@@ -1121,7 +1144,9 @@ if HAS_TRITON:
         dropout_p: float = 0.0,
         bias: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        call = _attention_fwd_op  # the op's native entry point first where it may take the call
         if rope is None and not dropout_p and q.ndim == 4:
+            call = _attention_fwd_op.after_native  # tried here: not asked twice
             native_scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
             result = _attention_fwd_op.native_call(q, k, v, native_scale, rel_pos_bias_table, rel_pos_index, bias)
             if result is not NotImplemented:  # covers: _covers
@@ -1134,7 +1159,7 @@ if HAS_TRITON:
             )
         q, k = _rotated(q, k, rope, num_prefix_tokens)
         scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-        out, _ = _attention_fwd_op(q, k, v, scale, rel_pos_bias_table, rel_pos_index, bias)
+        out, _ = call(q, k, v, scale, rel_pos_bias_table, rel_pos_index, bias)
         return out
 
     register_impl("attention", "triton", _attention_triton)

@@ -969,7 +969,7 @@ if HAS_TRITON:
         if reason is not None:
             log_fallback("layer_norm", reason)
             return layer_norm_ref(x, weight, bias, eps)
-        return _layer_norm_fwd_op(x, None, None, weight, bias, eps)[0]
+        return _layer_norm_fwd_op.after_native(x, None, None, weight, bias, eps)[0]
 
     def _layer_norm_residual_triton(
         x: torch.Tensor,
@@ -988,7 +988,7 @@ if HAS_TRITON:
         if reason is not None:
             log_fallback("layer_norm_residual", reason)
             return layer_norm_residual_ref(x, branch, gamma, weight, bias, eps)
-        out, residual_out, _mean, _rstd = _layer_norm_fwd_op(x, branch, gamma, weight, bias, eps)
+        out, residual_out, _mean, _rstd = _layer_norm_fwd_op.after_native(x, branch, gamma, weight, bias, eps)
         return out, residual_out
 
     def _layer_norm_residual_partials_triton(

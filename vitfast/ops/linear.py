@@ -369,14 +369,25 @@ def _linear_setup_context(ctx, inputs, output) -> None:
     ctx.activation = ACTIVATIONS[activation]
 
 
+def _activation_backward(grad_out: torch.Tensor, pre: torch.Tensor, activation: str) -> torch.Tensor:
+    """The gradient at the pre-activation ``pre``, written out (no autograd pass over a recomputed activation)."""
+    if activation == "gelu":
+        return torch.ops.aten.gelu_backward(grad_out, pre)  # F.gelu's own derivative (exact, erf)
+    # quick_gelu: d/dx [x sigmoid(a x)] = s (1 + a x (1 - s)), s = sigmoid(a x)
+    s = torch.sigmoid(1.702 * pre)
+    return grad_out * (s * (1 + 1.702 * pre * (1 - s)))
+
+
 def _linear_backward(ctx, grad_out: torch.Tensor):
     x, weight, bias = ctx.saved_tensors
-    with torch.enable_grad():  # the activation's derivative through autograd on the pre-activation
-        pre = F.linear(x.detach(), weight.detach(), None if bias is None else bias.detach()).requires_grad_()
-        (grad_pre,) = torch.autograd.grad(_activate_ref(pre, ctx.activation), pre, grad_out)
-    grad_x = grad_pre @ weight
-    grad_weight = grad_pre.reshape(-1, grad_pre.shape[-1]).T @ x.reshape(-1, x.shape[-1])
-    grad_bias = grad_pre.reshape(-1, grad_pre.shape[-1]).sum(0) if bias is not None else None
+    needs_x, needs_weight, needs_bias = ctx.needs_input_grad[:3]
+    grad_pre = grad_out
+    if ctx.activation is not None:  # the pre-activation recomputed (not saved: activation memory)
+        grad_pre = _activation_backward(grad_out, F.linear(x, weight, bias), ctx.activation)
+    rows = grad_pre.reshape(-1, grad_pre.shape[-1])
+    grad_x = grad_pre @ weight if needs_x else None
+    grad_weight = rows.T @ x.reshape(-1, x.shape[-1]) if needs_weight else None
+    grad_bias = rows.sum(0) if bias is not None and needs_bias else None
     return grad_x, grad_weight, grad_bias, None
 
 
@@ -424,7 +435,7 @@ if HAS_TRITON:
         if reason is not None:
             log_fallback("linear", reason)
             return linear_ref(x, weight, bias, activation)
-        return _linear_fwd_op(x, weight, bias, ACTIVATIONS.index(activation))
+        return _linear_fwd_op.after_native(x, weight, bias, ACTIVATIONS.index(activation))
 
     register_impl("linear", "triton", _linear_triton)
 

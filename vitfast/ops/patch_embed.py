@@ -597,14 +597,13 @@ def patch_embed_bwd(
     num_prefix: int,
     needs_x_grad: bool,
     needs_weight_grad: bool,
-) -> list[torch.Tensor]:
-    """Launch the patch-embedding backward.
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launch the patch-embedding backward's kernels (the bias and token gradients: :func:`patch_embed_token_grads`).
 
     ``grad_out`` ``[B, num_prefix + N, D]`` in ``weight``'s dtype (any strides); ``x``, ``weight``, ``mean``, ``std``
-    as in :func:`patch_embed_fwd`. Returns ``[d_x, d_weight, d_bias, d_tokens]``: ``d_x`` like ``x`` (empty unless
-    ``needs_x_grad``; never for uint8), ``d_weight`` like ``weight`` (empty unless ``needs_weight_grad``), ``d_bias``
-    ``[D]`` (sum over the patch rows), ``d_tokens`` ``[num_prefix + N, D]`` (sum over the batch: the class-token and
-    position-embedding gradients are slices of it). Reductions accumulate in fp32 and round once.
+    as in :func:`patch_embed_fwd`. Returns ``(d_x, d_weight)``: ``d_x`` like ``x`` (empty unless ``needs_x_grad``;
+    never for uint8), ``d_weight`` like ``weight`` (empty unless ``needs_weight_grad``), accumulated in fp32 and
+    rounded once. Only kernel launches and allocations: the native eager path replays it.
     """
     num_patches = _check_grad_out(grad_out, x, weight, num_prefix)
     if needs_x_grad and not x.is_floating_point():
@@ -615,12 +614,6 @@ def patch_embed_bwd(
     num_rows = x.shape[0] * num_patches
     stats = _scale_shift(x, mean, std)
     scale, shift = stats if stats is not None else (weight, weight)  # unused pointers when NORMALIZE is off
-
-    # d_bias / d_cls / d_pos are one memory-bound reduction of grad_out over the batch: torch's reduction reads
-    # grad_out once and is deterministic, so a kernel of our own would gain nothing here.
-    token_sums = grad_out.sum(0, dtype=torch.float32)
-    d_bias = token_sums[num_prefix:].sum(0).to(weight.dtype)
-    d_tokens = token_sums.to(weight.dtype)
 
     d_weight = grad_out.new_empty(0)
     if needs_weight_grad:
@@ -710,7 +703,19 @@ def patch_embed_bwd(
                 num_warps=dx_warps,
                 num_stages=_NUM_STAGES,
             )
-    return [d_x, d_weight, d_bias, d_tokens]
+    return d_x, d_weight
+
+
+def patch_embed_token_grads(grad_out: torch.Tensor, num_prefix: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(d_bias, d_tokens)`` of the patch embedding, in ``grad_out``'s dtype: ``d_bias`` ``[D]`` (the sum over the
+    patch rows), ``d_tokens`` ``[num_prefix + N, D]`` (the sum over the batch: the class-token and position-embedding
+    gradients are slices of it), accumulated in fp32 (or wider) and rounded once.
+
+    One memory-bound reduction of ``grad_out`` over the batch: torch's reads grad_out once and is deterministic, so a
+    kernel of our own would gain nothing here. It runs in the op's autograd backward, outside the kernels' op.
+    """
+    token_sums = grad_out.sum(0, dtype=torch.promote_types(grad_out.dtype, torch.float32))
+    return token_sums[num_prefix:].sum(0).to(grad_out.dtype), token_sums.to(grad_out.dtype)
 
 
 def _patch_embed_bwd_reference(
@@ -722,16 +727,13 @@ def _patch_embed_bwd_reference(
     num_prefix: int,
     needs_x_grad: bool,
     needs_weight_grad: bool,
-) -> list[torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`patch_embed_bwd` in plain PyTorch (im2col by reshape, two matmuls), for devices the kernels miss."""
     num_patches = _check_grad_out(grad_out, x, weight, num_prefix)
     embed_dim, channels, patch_h, patch_w = weight.shape
     batch, _, height, width = x.shape
     grid_h, grid_w = height // patch_h, width // patch_w
     d_patch = grad_out[:, num_prefix:].reshape(batch * num_patches, embed_dim)
-    token_sums = grad_out.sum(0, dtype=torch.promote_types(grad_out.dtype, torch.float32))
-    d_bias = token_sums[num_prefix:].sum(0).to(weight.dtype)
-    d_tokens = token_sums.to(weight.dtype)
     d_weight = grad_out.new_empty(0)
     if needs_weight_grad:
         image = _normalize_ref(x, weight.dtype, mean, std)
@@ -744,7 +746,7 @@ def _patch_embed_bwd_reference(
         if std is not None:
             compute = torch.promote_types(d_x.dtype, torch.float32)
             d_x = (d_x.to(compute) / std.to(device=x.device, dtype=compute).reshape(1, -1, 1, 1)).to(x.dtype)
-    return [d_x, d_weight, d_bias, d_tokens]
+    return d_x, d_weight
 
 
 def _kernel_covers(weight: torch.Tensor, *tensors: torch.Tensor | None) -> bool:
@@ -776,7 +778,7 @@ def _patch_embed_bwd_op(
     num_prefix: int,
     needs_x_grad: bool,
     needs_weight_grad: bool,
-) -> list[torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor]:
     args = (grad_out, x, weight, mean, std, num_prefix, needs_x_grad, needs_weight_grad)
     if not _kernel_covers(weight, grad_out, x, mean, std):
         return _patch_embed_bwd_reference(*args)
@@ -794,9 +796,12 @@ def _patch_embed_setup_context(ctx, inputs, output) -> None:
 def _patch_embed_backward(ctx, grad_out: torch.Tensor):
     x, weight, mean, std = ctx.saved_tensors
     needs_x_grad, needs_weight_grad = ctx.needs_input_grad[:2]
-    d_x, d_weight, d_bias, d_tokens = _patch_embed_bwd_op(
-        grad_out, x, weight, mean, std, ctx.num_prefix, needs_x_grad, needs_weight_grad
-    )
+    d_x = d_weight = None
+    if needs_x_grad or needs_weight_grad:
+        d_x, d_weight = _patch_embed_bwd_op(
+            grad_out, x, weight, mean, std, ctx.num_prefix, needs_x_grad, needs_weight_grad
+        )
+    d_bias, d_tokens = patch_embed_token_grads(grad_out, ctx.num_prefix)
     d_pos = d_tokens[d_tokens.shape[0] - ctx.pos_len :].unsqueeze(0) if ctx.pos_len else None
     d_cls = d_tokens[:1].unsqueeze(0) if ctx.num_prefix else None
     return (

@@ -328,7 +328,7 @@ def _rope_2d_qk_python(
     if reason is not None:
         log_fallback("rope_2d_qk", reason)
         return rope_2d_qk_ref(q, k, cos, sin, num_prefix_tokens)
-    return _rope_2d_qk_op(q, k, cos, sin, num_prefix_tokens, False)
+    return _rope_2d_qk_op.after_native(q, k, cos, sin, num_prefix_tokens, False)
 
 
 register_impl("rope_2d", "reference", rope_2d_ref)

@@ -988,7 +988,7 @@ def _swiglu_triton(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     if reason is not None:
         log_fallback("swiglu", reason)
         return swiglu_ref(gate, up)
-    return _swiglu_fwd_op(gate, up)
+    return _swiglu_fwd_op.after_native(gate, up)
 
 
 def _swiglu_packed_triton(x: torch.Tensor) -> torch.Tensor:
@@ -999,7 +999,7 @@ def _swiglu_packed_triton(x: torch.Tensor) -> torch.Tensor:
     if reason is not None:
         log_fallback("swiglu_packed", reason)
         return swiglu_packed_ref(x)
-    return _swiglu_packed_fwd_op(x)
+    return _swiglu_packed_fwd_op.after_native(x)
 
 
 def _swiglu_layer_norm_triton(
@@ -1018,7 +1018,7 @@ def _swiglu_layer_norm_triton(
     if reason is not None:
         log_fallback("swiglu_layer_norm", reason)
         return swiglu_layer_norm_ref(gate, up, weight, bias, eps, width)
-    return _swiglu_layer_norm_fwd_op(gate, up, weight, bias, eps, width or gate.shape[-1])[0]
+    return _swiglu_layer_norm_fwd_op.after_native(gate, up, weight, bias, eps, width or gate.shape[-1])[0]
 
 
 register_impl("swiglu", "reference", swiglu_ref)
