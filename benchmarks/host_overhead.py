@@ -569,15 +569,20 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.calls < 1 or args.repeats < 1:
         parser.error("--calls and --repeats must be at least 1")
-    result = measure(args.calls, args.repeats)
+    return write(measure(args.calls, args.repeats), args.json, args.out_dir, "host_overhead", markdown)
+
+
+def write(result: dict, json_path: Path | None, out_dir: Path, name: str, markdown: Callable[[dict], str]) -> int:
+    """A measurement's exit code, after writing it: to ``json_path`` only, or as ``<date>_<name>.md`` and ``.json``
+    under ``out_dir`` (the markdown printed too); 2 with nothing written where it could not run here."""
     if "unavailable" in result:
-        print(f"cannot probe here: {result['unavailable']}", file=sys.stderr)
+        print(f"cannot measure here: {result['unavailable']}", file=sys.stderr)
         return 2
-    if args.json is not None:
-        args.json.write_text(json.dumps(result, indent=1))
+    if json_path is not None:
+        json_path.write_text(json.dumps(result, indent=1))
         return 0
     text = markdown(result)
-    stem = args.out_dir / f"{result['date']}_host_overhead"
+    stem = out_dir / f"{result['date']}_{name}"
     stem.with_suffix(".json").write_text(json.dumps(result, indent=1))
     stem.with_suffix(".md").write_text(text)
     print(text)

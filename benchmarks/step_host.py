@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
-import json
 import platform
 import sys
 from collections.abc import Callable
@@ -142,20 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.steps < 1 or args.repeats < 1:
         parser.error("--steps and --repeats must be at least 1")
-    result = measure(args.steps, args.repeats)
-    if "unavailable" in result:
-        print(f"cannot measure here: {result['unavailable']}", file=sys.stderr)
-        return 2
-    if args.json is not None:
-        args.json.write_text(json.dumps(result, indent=1))
-        return 0
-    text = markdown(result)
-    stem = args.out_dir / f"{result['date']}_step_host"
-    stem.with_suffix(".json").write_text(json.dumps(result, indent=1))
-    stem.with_suffix(".md").write_text(text)
-    print(text)
-    print(f"wrote {stem}.md and {stem}.json")
-    return 0
+    return host_overhead.write(measure(args.steps, args.repeats), args.json, args.out_dir, "step_host", markdown)
 
 
 if __name__ == "__main__":

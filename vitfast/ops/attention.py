@@ -808,43 +808,25 @@ def attention_bwd(
     rel_pos_index: torch.Tensor | None = None,
     bias_grad: bool = False,
     bias: torch.Tensor | None = None,
+    dense_bias_grad: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Launch the backward kernels; returns ``(dq, dk, dv, d_bias)``.
 
     Inputs as :func:`attention_fwd`, plus ``grad_out`` and ``out`` ``[B, H, N, D]`` (any strides) and the forward's
     fp32 ``lse`` ``[B, H, N]`` (contiguous). ``dq``, ``dk``, ``dv``: contiguous ``[B, H, N, D]`` in the input dtype.
     ``d_bias`` when ``bias_grad``: the gradient of the bias given, ``[num_rel, H]`` in the table's dtype or
-    ``[H, N, N]`` in the dense bias' dtype; else an empty tensor (:func:`_attention_bwd_kernels` and then
-    :func:`_bias_grad`). The table is gathered again (one launch) rather than
-    its dense bias kept from the forward, and gathered once more transposed for the dK/dV kernel (a dense ``bias``
-    is copied transposed). The bias gradient ``sum_b dS[b]`` comes from a kernel of its own: each program owns one
-    tile of one head's fp32 ``[N, N]`` gradient and loops over the batch, recomputing S and dP (no atomics, so that
-    sum is deterministic; no ``[B, H, N, N]`` buffer); one ``index_add_`` then scatters it into the table (on CUDA
-    with atomics, ~N^2 / num_rel pairs per entry, not batch-way: the table gradient's fp32 sums are not bitwise
-    deterministic there). dq, dk, dv are.
+    ``[H, N, N]`` in the dense bias' dtype (:func:`_bias_grad`); with ``dense_bias_grad`` the fp32 ``[H, N, N]``
+    gradient of the dense bias instead, so that only kernel launches and allocations run (what the
+    ``vitfast::attention_bwd`` op asks for: the native eager path replays it, and its autograd backward scatters);
+    else an empty tensor.
+
+    The table is gathered again (one launch) rather than its dense bias kept from the forward, and gathered once more
+    transposed for the dK/dV kernel (a dense ``bias`` is copied transposed). The bias gradient ``sum_b dS[b]`` comes
+    from a kernel of its own: each program owns one tile of one head's fp32 ``[N, N]`` gradient and loops over the
+    batch, recomputing S and dP (no atomics, so that sum is deterministic; no ``[B, H, N, N]`` buffer); one
+    ``index_add_`` then scatters it into the table (on CUDA with atomics, ~N^2 / num_rel pairs per entry, not
+    batch-way: the table gradient's fp32 sums are not bitwise deterministic there). dq, dk, dv are.
     """
-    dq, dk, dv, grad_dense = _attention_bwd_kernels(
-        grad_out, q, k, v, out, lse, scale, rel_pos_bias_table, rel_pos_index, bias_grad, bias
-    )
-    return dq, dk, dv, _bias_grad(grad_dense, rel_pos_bias_table, rel_pos_index, bias) if bias_grad else grad_dense
-
-
-def _attention_bwd_kernels(
-    grad_out: torch.Tensor,
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    out: torch.Tensor,
-    lse: torch.Tensor,
-    scale: float,
-    rel_pos_bias_table: torch.Tensor | None,
-    rel_pos_index: torch.Tensor | None,
-    bias_grad: bool,
-    bias: torch.Tensor | None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """:func:`attention_bwd`'s launches, its fourth output the fp32 ``[H, N, N]`` gradient of the dense bias (or an
-    empty tensor): only kernel launches and allocations, what the ``vitfast::attention_bwd`` op runs (the native
-    eager path replays it); the op's autograd backward scatters that gradient (:func:`_bias_grad`)."""
     _check_inputs(q, k, v, rel_pos_bias_table, rel_pos_index, bias)
     if grad_out.shape != q.shape or out.shape != q.shape or grad_out.dtype != q.dtype or out.dtype != q.dtype:
         raise ValueError(
@@ -906,7 +888,9 @@ def _attention_bwd_kernels(
         batch, heads, seq_len, scale * math.log2(math.e),
         **flags, **tiles["dbias"],
     )  # fmt: skip
-    return dq, dk, dv, grad_dense
+    if dense_bias_grad:
+        return dq, dk, dv, grad_dense
+    return dq, dk, dv, _bias_grad(grad_dense, rel_pos_bias_table, rel_pos_index, bias)
 
 
 def _bias_grad(
@@ -978,7 +962,8 @@ def _attention_bwd_reference(
     bias_grad: bool,
     bias: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """What :func:`_attention_bwd_kernels` computes, in plain PyTorch (fp32, explicit softmax backward)."""
+    """What :func:`attention_bwd` computes with ``dense_bias_grad``, in plain PyTorch (fp32, explicit softmax
+    backward)."""
     scores = _reference_scores(q, k, scale, rel_pos_bias_table, rel_pos_index, bias)
     probs = (scores - lse[..., None]).exp()
     grad_out = grad_out.float()
@@ -1029,7 +1014,7 @@ def _attention_bwd_op(
     if not kernel_can_run(grad_out, q, k, v, out, lse, rel_pos_bias_table, rel_pos_index, bias):
         _check_inputs(q, k, v, rel_pos_bias_table, rel_pos_index, bias)
         return _attention_bwd_reference(*args)
-    return _attention_bwd_kernels(*args)
+    return attention_bwd(*args, dense_bias_grad=True)
 
 
 # ------------------------------------------------------------------------------------------------------ autograd glue
