@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import importlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -15,6 +18,8 @@ from vitfast.layers.recompute import (
     recomputed_linear,
     tag_normalization,
 )
+
+recompute = importlib.import_module("vitfast.layers.recompute")
 
 
 def _leaves(*shapes, dtype=torch.float64):
@@ -151,3 +156,31 @@ def test_the_forward_runs_its_steps_in_grad_mode_as_the_recomputation_does(monke
     x, branch = _leaves((3, 8), (3, 8))
     normed, residual = ResidualNorm.apply(1e-6, x, branch, None, None, None)
     assert grad_modes[2:] == [True] and normed.grad_fn is not None
+
+
+def test_autocast_contexts_only_where_the_state_differs() -> None:
+    """``_autocast_as`` gives the wanted autocast state, entering a context only where it is not the current one."""
+    bf16 = torch.bfloat16
+    assert isinstance(recompute._autocast_as("cpu", False), contextlib.nullcontext)
+    with recompute._autocast_as("cpu", True, bf16):
+        assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == bf16
+        assert isinstance(recompute._autocast_as("cpu", True, bf16), contextlib.nullcontext)
+        with recompute._autocast_as("cpu", False):
+            assert not torch.is_autocast_enabled("cpu")
+        with recompute._autocast_as("cpu", True, torch.float16):
+            assert torch.get_autocast_dtype("cpu") == torch.float16
+        assert torch.get_autocast_dtype("cpu") == bf16
+    assert not torch.is_autocast_enabled("cpu")
+
+
+def test_gradients_by_the_engine_equal_autograd_grad() -> None:
+    """The recompute's pass over its recomputed step (the engine called directly) gives torch.autograd.grad's
+    gradients, None for an input the outputs do not reach."""
+    x, weight, unused = _leaves((3, 4), (5, 4), 4)
+    outputs = [F.gelu(F.linear(x, weight)), x.sum(0)]
+    grads = [torch.randn_like(o) for o in outputs]
+    expected = torch.autograd.grad(outputs, (x, weight, unused), grads, retain_graph=True, allow_unused=True)
+    got = recompute._gradients(outputs, (x, weight, unused), grads)
+    assert got[2] is None and expected[2] is None
+    for a, b in zip(got[:2], expected[:2], strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

@@ -22,6 +22,7 @@ is the forward bit for bit (same inputs, same autocast state, and grad mode on i
 
 from __future__ import annotations
 
+import contextlib
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -48,6 +49,37 @@ _TAG = "_vitfast_normalization"
 
 def _autocast_state(device_type: str) -> tuple[str, bool, torch.dtype]:
     return device_type, torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type)
+
+
+def _autocast_as(
+    device_type: str, enabled: bool, dtype: torch.dtype | None = None
+) -> contextlib.AbstractContextManager:
+    """``torch.autocast(device_type, dtype, enabled)``, or no context where autocast is in that state already:
+    entering one cost ~25 us of host time on a 2-core machine, and a recomputing GEMM asked for three per step
+    (``benchmarks/results/2026-12-02_step_host.md``)."""
+    if torch.is_autocast_enabled(device_type) == enabled and (
+        not enabled or torch.get_autocast_dtype(device_type) == dtype
+    ):
+        return contextlib.nullcontext()
+    return torch.autocast(device_type, dtype=dtype, enabled=enabled)
+
+
+# the autograd engine that torch.autograd.grad calls (torch.autograd.graph._engine_run_backward), or None
+_ENGINE = getattr(getattr(torch.autograd, "Variable", None), "_execution_engine", None)
+
+
+def _gradients(
+    outputs: Sequence[torch.Tensor], inputs: Sequence[torch.Tensor], grads: Sequence[torch.Tensor]
+) -> tuple[torch.Tensor | None, ...]:
+    """``torch.autograd.grad(outputs, inputs, grads, allow_unused=True)`` over a recomputed step, by the engine itself.
+
+    torch.autograd.grad's Python side (argument normalization, ``_make_grads``' checks of the grads given) cost more
+    host time than the engine's pass over a one-op graph: ~70 of ~120 us on a 2-core machine. These grads are the
+    backward's own, each shaped and typed as its output, so those checks have nothing to find."""
+    if _ENGINE is None:
+        return torch.autograd.grad(outputs, inputs, grads, allow_unused=True)
+    # (tensors, grad_tensors, keep_graph, create_graph, inputs, allow_unreachable, accumulate_grad)
+    return _ENGINE.run_backward(tuple(outputs), tuple(grads), False, False, tuple(inputs), True, False)
 
 
 def _cast(t: torch.Tensor | None, dtype: torch.dtype | None) -> torch.Tensor | None:
@@ -86,7 +118,7 @@ class RecomputedLinear(torch.autograd.Function):
         weight, bias = weights(*params)
         ctx.gemm_dtype = ctx.autocast[2] if ctx.autocast[1] and activation.dtype in _AUTOCAST_TYPES else None
         ctx.save_for_backward(*tensors)
-        with torch.autocast(device_type, enabled=False):
+        with _autocast_as(device_type, False):
             return torch.nn.functional.linear(
                 _cast(activation, ctx.gemm_dtype), _cast(weight, ctx.gemm_dtype), _cast(bias, ctx.gemm_dtype)
             )
@@ -98,13 +130,13 @@ class RecomputedLinear(torch.autograd.Function):
         tensors = _detached(saved, needs)
         inputs, params = tensors[: ctx.num_inputs], tensors[ctx.num_inputs :]
         device_type, autocast_enabled, autocast_dtype = ctx.autocast
-        with torch.enable_grad(), torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast_enabled):
+        with torch.enable_grad(), _autocast_as(device_type, autocast_enabled, autocast_dtype):
             activation = ctx.prologue(*inputs)
             weight, bias = ctx.weights(*params)
         dtype = ctx.gemm_dtype
         grad_rows = grad.reshape(-1, grad.shape[-1])
         outputs, output_grads = [], []
-        with torch.autocast(device_type, enabled=False):
+        with _autocast_as(device_type, False):
             if activation.requires_grad:
                 d_activation = grad_rows.mm(_cast(weight.detach(), dtype))
                 outputs.append(activation)
@@ -118,7 +150,7 @@ class RecomputedLinear(torch.autograd.Function):
                 outputs.append(bias)
                 output_grads.append(grad_rows.sum(0).to(bias.dtype))
         wanted = [t for t in tensors if t is not None and t.requires_grad]
-        found = iter(torch.autograd.grad(outputs, wanted, output_grads, allow_unused=True) if outputs else ())
+        found = iter(_gradients(outputs, wanted, output_grads) if outputs else ())
         return (
             None,
             None,
@@ -234,14 +266,14 @@ class ResidualNorm(torch.autograd.Function):
         if d_normed is not None:
             tensors = _detached(saved, ctx.needs_input_grad[1:])
             device_type, autocast_enabled, autocast_dtype = ctx.autocast
-            with torch.enable_grad(), torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast_enabled):
+            with torch.enable_grad(), _autocast_as(device_type, autocast_enabled, autocast_dtype):
                 normed, residual = ops.layer_norm_residual(*tensors, ctx.eps)
             outputs, grads = [normed], [d_normed]
             if d_residual is not None:
                 outputs.append(residual)
                 grads.append(d_residual)
             wanted = [t for t in tensors if t is not None and t.requires_grad]
-            found = iter(torch.autograd.grad(outputs, wanted, grads, allow_unused=True))
+            found = iter(_gradients(outputs, wanted, grads))
             return None, *(next(found) if t is not None and t.requires_grad else None for t in tensors)
         if d_residual is None:
             return None, None, None, None, None, None
