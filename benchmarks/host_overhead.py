@@ -561,15 +561,25 @@ def markdown(result: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.host_overhead", description=__doc__.split("\n")[0])
+    calls, repeats, json_path, out_dir = parse_args(argv, "benchmarks.host_overhead", __doc__, "calls", 200)
+    return write(measure(calls, repeats), json_path, out_dir, "host_overhead", markdown)
+
+
+def parse_args(
+    argv: list[str] | None, module: str, doc: str, unit: str, default: int
+) -> tuple[int, int, Path | None, Path]:
+    """``(count, repeats, --json, --out-dir)`` of a measurement's command line: ``--<unit>`` (``default``) timed per
+    repeat, ``--repeats`` (7), both at least 1."""
+    parser = argparse.ArgumentParser(prog=f"python -m {module}", description=doc.split("\n")[0])
     parser.add_argument("--json", type=Path, help="write the JSON result to this path only (no markdown)")
     parser.add_argument("--out-dir", type=Path, default=RESULTS, help="where the dated markdown + JSON go")
-    parser.add_argument("--calls", type=int, default=200, help="calls per timed repeat (default 200)")
+    parser.add_argument(f"--{unit}", type=int, default=default, help=f"{unit} per timed repeat (default {default})")
     parser.add_argument("--repeats", type=int, default=7, help="timed repeats per variant (default 7)")
     args = parser.parse_args(argv)
-    if args.calls < 1 or args.repeats < 1:
-        parser.error("--calls and --repeats must be at least 1")
-    return write(measure(args.calls, args.repeats), args.json, args.out_dir, "host_overhead", markdown)
+    count = getattr(args, unit)
+    if count < 1 or args.repeats < 1:
+        parser.error(f"--{unit} and --repeats must be at least 1")
+    return count, args.repeats, args.json, args.out_dir
 
 
 def write(result: dict, json_path: Path | None, out_dir: Path, name: str, markdown: Callable[[dict], str]) -> int:

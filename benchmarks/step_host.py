@@ -21,19 +21,16 @@ only where the GPU work is short.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import datetime
 import platform
 import sys
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 
 from benchmarks import host_overhead
 
-RESULTS = Path(__file__).resolve().parent / "results"
 # family -> (timm model, its image side: one patch)
 FAMILIES = {
     "ViT-B/16": ("vit_base_patch16_224", 16),
@@ -133,15 +130,8 @@ def markdown(result: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.step_host", description=__doc__.split("\n")[0])
-    parser.add_argument("--json", type=Path, help="write the JSON result to this path only (no markdown)")
-    parser.add_argument("--out-dir", type=Path, default=RESULTS, help="where the dated markdown + JSON go")
-    parser.add_argument("--steps", type=int, default=5, help="steps per timed repeat (default 5)")
-    parser.add_argument("--repeats", type=int, default=7, help="timed repeats per variant (default 7)")
-    args = parser.parse_args(argv)
-    if args.steps < 1 or args.repeats < 1:
-        parser.error("--steps and --repeats must be at least 1")
-    return host_overhead.write(measure(args.steps, args.repeats), args.json, args.out_dir, "step_host", markdown)
+    steps, repeats, json_path, out_dir = host_overhead.parse_args(argv, "benchmarks.step_host", __doc__, "steps", 5)
+    return host_overhead.write(measure(steps, repeats), json_path, out_dir, "step_host", markdown)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ import os
 import re
 import struct
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from typing import Any
 
 import torch
@@ -723,7 +723,7 @@ def _constant(value: Any) -> bool:
 
 
 def _plan(
-    args: tuple, result: Any, launches: list, context: _RecordedContext | None, zeroed: set[int] = frozenset()
+    args: tuple, result: Any, launches: list, context: _RecordedContext | None, zeroed: Collection[int] = ()
 ) -> tuple | None:
     """The plan csrc/eager.cpp replays for a fill, or None when it cannot model the call.
 
@@ -968,11 +968,10 @@ def native_fill(
     ``plan``: what csrc/eager.cpp replays for every later call with this key (:func:`_plan`); False when it never
     can for this key: ``covers(*args)`` (the op's coverage check: a function of the key too) says no, and then
     ``result`` is NotImplemented and nothing ran; or the path ran an aten op other than an allocation (zero-filled or
-    not) or a view; or a
-    kernel reads a module global not named in ``globals_read`` (the replay does not check globals per launch as
-    ``JITFunction.run`` does: the op's state callback keys on the values of those it names, so that a changed one
-    misses the cache and the Python launch raises Triton's error). None: not this time (a launch not in the launch
-    cache yet, a layout the plan does not model).
+    not) or a view; or a kernel reads a module global not named in ``globals_read`` (the replay does not check
+    globals per launch as ``JITFunction.run`` does: the op's state callback keys on the values of those it names, so
+    that a changed one misses the cache and the Python launch raises Triton's error). None: not this time (a launch
+    not in the launch cache yet, a layout the plan does not model).
     """
     if covers is not None and not covers(*args):
         return NotImplemented, False
